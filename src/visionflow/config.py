@@ -1,0 +1,197 @@
+"""Typed configuration: `params.yaml` loaded into pydantic models that reject unknown keys.
+
+Each stage receives only its own section (frozen, so a stage cannot mutate it).
+"""
+from __future__ import annotations
+
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthParams(Section):
+    """The built-in "shapes" dataset (see visionflow.data.synth)."""
+
+    n: int = Field(600, ge=1, description="number of images")
+    size: int = Field(96, ge=32, le=2048, description="image side in pixels")
+    seed: int = 0
+
+
+class SourceParams(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    format: Literal["coco"] = "coco"
+    images: str = Field(..., description="image root; annotation file names are resolved inside it")
+    annotations: str
+
+
+class IngestParams(Section):
+    sources: list[SourceParams] = Field(..., min_length=1)
+    strict: bool = False
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v: list[SourceParams]) -> list[SourceParams]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return v
+
+
+class SplitParams(Section):
+    seed: int = 0
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    stratify: bool = True
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitParams":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must be 1.0, got {total:.6f}")
+        return self
+
+
+class ModelParams(Section):
+    arch: Literal[
+        "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
+        "mobilenet_v3_large", "vgg11", "vgg16", "efficientnet_b0",
+    ] = "resnet18"
+    # None: random init. A torchvision weights enum name (e.g. IMAGENET1K_V1), found in the
+    # torchvision cache under $TORCH_HOME (never downloaded), or a path to a state-dict file.
+    weights: Optional[str] = None
+    # full: train everything; finetune: train the last `trainable_blocks` blocks and the head;
+    # feature_extract: train the head only.
+    mode: Literal["full", "finetune", "feature_extract"] = "full"
+    trainable_blocks: int = Field(2, ge=0)
+
+
+class AugmentParams(Section):
+    # A preset name (see visionflow.augment.PRESETS) or an explicit list of Albumentations
+    # transforms, each {name: <class name>, <kwarg>: value, ...}; explicit list wins.
+    preset: Literal["none", "light", "medium"] = "light"
+    transforms: Optional[list[dict[str, Any]]] = None
+
+
+class EarlyStoppingParams(Section):
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(5, ge=1)
+    min_delta: float = 0.0
+
+
+class TrainParams(Section):
+    task: Literal["classify"] = "classify"
+    model: ModelParams = ModelParams()
+    image_size: int = Field(96, ge=16)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    augment: AugmentParams = AugmentParams()
+    early_stopping: Optional[EarlyStoppingParams] = EarlyStoppingParams()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # only takes effect on CUDA
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    resume: bool = True
+
+
+class EvaluateParams(Section):
+    top_k: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class RegisterParams(Section):
+    # None: $MLFLOW_TRACKING_URI if set, else a sqlite file in the project (see visionflow.paths).
+    tracking_uri: Optional[str] = None
+    experiment: str = "visionflow"
+    model_name: str = "visionflow-shapes-classifier"
+    alias: str = "candidate"
+
+
+class InspectParams(Section):
+    dataset_name: str = "visionflow-shapes-test"
+    split: Literal["train", "val", "test"] = "test"
+
+
+# `register` is a stage name; pydantic warns that it shadows BaseModel.register (an ABC
+# classmethod nobody calls on params), which is harmless here.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Params(Section):
+    synth: SynthParams = SynthParams()
+    ingest: IngestParams
+    split: SplitParams = SplitParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register: RegisterParams = RegisterParams()
+    inspect: InspectParams = InspectParams()
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or does not match the schema."""
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid parameters:"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key (remove it or check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf field (nested sections expanded, lists/dicts kept whole)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        sub = _section_type(ann)
+        if sub is not None:
+            keys.extend(leaf_keys(sub, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def has_key(model: type[BaseModel], dotted: str) -> bool:
+    head, _, rest = dotted.partition(".")
+    field = model.model_fields.get(head)
+    if field is None:
+        return False
+    if not rest:
+        return True
+    sub = _section_type(field.annotation)
+    return sub is not None and has_key(sub, rest)
+
+
+def _section_type(ann: Any) -> Optional[type[BaseModel]]:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):  # Optional[Section]; lists stay whole
+        for arg in typing.get_args(ann):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None

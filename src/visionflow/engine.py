@@ -1,0 +1,233 @@
+"""One training engine for every task (see visionflow.tasks.base for the contract).
+
+Device selection, AMP and channels_last on CUDA, warmup + cosine LR per step, gradient
+clipping, per-epoch atomic checkpoints, exact resume, early stopping, progress bars.
+
+Exact resume: every epoch reseeds torch, numpy, python, the loader's shuffling generator and
+the augmentation pipeline from (seed, epoch), so epoch e does the same work whether the run
+started at epoch 0 or resumed at e; the checkpoint holds model, optimizer, scheduler, AMP
+scaler, early-stopping state and history.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from visionflow.io import write_with
+
+log = logging.getLogger(__name__)
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class FitConfig:
+    epochs: int
+    lr: float
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    grad_clip: Optional[float] = 5.0
+    amp: bool = True
+    seed: int = 0
+    early_metric: Optional[str] = None
+    early_mode: str = "max"
+    patience: int = 5
+    min_delta: float = 0.0
+    resume: bool = True
+    fingerprint: str = ""  # a checkpoint from a different config/data is never resumed
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best: dict[str, float]
+    stopped_early: bool
+    resumed_from: int  # epochs already done when this process started (0: fresh)
+    device: str
+    best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+
+def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: int):
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(warmup_epochs * steps_per_epoch, total - 1)
+
+    def factor(step: int) -> float:  # linear warmup, then cosine to 1% of the base LR
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, amp_dtype, grad_clip, epoch) -> dict[str, float]:
+    model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = task.loss(model, images, targets)
+            loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch}: loss is {float(loss)}; lower train.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        b = images.shape[0]
+        n += b
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    out = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+    out["train_loss"] = sum(sums.values()) / max(n, 1)
+    return out
+
+
+def _improved(value: float, best: Optional[float], mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[DataLoader], cfg: FitConfig,
+        ckpt_dir: Path, device: torch.device, reseed: Callable[[int], None],
+        on_epoch: Optional[Callable[[dict[str, float]], None]] = None) -> FitResult:
+    """Train `model` for cfg.epochs (or until early stopping); `reseed(epoch)` resets every
+    source of randomness the data pipeline owns (loader generator, augmentation)."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.epochs, len(train_loader), cfg.warmup_epochs)
+    amp_dtype = None
+    if cfg.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # GradScaler only matters for fp16; disabled it is a pass-through (and still checkpointable).
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
+    resumed_from = _maybe_resume(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+    best_state = _load_best(ckpt_dir) if resumed_from else {}
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if state["stopped"]:
+            break
+        t0 = time.perf_counter()
+        seed_everything(cfg.seed * 1000 + epoch)
+        reseed(cfg.seed * 1000 + epoch)
+        row = {"epoch": epoch}
+        row.update(train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip, epoch))
+        if val_loader is not None and len(val_loader.dataset):
+            row.update(task.val_metrics(model, val_loader, device))
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        state["history"].append(row)
+
+        metric = cfg.early_metric if cfg.early_metric in row else "train_loss"
+        mode = cfg.early_mode if metric == cfg.early_metric else "min"
+        if _improved(row[metric], state["best"], mode, cfg.min_delta):
+            state.update(best=row[metric], best_epoch=epoch, bad_epochs=0)
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            write_with(ckpt_dir / BEST, lambda p: torch.save(best_state, p))
+        else:
+            state["bad_epochs"] += 1
+            if cfg.early_metric and state["bad_epochs"] >= cfg.patience:
+                state["stopped"] = True
+                log.info("early stopping after epoch %d: %s has not improved for %d epochs", epoch, metric, cfg.patience)
+        state["epoch"] = epoch
+        _save_checkpoint(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+        log.info("epoch %d/%d %s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        if on_epoch:
+            on_epoch(row)
+
+    best_row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
+    return FitResult(state["history"], state["best_epoch"], best_row, state["stopped"], resumed_from,
+                     str(device), best_state or {k: v.cpu() for k, v in model.state_dict().items()})
+
+
+def _save_checkpoint(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler, scaler, state: dict) -> None:
+    ckpt = {
+        "fingerprint": cfg.fingerprint,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "state": state,
+    }
+    write_with(ckpt_dir / LAST, lambda p: torch.save(ckpt, p))
+
+
+def _maybe_resume(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler, scaler, state: dict) -> int:
+    path = ckpt_dir / LAST
+    if not (cfg.resume and path.exists()):
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    done = ckpt["state"]
+    if ckpt.get("fingerprint") != cfg.fingerprint:
+        log.info("checkpoint %s is from a different config or dataset; training from scratch", path)
+        return 0
+    if done["epoch"] >= cfg.epochs or done["stopped"]:
+        log.info("checkpoint %s is a finished run; training from scratch", path)
+        return 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state.update(done)
+    log.info("resumed from %s after epoch %d", path, done["epoch"])
+    return int(done["epoch"])
+
+
+def _load_best(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / BEST
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    cols = ["epoch"] + sorted({k for row in history for k in row} - {"epoch"})
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols)
+            w.writeheader()
+            for row in history:
+                w.writerow(row)
+
+    write_with(path, _write)

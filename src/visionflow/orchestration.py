@@ -1,0 +1,63 @@
+"""Running and scheduling the Prefect flow in flows/pipeline.py (the only module besides
+flows/ that touches Prefect)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+FLOW_FILE = "flows/pipeline.py"
+FLOW_NAME = "pipeline"
+
+
+def load_flow(project_root: Path):
+    """Import flows/pipeline.py from the project (it is project code, not package code)."""
+    path = Path(project_root) / FLOW_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: flow file not found; run visionflow from the project root or pass --params")
+    spec = importlib.util.spec_from_file_location("visionflow_project_flows_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, FLOW_NAME)
+
+
+def run_pipeline(params_file: Path) -> dict[str, Any]:
+    return load_flow(params_file.parent)(params_file=str(params_file))
+
+
+def build_deployment(params_file: Path, cron: str, name: str):
+    flow = load_flow(params_file.parent)
+    return flow.to_deployment(name=name, cron=cron, parameters={"params_file": str(params_file)},
+                              description="visionflow pipeline on a schedule")
+
+
+def serve_schedule(params_file: Path, cron: str, name: str) -> None:
+    """Register the deployment with its schedule and run scheduled flow runs in this process
+    until interrupted (Prefect's `serve`)."""
+    from prefect import serve
+
+    deployment = build_deployment(params_file, cron, name)
+    print(f"serving {name!r} on cron {cron!r}; Ctrl-C to stop. Runs appear in the Prefect UI (prefect server start).")
+    serve(deployment)
+
+
+def print_report(results: dict[str, Any], params_file: Path) -> None:
+    ev, reg, ins = results.get("evaluate", {}), results.get("register", {}), results.get("inspect", {})
+    p = f" --params {params_file}" if params_file != Path("params.yaml").resolve() else ""
+    lines = [
+        "",
+        "visionflow pipeline finished",
+        f"  test split:  {ev.get('test_images')} images, accuracy {ev.get('accuracy')}, "
+        f"top-k accuracy {ev.get('top_k_accuracy')}, macro F1 {ev.get('macro_f1')}",
+        f"  model:       {reg.get('model_name')} version {reg.get('version')} alias @{reg.get('alias')}",
+        f"  tracking:    {reg.get('tracking_uri')}",
+        f"  FiftyOne:    dataset {ins.get('dataset')!r} ({ins.get('samples')} samples)",
+        "",
+        "Look at it:",
+        f"  MLflow UI:     .venv/bin/visionflow ui mlflow{p}      # http://127.0.0.1:5000",
+        f"  FiftyOne App:  .venv/bin/visionflow ui fiftyone{p}    # http://127.0.0.1:5151",
+        "",
+    ]
+    print("\n".join(lines))

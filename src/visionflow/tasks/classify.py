@@ -1,0 +1,101 @@
+"""Image classification: one class per image (visionflow.manifest.image_label)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from visionflow.config import TrainParams
+from visionflow.formats.images import load_rgb
+from visionflow.manifest import Sample, image_label
+from visionflow.models import build_classifier
+
+
+class ClassificationDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
+        self.items = [(s.image_path(project_root), image_label(s)) for s in samples]
+        missing = [str(p) for p, y in self.items if y is None]
+        if missing:
+            raise ValueError(f"{len(missing)} samples have no class (no image label, no instance), e.g. {missing[:3]}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        image = self.transform(image=load_rgb(path))["image"]  # (H, W, 3) float32, normalised
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
+
+
+class ClassifyTask:
+    name = "classify"
+
+    def build_model(self, params: TrainParams, num_classes: int) -> nn.Module:
+        m = params.model
+        return build_classifier(m.arch, num_classes, m.weights, m.mode, m.trainable_blocks)
+
+    def build_dataset(self, samples, transform, project_root) -> Dataset:
+        return ClassificationDataset(samples, transform, Path(project_root))
+
+    def collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = zip(*batch)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+    def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
+        return {"cross_entropy": F.cross_entropy(model(images), targets.to(images.device))}
+
+    def postprocess(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        probs = logits.float().softmax(dim=1)  # (B, K)
+        conf, label = probs.max(dim=1)
+        return [{"label": int(l), "confidence": float(c), "probs": p.tolist()}
+                for l, c, p in zip(label, conf, probs)]
+
+    @torch.no_grad()
+    def val_metrics(self, model, loader, device) -> dict[str, float]:
+        model.eval()
+        loss_sum, correct, n = 0.0, 0, 0
+        for images, targets in loader:
+            images, targets = images.to(device), targets.to(device)
+            logits = model(images).float()
+            loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(1) == targets).sum())
+            n += len(targets)
+        return {"val_loss": loss_sum / max(n, 1), "val_accuracy": correct / max(n, 1)}
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], k: int) -> dict[str, Any]:
+    """Accuracy, top-k accuracy, per-class precision/recall/F1 and the confusion matrix.
+
+    y_true (N,) int class ids; probs (N, K) class probabilities."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    num_classes = len(class_names)
+    y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)  # rows: true, cols: predicted
+    np.add.at(cm, (y_true, y_pred), 1)
+    k = min(k, num_classes)
+    topk = np.argsort(-probs, axis=1)[:, :k] if len(probs) else np.zeros((0, k), dtype=np.int64)
+    per_class = {}
+    for c, name in enumerate(class_names):
+        tp = int(cm[c, c])
+        predicted, support = int(cm[:, c].sum()), int(cm[c, :].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    present = [v for v in per_class.values() if v["support"] > 0]
+    n = len(y_true)
+    return {
+        "n": n,
+        "accuracy": float((y_pred == y_true).mean()) if n else 0.0,
+        "top_k_accuracy": float((topk == y_true[:, None]).any(1).mean()) if n else 0.0,
+        "k": k,
+        "macro_f1": float(np.mean([v["f1"] for v in present])) if present else 0.0,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }

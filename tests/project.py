@@ -1,0 +1,38 @@
+"""A tiny visionflow project in a temporary folder: the repo's params.yaml with small sizes,
+plus flows/ and dvc.yaml, so tests run the real pipeline in seconds."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY: dict[str, Any] = {
+    "synth": {"n": 48, "size": 64, "seed": 0},
+    "train": {"model": {"arch": "resnet18", "weights": None, "mode": "full", "trainable_blocks": 2},
+              "image_size": 64, "epochs": 1, "batch_size": 16, "warmup_epochs": 0},
+    "evaluate": {"batch_size": 32},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def make_project(root: Path, overrides: dict | None = None, name: str = "tiny") -> Path:
+    """Write params.yaml (TINY merged with `overrides`) and copy flows/ into `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    params["register"] = {**params["register"], "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                          "model_name": f"{name}-classifier"}
+    params["inspect"] = {**params["inspect"], "dataset_name": f"{name}-test"}
+    params = _merge(params, overrides or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(REPO / "flows", root / "flows", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return root / "params.yaml"

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from visionflow.config import ConfigError, Params, TrainParams, has_key, leaf_keys, load_params
+from visionflow.paths import Paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_project_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert params.ingest.sources[0].format == "coco"
+    assert abs(params.split.train + params.split.val + params.split.test - 1) < 1e-9
+
+
+def test_unknown_key_is_rejected_with_its_location(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["train"]["epochz"] = 3
+    with pytest.raises(ConfigError) as err:
+        load_params(_write(tmp_path, data))
+    assert "train.epochz: unknown key" in str(err.value)
+    assert str(tmp_path / "params.yaml") in str(err.value)
+
+
+def test_bad_values_are_rejected(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["split"]["train"] = 0.9  # ratios no longer sum to 1
+    with pytest.raises(ConfigError, match="must be 1.0"):
+        load_params(_write(tmp_path, data))
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["train"]["model"]["arch"] = "resnet1000"
+    with pytest.raises(ConfigError, match="train.model.arch"):
+        load_params(_write(tmp_path, data))
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_sections_are_frozen():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(Exception):
+        params.train.epochs = 99
+
+
+def test_leaf_keys_and_has_key():
+    keys = leaf_keys(TrainParams)
+    assert "model.arch" in keys and "early_stopping.patience" in keys and "augment.transforms" in keys
+    for k in leaf_keys(Params):
+        assert has_key(Params, k), k
+    assert not has_key(Params, "train.model.nope")
+    assert not has_key(Params, "nosection")
+
+
+def test_paths_are_under_root(tmp_path):
+    paths = Paths(tmp_path)
+    for name in dir(Paths):
+        value = getattr(paths, name)
+        if isinstance(value, Path):
+            assert tmp_path in value.parents or value == tmp_path, name

@@ -1,0 +1,95 @@
+"""The shared engine on random tensors: exact resume, early stopping, atomic checkpoints."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from visionflow.engine import BEST, LAST, FitConfig, fit, select_device
+from visionflow.tasks.classify import ClassifyTask
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    x[:, 0] += (2 * y[:, None, None] - 1) * 0.5  # learnable: channel 0 is brighter for class 1
+    return TensorDataset(x, y)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+def _loaders(task):
+    gen = torch.Generator()
+    train = DataLoader(_data(), batch_size=8, shuffle=True, generator=gen, collate_fn=task.collate)
+    val = DataLoader(_data(16, seed=1), batch_size=8, collate_fn=task.collate)
+    return train, val, gen
+
+
+def _run(ckpt: Path, epochs=4, stop_after=None, **cfg):
+    task = ClassifyTask()
+    train, val, gen = _loaders(task)
+    model = _model()
+
+    def on_epoch(row):
+        if stop_after is not None and row["epoch"] == stop_after:
+            raise KeyboardInterrupt  # a crash right after the checkpoint of this epoch
+    config = FitConfig(epochs=epochs, lr=0.01, warmup_epochs=1, seed=3, fingerprint="fp", **cfg)
+    result = fit(task, model, train, val, config, ckpt, torch.device("cpu"), gen.manual_seed, on_epoch)
+    return model, result
+
+
+def test_resume_is_exact(tmp_path):
+    straight, res_a = _run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", stop_after=2)
+    resumed, res_b = _run(tmp_path / "b")
+    assert res_b.resumed_from == 2
+    assert [r["epoch"] for r in res_b.history] == [1, 2, 3, 4]
+    for ra, rb in zip(res_a.history, res_b.history):
+        assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_from_other_config_is_not_resumed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, stop_after=1)
+    task = ClassifyTask()
+    train, val, gen = _loaders(task)
+    cfg = FitConfig(epochs=2, lr=0.01, fingerprint="other")
+    result = fit(task, _model(), train, val, cfg, tmp_path, torch.device("cpu"), gen.manual_seed)
+    assert result.resumed_from == 0 and len(result.history) == 2
+
+
+def test_early_stopping_and_best_state(tmp_path):
+    # lr=0 -> nothing improves after epoch 1, so patience=2 stops after epoch 3
+    task = ClassifyTask()
+    train, val, gen = _loaders(task)
+    model = _model()
+    cfg = FitConfig(epochs=10, lr=1e-12, early_metric="val_loss", early_mode="min", patience=2, min_delta=1e-3)
+    result = fit(task, model, train, val, cfg, tmp_path, torch.device("cpu"), gen.manual_seed)
+    assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
+    assert (tmp_path / LAST).exists() and (tmp_path / BEST).exists()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    # the finished checkpoint loads with weights_only=True (no pickled objects)
+    ckpt = torch.load(tmp_path / LAST, weights_only=True)
+    assert ckpt["state"]["epoch"] == 3 and ckpt["state"]["stopped"]
+
+
+def test_training_learns(tmp_path):
+    _, result = _run(tmp_path, epochs=6)
+    assert result.history[-1]["val_accuracy"] >= 0.75
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            select_device("cuda")

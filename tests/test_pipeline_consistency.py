@@ -1,0 +1,64 @@
+"""dvc.yaml, the Prefect flow and the stage table must describe the same pipeline."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from visionflow.config import Params, has_key, load_params
+from visionflow.dvcgen import render
+from visionflow.paths import Paths
+from visionflow.stages import STAGE_NAMES, STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dvc() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_committed_dvc_yaml_is_generated_from_the_stage_table():
+    assert (REPO / "dvc.yaml").read_text() == render(load_params(REPO / "params.yaml"), Paths(REPO)), \
+        "dvc.yaml is stale: run `visionflow dvc-yaml`"
+
+
+def test_dvc_yaml_and_stage_table_name_the_same_stages_in_order():
+    assert tuple(_dvc()["stages"]) == STAGE_NAMES
+    for name, entry in _dvc()["stages"].items():
+        assert entry["cmd"] == f"visionflow stage {name}"
+
+
+def test_every_dvc_param_key_exists_in_the_typed_config():
+    for name, entry in _dvc()["stages"].items():
+        assert entry["params"], name
+        for key in entry["params"]:
+            assert has_key(Params, key), f"dvc.yaml stage {name} tracks unknown param {key}"
+            assert key.split(".")[0] == name, f"stage {name} tracks another stage's param {key}"
+
+
+def test_every_stage_dep_is_produced_upstream_or_is_source():
+    produced: set[str] = set()
+    for name, entry in _dvc()["stages"].items():
+        for dep in entry["deps"]:
+            if dep.startswith("src/"):
+                assert (REPO / dep).exists(), f"{name}: code dep {dep} does not exist"
+                continue
+            assert any(dep == o or dep.startswith(o + "/") for o in produced), f"{name}: {dep} is not produced upstream"
+        for key in ("outs", "metrics", "plots"):
+            for out in entry.get(key, []):
+                produced.add(next(iter(out)) if isinstance(out, dict) else out)
+
+
+def test_flow_runs_the_stage_table():
+    # The flow holds no stage list of its own: it iterates visionflow.stages.STAGES.
+    tree = ast.parse((REPO / "flows/pipeline.py").read_text())
+    loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
+    assert any(isinstance(l.iter, ast.Name) and l.iter.id == "STAGES" for l in loops)
+    assert all(s.load() for s in STAGES)  # every stage function imports
+
+
+def test_dvc_yaml_check_command():
+    out = subprocess.run([sys.executable, "-m", "visionflow.cli", "dvc-yaml", "--check", "--params", str(REPO / "params.yaml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
