@@ -1,0 +1,157 @@
+"""Inspect stage against FiftyOne's real database (a temporary one, see conftest.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fiftyone as fo  # tests read FiftyOne's database directly; src/ goes through visionflow.inspection
+import pytest
+from PIL import Image, ImageDraw
+
+from visionflow.config import InspectParams
+from visionflow.io import read_json
+from visionflow.manifest import Category, Instance, Sample, write_categories, write_manifest, write_split
+from visionflow.paths import Paths
+from visionflow.stages.inspect import inspect
+
+NAMES = ["circle", "square", "triangle"]
+SIZE = 64
+N = 12
+TEST_IDS = [f"shapes/img_{i:02d}.png" for i in range(5, N)]  # 7 test samples
+
+
+def _truth(i: int) -> int:
+    return i % len(NAMES)
+
+
+def _box(i: int) -> list[float]:
+    # Absolute xyxy pixels, distinct per image.
+    return [4.0 + i, 8.0, 40.0 + i, 56.0]
+
+
+def _write_fixture(root: Path) -> tuple[Paths, dict]:
+    paths = Paths(root)
+    img_dir = root / "data/shapes/images"
+    img_dir.mkdir(parents=True)
+    samples = []
+    for i in range(N):
+        name = f"img_{i:02d}.png"
+        img = Image.new("RGB", (SIZE, SIZE), (20 * i, 90, 160))
+        ImageDraw.Draw(img).rectangle(_box(i), outline=(255, 255, 255), width=2)
+        img.save(img_dir / name)
+        samples.append(Sample(
+            id=f"shapes/{name}", root="data/shapes/images", path=name, width=SIZE, height=SIZE,
+            sha256=f"{i:064x}", labels=[_truth(i)],
+            instances=[Instance(bbox=_box(i), category_id=_truth(i))],
+        ))
+    write_manifest(paths.manifest, samples)
+    write_categories(paths.categories, [Category(id=k, name=n) for k, n in enumerate(NAMES)])
+    write_split(paths.split_file, {"train": [s.id for s in samples[:3]], "val": [s.id for s in samples[3:5]],
+                                   "test": TEST_IDS}, seed=0)
+
+    preds = {}
+    for j, sid in enumerate(TEST_IDS[:-1]):  # last test sample left without a prediction
+        i = int(sid[-6:-4])
+        label = _truth(i) if j % 3 else (_truth(i) + 1) % len(NAMES)  # j = 0, 3: wrong
+        probs = [0.1, 0.1, 0.1]
+        probs[label] = 0.8
+        preds[sid] = {"id": sid, "label": label, "name": NAMES[label], "confidence": 0.5 + 0.05 * j,
+                      "probs": probs, "true": _truth(i)}
+    paths.predictions.parent.mkdir(parents=True, exist_ok=True)
+    paths.predictions.write_text("".join(json.dumps(p) + "\n" for p in preds.values()))
+    return paths, preds
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    paths, preds = _write_fixture(root)
+    params = InspectParams(dataset_name="visionflow-test-inspect", split="test")
+    summary = inspect(params, paths)
+    yield params, paths, preds, summary
+    if fo.dataset_exists(params.dataset_name):
+        fo.delete_dataset(params.dataset_name)
+
+
+def test_dataset_holds_split_with_predictions(built):
+    params, paths, preds, summary = built
+    assert fo.dataset_exists(params.dataset_name)
+    ds = fo.load_dataset(params.dataset_name)
+    assert ds.persistent
+    assert len(ds) == len(TEST_IDS)
+    assert sorted(ds.values("sample_id")) == sorted(TEST_IDS)
+    assert set(ds.distinct("tags")) == {"test"}
+    assert all(Path(f).is_absolute() and Path(f).is_file() for f in ds.values("filepath"))
+
+    by_id = {s.sample_id: s for s in ds}
+    for sid, p in preds.items():
+        assert by_id[sid].predictions.label == NAMES[p["label"]]
+        assert by_id[sid].predictions.confidence == pytest.approx(p["confidence"])
+    assert by_id[TEST_IDS[-1]].predictions is None
+    assert summary["with_predictions"] == len(preds) == len(ds.exists("predictions"))
+
+
+def test_eval_accuracy_matches_hand_count(built):
+    params, paths, preds, summary = built
+    correct = sum(p["label"] == p["true"] for p in preds.values())
+    expected = correct / len(preds)  # 4 of 6: samples without a prediction are not scored
+    assert expected == pytest.approx(4 / 6)
+    ds = fo.load_dataset(params.dataset_name)
+    assert "eval" in ds.list_evaluations()
+    assert ds.load_evaluation_results("eval").metrics()["accuracy"] == pytest.approx(expected)
+    assert summary["accuracy"] == pytest.approx(expected)
+    # The per-sample flag the App filters on.
+    assert len(ds.match(fo.ViewField("eval") == True)) == correct  # noqa: E712
+    assert len(ds.match(fo.ViewField("eval") == False)) == len(preds) - correct  # noqa: E712
+
+
+def test_ground_truth_detections_are_relative_xywh(built):
+    params, *_ = built
+    ds = fo.load_dataset(params.dataset_name)
+    sample = ds.match(fo.ViewField("sample_id") == "shapes/img_07.png").first()
+    assert sample.ground_truth.label == NAMES[_truth(7)]
+    (det,) = sample.ground_truth_detections.detections
+    x1, y1, x2, y2 = _box(7)
+    assert det.label == NAMES[_truth(7)]
+    assert det.bounding_box == pytest.approx([x1 / SIZE, y1 / SIZE, (x2 - x1) / SIZE, (y2 - y1) / SIZE])
+
+
+def test_summary_file_and_rerun_overwrites(built):
+    params, paths, preds, summary = built
+    written = read_json(paths.inspection)
+    assert written["dataset"] == params.dataset_name
+    assert written["samples"] == len(TEST_IDS)
+    assert written["open_with"] == "visionflow ui fiftyone"
+    assert written["unmatched_predictions"] == 0
+
+    again = inspect(params, paths)
+    assert again["samples"] == len(TEST_IDS)
+    assert len(fo.load_dataset(params.dataset_name)) == len(TEST_IDS)
+    assert fo.list_datasets().count(params.dataset_name) == 1
+
+    from visionflow.inspection import dataset_summary
+
+    info = dataset_summary(params.dataset_name)
+    assert info["persistent"] and info["samples"] == len(TEST_IDS)
+    assert info["accuracy"] == pytest.approx(summary["accuracy"])
+    assert dataset_summary("visionflow-no-such-dataset") is None
+
+
+def test_missing_predictions_names_the_file(built, tmp_path):
+    _, paths, _, _ = built
+    moved = tmp_path / "predictions.jsonl"
+    paths.predictions.rename(moved)
+    try:
+        with pytest.raises(FileNotFoundError, match=r"predictions_test\.jsonl.*evaluate"):
+            inspect(InspectParams(dataset_name="visionflow-test-never-built"), paths)
+    finally:
+        moved.rename(paths.predictions)
+    assert not fo.dataset_exists("visionflow-test-never-built")
+
+
+def test_launch_app_names_missing_dataset():
+    from visionflow.errors import UserError
+    from visionflow.inspection import launch_app
+
+    with pytest.raises(UserError, match=r"visionflow-no-such-dataset.*visionflow stage inspect"):
+        launch_app(InspectParams(dataset_name="visionflow-no-such-dataset"))
