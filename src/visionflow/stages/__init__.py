@@ -100,7 +100,7 @@ STAGES: tuple[Stage, ...] = (
         doc="test-split metrics, predictions and plots",
     ),
     Stage(
-        "register", "visionflow.stages.register:register", _src("stages/register.py", "tracking.py"),
+        "register", "visionflow.stages.register:register", _src("stages/register.py", "tracking.py", "pyfunc_model.py", "tasks"),
         deps=lambda p, _: [p.model_dir, p.eval_metrics, p.train_metrics, p.train_history, p.figures_dir,
                            p.manifest, p.split_file],
         uncached=lambda p, _: [p.registration],

@@ -1,0 +1,92 @@
+"""What the registered MLflow model does, free of MLflow (visionflow.tracking wraps it).
+
+The served model takes a DataFrame with one column, `image`, each cell one image:
+base64 text of PNG/JPEG bytes (what a JSON request to `mlflow models serve` carries),
+raw PNG/JPEG bytes, or an RGB uint8 numpy array (H, W, 3) for in-process callers.
+It returns one row per image: label (int class id), name (class name), confidence
+(softmax probability of that class). Preprocessing (resize, normalisation) is the
+Predictor's, loaded from the model folder, so it travels with the model.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+INPUT_COLUMN = "image"
+# Output column -> MLflow schema type; the order is the DataFrame's.
+OUTPUT_COLUMNS = {"label": "long", "name": "string", "confidence": "double"}
+
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG
+
+
+def encode_image(image: np.ndarray, fmt: str = "PNG") -> str:
+    """RGB uint8 (H, W, 3) -> base64 text of the encoded image (the model's input format)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_image(value: Any) -> np.ndarray:
+    """One cell of the `image` column -> RGB uint8 (H, W, 3)."""
+    if isinstance(value, np.ndarray):
+        arr = value
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+        return np.ascontiguousarray(arr[..., :3])
+    if isinstance(value, str):
+        value = value.encode("ascii")
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"an image cell must be base64 text, bytes or a uint8 array, got {type(value).__name__}")
+    data = bytes(value)
+    if not data.startswith(_MAGIC):
+        try:
+            data = base64.b64decode(data, validate=False)
+        except binascii.Error as exc:
+            raise ValueError(f"image cell is neither PNG/JPEG bytes nor base64 text: {exc}") from exc
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
+    """Apply `predictor` (visionflow.tasks Predictor) to the `image` column of `frame`."""
+    if INPUT_COLUMN not in frame.columns:
+        raise ValueError(f"input needs a column {INPUT_COLUMN!r}, got columns {list(frame.columns)}")
+    images = [decode_image(v) for v in frame[INPUT_COLUMN].tolist()]
+    preds = predictor.predict(images) if images else []
+    return pd.DataFrame({
+        "label": pd.Series([int(p["label"]) for p in preds], dtype="int64"),
+        "name": pd.Series([str(p["name"]) for p in preds], dtype=object),
+        "confidence": pd.Series([float(p["confidence"]) for p in preds], dtype="float64"),
+    })
+
+
+def example_frame(meta: dict[str, Any]) -> pd.DataFrame:
+    """A one-row input example: a mid-grey image of the model's input size, as base64 PNG."""
+    size = int(meta.get("image_size", 64))
+    return pd.DataFrame({INPUT_COLUMN: [encode_image(np.full((size, size, 3), 128, dtype=np.uint8))]})
+
+
+class ImageClassifierModel:
+    """Loads the Predictor from a model folder (models/classify/) and predicts DataFrames."""
+
+    def __init__(self) -> None:
+        self.predictor = None
+
+    def load(self, model_dir: str | Path) -> None:
+        from visionflow.tasks import load_predictor
+
+        self.predictor = load_predictor(Path(model_dir))
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if self.predictor is None:
+            raise RuntimeError("model not loaded; call load(model_dir) first")
+        return predict_frame(self.predictor, frame)

@@ -1,0 +1,257 @@
+"""The register stage on a real MLflow (temporary sqlite store, artifacts under tmp).
+
+The model folder is built for real (a resnet18 state_dict, meta.json, an Albumentations
+pipeline), the registered model is loaded back through the MLflow CLI in a fresh process
+and must predict what the Predictor predicts directly.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+import torch
+import torchvision
+from PIL import Image
+
+from visionflow import tracking
+from visionflow.config import RegisterParams, TrainParams
+from visionflow.errors import UserError
+from visionflow.io import read_json, write_json
+from visionflow.paths import Paths
+from visionflow.pyfunc_model import decode_image, encode_image
+from visionflow.stages.register import file_md5, provenance_tags, register
+from visionflow.tasks import load_predictor
+
+CLASSES = ["circle", "square", "triangle"]
+EPOCHS = 2
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                          cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_project(root: Path) -> Paths:
+    """Everything the train, evaluate, ingest and split stages hand to register."""
+    paths = Paths(root)
+    paths.model_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=len(CLASSES)).state_dict(), paths.model_dir / "model.pt")
+    train = TrainParams(image_size=32, epochs=EPOCHS, augment={"preset": "light"})
+    write_json(paths.model_dir / "meta.json", {
+        "task": "classify", "arch": "resnet18", "num_classes": len(CLASSES), "classes": CLASSES,
+        "image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "params": train.model_dump(mode="json"),
+    })
+    pipeline = A.Compose([A.Resize(32, 32), A.HorizontalFlip(p=0.5),
+                          A.RandomBrightnessContrast(p=0.5), A.Normalize()])
+    write_json(paths.model_dir / "augment.json", A.to_dict(pipeline))
+
+    write_json(paths.train_metrics, {"best_epoch": 2, "epochs_run": EPOCHS, "best": {"val_accuracy": 0.6}, "device": "cpu"})
+    paths.train_history.parent.mkdir(parents=True, exist_ok=True)
+    paths.train_history.write_text("epoch,train_loss,val_loss,val_accuracy,lr,seconds\n"
+                                   "1,1.10,1.05,0.4,0.001,3.2\n2,0.90,0.95,0.6,0.0005,3.1\n")
+    write_json(paths.eval_metrics, {
+        "accuracy": 0.55, "top_k_accuracy": 0.9, "k": 2, "macro_f1": 0.5, "n": 20,
+        "per_class": {c: {"precision": 0.5, "recall": 0.5, "f1": f, "support": 7}
+                      for c, f in zip(CLASSES, (0.4, 0.5, 0.6))},
+    })
+    paths.figures_dir.mkdir(parents=True)
+    Image.fromarray(np.full((40, 60, 3), (200, 30, 30), np.uint8)).save(paths.figures_dir / "confusion.png")
+    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    paths.manifest.write_text('{"id":"shapes/a.png","labels":[0]}\n{"id":"shapes/b.png","labels":[1]}\n')
+    write_json(paths.split_file, {"schema_version": 1, "seed": 0, "splits": {"train": [], "val": [], "test": []}})
+    return paths
+
+
+def _params(tmp: Path, db: str = "mlflow.db") -> RegisterParams:
+    return RegisterParams(tracking_uri=f"sqlite:///{tmp / db}", model_name="test-classifier")
+
+
+def _images() -> tuple[list[str], list[np.ndarray]]:
+    """Base64 cells (two PNG, one JPEG) and the RGB arrays they decode to."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(48, 48, 3), (30, 40, 3), (64, 50, 3)]]
+    cells = [encode_image(arrays[0]), encode_image(arrays[1]), encode_image(arrays[2], fmt="JPEG")]
+    return cells, [decode_image(c) for c in cells]
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("register")
+    paths = make_project(tmp / "project")
+    (paths.root / "README.md").write_text("x\n")
+    _git(paths.root, "init", "-q")
+    _git(paths.root, "add", "README.md")
+    _git(paths.root, "commit", "-q", "-m", "init")
+    params = _params(tmp)
+    return paths, params, register(params, paths)
+
+
+def test_run_holds_params_history_metrics_tags_and_artifacts(registered, tmp_path):
+    paths, params, result = registered
+    uri = params.tracking_uri
+    assert result["version"] == "1" and result["alias"] == "candidate" and result["tracking_uri"] == uri
+    assert read_json(paths.registration) == {**result, "model_uri": "models:/test-classifier@candidate",
+                                             "ui": "visionflow ui mlflow"}
+    mv = tracking.get_model_version_by_alias("test-classifier", "candidate", uri)
+    assert mv["version"] == result["version"] and mv["run_id"] == result["run_id"]
+
+    run = tracking.get_run(result["run_id"], uri)
+    assert run["experiment_id"] == result["experiment_id"]
+    # artifacts of a sqlite store live in the project's mlartifacts folder, not the cwd
+    assert run["artifact_uri"].startswith(paths.mlflow_artifacts.resolve().as_uri())
+    assert run["params"]["train.image_size"] == "32"
+    assert run["params"]["train.model.arch"] == "resnet18"
+    assert run["params"]["train.augment.preset"] == "light"
+    assert run["params"]["train.early_stopping.patience"] == "5"
+    assert tracking.get_metric_history(result["run_id"], "val_accuracy", uri) == [(1, 0.4), (2, 0.6)]
+    assert [s for s, _ in tracking.get_metric_history(result["run_id"], "lr", uri)] == [1, 2]
+    m = run["metrics"]
+    assert m["test_accuracy"] == 0.55 and m["test_top_k_accuracy"] == 0.9 and m["test_macro_f1"] == 0.5
+    assert {m[f"test_f1_{c}"] for c in CLASSES} == {0.4, 0.5, 0.6}
+    tags = run["tags"]
+    assert tags["git_commit"] == _git(paths.root, "rev-parse", "HEAD")
+    assert tags["manifest_md5"] == file_md5(paths.manifest)
+    assert tags["data.split_file_md5"] == file_md5(paths.split_file)
+    assert tags["visionflow.task"] == "classify"
+
+    local = tracking.download_artifacts(result["run_id"], "", uri, tmp_path / "art")
+    assert (local / "figures" / "confusion.png").read_bytes() == (paths.figures_dir / "confusion.png").read_bytes()
+    assert read_json(local / "metrics" / "evaluate.json") == read_json(paths.eval_metrics)
+    assert read_json(local / "meta.json")["classes"] == CLASSES
+    # the logged augmentation rebuilds into the same pipeline, giving the same outputs
+    logged = read_json(local / "augmentation" / "augment.json")
+    original = A.from_dict(read_json(paths.model_dir / "augment.json"))
+    rebuilt = A.from_dict(logged)
+    assert json.loads(json.dumps(A.to_dict(rebuilt))) == logged
+    image = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    for seed in range(4):
+        original.set_random_seed(seed), rebuilt.set_random_seed(seed)
+        np.testing.assert_array_equal(original(image=image)["image"], rebuilt(image=image)["image"])
+
+
+def test_registered_model_predicts_like_the_predictor_in_a_fresh_process(registered, tmp_path):
+    paths, params, result = registered
+    cells, arrays = _images()
+    expected = load_predictor(paths.model_dir).predict(arrays)
+
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"dataframe_split": {"columns": ["image"], "data": [[c] for c in cells]}}))
+    out = tmp_path / "predictions.json"
+    # The MLflow CLI in a new interpreter: pyfunc.load_model("models:/NAME@candidate").predict(df)
+    # with nothing of this process's state (visionflow itself comes from the model's code/).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking_uri}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "models", "predict", "-m", result["model_uri"], "-i", str(request),
+         "-o", str(out), "-t", "json", "--env-manager", "local"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["predictions"]
+    assert len(rows) == len(cells)
+    for row, exp in zip(rows, expected):
+        assert set(row) == {"label", "name", "confidence"}
+        assert row["label"] == exp["label"] and row["name"] == exp["name"] == CLASSES[exp["label"]]
+        assert row["confidence"] == pytest.approx(exp["confidence"], abs=1e-5)
+
+    # In process, the column may also hold RGB arrays; the output follows the signature.
+    model = tracking.load_model(result["model_uri"], params.tracking_uri)
+    frame = model.predict(pd.DataFrame({"image": pd.Series(arrays, dtype=object)}))
+    assert list(frame.columns) == ["label", "name", "confidence"]
+    assert frame["label"].tolist() == [e["label"] for e in expected]
+    assert frame["confidence"].to_numpy() == pytest.approx([e["confidence"] for e in expected], abs=1e-5)
+
+
+def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered):
+    paths, params, result = registered
+    (paths.root / "params.yaml").write_text(yaml.safe_dump({
+        "ingest": {"sources": [{"name": "s", "images": "data/s", "annotations": "data/s/a.json"}]},
+        "register": params.model_dump(),
+    }))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "visionflow.cli", "ui", "mlflow", "--port", str(port)],
+                          cwd=paths.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert tracking.wait_for_http(f"{base}/health", timeout=90, proc=ui), "MLflow UI did not start"
+        with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/registered-models/get?name=test-classifier") as r:
+            model = json.load(r)["registered_model"]
+        assert {"alias": "candidate", "version": result["version"]} in model["aliases"]
+        # the run's artifacts (file store next to the sqlite db) are served too
+        url = f"{base}/get-artifact?path=figures/confusion.png&run_uuid={result['run_id']}"
+        with urllib.request.urlopen(url) as r:
+            assert r.read() == (paths.figures_dir / "confusion.png").read_bytes()
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        out, _ = ui.communicate(timeout=30)
+    assert ui.returncode == 0, out
+    assert f"MLflow UI ready: http://127.0.0.1:{port}" in out
+    with socket.socket() as s:  # the server and its workers are gone
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_registering_again_makes_version_2_and_moves_the_alias(tmp_path):
+    paths = make_project(tmp_path / "project")
+    params = _params(tmp_path)
+    first = register(params, paths)
+    second = register(params, paths)
+    assert (first["version"], second["version"]) == ("1", "2")
+    assert second["run_id"] != first["run_id"]
+    mv = tracking.get_model_version_by_alias("test-classifier", "candidate", params.tracking_uri)
+    assert mv["version"] == "2" and mv["run_id"] == second["run_id"]
+    assert read_json(paths.registration)["version"] == "2"
+    # not a git repository
+    assert tracking.get_run(second["run_id"], params.tracking_uri)["tags"]["git_commit"] == "unknown"
+
+
+def test_missing_eval_metrics_is_named_with_the_stage_that_makes_it(tmp_path):
+    paths = make_project(tmp_path / "project")
+    paths.eval_metrics.unlink()
+    with pytest.raises(UserError) as err:
+        register(_params(tmp_path), paths)
+    assert str(paths.eval_metrics) in str(err.value) and "evaluate" in str(err.value)
+    assert not paths.registration.exists()
+    assert not (tmp_path / "mlflow.db").exists()  # failed before touching MLflow
+
+
+def test_manifest_md5_is_the_dvc_hash_and_a_stale_lock_is_flagged(tmp_path):
+    paths = make_project(tmp_path / "project")
+    md5 = file_md5(paths.manifest)
+    lock = {"schema": "2.0", "stages": {"ingest": {"cmd": "visionflow stage ingest", "outs": [
+        {"path": "data/processed/manifest.jsonl", "hash": "md5", "md5": md5, "size": 1}]}}}
+    (paths.root / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
+    assert provenance_tags(paths)["manifest_md5"] == md5
+    assert "data.manifest_md5_dvc_lock" not in provenance_tags(paths)
+    lock["stages"]["ingest"]["outs"][0]["md5"] = "0" * 32
+    (paths.root / "dvc.lock").write_text(json.dumps(lock))
+    tags = provenance_tags(paths)
+    assert tags["manifest_md5"] == md5 and tags["data.manifest_md5_dvc_lock"] == "0" * 32
+
+
+def test_image_cells_decode_from_base64_bytes_and_arrays():
+    rgb = np.random.default_rng(2).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    b64 = encode_image(rgb)
+    np.testing.assert_array_equal(decode_image(b64), rgb)
+    np.testing.assert_array_equal(decode_image(base64.b64decode(b64)), rgb)  # raw PNG bytes
+    np.testing.assert_array_equal(decode_image(rgb), rgb)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert("RGBA").save(buf, format="PNG")
+    np.testing.assert_array_equal(decode_image(base64.b64encode(buf.getvalue()).decode()), rgb)
+    with pytest.raises(ValueError):
+        decode_image(rgb.astype(np.float32))
