@@ -12,6 +12,7 @@ os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # no telemetry calls from an offline machine
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["TORCH_HOME"] = str(_STATE / "torch")
 os.environ.setdefault("OMP_NUM_THREADS", "2")

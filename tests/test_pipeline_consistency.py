@@ -37,6 +37,17 @@ def test_every_dvc_param_key_exists_in_the_typed_config():
             assert key.split(".")[0] == name, f"stage {name} tracks another stage's param {key}"
 
 
+def test_params_yaml_spells_out_every_tracked_key():
+    # DVC fails a stage whose tracked key is absent from params.yaml, defaults or not.
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for entry in _dvc()["stages"].values():
+        for key in entry["params"]:
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"params.yaml lacks {key}"
+                node = node[part]
+
+
 def test_every_stage_dep_is_produced_upstream_or_is_source():
     produced: set[str] = set()
     for name, entry in _dvc()["stages"].items():

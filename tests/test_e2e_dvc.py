@@ -1,0 +1,50 @@
+"""End to end: `dvc repro` in a real temporary git repository, then a second `dvc repro`
+that reproduces nothing."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import REPO, make_project  # noqa: E402
+
+from visionflow.stages import STAGE_NAMES  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd, cwd, env):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def test_dvc_repro_twice(tmp_path):
+    root = tmp_path / "proj"
+    make_project(root, name="e2edvc")
+    for rel in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / rel, root / rel)
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    dvc = [sys.executable, "-m", "dvc"]
+    _run(["git", "init", "-q"], root, env)
+    _run([*dvc, "init", "-q"], root, env)
+    _run([*dvc, "config", "core.analytics", "false"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "init"], root, env)
+
+    first = _run([*dvc, "repro"], root, env)
+    for name in STAGE_NAMES:
+        assert f"Running stage '{name}'" in first, name
+    assert (root / "dvc.lock").exists()
+    assert (root / "reports/registration.json").exists() and (root / "reports/inspect.json").exists()
+
+    second = _run([*dvc, "repro"], root, env)
+    assert "Running stage" not in second, second
+    assert "up to date" in second
+    status = _run([*dvc, "status"], root, env)
+    assert "changed" not in status, status

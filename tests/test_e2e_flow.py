@@ -1,0 +1,77 @@
+"""End to end: the Prefect flow on a tiny config, on Prefect's real (temporary) server, with
+MLflow on a temporary sqlite store and FiftyOne's real database."""
+import asyncio
+import json
+import sys
+
+import pytest
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from project import make_project  # noqa: E402
+
+from visionflow.paths import Paths  # noqa: E402
+from visionflow.stages import STAGE_NAMES  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from visionflow.orchestration import run_pipeline
+
+    root = tmp_path_factory.mktemp("flowproj")
+    params_file = make_project(root, name="e2eflow")
+    with prefect_test_harness(server_startup_timeout=120):
+        results = run_pipeline(params_file)
+        task_names = asyncio.run(_task_run_names())
+    return root, results, task_names
+
+
+async def _task_run_names():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    return [r.name.rsplit("-", 1)[0] for r in sorted(runs, key=lambda r: r.start_time)], \
+        {r.state_name for r in runs}
+
+
+def test_flow_ran_every_stage_in_dag_order(flow_run):
+    _, results, (names, states) = flow_run
+    assert tuple(results) == STAGE_NAMES
+    assert tuple(names) == STAGE_NAMES
+    assert states == {"Completed"}
+
+
+def test_model_registered_with_alias_and_run_contents(flow_run):
+    from mlflow import MlflowClient
+
+    root, results, _ = flow_run
+    reg = results["register"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("e2eflow-classifier", "candidate")
+    assert int(version.version) == int(reg["version"]) == 1
+    run = client.get_run(version.run_id)
+    ev = json.loads(Paths(root).eval_metrics.read_text())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(ev["accuracy"])
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 1  # 1 epoch
+    assert run.data.tags["manifest_md5"]
+    assert "git_commit" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"figures", "augmentation"} <= {a.split("/")[0] for a in artifacts}
+    assert json.loads(Paths(root).registration.read_text())["version"] == reg["version"]
+
+
+def test_fiftyone_dataset_has_test_split_with_predictions(flow_run):
+    import fiftyone as fo
+
+    root, results, _ = flow_run
+    split = json.loads(Paths(root).split_file.read_text())["splits"]
+    ds = fo.load_dataset("e2eflow-test")
+    assert ds.persistent and len(ds) == len(split["test"]) == results["inspect"]["samples"]
+    preds = [json.loads(l) for l in Paths(root).predictions.read_text().splitlines()]
+    assert sorted(ds.values("predictions.label")) == sorted(p["name"] for p in preds)
+    assert all(0 < c <= 1 for c in ds.values("predictions.confidence"))

@@ -1,0 +1,59 @@
+"""A train stage killed (SIGKILL) after its first epoch resumes from the checkpoint and ends
+with every epoch logged exactly once."""
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import make_project  # noqa: E402
+
+from visionflow.config import load_params  # noqa: E402
+from visionflow.engine import LAST  # noqa: E402
+from visionflow.paths import Paths  # noqa: E402
+from visionflow.stages import get_stage  # noqa: E402
+
+EPOCHS = 4
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["state"]["epoch"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def test_killed_training_resumes(tmp_path):
+    params_file = make_project(tmp_path, {"synth": {"n": 96}, "train": {"epochs": EPOCHS, "image_size": 64},
+                                          "split": {"train": 0.7, "val": 0.15, "test": 0.15}})
+    params, paths = load_params(params_file), Paths(tmp_path)
+    for name in ("synth", "ingest", "split"):
+        get_stage(name).run(params, paths)
+
+    cmd = [sys.executable, "-m", "visionflow.cli", "stage", "train", "--params", str(params_file)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = paths.checkpoint_dir / LAST
+    deadline = time.time() + 300
+    while _checkpoint_epoch(ckpt) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _checkpoint_epoch(ckpt)
+    assert 1 <= killed_at < EPOCHS, f"kill landed at epoch {killed_at}"
+    assert not paths.train_metrics.exists()  # the killed run never finished
+
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resumed from {ckpt}" in out.stderr or "resumed from" in out.stderr
+    summary = json.loads(paths.train_metrics.read_text())
+    assert summary["resumed_from_epoch"] == killed_at
+    with open(paths.train_history) as fh:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
+    assert epochs == list(range(1, EPOCHS + 1))
+    assert not list(paths.checkpoint_dir.glob("*.tmp")) and not list(paths.checkpoint_dir.glob(".*"))
