@@ -1,0 +1,1 @@
+"""Built-in datasets rendered on the fly (no downloads)."""
