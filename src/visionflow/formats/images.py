@@ -6,15 +6,15 @@ that displayed frame, so the manifest's width/height must be too.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from visionflow.io import file_digest
+
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
-_CHUNK = 1 << 20
 
 
 class ImageReadError(ValueError):
@@ -22,11 +22,7 @@ class ImageReadError(ValueError):
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def probe_image(path: str | Path) -> tuple[int, int, str]:

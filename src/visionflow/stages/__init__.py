@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from visionflow.config import Params
 from visionflow.paths import Paths
 
-PathsFn = Callable[[Paths, Params], list[Path]]
+if TYPE_CHECKING:  # keep pydantic off the CLI's start-up path
+    from visionflow.config import Params
+
+PathsFn = Callable[[Paths, "Params"], list[Path]]
 
 
 def _none(paths: Paths, params: Params) -> list[Path]:

@@ -5,7 +5,6 @@ visionflow.tracking. The result is also written to `paths.registration`.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import subprocess
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 
 from visionflow.config import RegisterParams
 from visionflow.errors import UserError
-from visionflow.io import write_json
+from visionflow.io import file_digest, write_json
 from visionflow.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,7 @@ def check_inputs(paths: Paths) -> None:
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def dvc_lock_md5(paths: Paths, target: Path) -> str | None:

@@ -1,0 +1,53 @@
+"""The command line as a user meets it: fast help, clear errors with exit code 2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import REPO, make_project  # noqa: E402
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "visionflow.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys, visionflow.cli as c; c.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch','pydantic','mlflow','fiftyone','prefect','albumentations') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    help_text = _cli("--help").stdout
+    for command in ("data", "stage", "run", "schedule", "ui", "weights", "dvc-yaml"):
+        assert command in help_text
+
+
+def test_stage_with_missing_input_names_the_file_and_the_stage(tmp_path):
+    make_project(tmp_path)
+    out = _cli("stage", "train", "--params", str(tmp_path / "params.yaml"))
+    assert out.returncode == 2
+    assert "manifest.jsonl" in out.stderr and "ingest" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_params_key_is_reported(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["split"]["sed"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = _cli("stage", "split", "--params", str(tmp_path / "params.yaml"))
+    assert out.returncode == 2
+    assert "split.sed: unknown key" in out.stderr
+
+
+def test_unknown_stage_is_rejected():
+    out = _cli("stage", "deploy")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_data_synth_writes_a_coco_dataset(tmp_path):
+    out = _cli("data", "synth", "--out", str(tmp_path / "shapes"), "--n", "6", "--size", "48", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    assert "wrote 6 images" in out.stdout
+    coco = yaml.safe_load((tmp_path / "shapes" / "annotations.json").read_text())  # JSON is YAML
+    assert len(coco["images"]) == 6 and len(coco["categories"]) == 5
