@@ -13,10 +13,15 @@ Reader: `read(images_root, annotations, source, root=None) -> FormatResult`
     Structural errors (bad JSON, unsafe paths, dangling ids) raise `DataError`; recoverable
     problems are fixed or dropped by the format's stated policy and counted in the report.
 
-Writer: `write(samples, categories, out_dir, project_root=Path("."), copy_images=True) -> Path`
+Writer: `write(samples, categories, out_dir, project_root=Path("."), copy_images=True,
+               report=None) -> Path`
     Writes the format into `out_dir` (ids written as they are in `categories`); with
     `copy_images` the images are copied to `out_dir/<Sample.path>` so `out_dir` is a
     self-contained dataset that the reader can read back. Returns the annotation path.
+    Lossless by default: whatever the format cannot hold (RLE in YOLO, attributes, crowd
+    regions, ...) is counted in `report` (a ConversionReport with the writer's own loss
+    policies, e.g. {"attributes_dropped": "instance attributes are not written"}), never
+    dropped silently.
 
 Every reader applies the shared checks below in the same way: `safe_relpath` + `check_inside`
 on each image name (paths must stay inside the dataset root), `probe` on each image (size after
@@ -94,7 +99,8 @@ class Reader(Protocol):
 
 class Writer(Protocol):
     def __call__(self, samples: Iterable[Sample], categories: list[Category], out_dir: Path,
-                 project_root: Path = Path("."), copy_images: bool = True) -> Path: ...
+                 project_root: Path = Path("."), copy_images: bool = True,
+                 report: Optional[ConversionReport] = None) -> Path: ...
 
 
 # --- checks every format applies the same way -------------------------------------------
@@ -213,5 +219,6 @@ def read_source(fmt: str, images_root: Path, annotations: Path, source: str,
 
 
 def write_format(fmt: str, samples: Iterable[Sample], categories: list[Category], out_dir: Path,
-                 project_root: Path = Path("."), copy_images: bool = True) -> Path:
-    return get_writer(fmt)(samples, categories, Path(out_dir), Path(project_root), copy_images)
+                 project_root: Path = Path("."), copy_images: bool = True,
+                 report: Optional[ConversionReport] = None) -> Path:
+    return get_writer(fmt)(samples, categories, Path(out_dir), Path(project_root), copy_images, report)

@@ -241,8 +241,11 @@ def _is_num(v: Any) -> bool:
 # --- writing ---------------------------------------------------------------------------------
 
 def write_coco(samples: Iterable[Sample], categories: list[Category], out_dir: Path,
-               project_root: Path = Path("."), copy_images: bool = True) -> Path:
+               project_root: Path = Path("."), copy_images: bool = True,
+               report: Optional[ConversionReport] = None) -> Path:
     """Write `out_dir/annotations.json` (ids as in `categories` and the samples, boxes as xywh).
+
+    COCO holds everything the manifest does, so `report` never receives a loss.
 
     With `copy_images` each image is copied to `out_dir/<Sample.path>` so the folder reads
     back as a dataset on its own. Missing areas are filled with the polygon (else box) area,
