@@ -1,5 +1,6 @@
-"""`visionflow` command line. Heavy libraries are imported inside the commands so that
-`visionflow --help` stays fast."""
+"""`visionflow` command line.
+
+Heavy libraries are imported inside the commands so that `visionflow --help` stays fast."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,39 @@ def cmd_data_synth(args) -> int:
 
     summary = render_dataset(Path(args.out), n=args.n, size=args.size, seed=args.seed)
     print(f"wrote {summary['images']} images and {summary['annotations']} annotations to {args.out}")
+    return 0
+
+
+def cmd_data_fashion_mnist(args) -> int:
+    from visionflow.data.fashion_mnist import write_fashion_mnist
+
+    summary = write_fashion_mnist(Path(args.out), Path(args.source), limit_per_class=args.limit_per_class)
+    print(f"wrote Fashion-MNIST as an ImageFolder tree to {args.out}: {summary}")
+    print(f"ingest it with: visionflow ingest --format imagefolder --images {args.out} --annotations {args.out}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    """The ingest stage on one source given on the command line instead of params.yaml."""
+    from visionflow.config import IngestParams, SourceParams
+    from visionflow.stages.ingest import ingest
+
+    params, paths = _params_and_paths(args)
+    source = SourceParams(name=args.name, format=args.format, images=args.images, annotations=args.annotations)
+    result = ingest(IngestParams(sources=[source], strict=args.strict or params.ingest.strict), paths)
+    _print_summary("ingest", result)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from visionflow.convert import REPORT_FILE, export_annotations
+
+    _, paths = _params_and_paths(args)
+    summary = export_annotations(args.format, Path(args.out), paths, split=args.split,
+                                 copy_images=not args.no_copy_images)
+    losses = ", ".join(f"{k}: {v['count']}" for k, v in summary["losses"].items()) or "none"
+    print(f"wrote {summary['samples']} samples as {args.format} to {args.out} (losses: {losses}; "
+          f"details in {Path(args.out) / REPORT_FILE})")
     return 0
 
 
@@ -97,7 +131,8 @@ def _print_summary(name: str, result: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from visionflow import __version__
 
-    p = argparse.ArgumentParser(prog="visionflow", description=__doc__.split("\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(prog="visionflow", description="visionflow: annotated images to a registered, "
+                                "inspectable vision model, as a DAG run by Prefect or DVC.")
     p.add_argument("--version", action="version", version=f"visionflow {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=96)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(fn=cmd_data_synth)
+    fm = dsub.add_parser("fashion-mnist", help="Debian's Fashion-MNIST files as an ImageFolder tree (apt-get install dataset-fashion-mnist)")
+    fm.add_argument("--out", required=True)
+    fm.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="folder with the *-ubyte.gz files")
+    fm.add_argument("--limit-per-class", type=int, default=None)
+    fm.set_defaults(fn=cmd_data_fashion_mnist)
+
+    from visionflow.format_names import FORMATS
+
+    ing = with_params(sub.add_parser("ingest", help="ingest one annotated source given here (instead of ingest.sources)"))
+    ing.add_argument("--format", required=True, choices=FORMATS)
+    ing.add_argument("--images", required=True, help="image root; annotation file names resolve inside it")
+    ing.add_argument("--annotations", required=True, help="annotation file or folder")
+    ing.add_argument("--name", default="source", help="source name (prefix of sample ids)")
+    ing.add_argument("--strict", action="store_true", help="any validation problem fails")
+    ing.set_defaults(fn=cmd_ingest)
+
+    exp = with_params(sub.add_parser("export", help="write the manifest back out in an annotation format"))
+    exp.add_argument("--format", required=True, choices=FORMATS)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--split", choices=["train", "val", "test"], default=None)
+    exp.add_argument("--no-copy-images", action="store_true", help="write annotations only")
+    exp.set_defaults(fn=cmd_export)
 
     from visionflow.stages import STAGES
 

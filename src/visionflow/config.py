@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from visionflow.format_names import FORMATS
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -28,9 +30,13 @@ class SynthParams(Section):
 
 class SourceParams(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    format: Literal["coco"] = "coco"
+    format: Literal[FORMATS] = "coco"  # type: ignore[valid-type]
     images: str = Field(..., description="image root; annotation file names are resolved inside it")
     annotations: str
+    # Source category name -> name in the merged table (rename; several names may map to one,
+    # merging them), or null to drop that category (its instances and labels are counted).
+    # Names not listed keep their own name.
+    categories: Optional[dict[str, Optional[str]]] = None
 
 
 class IngestParams(Section):

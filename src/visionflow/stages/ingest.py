@@ -36,8 +36,10 @@ def ingest(params: IngestParams, paths: Paths) -> dict[str, Any]:
 
     n_instances = sum(len(s.instances) for s in samples)
     _log_problems(report)
-    if params.strict and report.total:
-        raise DataError(paths.params, f"ingest.strict is on and {report.total} problem(s) were found:\n  "
+    # Drops the user asked for (category mapped to null) are reported, but are not data problems.
+    problems = report.total - report.counts.get("category_dropped", 0)
+    if params.strict and problems:
+        raise DataError(paths.params, f"ingest.strict is on and {problems} problem(s) were found:\n  "
                         + "\n  ".join(report.lines()), hint="fix the data or set ingest.strict: false")
 
     # All three files are staged next to their targets and renamed only when every one of
@@ -58,8 +60,48 @@ def ingest(params: IngestParams, paths: Paths) -> dict[str, Any]:
 
 
 def _read(src: SourceParams, paths: Paths) -> FormatResult:
-    return read_source(src.format, _resolve(src.images, paths), _resolve(src.annotations, paths), src.name,
-                       root=src.images)
+    result = read_source(src.format, _resolve(src.images, paths), _resolve(src.annotations, paths), src.name,
+                         root=src.images)
+    return apply_category_map(result, src.categories, src.name, paths.params) if src.categories else result
+
+
+CATEGORY_DROPPED = "instance or image label dropped: its category is mapped to null in ingest.sources[].categories"
+
+
+def apply_category_map(result: FormatResult, mapping: dict[str, str | None], source: str,
+                       params_file: Path) -> FormatResult:
+    """Rename source categories (several names may merge into one) or drop them (null).
+
+    Runs before sources are merged, so merging by name then sees the renamed table. A merged
+    category keeps the source id of its first member; the others are remapped to it."""
+    known = {c.name for c in result.categories}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise DataError(params_file, f"ingest.sources[{source}].categories names {unknown}, which the source "
+                        f"does not have", hint=f"the source's categories are {sorted(known)}")
+    kept: dict[str, Category] = {}
+    alias: dict[int, int] = {}
+    for c in result.categories:
+        target = mapping.get(c.name, c.name)
+        if target is None:
+            continue
+        first = kept.setdefault(target, dataclasses.replace(c, name=target))
+        alias[c.id] = first.id
+    report = result.report
+    report.policies.setdefault("category_dropped", CATEGORY_DROPPED)
+    samples = []
+    for s in result.samples:
+        for inst in s.instances:
+            if inst.category_id not in alias:
+                report.add("category_dropped", f"{s.id}: instance of category id {inst.category_id}")
+        for label in s.labels:
+            if label not in alias:
+                report.add("category_dropped", f"{s.id}: image label of category id {label}")
+        samples.append(dataclasses.replace(
+            s, labels=[alias[c] for c in s.labels if c in alias],
+            instances=[dataclasses.replace(i, category_id=alias[i.category_id]) for i in s.instances
+                       if i.category_id in alias]))
+    return FormatResult(list(kept.values()), samples, report)
 
 
 def _resolve(p: str, paths: Paths) -> Path:
