@@ -196,9 +196,10 @@ def _fmt(box: list[float]) -> str:
 # name to `SourceParams.format`). Imported at the bottom: the format modules import the
 # contract types above.
 from visionflow.formats.coco import read_coco, write_coco  # noqa: E402
+from visionflow.formats.yolo import read_yolo, write_yolo  # noqa: E402
 
-READERS: dict[str, Reader] = {"coco": read_coco}
-WRITERS: dict[str, Writer] = {"coco": write_coco}
+READERS: dict[str, Reader] = {"coco": read_coco, "yolo": read_yolo}
+WRITERS: dict[str, Writer] = {"coco": write_coco, "yolo": write_yolo}
 
 
 def get_reader(fmt: str) -> Reader:

@@ -1,0 +1,564 @@
+"""YOLO (Ultralytics layout) detection / segmentation labels <-> canonical samples.
+
+Layout (what Ultralytics exports and trains from; one label file per image):
+
+    data.yaml            path: ../datasets/x   (ignored: the exporting machine's folder)
+                         train: images/train    (a folder, a .txt list of images, or a list of those)
+                         val: images/val        test: images/test (optional)
+                         nc: 2                  names: [person, car] or {0: person, 1: car}
+    images/train/a.jpg   labels/train/a.txt     (label = image path with the last "/images/"
+    images/val/b.jpg     labels/val/b.txt        replaced by "/labels/" and the suffix ".txt";
+                                                  no "/images/" in the path: next to the image)
+
+`annotations` is the data.yaml, or a class-names file (`obj.names`, `classes.txt`: one name
+per line, id = line number - 1) for a folder with an `images/` tree (split subfolders
+images/train, images/val, ... are recognised) or with label files next to the images (darknet).
+Split entries are relative to `images_root`; a leading "../" that does not exist there is
+dropped (Roboflow writes `train: ../train/images`, Ultralytics retries it the same way). In a
+list file a line "./x.jpg" is relative to the list file's folder, any other line to images_root.
+
+Rows (one instance per line, all coordinates normalised to 0..1 by the image width/height):
+    detection     `cls cx cy w h`            -> bbox [cx - w/2, cy - h/2, cx + w/2, cy + h/2] * (W, H)
+    segmentation  `cls x1 y1 x2 y2 x3 y3 ...` -> polygons [[x1*W, y1*H, ...]], bbox = polygon bounds
+An image without a label file, or with an empty one, is a background sample (no instances).
+The split (the data.yaml key, or the split folder in the names-file layout) goes to
+`Sample.attributes["split"]` ("train", "val", "test"; a folder "valid" is "val") so an
+existing split can be kept. Category ids are the class ids (0..K-1).
+
+Validation policy (errors stop the read; counted problems are fixed or dropped and reported):
+
+| problem                                             | policy                                        |
+|-----------------------------------------------------|-----------------------------------------------|
+| invalid YAML, no `names`, `nc` != number of names,  | DataError naming the file                     |
+|   duplicate or empty class name, non-int class id   |                                               |
+| split entry / list-file line absolute, with "..",   | DataError naming the file and the key / line  |
+|   or resolving outside the images root (symlink)    |   (paths must stay inside the dataset root)   |
+| split entry neither a folder nor a .txt list        | DataError naming the file and the key         |
+| commas in a label row ("0,0.5,0.5,...")             | DataError naming file:line: not fixed, since  |
+|                                                     |   decimal commas ("0,5") would be misread     |
+| class id not in the names table                     | DataError naming file:line and the class id   |
+| row_unparsable: a value not a finite number, or a   | row dropped, counted (example: file:line)     |
+|   class id that is not an integer                   |                                               |
+| row_columns: not 4 box values nor an even number    | row dropped, counted (e.g. a confidence       |
+|   >= 6 of polygon coordinates after the class id    |   column, pose keypoints with visibility)     |
+| row_not_normalized: a coordinate < -1 or > 2        | row dropped, counted (pixel units, absurd)    |
+| box_clipped: box partly outside the image           | box clipped to the image, counted             |
+| box_outside: box wholly outside the image           | instance dropped, counted                     |
+| box_degenerate: zero or negative width or height    | instance dropped, counted                     |
+| polygon_clipped: polygon points outside the image   | points moved onto the image edge, counted     |
+| polygon_invalid: ring < 3 points or odd length      | cannot occur after row_columns; shared check  |
+| label_orphan: label file without an image           | ignored, counted (folders of folder entries)  |
+| image_in_several_splits: one image under two keys   | read once, in the first split, counted; keys  |
+|                                                     |   with the identical entry: no split recorded |
+| image_missing: listed image not on disk             | skipped, counted                              |
+| image_unreadable: corrupt / truncated file          | skipped, counted; the file is untouched       |
+| image_size_mismatch                                 | cannot occur: YOLO declares no sizes          |
+
+Writing (`write_yolo`) always produces the Ultralytics layout: data.yaml (no `path` key, so
+Ultralytics resolves the folders next to the yaml; `names` as {0..K-1: name} in the order of
+`categories`, and `source_category_ids` {yolo id: category id} recording the mapping),
+images/<split>/... and labels/<split>/... (no split attributes: images/ and labels/, used for
+both train and val). Every image gets a label file (empty for backgrounds). Image paths become
+images/<split>/<path below any "images" and split folder>. Losses, counted in `report`:
+
+| loss                                   | policy                                                  |
+|----------------------------------------|---------------------------------------------------------|
+| crowd_dropped                          | crowd instance not written (as Ultralytics' converter)  |
+| rle_to_polygon                         | RLE-only mask written as its largest outer contour      |
+| rle_dropped                            | empty RLE mask (box row written), or RLE beside polygons|
+| multi_polygon_merged                   | rings joined by zero-width bridges into one ring        |
+| box_not_polygon_bounds                 | box not written; read back as the polygon's bounds      |
+| instance_attributes_dropped            | not written                                             |
+| area_dropped                           | not written (read back as None)                         |
+| image_labels_dropped                   | image-level labels not written                          |
+| group_dropped                          | group not written (read back as the sample id)          |
+| sample_attributes_dropped              | attributes other than `split` not written               |
+| split_assigned                         | a sample without a split, among split ones: train       |
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, NamedTuple, Optional
+
+import numpy as np
+import yaml
+
+from visionflow.errors import DataError
+from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
+                                clip_box, probe, safe_relpath)
+from visionflow.formats.images import sha256_file
+from visionflow.io import write_text
+from visionflow.manifest import SPLITS, Category, Instance, Sample
+
+YOLO_POLICIES: dict[str, str] = {
+    "row_unparsable": "row dropped (a value is not a finite number or the class id is not an integer)",
+    "row_columns": "row dropped (neither 4 box values nor an even number >= 6 of polygon coordinates)",
+    "row_not_normalized": "row dropped (a coordinate outside [-1, 2]: not normalised to the image size)",
+    "polygon_clipped": "polygon points outside the image moved onto its edge",
+    "label_orphan": "label file without an image ignored",
+    "image_in_several_splits": "image read once, in the first split that lists it",
+}
+READ_POLICIES = {**COMMON_POLICIES, **YOLO_POLICIES}
+
+WRITE_POLICIES: dict[str, str] = {
+    "crowd_dropped": "crowd instance not written (YOLO has no crowd flag; Ultralytics' COCO converter skips them)",
+    "rle_to_polygon": "RLE mask written as the polygon of its largest outer contour (holes, other parts lost)",
+    "rle_dropped": "RLE mask not written (empty mask, or the instance also has polygons); box or polygon row kept",
+    "multi_polygon_merged": "polygon rings joined into one ring by zero-width bridges (read back as one ring)",
+    "box_not_polygon_bounds": "box not written: a segmentation row has none, the reader uses the polygon bounds",
+    "instance_attributes_dropped": "instance attributes not written",
+    "area_dropped": "instance area not written (read back as None)",
+    "image_labels_dropped": "image-level labels not written (label files hold instances only)",
+    "group_dropped": "sample group not written (read back as the sample id)",
+    "sample_attributes_dropped": "sample attributes other than `split` not written",
+    "split_assigned": "sample without a split written to the train split (other samples have splits)",
+}
+
+IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"}
+_SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
+_DARKNET_LISTS = {"train.txt", "val.txt", "valid.txt", "test.txt"}
+_NORMALIZED_RANGE = (-1.0, 2.0)  # beyond it a coordinate is more than an image size off: not normalised
+_CLIP_TOLERANCE = 1e-6  # pixels
+
+
+class _Image(NamedTuple):
+    rel: str  # relative to images_root, checked
+    split: Optional[str]
+    where: str  # what names it in messages: "data.yaml `train`" or "train.txt:3"
+
+
+class _Entry(NamedTuple):
+    split: Optional[str]
+    name: str  # a folder or a .txt list of images, relative to images_root
+    file: Path  # the file that names it, and the record there (for messages)
+    record: str
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def read_yolo(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
+    images_root, annotations = Path(images_root), Path(annotations)
+    if annotations.suffix.lower() in (".yaml", ".yml"):
+        doc = _load_yaml(annotations)
+        names = _names_from_yaml(doc, annotations)
+        entries = _yaml_entries(doc, annotations)
+    else:
+        names = _names_from_file(annotations)
+        has_tree = (images_root / "images").is_dir()
+        entries = [_Entry(None, "images" if has_tree else ".", annotations, "class-names file layout")]
+    categories = [Category(id=i, name=n, source_ids={source: i}) for i, n in names.items()]
+
+    report = ConversionReport(READ_POLICIES)
+    images, label_roots, lists = _list_images(images_root, entries, report)
+    root = images_root.as_posix() if root is None else root
+    samples, used_labels = [], set()
+    for img in images:
+        label_rel = label_relpath(img.rel)
+        used_labels.add(label_rel)
+        sample = _to_sample(img, label_rel, images_root, root, source, names, report)
+        if sample is not None:
+            samples.append(sample)
+    _count_orphans(images_root, label_roots, used_labels | lists, annotations, report)
+    return FormatResult(categories, samples, report)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, "data.yaml not found", hint="check ingest.sources[].annotations") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"invalid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DataError(path, "not a YOLO data.yaml: expected a mapping with `names` and `train`/`val`")
+    return doc
+
+
+def _names_from_yaml(doc: dict, path: Path) -> dict[int, str]:
+    names = doc.get("names")
+    if isinstance(names, list):
+        table = dict(enumerate(names))
+    elif isinstance(names, dict):
+        table = names
+    else:
+        raise DataError(path, "`names` must be a list or an {id: name} mapping")
+    if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in table):
+        raise DataError(path, f"class ids in `names` must be non-negative integers, got {sorted(map(str, table))}")
+    nc = doc.get("nc")
+    if nc is not None and nc != len(table):
+        raise DataError(path, f"`nc` is {nc} but `names` has {len(table)} classes", hint="make them agree")
+    return _check_names(dict(sorted(table.items())), path)
+
+
+def _names_from_file(path: Path) -> dict[int, str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(path, "class-names file not found", hint="check ingest.sources[].annotations") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text ({exc})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing blank lines are common; a blank line inside would shift the ids
+    return _check_names({i: line.strip() for i, line in enumerate(lines)}, path)
+
+
+def _check_names(table: dict[int, Any], path: Path) -> dict[int, str]:
+    seen: dict[str, int] = {}
+    for cid, name in table.items():
+        if not isinstance(name, (str, int)) or not str(name).strip():
+            raise DataError(path, "empty class name", record=f"class id {cid}",
+                            hint="in a names file the id is the line number - 1")
+        name = str(name).strip()
+        if name in seen:  # ingest merges sources by name: names must be unique
+            raise DataError(path, f"class name {name!r} also used by class id {seen[name]}", record=f"class id {cid}")
+        seen[name] = cid
+    return {cid: str(n).strip() for cid, n in table.items()}
+
+
+def _yaml_entries(doc: dict, path: Path) -> list[_Entry]:
+    """The split entries; an entry listed under several keys (train: images, val: images)
+    means the dataset has no real split, so it is read once with no split recorded."""
+    by_entry: dict[str, list[str]] = {}
+    for key in SPLITS:
+        value = doc.get(key)
+        values = [] if value in (None, "") else value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, str):
+                raise DataError(path, f"`{key}` entry {v!r} is not a path", record=f"`{key}`")
+            by_entry.setdefault(v, []).append(key)
+    if not by_entry:
+        raise DataError(path, "no `train`, `val` or `test` entry", hint="name the image folders or list files")
+    return [_Entry(keys[0] if len(keys) == 1 else None, entry, path, f"`{keys[0]}`")
+            for entry, keys in by_entry.items()]
+
+
+def _list_images(images_root: Path, entries: list[_Entry],
+                 report: ConversionReport) -> tuple[list[_Image], list[str], set[str]]:
+    """The images of every entry, the label folders to check for orphans, the list files."""
+    images: list[_Image] = []
+    seen: dict[str, str] = {}
+    label_roots, lists = [], set()
+    for e in entries:
+        name = e.name
+        if name.startswith("../") and (images_root / name[3:]).exists():
+            name = name[3:]  # Roboflow's "../train/images"; Ultralytics retries without "../" too
+        rel = _checked(images_root, name, e.file, e.record)
+        path = images_root / rel
+        if path.is_dir():
+            label_roots.append(_label_dir(rel))
+            where = f"{e.file} {e.record}"
+            found = [_Image(r, e.split or _split_from_path(r, rel), where) for r in _scan_images(images_root, path)]
+        elif path.is_file() and path.suffix.lower() == ".txt":
+            lists.add(rel)
+            found = _read_list(images_root, path, rel, e.split)
+        else:
+            raise DataError(e.file, f"entry {e.name!r} is neither a folder nor a .txt list of images",
+                            record=e.record)
+        for img in found:
+            if img.rel in seen:
+                report.add("image_in_several_splits", f"{img.where}: {img.rel} already listed by {seen[img.rel]}")
+                continue
+            seen[img.rel] = img.where
+            images.append(img)
+    return images, label_roots, lists
+
+
+def _checked(images_root: Path, name: str, file: Any, record: Optional[str]) -> str:
+    try:
+        rel = safe_relpath(name)
+        check_inside(images_root, rel)
+    except ValueError as exc:
+        raise DataError(file, f"unsafe image path: {exc}", record=record,
+                        hint="paths must stay inside the dataset root") from None
+    return rel
+
+
+def _scan_images(images_root: Path, folder: Path) -> list[str]:
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [p.relative_to(images_root).as_posix() for p in found]
+
+
+def _split_from_path(rel: str, entry: str) -> Optional[str]:
+    # Only in the names-file layout (entry "images" or "."): the first split-named folder.
+    if entry not in ("images", "."):
+        return None
+    return next((_SPLIT_DIRS[p] for p in PurePosixPath(rel).parts[:-1] if p in _SPLIT_DIRS), None)
+
+
+def _read_list(images_root: Path, path: Path, rel: str, split: Optional[str]) -> list[_Image]:
+    base = PurePosixPath(rel).parent
+    found = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        name = line.strip()
+        if not name:
+            continue
+        # Ultralytics: "./x" is relative to the list file's folder; other lines are used as they are.
+        name = (base / name[2:]).as_posix() if name.startswith("./") else name
+        found.append(_Image(_checked(images_root, name, path, f"line {lineno}"), split, f"{path}:{lineno}"))
+    return found
+
+
+def label_relpath(image_rel: str) -> str:
+    """Ultralytics' rule: the last "/images/" becomes "/labels/", the suffix ".txt"."""
+    s = "/" + image_rel
+    if "/images/" in s:
+        s = "/labels/".join(s.rsplit("/images/", 1))
+    return PurePosixPath(s[1:]).with_suffix(".txt").as_posix()
+
+
+def _label_dir(image_dir: str) -> str:
+    return "." if image_dir == "." else label_relpath(image_dir + "/x")[:-len("/x.txt")]
+
+
+def _to_sample(img: _Image, label_rel: str, images_root: Path, root: str, source: str, names: dict[int, str],
+               report: ConversionReport) -> Optional[Sample]:
+    probed = probe(images_root / img.rel, (None, None), report, f"{img.where} ({img.rel})")
+    if probed is None:
+        return None
+    width, height, sha = probed
+    label = _label_file(images_root, label_rel)
+    instances = _read_label_file(label, names, width, height, report) if label is not None else []
+    sid = f"{source}/{img.rel}"
+    return Sample(id=sid, root=root, path=img.rel, width=width, height=height, sha256=sha, instances=instances,
+                  group=sid, attributes={"split": img.split} if img.split else {})
+
+
+def _label_file(images_root: Path, rel: str) -> Optional[Path]:
+    """The label file of an image, None when there is none (a background image)."""
+    if not (images_root / rel).is_file():
+        return None
+    try:
+        return check_inside(images_root, rel)
+    except ValueError as exc:  # a symlinked label pointing elsewhere
+        raise DataError(images_root / rel, f"label file: {exc}", hint="labels must stay inside the dataset root")
+
+
+def _read_label_file(path: Path, names: dict[int, str], width: int, height: int,
+                     report: ConversionReport) -> list[Instance]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text ({exc})") from None
+    instances = []
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            inst = _parse_row(line, path, lineno, names, width, height, report)
+            if inst is not None:
+                instances.append(inst)
+    return instances
+
+
+def _parse_row(line: str, path: Path, lineno: int, names: dict[int, str], width: int, height: int,
+               report: ConversionReport) -> Optional[Instance]:
+    where = f"{path}:{lineno}"
+    if "," in line:
+        raise DataError(path, "values are separated by commas", record=f"line {lineno}",
+                        hint="YOLO rows are space-separated numbers with '.' decimals; re-export the labels")
+    tokens = line.split()
+    try:
+        cls = _class_id(tokens[0])
+        coords = [float(t) for t in tokens[1:]]
+        if not all(map(math.isfinite, coords)):
+            raise ValueError("not finite")
+    except ValueError:
+        report.add("row_unparsable", f"{where}: {line.strip()[:80]!r}")
+        return None
+    if cls not in names:
+        raise DataError(path, f"class id {cls} is not in the names table (ids {min(names)}..{max(names)})",
+                        record=f"line {lineno}", hint="fix the label row or the class names")
+    n = len(coords)
+    if n != 4 and (n < 6 or n % 2):
+        report.add("row_columns", f"{where}: {n} values after the class id")
+        return None
+    if any(v < _NORMALIZED_RANGE[0] or v > _NORMALIZED_RANGE[1] for v in coords):
+        report.add("row_not_normalized", f"{where}: {line.strip()[:80]!r}")
+        return None
+    if n == 4:
+        cx, cy, w, h = coords
+        box = clip_box([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height],
+                       width, height, report, where)
+        return None if box is None else Instance(bbox=box, category_id=cls)
+    ring = _clip_ring(coords, width, height, report, where)
+    xs, ys = ring[0::2], ring[1::2]
+    box = clip_box([min(xs), min(ys), max(xs), max(ys)], width, height, report, where)
+    if box is None:
+        return None
+    return Instance(bbox=box, category_id=cls, polygons=clean_polygons([ring], report, where))
+
+
+def _class_id(token: str) -> int:
+    value = float(token)  # some tools write "0.0"
+    if not value.is_integer():
+        raise ValueError(f"class id {token!r} is not an integer")
+    return int(value)
+
+
+def _clip_ring(coords: list[float], width: int, height: int, report: ConversionReport, where: str) -> list[float]:
+    scale = [width if i % 2 == 0 else height for i in range(len(coords))]
+    ring = [v * s for v, s in zip(coords, scale)]
+    clipped = [min(max(v, 0.0), s) for v, s in zip(ring, scale)]
+    if max(abs(a - b) for a, b in zip(ring, clipped)) > _CLIP_TOLERANCE:
+        report.add("polygon_clipped", f"{where}: points outside the {width}x{height} image moved onto its edge")
+    return clipped
+
+
+def _count_orphans(images_root: Path, label_roots: list[str], used: set[str], annotations: Path,
+                   report: ConversionReport) -> None:
+    skip = {annotations.resolve()}
+    for label_root in label_roots:
+        folder = images_root / label_root
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*.txt")):
+            rel = p.relative_to(images_root).as_posix()
+            darknet_list = p.parent == images_root and p.name in _DARKNET_LISTS
+            if rel not in used and not darknet_list and p.resolve() not in skip:
+                report.add("label_orphan", f"{p}: no image for this label file")
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def write_yolo(samples: Iterable[Sample], categories: list[Category], out_dir: Path,
+               project_root: Path = Path("."), copy_images: bool = True,
+               report: Optional[ConversionReport] = None) -> Path:
+    """Write `out_dir/data.yaml`, `out_dir/images/...` and `out_dir/labels/...` (Ultralytics layout).
+
+    Class ids are 0..K-1 in the order of `categories`; data.yaml's `source_category_ids` maps
+    them back. What YOLO cannot hold is counted in `report` (WRITE_POLICIES are added to it).
+    """
+    out_dir, samples = Path(out_dir), list(samples)
+    report = report if report is not None else ConversionReport()
+    report.policies.update(WRITE_POLICIES)
+    class_of = {c.id: k for k, c in enumerate(categories)}
+    any_split = any(s.attributes.get("split") in SPLITS for s in samples)
+    placed: dict[str, str] = {}
+    splits: set[str] = set()
+    for s in samples:
+        split = _split_for(s, any_split, report)
+        rel = output_relpath(s.path, split)
+        if rel in placed:
+            raise ValueError(f"samples {placed[rel]} and {s.id} would both be written to {rel!r}")
+        placed[rel] = s.id
+        splits.add(split or "")
+        _count_sample_losses(s, report)
+        rows = [r for i, inst in enumerate(s.instances) if (r := _row(inst, i, class_of, s, report)) is not None]
+        write_text(out_dir / label_relpath(rel), "".join(r + "\n" for r in rows))
+        if copy_images:
+            _copy_image(s, out_dir / rel, Path(project_root))
+    doc: dict[str, Any] = {}
+    for key in SPLITS:
+        if key in splits:
+            doc[key] = f"images/{key}"
+    if not any_split:  # Ultralytics needs train and val; without a split both are everything
+        doc.update(train="images", val="images")
+    doc.update(nc=len(categories), names={k: c.name for k, c in enumerate(categories)},
+               source_category_ids={k: c.id for k, c in enumerate(categories)})
+    target = out_dir / "data.yaml"
+    write_text(target, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    return target
+
+
+def output_relpath(path: str, split: Optional[str]) -> str:
+    """Where an image goes: images/<split>/<path below any "images" folder and split folder>."""
+    parts = list(PurePosixPath(path).parts)
+    if "images" in parts[:-1]:
+        parts = parts[len(parts) - 1 - parts[::-1].index("images"):][1:]
+    if split and len(parts) > 1 and _SPLIT_DIRS.get(parts[0]) == split:
+        parts = parts[1:]
+    return PurePosixPath("images", *([split] if split else []), *parts).as_posix()
+
+
+def _split_for(s: Sample, any_split: bool, report: ConversionReport) -> Optional[str]:
+    split = s.attributes.get("split")
+    if split in SPLITS:
+        return split
+    if any_split:
+        report.add("split_assigned", f"{s.id}: split {split!r} -> train")
+        return "train"
+    return None
+
+
+def _count_sample_losses(s: Sample, report: ConversionReport) -> None:
+    if s.labels:
+        report.add("image_labels_dropped", f"{s.id}: labels {s.labels}")
+    if s.group and s.group != s.id:
+        report.add("group_dropped", f"{s.id}: group {s.group!r}")
+    extra = sorted(k for k in s.attributes if k != "split")
+    if extra:
+        report.add("sample_attributes_dropped", f"{s.id}: {', '.join(extra)}")
+
+
+def _row(inst: Instance, index: int, class_of: dict[int, int], s: Sample,
+         report: ConversionReport) -> Optional[str]:
+    """One label row: `cls cx cy w h` for a box, `cls x1 y1 ...` for a polygon, normalised."""
+    where = f"{s.id} instance {index}"
+    if inst.category_id not in class_of:
+        raise ValueError(f"{where}: category id {inst.category_id} is not in the category table")
+    if inst.iscrowd:
+        report.add("crowd_dropped", where)
+        return None
+    if inst.attributes:
+        report.add("instance_attributes_dropped", f"{where}: {', '.join(sorted(inst.attributes))}")
+    if inst.area is not None:
+        report.add("area_dropped", f"{where}: area {inst.area:g}")
+    ring = _ring_to_write(inst, s, report, where)
+    cls = class_of[inst.category_id]
+    if ring is None:
+        x1, y1, x2, y2 = inst.bbox
+        values = [(x1 + x2) / 2 / s.width, (y1 + y2) / 2 / s.height, (x2 - x1) / s.width, (y2 - y1) / s.height]
+    else:
+        xs, ys = ring[0::2], ring[1::2]
+        if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip([min(xs), min(ys), max(xs), max(ys)], inst.bbox)):
+            report.add("box_not_polygon_bounds", f"{where}: box {inst.bbox}")
+        values = [v / (s.width if i % 2 == 0 else s.height) for i, v in enumerate(ring)]
+    return " ".join([str(cls)] + [f"{v:.10g}" for v in values])
+
+
+def _ring_to_write(inst: Instance, s: Sample, report: ConversionReport, where: str) -> Optional[list[float]]:
+    rings = [list(r) for r in inst.polygons]
+    if inst.rle is not None:
+        if rings:
+            report.add("rle_dropped", f"{where}: the instance also has polygons; they are written")
+        else:
+            ring = rle_to_polygon(inst.rle)
+            report.add("rle_to_polygon" if ring else "rle_dropped", where)
+            rings = [ring] if ring else []
+    if len(rings) > 1:
+        report.add("multi_polygon_merged", f"{where}: {len(rings)} rings")
+        return merge_rings(rings)
+    return rings[0] if rings else None
+
+
+def merge_rings(rings: list[list[float]]) -> list[float]:
+    """One ring tracing every ring from the first ring's first point and back (zero-width
+    bridges), so a rasteriser fills each part; order: r0, r0[0], r1, r1[0], r0[0], r2, ..."""
+    anchor = rings[0][:2]
+    out = list(rings[0]) + anchor
+    for ring in rings[1:]:
+        out += list(ring) + ring[:2] + anchor
+    return out
+
+
+def rle_to_polygon(rle: dict[str, Any]) -> Optional[list[float]]:
+    """The largest outer contour of a COCO RLE mask as [x, y, ...] pixels, or None if empty."""
+    import cv2  # opencv-python-headless (installed with albumentations); only needed here
+    from pycocotools import mask as mask_utils
+
+    h, w = rle["size"]
+    coded = mask_utils.frPyObjects(rle, h, w) if isinstance(rle["counts"], list) else rle
+    mask = np.ascontiguousarray(mask_utils.decode(coded).astype(np.uint8))
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours = [c for c in contours if len(c) >= 3]
+    if not contours:
+        return None
+    return [float(v) for v in max(contours, key=cv2.contourArea).reshape(-1)]
+
+
+def _copy_image(s: Sample, dst: Path, project_root: Path) -> None:
+    src = s.image_path(project_root)
+    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
+        return  # already there: never rewrite it
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
