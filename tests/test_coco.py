@@ -107,8 +107,8 @@ def test_registry_and_root_as_given(tmp_path):
     assert READERS["coco"] is read_coco and WRITERS["coco"] is write_coco
     res = read_source("coco", root, ann, "shapes", root="data/shapes")
     assert {s.root for s in res.samples} == {"data/shapes"}
-    with pytest.raises(KeyError, match="known formats: coco"):
-        read_source("yolo", root, ann, "x")
+    with pytest.raises(KeyError, match="unknown annotation format 'tiff'; known formats: coco"):
+        read_source("tiff", root, ann, "x")
 
 
 def assert_samples_equal(left, right):
@@ -152,7 +152,10 @@ def test_writer_fills_missing_area_and_refuses_duplicate_paths(tmp_path):
 
 
 def test_policy_table_documents_every_problem_kind():
-    for kind in COMMON_POLICIES:
+    assert set(COMMON_POLICIES) <= set(coco_module.COCO_POLICIES)
+    docs = (Path(__file__).resolve().parents[1] / "docs/manifest.md").read_text()
+    for kind in coco_module.COCO_POLICIES:
+        assert f"`{kind}`" in docs, kind
         assert kind in coco_module.__doc__
 
 
@@ -290,6 +293,7 @@ def test_declared_size_disagreeing_with_file_uses_file(tmp_path):
 
 
 def test_exif_rotated_image_uses_displayed_size(tmp_path):
+    # Declared = the raw size: an annotator that ignored EXIF (see tests/test_validation.py).
     doc = coco_doc()
     doc["images"] = [{"id": 1, "file_name": "rot.jpg", "width": 64, "height": 48}]
     doc["annotations"] = []
@@ -298,7 +302,7 @@ def test_exif_rotated_image_uses_displayed_size(tmp_path):
     ann.write_text(json.dumps(doc))
     res = read(tmp_path, ann)
     assert (res.samples[0].width, res.samples[0].height) == (48, 64)
-    _one_problem(res, "image_size_mismatch", "image id 1")
+    _one_problem(res, "exif_orientation_mismatch", "image id 1", "64x48 is the raw size")
 
 
 # --- image helpers ---------------------------------------------------------------------------

@@ -1,0 +1,552 @@
+"""Label Studio JSON export <-> canonical samples.
+
+Layout (Label Studio "JSON" export, one file; JSON-MIN and CSV exports are not supported):
+
+    [{"id": 7, "data": {"image": "/data/upload/1/ab12cd34-img.jpg", ...},
+      "annotations": [{"id": 3, "was_cancelled": false, "ground_truth": false, "completed_by": 1,
+                       "result": [{"id": "x1", "type": "rectanglelabels", "from_name": "label",
+                                   "to_name": "image", "original_width": 640, "original_height": 480,
+                                   "image_rotation": 0, "value": {"x": 10.0, "y": 20.0, "width": 5.0,
+                                   "height": 7.5, "rotation": 0, "rectanglelabels": ["cat"]}}, ...]}],
+      "predictions": [...], "meta": {}, "created_at": "...", "project": 1}, ...]
+
+Reading maps (coordinates in Label Studio are PERCENT of the image size; x right, y down):
+    data.image `/data/upload/<project>/<name>`  -> Sample.path `<name>` if that file is under the
+        images root, else `<name>` without Label Studio's upload prefix (8 hex chars and "-",
+        "ab12cd34-img.jpg" -> "img.jpg"), so both the raw upload folder and the original files work
+    data.image `/data/local-files/?d=<rel>`     -> `<rel>` (URL-decoded; images root = the document root)
+    data.image relative path                    -> as is
+    data.group                                  -> Sample.group (default: the sample id)
+    `rectanglelabels` x, y, width, height       -> bbox [x, y, x + w, y + h] * size / 100; a `rotation`
+        (degrees, clockwise about the top-left corner) becomes the rotated rectangle's axis-aligned box
+    `polygonlabels` points [[x, y], ...]        -> one polygon ring; bbox = the ring's extent
+    `brushlabels` value.rle (Label Studio's bit-packed RLE over RGBA bytes, format "rle")
+        -> Instance.rle (compressed COCO RLE of alpha >= 128), bbox = the mask's extent, area = pixels
+    `choices`                                   -> Sample.labels (image-level classes)
+Categories: every label name in the annotations used, sorted, ids 1..K. The size used for the
+conversion is the file's (after EXIF); `original_width`/`original_height` are only cross-checked.
+
+Validation policy (errors stop the read; counted problems are fixed or dropped and reported):
+
+| problem                                              | policy                                         |
+|------------------------------------------------------|------------------------------------------------|
+| invalid JSON                                         | DataError naming the file, line and column     |
+| not a list of tasks, task without id/data, malformed | DataError naming the file and the task id      |
+|   result (value not an object, non-numeric x, ...)   |   (and the result id)                          |
+| duplicate task id, two tasks with the same image     | DataError naming the task id                   |
+| image is an http(s)/s3/gs/azure URL                  | DataError naming the task id: download the     |
+|                                                      |   images, point `images` at them               |
+| image path absolute, with "..", backslash, or        | DataError naming the file and the task id      |
+|   resolving outside the images root (symlink)        |                                                |
+| task_unannotated: task without annotations           | kept as a background image, counted            |
+| annotation_cancelled: cancelled (skipped) annotation | ignored; a task with only cancelled ones is    |
+|                                                      |   skipped (its image was not labelled)         |
+| extra_annotations_ignored: several annotations       | the first non-cancelled one is used            |
+| predictions_ignored: model predictions in a task     | ignored (not ground truth)                     |
+| rotated_box_to_aabb: rectangle with rotation != 0    | replaced by its axis-aligned bounding box      |
+| brush_unsupported: brush not in "rle" format         | region dropped                                 |
+| brush_invalid: RLE undecodable or not w*h*4 values   | region dropped                                 |
+| result_unsupported: keypoints, ellipses, text,       | result dropped                                 |
+|   unlabelled tools, per-region choices, ...          |                                                |
+| region_unlabelled: region with an empty label list   | region dropped                                 |
+| extra_labels_ignored: region with several labels     | the first label is used                        |
+| image_rotated: result with image_rotation != 0       | kept; coordinates taken as given (check them)  |
+| image_missing: file not on disk                      | task skipped, counted                          |
+| image_unreadable: corrupt / truncated file           | task skipped, counted; the file is untouched   |
+| image_size_mismatch: original_width/height != file   | the file's size (after EXIF) is used, counted  |
+| box_degenerate: zero or negative width/height        | region dropped, counted                        |
+| box_clipped: percent outside [0, 100]                | box clipped to the image, counted              |
+| box_outside: box wholly outside the image            | region dropped, counted                        |
+| polygon_invalid: polygon with < 3 points             | ring dropped, counted                          |
+
+Writing (`write_labelstudio`) gives tasks 1..N in sample order with data.image
+`/data/local-files/?d=<path>`, one annotation each and result ids "<task>-<n>", plus a
+`label_config.xml` to paste into the project; losses are counted (WRITE_POLICIES).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Optional
+from urllib.parse import quote, unquote
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from visionflow.errors import DataError
+from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
+                                clip_box, probe, safe_relpath)
+from visionflow.formats.images import sha256_file
+from visionflow.io import write_json
+from visionflow.manifest import Category, Instance, Sample
+
+ANNOTATION_FILE = "tasks.json"
+CONFIG_FILE = "label_config.xml"
+
+POLICIES: dict[str, str] = {
+    **COMMON_POLICIES,
+    "task_unannotated": "task without annotations kept as a background image",
+    "annotation_cancelled": "cancelled annotation ignored; a task with only cancelled annotations is skipped",
+    "extra_annotations_ignored": "only the first non-cancelled annotation of a task is used",
+    "predictions_ignored": "model predictions are not ground truth; ignored",
+    "rotated_box_to_aabb": "rotated rectangle replaced by its axis-aligned bounding box",
+    "brush_unsupported": "brush region not in 'rle' format; dropped",
+    "brush_invalid": "brush RLE undecodable or not width*height*4 values; region dropped",
+    "result_unsupported": "result type not supported (keypoints, ellipses, text, per-region choices, ...); dropped",
+    "region_unlabelled": "region without a label dropped",
+    "extra_labels_ignored": "region with several labels: the first label is used",
+    "image_rotated": "result drawn on a rotated image; coordinates kept as given",
+}
+
+WRITE_POLICIES: dict[str, str] = {
+    "crowd_dropped": "crowd region written as an ordinary region (Label Studio has no crowd flag)",
+    "attributes_dropped": "sample/instance attributes are not written",
+    "area_dropped": "area not written (Label Studio stores none; brush masks are re-measured on reading)",
+    "box_not_kept": "polygon/brush regions have no box in Label Studio; the reader derives a different one",
+    "polygon_split": "instance with several rings written as one polygon region per ring",
+    "polygons_dropped": "instance with a mask and polygons: the mask is written, the polygons dropped",
+}
+
+_REGION_TYPES = {"rectanglelabels", "polygonlabels", "brushlabels"}
+_REMOTE = re.compile(r"^(https?|s3|gs|azure-blob|gcs)://", re.IGNORECASE)
+_UPLOAD = re.compile(r"^/data/upload/[^/]+/(.+)$")
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-fA-F]{8}-(.+)$")  # Label Studio prefixes uploads with uuid4().hex[:8] + "-"
+_RLE_SIZES = (3, 4, 8, 16)  # run-length field widths in bits, as Label Studio's encoder writes them
+_MASK_ALPHA = 128  # brush pixels with alpha >= this are foreground (antialiased edges count half-on)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def read_labelstudio(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
+    images_root, annotations = Path(images_root), Path(annotations)
+    tasks = _load_tasks(annotations)
+    report = ConversionReport(POLICIES)
+    # Structure first (ids, paths, which annotation), then the image files (the slow part).
+    chosen = [(task, _image_path(task, images_root, annotations), _pick_annotation(task, annotations, report))
+              for task in tasks]
+    _check_unique(chosen, annotations)
+    names = sorted({name for _, _, ann in chosen if ann is not None for name in _label_names(ann)})
+    categories = [Category(id=i, name=n, source_ids={source: i}) for i, n in enumerate(names, 1)]
+    cat_ids = {c.name: c.id for c in categories}
+    root = images_root.as_posix() if root is None else root
+    samples = []
+    for task, rel, ann in chosen:
+        if ann is False:  # only cancelled annotations: the image was never labelled
+            continue
+        sample = _to_sample(task, rel, ann, images_root, root, source, annotations, cat_ids, report)
+        if sample is not None:
+            samples.append(sample)
+    return FormatResult(categories, samples, report)
+
+
+def _load_tasks(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(path, "annotation file not found", hint="check ingest.sources[].annotations") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text ({exc})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                        record=f"line {exc.lineno}") from None
+    if not isinstance(doc, list):
+        raise DataError(path, "not a Label Studio JSON export: expected a list of tasks",
+                        hint="export the project as 'JSON' (not JSON-MIN or CSV)")
+    for i, task in enumerate(doc):
+        if not isinstance(task, dict) or not _is_id(task.get("id")) or not isinstance(task.get("data"), dict):
+            raise DataError(path, "task needs an `id` and a `data` object", record=f"task #{i}",
+                            hint="export the project as 'JSON' (not JSON-MIN or CSV)")
+    return doc
+
+
+def _image_path(task: dict, images_root: Path, path: Path) -> str:
+    """The task's image as a checked path relative to the images root."""
+    record = f"task id {task['id']}"
+    url = _image_url(task, path)
+    if _REMOTE.match(url):
+        raise DataError(path, f"image {url!r} is a URL; images are never downloaded", record=record,
+                        hint="download the images and point `images` at the folder that holds them")
+    upload = _UPLOAD.match(url)
+    if upload:
+        candidates = [upload.group(1)]
+        stripped = _UPLOAD_PREFIX.match(upload.group(1).rsplit("/", 1)[-1])
+        if stripped:
+            candidates.append(upload.group(1)[: -len(stripped.group(0))] + stripped.group(1))
+    elif url.startswith("/data/local-files/"):
+        candidates = [_local_file(url)]
+    else:
+        candidates = [url]
+    try:
+        rels = [safe_relpath(c) for c in candidates]
+        for rel in rels:
+            check_inside(images_root, rel)
+    except ValueError as exc:
+        raise DataError(path, f"unsafe image path: {exc}", record=record,
+                        hint="paths must stay inside the dataset root") from None
+    # The upload name as stored, else the original name; if neither exists `probe` reports the first.
+    return next((rel for rel in rels if (images_root / rel).is_file()), rels[0])
+
+
+def _local_file(url: str) -> str:
+    # Split by hand and `unquote` (not parse_qs): a literal "+" in a file name must stay a "+".
+    query = url.split("?", 1)[1] if "?" in url else ""
+    return next((unquote(part[2:]) for part in query.split("&") if part.startswith("d=")), "")
+
+
+def _image_url(task: dict, path: Path) -> str:
+    data = task["data"]
+    url = data.get("image")
+    if url is None:  # a project whose <Image value="$img"> uses another key: accept a single string value
+        strings = [v for v in data.values() if isinstance(v, str)]
+        url = strings[0] if len(strings) == 1 else None
+    if not isinstance(url, str) or not url:
+        raise DataError(path, "task has no image in `data` (expected `data.image`)", record=f"task id {task['id']}")
+    return url
+
+
+def _pick_annotation(task: dict, path: Path, report: ConversionReport) -> Any:
+    """The annotation to use; None (no annotations: background) or False (all cancelled: skip)."""
+    where = f"{path} task id {task['id']}"
+    anns = task.get("annotations") or []
+    if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
+        raise DataError(path, "`annotations` must be a list of objects", record=f"task id {task['id']}")
+    for pred in task.get("predictions") or []:
+        report.add("predictions_ignored", f"{where}: prediction {pred.get('id') if isinstance(pred, dict) else ''}")
+    if not anns:
+        report.add("task_unannotated", f"{where}: no annotations; kept as background")
+        return None
+    used = None
+    for ann in anns:
+        if ann.get("was_cancelled"):
+            report.add("annotation_cancelled", f"{where} annotation id {ann.get('id')}")
+        elif used is None:
+            used = ann
+        else:
+            report.add("extra_annotations_ignored", f"{where} annotation id {ann.get('id')} (used {used.get('id')})")
+    if used is not None and not isinstance(used.get("result", []), list):
+        raise DataError(path, "annotation `result` must be a list", record=f"task id {task['id']}")
+    return False if used is None else used
+
+
+def _check_unique(chosen: list, path: Path) -> None:
+    ids: set = set()
+    rels: dict[str, Any] = {}
+    for task, rel, _ in chosen:
+        if task["id"] in ids:
+            raise DataError(path, "duplicate task id", record=f"task id {task['id']}")
+        if rel in rels:
+            raise DataError(path, f"image {rel!r} is also used by task id {rels[rel]}", record=f"task id {task['id']}",
+                            hint="one task per image")
+        ids.add(task["id"])
+        rels[rel] = task["id"]
+
+
+def _results(ann: Any) -> list[dict]:
+    return [r for r in ann.get("result") or [] if isinstance(r, dict)] if ann else []
+
+
+def _label_names(ann: dict) -> list[str]:
+    names = []
+    for r in _results(ann):
+        value = r.get("value")
+        if isinstance(value, dict) and r.get("type") in _REGION_TYPES | {"choices"}:
+            labels = value.get(r["type"])
+            if isinstance(labels, list):
+                names += [n for n in (labels if r["type"] == "choices" else labels[:1]) if isinstance(n, str)]
+    return names
+
+
+def _to_sample(task: dict, rel: str, ann: Any, images_root: Path, root: str, source: str, path: Path,
+               cat_ids: dict[str, int], report: ConversionReport) -> Optional[Sample]:
+    results = _results(ann)
+    sized = [r for r in results if "original_width" in r and "original_height" in r]
+    declared = (sized[0]["original_width"], sized[0]["original_height"]) if sized else (None, None)
+    where = f"{path} task id {task['id']} ({rel})"
+    probed = probe(images_root / rel, declared, report, where)
+    if probed is None:
+        return None
+    width, height, sha = probed
+    region_ids = {r.get("id") for r in results if r.get("type") in _REGION_TYPES}
+    labels: list[int] = []
+    instances = []
+    for r in results:
+        rwhere = f"{where} result id {r.get('id')}"
+        if r.get("image_rotation"):
+            report.add("image_rotated", f"{rwhere}: image_rotation {r['image_rotation']}")
+        value = r.get("value")
+        if r.get("type") == "choices" and r.get("id") not in region_ids:
+            if not isinstance(value, dict) or not isinstance(value.get("choices"), list):
+                raise DataError(path, "choices result needs a `value` with a `choices` list",
+                                record=f"task id {task['id']} result id {r.get('id')}")
+            labels += [cat_ids[n] for n in value["choices"] if n in cat_ids and cat_ids[n] not in labels]
+        elif r.get("type") in _REGION_TYPES:
+            inst = _to_instance(r, width, height, cat_ids, path, f"task id {task['id']}", rwhere, report)
+            if inst is not None:
+                instances.append(inst)
+        else:
+            report.add("result_unsupported", f"{rwhere}: type {r.get('type')!r}")
+    sid = f"{source}/{rel}"
+    group = task["data"].get("group")
+    return Sample(id=sid, root=root, path=rel, width=width, height=height, sha256=sha, labels=labels,
+                  instances=instances, group=str(group) if group else sid)
+
+
+def _to_instance(r: dict, width: int, height: int, cat_ids: dict[str, int], path: Path, task: str, where: str,
+                 report: ConversionReport) -> Optional[Instance]:
+    kind, value = r["type"], r.get("value")
+    record = f"{task} result id {r.get('id')}"
+    if not isinstance(value, dict) or not isinstance(value.get(kind), list):
+        raise DataError(path, f"{kind} result needs a `value` object with a `{kind}` list", record=record)
+    names = value[kind]
+    if not names:
+        report.add("region_unlabelled", where)
+        return None
+    if len(names) > 1:
+        report.add("extra_labels_ignored", f"{where}: labels {names}, used {names[0]!r}")
+    cat = cat_ids[names[0]]
+    if kind == "rectanglelabels":
+        return _rectangle(value, width, height, cat, path, record, where, report)
+    if kind == "polygonlabels":
+        return _polygon(value, width, height, cat, path, record, where, report)
+    return _brush(value, width, height, cat, where, report)
+
+
+def _rectangle(value: dict, width: int, height: int, cat: int, path: Path, record: str, where: str,
+               report: ConversionReport) -> Optional[Instance]:
+    nums = [value.get(k, 0 if k == "rotation" else None) for k in ("x", "y", "width", "height", "rotation")]
+    if not all(map(_is_num, nums)):
+        raise DataError(path, "rectangle needs numeric x, y, width, height (percent)", record=record)
+    x, y, w, h = nums[0] * width / 100, nums[1] * height / 100, nums[2] * width / 100, nums[3] * height / 100
+    box = [x, y, x + w, y + h]
+    if nums[4] % 360 and w > 0 and h > 0:
+        # Label Studio rotates clockwise (y down) about the top-left corner (x, y).
+        t = math.radians(nums[4])
+        xs = [x + dx * math.cos(t) - dy * math.sin(t) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+        ys = [y + dx * math.sin(t) + dy * math.cos(t) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+        box = [min(xs), min(ys), max(xs), max(ys)]
+        report.add("rotated_box_to_aabb", f"{where}: rotation {nums[4]:g} degrees")
+    box = clip_box(box, width, height, report, where)
+    return None if box is None else Instance(bbox=box, category_id=cat)
+
+
+def _polygon(value: dict, width: int, height: int, cat: int, path: Path, record: str, where: str,
+             report: ConversionReport) -> Optional[Instance]:
+    points = value.get("points")
+    if not isinstance(points, list) or not all(isinstance(p, list) and len(p) == 2 and all(map(_is_num, p))
+                                               for p in points):
+        raise DataError(path, "polygon needs `points` [[x, y], ...] (percent)", record=record)
+    ring = [v for px, py in points for v in (px * width / 100, py * height / 100)]
+    rings = clean_polygons([ring], report, where)
+    if not rings:
+        return None
+    box = clip_box([min(ring[0::2]), min(ring[1::2]), max(ring[0::2]), max(ring[1::2])], width, height, report, where)
+    return None if box is None else Instance(bbox=box, category_id=cat, polygons=rings)
+
+
+def _brush(value: dict, width: int, height: int, cat: int, where: str, report: ConversionReport) -> Optional[Instance]:
+    if value.get("format", "rle") != "rle" or not isinstance(value.get("rle"), list):
+        report.add("brush_unsupported", f"{where}: format {value.get('format')!r}")
+        return None
+    try:
+        flat = decode_brush_rle(value["rle"])
+    except ValueError as exc:
+        report.add("brush_invalid", f"{where}: {exc}")
+        return None
+    if flat.size != width * height * 4:
+        report.add("brush_invalid", f"{where}: {flat.size} values for a {width}x{height} RGBA image")
+        return None
+    mask = flat.reshape(height, width, 4)[:, :, 3] >= _MASK_ALPHA
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    x, y, w, h = mask_utils.toBbox(rle).tolist()
+    box = clip_box([x, y, x + w, y + h], width, height, report, where)
+    if box is None:
+        return None
+    return Instance(bbox=box, category_id=cat, rle={"size": [height, width], "counts": rle["counts"].decode("ascii")},
+                    area=float(mask.sum()))
+
+
+def decode_brush_rle(data: list[int]) -> np.ndarray:
+    """Label Studio's brush RLE (thi.ng rle-pack over the RGBA canvas bytes) -> flat uint8 values.
+
+    Bits, MSB first: count (32), word size - 1 (5), four run-length field widths - 1 (4 each), then
+    blocks: repeat flag (1), width index (2), run length - 1 (that width), then one word (repeat)
+    or `run length` words (literal).
+    """
+    if not all(_is_int(b) and 0 <= b < 256 for b in data):
+        raise ValueError("rle is not a list of bytes")
+    bits = "".join(f"{b:08b}" for b in data)
+    pos = 0
+
+    def read(n: int) -> int:
+        nonlocal pos
+        if pos + n > len(bits):
+            raise ValueError("rle ends early")
+        pos += n
+        return int(bits[pos - n:pos], 2)
+
+    num, word = read(32), read(5) + 1
+    sizes = [read(4) + 1 for _ in range(4)]
+    out = np.zeros(num, dtype=np.uint8 if word <= 8 else np.uint32)
+    i = 0
+    while i < num:
+        repeat = read(1)
+        j = i + 1 + read(sizes[read(2)])
+        if j > num:
+            raise ValueError(f"run past the end ({j} > {num} values)")
+        if repeat:
+            out[i:j] = read(word)
+        else:
+            out[i:j] = [read(word) for _ in range(j - i)]
+        i = j
+    return out.astype(np.uint8)
+
+
+def encode_brush_rle(mask: np.ndarray) -> list[int]:
+    """A binary (H, W) mask -> Label Studio brush RLE of its RGBA canvas (foreground 255 in all channels)."""
+    flat = np.repeat(mask.astype(np.uint8).ravel() * 255, 4)
+    bits = [f"{flat.size:032b}", f"{8 - 1:05b}", *(f"{s - 1:04b}" for s in _RLE_SIZES)]
+    change = np.flatnonzero(np.diff(flat)) + 1
+    starts, ends = np.r_[0, change], np.r_[change, flat.size]
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        while start < end:  # repeat blocks only; a run longer than the widest field is split
+            n = min(end - start, 1 << _RLE_SIZES[-1])
+            idx = next(k for k, s in enumerate(_RLE_SIZES) if n - 1 < 1 << s)
+            bits.append(f"1{idx:02b}{n - 1:0{_RLE_SIZES[idx]}b}{int(flat[start]):08b}")
+            start += n
+    text = "".join(bits)
+    text += "0" * (-len(text) % 8)
+    return [int(text[k:k + 8], 2) for k in range(0, len(text), 8)]
+
+
+def _is_id(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, str) and bool(v))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def write_labelstudio(samples: Iterable[Sample], categories: list[Category], out_dir: Path,
+                      project_root: Path = Path("."), copy_images: bool = True,
+                      report: Optional[ConversionReport] = None) -> Path:
+    """Write `out_dir/tasks.json` (import it with local-files storage rooted at `out_dir`) and
+    `out_dir/label_config.xml`; with `copy_images` the images go to `out_dir/<Sample.path>`."""
+    out_dir = Path(out_dir)
+    report = report if report is not None else ConversionReport()
+    for kind, policy in WRITE_POLICIES.items():
+        report.policies.setdefault(kind, policy)
+    names = {c.id: c.name for c in categories}
+    tasks, used = [], {}
+    for task_id, s in enumerate(samples, 1):
+        if s.path in used:
+            raise ValueError(f"samples {used[s.path]} and {s.id} share the path {s.path!r}; "
+                             "one Label Studio export cannot hold both")
+        used[s.path] = s.id
+        tasks.append(_task(s, task_id, names, report))
+        if copy_images:
+            _copy_image(s, out_dir, Path(project_root))
+    target = out_dir / ANNOTATION_FILE
+    write_json(target, tasks)
+    (out_dir / CONFIG_FILE).write_text(_label_config([c.name for c in categories]), encoding="utf-8")
+    return target
+
+
+def _task(s: Sample, task_id: int, names: dict[int, str], report: ConversionReport) -> dict[str, Any]:
+    where = f"sample {s.id}"
+    if s.attributes:
+        report.add("attributes_dropped", f"{where}: {sorted(s.attributes)}")
+    size = {"original_width": s.width, "original_height": s.height, "image_rotation": 0}
+    result = []
+    if s.labels:
+        result.append({"type": "choices", "from_name": "choice", "value": {"choices": [names[c] for c in s.labels]}})
+    for n, inst in enumerate(s.instances):
+        result += _regions(inst, s, names[inst.category_id], report, f"{where} instance {n}")
+    for n, r in enumerate(result, 1):
+        r.update(id=f"{task_id}-{n}", to_name="image", origin="manual", **size)
+    data: dict[str, Any] = {"image": "/data/local-files/?d=" + quote(s.path, safe="/")}
+    if s.group and s.group != s.id:
+        data["group"] = s.group
+    return {"id": task_id, "data": data, "predictions": [],
+            "annotations": [{"id": task_id, "result": result, "was_cancelled": False, "ground_truth": False}]}
+
+
+def _regions(inst: Instance, s: Sample, name: str, report: ConversionReport, where: str) -> list[dict]:
+    """The instance as Label Studio regions (percent of the image), counting what cannot be held."""
+    if inst.iscrowd:
+        report.add("crowd_dropped", where)
+    if inst.attributes:
+        report.add("attributes_dropped", f"{where}: {sorted(inst.attributes)}")
+    px, py = 100.0 / s.width, 100.0 / s.height
+    if inst.rle is not None:
+        mask = _decode_coco_rle(inst.rle, s)  # (H, W) uint8
+        if inst.area is not None and inst.area != float(mask.sum()):
+            report.add("area_dropped", f"{where}: area {inst.area} reads back as the mask's {int(mask.sum())}")
+        if inst.polygons:
+            report.add("polygons_dropped", where)
+        ys, xs = np.nonzero(mask)
+        derived = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if xs.size else None
+        regions = [{"type": "brushlabels", "from_name": "brush",
+                    "value": {"format": "rle", "rle": encode_brush_rle(mask), "brushlabels": [name]}}]
+    elif inst.polygons:
+        if len(inst.polygons) > 1:
+            report.add("polygon_split", f"{where}: {len(inst.polygons)} rings")
+        xs, ys = [v for r in inst.polygons for v in r[0::2]], [v for r in inst.polygons for v in r[1::2]]
+        derived = [min(xs), min(ys), max(xs), max(ys)]
+        regions = [{"type": "polygonlabels", "from_name": "polygon",
+                    "value": {"points": [[x * px, y * py] for x, y in zip(r[0::2], r[1::2])], "closed": True,
+                              "polygonlabels": [name]}} for r in inst.polygons]
+    else:
+        x1, y1, x2, y2 = inst.bbox
+        derived = inst.bbox
+        regions = [{"type": "rectanglelabels", "from_name": "label",
+                    "value": {"x": x1 * px, "y": y1 * py, "width": (x2 - x1) * px, "height": (y2 - y1) * py,
+                              "rotation": 0, "rectanglelabels": [name]}}]
+    if derived is None or not np.allclose(derived, inst.bbox, rtol=1e-6, atol=1e-6):
+        report.add("box_not_kept", f"{where}: box {inst.bbox} reads back as {derived}")
+    if inst.area is not None and inst.rle is None:
+        report.add("area_dropped", where)
+    return regions
+
+
+def _decode_coco_rle(rle: dict, s: Sample) -> np.ndarray:
+    h, w = rle["size"]
+    if (h, w) != (s.height, s.width):
+        raise ValueError(f"sample {s.id}: RLE size {h}x{w} is not the image's {s.height}x{s.width}")
+    counts = rle["counts"]
+    coded = {"size": [h, w], "counts": counts.encode("ascii")} if isinstance(counts, str) \
+        else mask_utils.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)
+    return mask_utils.decode(coded)
+
+
+def _label_config(names: list[str]) -> str:
+    """A labeling config with one control per region type, so the export imports as is."""
+    labels = "".join(f'\n    <Label value="{_xml(n)}"/>' for n in names)
+    choices = "".join(f'\n    <Choice value="{_xml(n)}"/>' for n in names)
+    return (f'<View>\n  <Image name="image" value="$image"/>\n'
+            f'  <RectangleLabels name="label" toName="image">{labels}\n  </RectangleLabels>\n'
+            f'  <PolygonLabels name="polygon" toName="image">{labels}\n  </PolygonLabels>\n'
+            f'  <BrushLabels name="brush" toName="image">{labels}\n  </BrushLabels>\n'
+            f'  <Choices name="choice" toName="image" choice="multiple">{choices}\n  </Choices>\n</View>\n')
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def _copy_image(s: Sample, out_dir: Path, project_root: Path) -> None:
+    src, dst = s.image_path(project_root), out_dir / s.path
+    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
+        return  # already there (e.g. writing next to the source images): never rewrite it
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
