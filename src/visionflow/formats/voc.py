@@ -1,0 +1,517 @@
+"""Pascal VOC (devkit layout, one XML per image, palette PNG masks) <-> canonical samples.
+
+Layout (`annotations` is the VOC root or its `Annotations/` folder; images are in `images_root`,
+usually `<root>/JPEGImages`):
+
+    <root>/Annotations/<stem>.xml             one per image; the samples are these files, sorted
+    <root>/JPEGImages/<stem>.jpg              images, flat names
+    <root>/ImageSets/Main/{train,val,test}.txt  one stem per line -> Sample.attributes["split"]
+    <root>/SegmentationObject/<stem>.png      palette PNG: index k = k-th <object> of the XML,
+                                              0 = background, 255 = boundary / ignore
+    <root>/SegmentationClass/<stem>.png       palette PNG: index = class, 0 = background, 255 = ignore
+    <root>/labelmap.txt or labels.txt         optional category table (CVAT/Datumaro `name:r,g,b::`
+                                              lines or plain names; a first `background` is index 0)
+
+Reading maps:
+    <filename>                  -> Sample.path (relative to images_root); id "<source>/<filename>"
+    <size><width><height>       -> checked against the file (the file wins); <depth> -> attributes["depth"]
+    <segmented>                 -> attributes["segmented"] (int);  <group> (ours) -> Sample.group
+    <object><name>              -> category: ids from the labels file (its line index, so they equal
+                                   SegmentationClass indices), else sorted unique names, ids 1..K
+    <bndbox> 1-based pixel indices xmin..xmax inclusive -> continuous 0-based xyxy
+                                   (xmin - 1, ymin - 1, xmax, ymax), so xmin == xmax is 1 px wide;
+                                   the writer does the inverse (+1 on x1, y1)
+    <pose> <truncated> <difficult> <occluded> -> Instance.attributes (flags as ints)
+    SegmentationObject index k  -> Instance.rle of object k (COCO RLE, compressed string counts)
+    255 in the object (else class) PNG -> Sample.attributes["ignore_rle"]
+    any other element (<folder>, <source>, <part>, <actions>, ...) -> attributes as strings/dicts/lists
+                                   (a <part>'s box stays as the XML's 1-based strings)
+The SegmentationClass PNG is redundant with the object PNG + XML names; only its 255 region is used.
+
+Validation policy (errors stop the read; counted problems are fixed or dropped and reported):
+
+| problem                                              | policy                                        |
+|------------------------------------------------------|-----------------------------------------------|
+| malformed XML                                        | DataError naming the file, line and column    |
+| <filename> absolute, "..", backslash, symlink out    | DataError naming the XML file                 |
+| two XML files naming the same image                  | DataError naming both files                   |
+| object without <name> or with a non-numeric bndbox   | DataError naming the file and object #k       |
+| <name> not in the labels file                        | DataError naming the file and object #k       |
+| labels file with a duplicate name                    | DataError naming the file and line            |
+| image_missing: no <filename>, or file not on disk    | image skipped with its annotations, counted   |
+| image_unreadable: corrupt / truncated file           | image skipped, counted; the file is untouched |
+| image_size_mismatch: <size> != the file's size       | the file's size (after EXIF) is used, counted |
+| box_degenerate: zero or negative width/height        | instance dropped, counted                     |
+| box_clipped: box partly outside the image            | box clipped to the image, counted             |
+| box_outside: box wholly outside the image            | instance dropped, counted                     |
+| polygon_invalid: (VOC has no polygons)               | never raised                                  |
+| mask_object_unmatched: object PNG index > #objects   | those pixels ignored (background), counted    |
+| mask_size_mismatch: PNG size != image size           | the PNG is ignored, counted                   |
+| mask_class_only: class PNG without object PNG        | no instance masks; only its 255 region kept   |
+| split_unmatched: ImageSets stem without an XML       | line ignored, counted                         |
+
+The counted kinds are `COMMON_POLICIES` plus `VOC_POLICIES`; the writer's losses are `VOC_LOSSES`.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from visionflow.errors import DataError
+from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clip_box, probe,
+                                safe_relpath)
+from visionflow.formats.images import sha256_file
+from visionflow.manifest import Category, Instance, Sample
+
+VOC_POLICIES: dict[str, str] = {
+    "mask_object_unmatched": "pixels of a SegmentationObject index without a matching <object> ignored (background)",
+    "mask_size_mismatch": "segmentation PNG ignored (its size differs from the image)",
+    "mask_class_only": "SegmentationClass without SegmentationObject: no instance masks; only its 255 region kept",
+    "split_unmatched": "ImageSets/Main line without an annotation file ignored",
+}
+VOC_LOSSES: dict[str, str] = {
+    "crowd_as_difficult": "crowd instance written as an ordinary object with difficult=1 (VOC has no crowd)",
+    "polygons_rasterised": "polygons rasterised into SegmentationObject; read back as an RLE mask, not polygons",
+    "mask_overlap": "pixels claimed by several masks go to the later one (a VOC pixel has one object)",
+    "image_labels_dropped": "image-level labels not written (VOC has none)",
+    "area_dropped": "instance area not written (VOC has none)",
+    "attributes_dropped": "attribute not written (key not an XML name, reserved, or value not text/dict/list)",
+    "attribute_type_changed": "attribute written as XML text: numbers/bools read back as strings, [x] as x",
+    "split_dropped": "split other than train/val/test not written to ImageSets/Main",
+    "path_flattened": "image in a subfolder written as a flat name, '/' -> '__' (VOC names are flat)",
+}
+SPLITS = ("train", "val", "test")
+IGNORE = 255
+LABEL_FILES = ("labelmap.txt", "labels.txt")
+_FLAGS = ("truncated", "difficult", "occluded")
+_OBJECT_KEYS = {"name", "pose", "bndbox", *_FLAGS}
+_SAMPLE_KEYS = {"filename", "size", "object", "segmented", "group"}
+_SAMPLE_ATTRS = {"split", "ignore_rle", "depth", "segmented"}  # handled explicitly by the writer
+_XML_NAME = re.compile(r"^(?!xml)[A-Za-z_][\w.-]*$", re.IGNORECASE)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def read_voc(images_root: Path, annotations: Path, source: str, root: Optional[str] = None, *,
+             labels: Optional[Path] = None) -> FormatResult:
+    images_root = Path(images_root)
+    voc_root, ann_dir = _locate(Path(annotations))
+    docs = [(p, _parse_xml(p)) for p in sorted(ann_dir.glob("*.xml"))]
+    labels = labels or next((voc_root / n for n in LABEL_FILES if (voc_root / n).is_file()), None)
+    categories = _read_labels(labels, source) if labels else _categories_from_names(docs, source)
+    ids = {c.name: c.id for c in categories}
+    report = ConversionReport({**COMMON_POLICIES, **VOC_POLICIES})
+    splits = _read_splits(voc_root, {p.stem for p, _ in docs}, report)
+    root = images_root.as_posix() if root is None else root
+    samples, seen = [], {}
+    for path, doc in docs:
+        sample = _to_sample(path, doc, images_root, root, source, ids, voc_root, report)
+        if sample is None:
+            continue
+        if sample.path in seen:
+            raise DataError(path, f"image {sample.path!r} is also annotated by {seen[sample.path]}")
+        seen[sample.path] = path
+        if path.stem in splits:
+            sample.attributes["split"] = splits[path.stem]
+        samples.append(sample)
+    return FormatResult(categories, samples, report)
+
+
+def _locate(annotations: Path) -> tuple[Path, Path]:
+    """(VOC root, Annotations folder) from either of them."""
+    if (annotations / "Annotations").is_dir():
+        return annotations, annotations / "Annotations"
+    if annotations.is_dir():
+        return annotations.parent, annotations
+    raise DataError(annotations, "not a VOC folder: expected Annotations/ or a VOC root containing it",
+                    hint="set ingest.sources[].annotations to the VOC root or its Annotations/ folder")
+
+
+def _parse_xml(path: Path) -> ET.Element:
+    try:
+        doc = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        line, col = exc.position
+        raise DataError(path, f"malformed XML at line {line}, column {col}: {exc}", record=f"line {line}") from None
+    if doc.tag != "annotation":
+        raise DataError(path, f"root element is <{doc.tag}>, expected <annotation>")
+    return doc
+
+
+def _read_labels(path: Path, source: str) -> list[Category]:
+    """Categories in file order; ids are the line index (background, if first, is 0 and no category)."""
+    if not Path(path).is_file():
+        raise DataError(path, "labels file not found")
+    names: list[str] = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        name = line.split(":", 1)[0].strip()
+        if not name or line.lstrip().startswith("#"):
+            continue
+        if name in names:
+            raise DataError(path, f"duplicate label {name!r}", record=f"line {lineno}")
+        names.append(name)
+    first = 0 if names and names[0] == "background" else 1
+    return [Category(id=i, name=n, source_ids={source: i}) for i, n in enumerate(names, first)
+            if not (i == 0 and first == 0)]
+
+
+def _categories_from_names(docs: list[tuple[Path, ET.Element]], source: str) -> list[Category]:
+    names = sorted({(o.findtext("name") or "").strip() for _, d in docs for o in d.findall("object")} - {""})
+    return [Category(id=i, name=n, source_ids={source: i}) for i, n in enumerate(names, 1)]
+
+
+def _read_splits(voc_root: Path, stems: set[str], report: ConversionReport) -> dict[str, str]:
+    splits: dict[str, str] = {}
+    for split in SPLITS:
+        path = voc_root / "ImageSets" / "Main" / f"{split}.txt"
+        if not path.is_file():
+            continue
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            stem = line.split()[0] if line.split() else ""
+            if not stem:
+                continue
+            if stem not in stems:
+                report.add("split_unmatched", f"{path} line {lineno}: {stem!r} has no Annotations/{stem}.xml")
+            elif stem in splits and splits[stem] != split:
+                raise DataError(path, f"{stem!r} is also listed in {splits[stem]}.txt", record=f"line {lineno}",
+                                hint="train, val and test must not share images")
+            else:
+                splits[stem] = split
+    return splits
+
+
+def _to_sample(path: Path, doc: ET.Element, images_root: Path, root: str, source: str, ids: dict[str, int],
+               voc_root: Path, report: ConversionReport) -> Optional[Sample]:
+    filename = (doc.findtext("filename") or "").strip()
+    if not filename:
+        report.add("image_missing", f"{path}: no <filename>")
+        return None
+    try:
+        rel = safe_relpath(filename)
+        check_inside(images_root, rel)
+    except ValueError as exc:
+        raise DataError(path, f"unsafe <filename>: {exc}", hint="paths must stay inside the dataset root") from None
+    declared = (_int_or_none(doc.findtext("size/width")), _int_or_none(doc.findtext("size/height")))
+    probed = probe(images_root / rel, declared, report, f"{path} ({rel})")
+    if probed is None:
+        return None
+    width, height, sha = probed
+    objects = doc.findall("object")
+    instances = [_to_instance(o, k, path, width, height, ids, report)
+                 for k, o in enumerate(objects, 1)]  # k = the object's index in SegmentationObject
+    attributes = _children(doc, _SAMPLE_KEYS)
+    depth = _int_or_none(doc.findtext("size/depth"))
+    if depth is not None:
+        attributes["depth"] = depth
+    if doc.find("segmented") is not None:
+        attributes["segmented"] = _int_or_none(doc.findtext("segmented")) or 0
+    _attach_masks(voc_root, path, instances, attributes, width, height, report)
+    sid = f"{source}/{rel}"
+    return Sample(id=sid, root=root, path=rel, width=width, height=height, sha256=sha,
+                  instances=[i for i in instances if i is not None],
+                  group=(doc.findtext("group") or "").strip() or sid, attributes=attributes)
+
+
+def _to_instance(obj: ET.Element, k: int, path: Path, width: int, height: int, ids: dict[str, int],
+                 report: ConversionReport) -> Optional[Instance]:
+    record = f"object #{k}"
+    name = (obj.findtext("name") or "").strip()
+    if name not in ids:
+        why = "has no <name>" if not name else f"class {name!r} is not in the labels file"
+        raise DataError(path, why, record=record, hint="add it to labelmap.txt/labels.txt" if name else None)
+    try:
+        xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
+    except (TypeError, ValueError):
+        raise DataError(path, "<bndbox> needs numeric xmin, ymin, xmax, ymax", record=record) from None
+    box = clip_box([xmin - 1, ymin - 1, xmax, ymax], width, height, report, f"{path} {record}")
+    if box is None:
+        return None
+    attributes = _children(obj, _OBJECT_KEYS)
+    if obj.find("pose") is not None:
+        attributes["pose"] = (obj.findtext("pose") or "").strip()
+    for flag in _FLAGS:
+        if obj.find(flag) is not None:
+            attributes[flag] = _int_or_none(obj.findtext(flag)) or 0
+    return Instance(bbox=box, category_id=ids[name], attributes=attributes)
+
+
+def _attach_masks(voc_root: Path, path: Path, instances: list[Optional[Instance]], attributes: dict,
+                  width: int, height: int, report: ConversionReport) -> None:
+    """Per-object RLE from SegmentationObject and the 255 (ignore) region as attributes["ignore_rle"]."""
+    objects = _load_png(voc_root / "SegmentationObject" / f"{path.stem}.png", width, height, report)
+    classes = _load_png(voc_root / "SegmentationClass" / f"{path.stem}.png", width, height, report)
+    if objects is None and classes is not None:
+        report.add("mask_class_only", f"{path}: SegmentationClass/{path.stem}.png without SegmentationObject")
+    index = objects if objects is not None else classes
+    if index is None:
+        return
+    if (index == IGNORE).any():
+        attributes["ignore_rle"] = _encode(index == IGNORE)
+    if objects is None:
+        return
+    for k in sorted(set(np.unique(objects).tolist()) - {0, IGNORE}):
+        if k > len(instances):
+            report.add("mask_object_unmatched", f"{path}: SegmentationObject index {k}, "
+                                                f"but the XML has {len(instances)} objects")
+        elif instances[k - 1] is not None:  # None: the object's box was dropped (counted there)
+            instances[k - 1].rle = _encode(objects == k)
+
+
+def _load_png(path: Path, width: int, height: int, report: ConversionReport) -> Optional[np.ndarray]:
+    if not path.is_file():
+        return None
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L"):
+            raise DataError(path, f"mask mode {img.mode} is not an index PNG",
+                            hint="VOC masks are palette (P) PNGs whose index is the object or class")
+        index = np.asarray(img, dtype=np.uint8)
+    if index.shape != (height, width):
+        report.add("mask_size_mismatch", f"{path}: {index.shape[1]}x{index.shape[0]}, image is {width}x{height}")
+        return None
+    return index
+
+
+def _encode(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _element_value(el: ET.Element) -> Any:
+    """XML element -> str (leaf) or dict of its children."""
+    return (el.text or "").strip() if len(el) == 0 else _children(el)
+
+
+def _children(el: ET.Element, skip: set[str] | frozenset = frozenset()) -> dict[str, Any]:
+    """Child elements by tag; a repeated tag (e.g. a person's <part>s) becomes a list."""
+    out: dict[str, Any] = {}
+    for child in el:
+        if child.tag in skip:
+            continue
+        value = _element_value(child)
+        if child.tag in out:
+            out[child.tag] = (out[child.tag] if isinstance(out[child.tag], list) else [out[child.tag]]) + [value]
+        else:
+            out[child.tag] = value
+    return out
+
+
+def _int_or_none(text: Optional[str]) -> Optional[int]:
+    try:
+        return int(float(text)) if text is not None and text.strip() else None
+    except ValueError:
+        return None
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def write_voc(samples: Iterable[Sample], categories: list[Category], out_dir: Path,
+              project_root: Path = Path("."), copy_images: bool = True,
+              report: Optional[ConversionReport] = None) -> Path:
+    """Write a VOC root into `out_dir` and return it (read it back with images_root=out_dir/JPEGImages).
+
+    Images go to JPEGImages/ under their own (flattened) names; masks (RLE or rasterised
+    polygons, plus attributes["ignore_rle"] as 255) to SegmentationObject/ (index = object
+    order) and SegmentationClass/ (index = 1 + position in `categories`, listed in
+    labelmap.txt); what VOC cannot hold is counted in `report` under `VOC_LOSSES`.
+    """
+    out_dir = Path(out_dir)
+    report = report if report is not None else ConversionReport()
+    report.policies.update(VOC_LOSSES)
+    if len(categories) >= IGNORE:
+        raise ValueError(f"{len(categories)} categories do not fit a VOC palette PNG (at most 254)")
+    class_index = {c.id: i for i, c in enumerate(categories, 1)}
+    names = {c.id: c.name for c in categories}
+    splits: dict[str, list[str]] = {}
+    used: dict[str, str] = {}
+    for s in samples:
+        flat = s.path.replace("/", "__")
+        if "/" in s.path:
+            report.add("path_flattened", f"{s.id}: {s.path} -> {flat}")
+        stem = Path(flat).stem
+        if stem in used:
+            raise ValueError(f"samples {used[stem]} and {s.id} both become {stem!r}; VOC names must be unique")
+        used[stem] = s.id
+        masks = _sample_masks(s, report)
+        doc = _sample_xml(s, flat, names, masks is not None, report)
+        (out_dir / "Annotations").mkdir(parents=True, exist_ok=True)
+        ET.indent(doc)
+        ET.ElementTree(doc).write(out_dir / "Annotations" / f"{stem}.xml", encoding="utf-8")
+        if masks is not None:
+            _write_masks(out_dir, stem, s, masks, class_index, report)
+        split = s.attributes.get("split")
+        if split in SPLITS:
+            splits.setdefault(split, []).append(stem)
+        elif split is not None:
+            report.add("split_dropped", f"{s.id}: split {split!r}")
+        if copy_images:
+            _copy_image(s, out_dir / "JPEGImages" / flat, Path(project_root))
+    _write_splits(out_dir, splits)
+    _write_labelmap(out_dir, categories)
+    return out_dir
+
+
+def _sample_xml(s: Sample, flat: str, names: dict[int, str], segmented: bool,
+                report: ConversionReport) -> ET.Element:
+    doc = ET.Element("annotation")
+    if "folder" in s.attributes:
+        _put(doc, "folder", s.attributes["folder"], report, s.id)
+    ET.SubElement(doc, "filename").text = flat
+    for key, value in s.attributes.items():
+        if key not in _SAMPLE_ATTRS and key != "folder":
+            _put(doc, key, value, report, s.id, reserved=_SAMPLE_KEYS)
+    size = ET.SubElement(doc, "size")
+    for tag, v in (("width", s.width), ("height", s.height), ("depth", s.attributes.get("depth", 3))):
+        ET.SubElement(size, tag).text = str(v)
+    ET.SubElement(doc, "segmented").text = str(1 if segmented else int(s.attributes.get("segmented", 0)))
+    if s.group and s.group != s.id:
+        ET.SubElement(doc, "group").text = s.group
+    if s.labels:
+        report.add("image_labels_dropped", f"{s.id}: labels {s.labels}")
+    for k, inst in enumerate(s.instances, 1):
+        if inst.category_id not in names:
+            raise ValueError(f"{s.id} object #{k}: category id {inst.category_id} is not in the category table")
+        doc.append(_object_xml(inst, names[inst.category_id], report, f"{s.id} object #{k}"))
+    return doc
+
+
+def _object_xml(inst: Instance, name: str, report: ConversionReport, where: str) -> ET.Element:
+    obj = ET.Element("object")
+    ET.SubElement(obj, "name").text = name
+    ET.SubElement(obj, "pose").text = str(inst.attributes.get("pose", "Unspecified"))
+    flags = {"truncated": 0, "difficult": 0, **{f: inst.attributes[f] for f in _FLAGS if f in inst.attributes}}
+    if inst.iscrowd:
+        flags["difficult"] = 1
+        report.add("crowd_as_difficult", where)
+    for flag, v in flags.items():
+        ET.SubElement(obj, flag).text = str(int(v))
+    x1, y1, x2, y2 = inst.bbox
+    bndbox = ET.SubElement(obj, "bndbox")
+    for tag, v in zip(("xmin", "ymin", "xmax", "ymax"), (x1 + 1, y1 + 1, x2, y2)):  # back to 1-based
+        ET.SubElement(bndbox, tag).text = repr(float(v)) if v != int(v) else str(int(v))
+    for key, value in inst.attributes.items():
+        if key not in _OBJECT_KEYS:
+            _put(obj, key, value, report, where, reserved=_OBJECT_KEYS)
+    if inst.area is not None:
+        report.add("area_dropped", where)
+    return obj
+
+
+def _put(parent: ET.Element, key: str, value: Any, report: ConversionReport, where: str,
+         reserved: frozenset | set = frozenset()) -> None:
+    """An attribute as XML the reader maps back (see `_element_value`); what it cannot, counted."""
+    if not isinstance(key, str) or not _XML_NAME.match(key) or key in reserved:
+        report.add("attributes_dropped", f"{where}: key {key!r}")
+    elif isinstance(value, dict):
+        el = ET.SubElement(parent, key)
+        for k, v in value.items():
+            _put(el, k, v, report, where)
+    elif isinstance(value, list) and value and not any(isinstance(v, list) for v in value):
+        if len(value) == 1:
+            report.add("attribute_type_changed", f"{where}: {key} is a one-item list")
+        for v in value:
+            _put(parent, key, v, report, where)
+    elif isinstance(value, (str, int, float, bool)):
+        if not isinstance(value, str):
+            report.add("attribute_type_changed", f"{where}: {key}={value!r} written as text")
+        ET.SubElement(parent, key).text = str(value)
+    else:
+        report.add("attributes_dropped", f"{where}: {key}={value!r}")
+
+
+def _sample_masks(s: Sample, report: ConversionReport) -> Optional[list[Optional[np.ndarray]]]:
+    """One (H, W) bool mask or None per instance; None overall when the sample has no mask at all."""
+    masks = []
+    for k, inst in enumerate(s.instances, 1):
+        if inst.polygons:
+            report.add("polygons_rasterised", f"{s.id} object #{k}")
+        masks.append(_decode(inst, s.height, s.width))
+    if all(m is None for m in masks) and "ignore_rle" not in s.attributes:
+        return None
+    return masks
+
+
+def _decode(inst: Instance, height: int, width: int) -> Optional[np.ndarray]:
+    if inst.rle is not None:
+        rle = dict(inst.rle)
+        if list(rle["size"]) != [height, width]:
+            raise ValueError(f"RLE size {rle['size']} differs from the image {height}x{width}")
+        rle = mask_utils.frPyObjects(rle, height, width) if isinstance(rle["counts"], list) else \
+            {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    elif inst.polygons:
+        rle = mask_utils.merge(mask_utils.frPyObjects([list(r) for r in inst.polygons], height, width))
+    else:
+        return None
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _write_masks(out_dir: Path, stem: str, s: Sample, masks: list[Optional[np.ndarray]],
+                 class_index: dict[int, int], report: ConversionReport) -> None:
+    objects = np.zeros((s.height, s.width), np.uint8)
+    classes = np.zeros_like(objects)
+    layers = [(m, k, class_index[inst.category_id]) for k, (m, inst) in enumerate(zip(masks, s.instances), 1)
+              if m is not None]
+    if "ignore_rle" in s.attributes:  # VOC draws the boundary/ignore band over the objects
+        ignore = mask_utils.decode({**s.attributes["ignore_rle"],
+                                    "counts": s.attributes["ignore_rle"]["counts"].encode("ascii")})
+        layers.append((ignore.astype(bool), IGNORE, IGNORE))
+    for mask, obj_value, class_value in layers:
+        if objects[mask].any():
+            report.add("mask_overlap", f"{s.id}: mask {obj_value} overlaps an earlier one")
+        objects[mask], classes[mask] = obj_value, class_value
+    for folder, index in (("SegmentationObject", objects), ("SegmentationClass", classes)):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(index, mode="P")
+        img.putpalette(_palette())
+        img.save(out_dir / folder / f"{stem}.png")
+
+
+def _palette() -> list[int]:
+    """The devkit's colour map (VOClabelcolormap.m): bits of the index spread over R, G, B."""
+    out = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out += [r, g, b]
+    return out
+
+
+def _write_splits(out_dir: Path, splits: dict[str, list[str]]) -> None:
+    if not splits:
+        return
+    main = out_dir / "ImageSets" / "Main"
+    main.mkdir(parents=True, exist_ok=True)
+    splits = dict(splits)
+    if "train" in splits or "val" in splits:  # the devkit ships trainval.txt too; the reader ignores it
+        splits["trainval"] = sorted(splits.get("train", []) + splits.get("val", []))
+    for split, stems in splits.items():
+        (main / f"{split}.txt").write_text("".join(f"{s}\n" for s in sorted(stems)), encoding="utf-8")
+
+
+def _write_labelmap(out_dir: Path, categories: list[Category]) -> None:
+    """CVAT/Datumaro `labelmap.txt`: line index = SegmentationClass index, background first."""
+    pal = _palette()
+    lines = ["# label:color_rgb:parts:actions"]
+    for i, name in enumerate(["background"] + [c.name for c in categories]):
+        lines.append(f"{name}:{pal[3 * i]},{pal[3 * i + 1]},{pal[3 * i + 2]}::")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "labelmap.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _copy_image(s: Sample, dst: Path, project_root: Path) -> None:
+    src = s.image_path(project_root)
+    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
+        return  # already there: never rewrite it
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
