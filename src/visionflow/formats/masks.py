@@ -1,0 +1,492 @@
+"""Semantic-segmentation masks as PNG (Pascal VOC / ADE20K style) <-> canonical samples.
+
+Layout (`annotations` is the masks folder):
+
+    images_root/a/x.jpg          an image (.jpg .jpeg .png .bmp .tif .tiff .webp)
+    masks/a/x.png                its mask: same relative path, extension .png
+    classes.txt | classes.json | classes.yaml   next to the masks folder, or inside it
+
+Class table (pixel value -> class; 255 is always "ignore"):
+    classes.txt     one name per line; the line index (from 0) is the pixel value
+    .json / .yaml   a list of names (index = value), or a mapping {value: name}; an entry may be
+                    {"name": ..., "color": [r, g, b]} so RGB colour masks can be read; an entry
+                    for value 255 only gives the colour of the ignore region (it is no class)
+Masks are palette ('P'), greyscale ('L', '1') or 16-bit ('I;16', read as their integer values,
+never rescaled) PNGs whose pixel value is the class value; RGB(A) masks are read by colour
+(alpha ignored) when the class table gives colours.
+
+Canonical representation of one mask:
+    for each class value present, one Instance: category_id = the value, `rle` = COCO RLE of
+    that class's pixels (pycocotools on a Fortran-ordered uint8 (H, W) array, counts as str),
+    bbox = pixel bounds in continuous xyxy (x2 = last column + 1), area = pixel count,
+    iscrowd = False, attributes = {"semantic": True}
+    the ignore region (255) -> Sample.attributes["ignore_rle"] (same RLE encoding)
+    background (value 0, whatever its name) is a class like any other, so every pixel of a mask
+    is in exactly one RLE and masks round-trip pixel-equal. Category ids are the class values.
+
+Validation policy (errors stop the read; counted problems are fixed or dropped and reported):
+
+| problem                                               | policy                                      |
+|-------------------------------------------------------|---------------------------------------------|
+| masks folder or class table missing; two class tables | DataError naming the folder / files         |
+| class table malformed (empty line, bad value, dup     | DataError naming the file and line / class  |
+|   name or colour, invalid JSON/YAML)                  |                                             |
+| image or mask path unsafe or resolving outside root   | DataError naming the file                   |
+| two images sharing one mask (a/x.jpg and a/x.png)     | DataError naming both                       |
+| mask PNGs with values outside the class table (not    | DataError naming the mask, the values and   |
+|   255), 8- or 16-bit                                  |   their pixel counts                        |
+| RGB mask with unknown colours / table without colours | DataError naming the mask and the colours   |
+| mask not a readable PNG, or an unsupported mode       | DataError naming the mask                   |
+| mask_missing: image without a mask                    | sample kept without instances, counted      |
+| mask_orphan: mask without an image                    | mask ignored, counted                       |
+| mask_not_png: non-PNG file in the masks folder        | file ignored, counted                       |
+| mask_size_mismatch: mask size != image size (after    | image skipped with its mask, counted (both  |
+|   EXIF orientation)                                   |   files and sizes named)                    |
+| image_unreadable (COMMON_POLICIES)                    | image skipped with its mask, counted        |
+
+Writer: `out_dir/images/<path>`, `out_dir/masks/<path without ext>.png` as palette PNGs (a
+fixed VOC-style palette, index = category id, 255 = ignore) and `out_dir/classes.txt` (or
+`classes.json` when the ids are not 0..K-1). Instances are painted in manifest order (later on
+top), the ignore region last; see WRITE_POLICIES for what a mask cannot hold.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import yaml
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from visionflow.errors import DataError
+from visionflow.formats import COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clip_box, probe, \
+    safe_relpath
+from visionflow.formats.images import sha256_file
+from visionflow.io import write_json, write_text, write_with
+from visionflow.manifest import Category, Instance, Sample
+
+IGNORE = 255
+IMAGES_DIR, MASKS_DIR = "images", "masks"
+CLASS_FILES = ("classes.txt", "classes.json", "classes.yaml", "classes.yml")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SEMANTIC = {"semantic": True}
+
+MASK_POLICIES: dict[str, str] = {
+    "mask_missing": "image kept without instances (no mask PNG with its relative path)",
+    "mask_orphan": "mask ignored (no image with the same relative path)",
+    "mask_not_png": "file in the masks folder ignored (masks must be PNG: lossy formats change class values)",
+    "mask_size_mismatch": "image skipped with its mask (mask and image sizes differ)",
+}
+
+WRITE_POLICIES: dict[str, str] = {
+    "instance_overlap_flattened": "pixels of an instance painted over by a later instance of another class "
+                                  "(or the ignore region) take the later value",
+    "instance_identity_lost": "instances of one class in an image merge into one class region",
+    "box_only_dropped": "instance without polygon or RLE not painted",
+    "polygon_rasterised": "polygon painted as pixels (COCO rasterisation); read back as a pixel RLE",
+    "crowd_flag_dropped": "crowd region painted as its class; the iscrowd flag is not kept",
+    "attributes_dropped": "sample/instance attributes are not written",
+    "image_labels_dropped": "image-level labels are not written",
+    "group_dropped": "sample group is not written",
+    "unlabelled_as_ignore": "pixels covered by no instance written as 255 (no 'background' category)",
+}
+
+
+@dataclass
+class ClassTable:
+    path: Path
+    names: dict[int, str]  # pixel value (0..254) -> class name, in value order
+    colors: dict[tuple[int, int, int], int] = field(default_factory=dict)  # RGB -> value (255 = ignore)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def read_masks(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
+    images_root, masks_dir = Path(images_root), Path(annotations)
+    if not masks_dir.is_dir():
+        raise DataError(masks_dir, "masks folder not found", hint="check ingest.sources[].annotations")
+    table = read_class_table(find_class_table(masks_dir))
+    categories = [Category(id=v, name=n, source_ids={source: v}) for v, n in table.names.items()]
+    report = ConversionReport({**COMMON_POLICIES, **MASK_POLICIES})
+    masks = _list_masks(masks_dir, table.path, report)
+    root = images_root.as_posix() if root is None else root
+    samples = []
+    for key, rel in _list_images(images_root, masks_dir).items():
+        sample = _to_sample(images_root, rel, masks.pop(key, None), masks_dir, table, source, root, report)
+        if sample is not None:
+            samples.append(sample)
+    for rel in masks.values():
+        report.add("mask_orphan", f"{masks_dir / rel}: no image {_key(rel)}.* in {images_root}")
+    return FormatResult(categories, samples, report)
+
+
+def find_class_table(masks_dir: Path) -> Path:
+    """The class table inside the masks folder, else next to it; two candidates are an error."""
+    for folder in (masks_dir, masks_dir.parent):
+        found = [folder / n for n in CLASS_FILES if (folder / n).is_file()]
+        if len(found) > 1:
+            raise DataError(folder, f"several class tables ({', '.join(p.name for p in found)})", hint="keep one")
+        if found:
+            return found[0]
+    raise DataError(masks_dir, "no class table found",
+                    hint=f"put one of {', '.join(CLASS_FILES)} next to the masks folder or inside it")
+
+
+def read_class_table(path: Path) -> ClassTable:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text ({exc})") from None
+    if path.suffix == ".txt":
+        lines = text.rstrip().splitlines() if text.strip() else []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                raise DataError(path, "empty class name", record=f"line {i + 1}",
+                                hint="the line index is the pixel value, so every line needs a name")
+        doc: Any = [line.strip() for line in lines]
+    else:
+        doc = _load_structured(path, text)
+    if isinstance(doc, list):
+        items = list(enumerate(doc))
+    elif isinstance(doc, dict):
+        items = [(_int_key(k, path), v) for k, v in doc.items()]
+    else:
+        raise DataError(path, "class table must be a list of names or a mapping {value: name}")
+    if not items:
+        raise DataError(path, "class table is empty")
+    table = ClassTable(path, {})
+    for value, entry in sorted(items, key=lambda kv: kv[0]):
+        _add_class(table, value, entry)
+    return table
+
+
+def _load_structured(path: Path, text: str) -> Any:
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON: {exc.msg}", record=f"line {exc.lineno}, column {exc.colno}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise DataError(path, f"invalid YAML: {exc}", record=f"line {mark.line + 1}" if mark else None) from None
+
+
+def _int_key(key: Any, path: Path) -> int:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    raise DataError(path, f"class value {key!r} is not an integer", record=f"class {key!r}")
+
+
+def _add_class(table: ClassTable, value: int, entry: Any) -> None:
+    record = f"class {value}"
+    name, color = (entry, None) if isinstance(entry, str) else \
+        (entry.get("name"), entry.get("color")) if isinstance(entry, dict) else (None, None)
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(table.path, f"entry {entry!r} needs a non-empty name", record=record)
+    name = name.strip()
+    if not 0 <= value <= IGNORE:
+        raise DataError(table.path, f"value {value} is not a pixel value 0..254 (255 = ignore)", record=record)
+    if value in table.names:
+        raise DataError(table.path, f"value {value} given twice", record=record)
+    if value != IGNORE and name in table.names.values():
+        raise DataError(table.path, f"duplicate class name {name!r}", record=record)
+    if color is not None:
+        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255
+                                                                    for c in color)):
+            raise DataError(table.path, f"color {color!r} is not [r, g, b] with 0..255", record=record)
+        if tuple(color) in table.colors:
+            raise DataError(table.path, f"color {color} also used by class {table.colors[tuple(color)]}", record=record)
+        table.colors[tuple(color)] = value
+    if value != IGNORE:  # 255 only names the ignore colour
+        table.names[value] = name
+
+
+def _list_masks(masks_dir: Path, table_path: Path, report: ConversionReport) -> dict[str, str]:
+    """Key (relative path without extension) -> mask path relative to the masks folder."""
+    masks: dict[str, str] = {}
+    for path in sorted(p for p in masks_dir.rglob("*") if p.is_file() and p != table_path):
+        rel = _checked_rel(masks_dir, path)
+        if path.suffix.lower() != ".png":
+            report.add("mask_not_png", f"{path}: not a .png file")
+            continue
+        masks[_key(rel)] = rel
+    return masks
+
+
+def _list_images(images_root: Path, masks_dir: Path) -> dict[str, str]:
+    """Key -> image path relative to the images root, skipping the masks folder if it is inside."""
+    masks_abs = masks_dir.resolve()
+    images: dict[str, str] = {}
+    for path in sorted(images_root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file() or \
+                path.parent.resolve().is_relative_to(masks_abs):
+            continue
+        rel = _checked_rel(images_root, path)
+        key = _key(rel)
+        if key in images:
+            raise DataError(images_root, f"images {images[key]!r} and {rel!r} would share the mask {key}.png",
+                            hint="rename one of them")
+        images[key] = rel
+    return images
+
+
+def _checked_rel(root: Path, path: Path) -> str:
+    try:
+        rel = safe_relpath(path.relative_to(root).as_posix())
+        check_inside(root, rel)
+    except ValueError as exc:
+        raise DataError(path, f"unsafe path: {exc}", hint="paths must stay inside the dataset root") from None
+    return rel
+
+
+def _key(rel: str) -> str:
+    return PurePosixPath(rel).with_suffix("").as_posix()
+
+
+def _to_sample(images_root: Path, rel: str, mask_rel: Optional[str], masks_dir: Path, table: ClassTable,
+               source: str, root: str, report: ConversionReport) -> Optional[Sample]:
+    image = images_root / rel
+    probed = probe(image, (None, None), report, str(image))
+    if probed is None:
+        return None
+    width, height, sha = probed
+    sid = f"{source}/{rel}"
+    sample = Sample(id=sid, root=root, path=rel, width=width, height=height, sha256=sha, group=sid)
+    if mask_rel is None:
+        report.add("mask_missing", f"{image}: no mask {masks_dir / _key(rel)}.png")
+        return sample
+    mask_path = masks_dir / mask_rel
+    values = read_mask(mask_path, table)
+    if values.shape != (height, width):
+        report.add("mask_size_mismatch", f"{mask_path} is {values.shape[1]}x{values.shape[0]}, "
+                                         f"image {image} is {width}x{height}")
+        return None
+    sample.instances, ignore = _instances(values, report, str(mask_path))
+    if ignore is not None:
+        sample.attributes["ignore_rle"] = ignore
+    return sample
+
+
+def read_mask(path: Path, table: ClassTable) -> np.ndarray:
+    """(H, W) array of class values (255 = ignore), every value checked against the table."""
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                raise DataError(path, f"mask is a {img.format} file, not a PNG", hint="export masks as PNG")
+            img.load()
+            if img.mode in ("1", "L", "P") or img.mode.startswith("I;16") or img.mode == "I":
+                values = np.asarray(img)
+                values = values.astype(np.uint8) if img.mode == "1" else values  # bool -> 0/1
+            elif img.mode in ("RGB", "RGBA"):
+                values = _colours_to_values(np.asarray(img)[..., :3], table, path)
+            else:
+                raise DataError(path, f"unsupported mask mode {img.mode!r}",
+                                hint="use palette, greyscale or RGB PNGs")
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's ways of saying "corrupt"
+        raise DataError(path, f"not a readable PNG mask ({exc.__class__.__name__}: {exc})") from None
+    found, counts = np.unique(values, return_counts=True)
+    bad = [(int(v), int(n)) for v, n in zip(found, counts) if v != IGNORE and int(v) not in table.names]
+    if bad:
+        listed = ", ".join(f"{v} ({n} px)" for v, n in bad)
+        raise DataError(path, f"pixel values outside the class table {table.path}: {listed}",
+                        hint="add them to the class table or set them to 255 (ignore)")
+    return values
+
+
+def _colours_to_values(rgb: np.ndarray, table: ClassTable, path: Path) -> np.ndarray:
+    if not table.colors:
+        raise DataError(path, f"RGB mask, but the class table {table.path} gives no colours",
+                        hint='give each class a "color": [r, g, b], or use palette/greyscale masks')
+    packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
+    colours, inverse, counts = np.unique(packed.ravel(), return_inverse=True, return_counts=True)
+    lut, unknown = [], []
+    for c, n in zip(colours.tolist(), counts.tolist()):
+        colour = (c >> 16, (c >> 8) & 255, c & 255)
+        lut.append(table.colors.get(colour, 0))
+        if colour not in table.colors:
+            unknown.append(f"{list(colour)} ({n} px)")
+    if unknown:
+        raise DataError(path, f"colours not in the class table {table.path}: {', '.join(unknown)}",
+                        hint="add them with their class value")
+    return np.asarray(lut, dtype=np.uint8)[inverse.ravel()].reshape(rgb.shape[:2])
+
+
+def _instances(values: np.ndarray, report: ConversionReport, where: str) -> tuple[list[Instance], Optional[dict]]:
+    instances, ignore = [], None
+    height, width = values.shape
+    for value in np.unique(values).tolist():
+        pixels = values == value
+        rle = encode_rle(pixels)
+        if value == IGNORE:
+            ignore = rle
+            continue
+        cols, rows = np.flatnonzero(pixels.any(axis=0)), np.flatnonzero(pixels.any(axis=1))
+        # Continuous coordinates: a pixel (col c) covers [c, c + 1).
+        box = clip_box([float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)],
+                       width, height, report, f"{where} class {value}")
+        instances.append(Instance(bbox=box, category_id=int(value), rle=rle, iscrowd=False,
+                                  area=float(pixels.sum()), attributes=dict(SEMANTIC)))
+    return instances, ignore
+
+
+def encode_rle(pixels: np.ndarray) -> dict[str, Any]:
+    """COCO RLE of a boolean (H, W) mask; counts as str so the manifest stays JSON."""
+    rle = mask_util.encode(np.asfortranarray(pixels.astype(np.uint8)))
+    return {"size": [int(pixels.shape[0]), int(pixels.shape[1])], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict[str, Any], height: int, width: int, where: str) -> np.ndarray:
+    if list(rle.get("size", [])) != [height, width]:
+        raise ValueError(f"{where}: RLE size {rle.get('size')} is not the image's [h, w] [{height}, {width}]")
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed RLE
+        coded = mask_util.frPyObjects(rle, height, width)
+    else:
+        coded = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_util.decode(coded).astype(bool)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def write_masks(samples: Iterable[Sample], categories: list[Category], out_dir: Path,
+                project_root: Path = Path("."), copy_images: bool = True,
+                report: Optional[ConversionReport] = None) -> Path:
+    """Write `out_dir/masks/<path>.png`, the class table and (with `copy_images`) `out_dir/images/`.
+
+    Returns the masks folder (the reader's `annotations`; its images root is `out_dir/images`).
+    A sample with nothing to paint (no instances, no ignore region) gets no mask, so it reads back
+    as it came (`mask_missing`) instead of as an all-background image.
+    """
+    out_dir, project_root = Path(out_dir), Path(project_root)
+    ids = _check_categories(categories)
+    background = next((c.id for c in categories if c.name.lower() == "background"), IGNORE)
+    losses = ConversionReport(WRITE_POLICIES)
+    used: dict[str, str] = {}
+    for s in samples:
+        mask_rel = _key(s.path) + ".png"
+        if mask_rel in used:
+            raise ValueError(f"samples {used[mask_rel]} and {s.id} would share the mask {mask_rel!r}")
+        used[mask_rel] = s.id
+        _count_sample_losses(s, losses)
+        canvas = _paint(s, ids, background, losses)
+        if canvas is not None:
+            write_with(out_dir / MASKS_DIR / mask_rel, lambda tmp, c=canvas: _palette_png(c).save(tmp, format="PNG"))
+        if copy_images:
+            _copy_image(s, out_dir / IMAGES_DIR, project_root)
+    _write_class_table(categories, out_dir)
+    if report is not None:
+        report.merge(losses)
+    return out_dir / MASKS_DIR
+
+
+def _check_categories(categories: list[Category]) -> set[int]:
+    ids = set()
+    for c in categories:
+        if not 0 <= c.id < IGNORE or c.id in ids:
+            raise ValueError(f"category {c.id} ({c.name!r}) cannot be a mask pixel value: masks hold distinct "
+                             f"values 0..254 (255 = ignore); renumber the categories")
+        ids.add(c.id)
+    return ids
+
+
+def _count_sample_losses(s: Sample, losses: ConversionReport) -> None:
+    if s.labels:
+        losses.add("image_labels_dropped", f"{s.id}: labels {s.labels}")
+    if s.group and s.group != s.id:
+        losses.add("group_dropped", f"{s.id}: group {s.group!r}")
+    extra = sorted(k for k in s.attributes if k != "ignore_rle")
+    if extra:
+        losses.add("attributes_dropped", f"{s.id}: sample attributes {extra}")
+    per_class: dict[int, int] = {}
+    for i, inst in enumerate(s.instances):
+        where = f"{s.id} instance #{i}"
+        per_class[inst.category_id] = per_class.get(inst.category_id, 0) + 1
+        if inst.iscrowd:
+            losses.add("crowd_flag_dropped", where)
+        if inst.attributes and inst.attributes != SEMANTIC:
+            losses.add("attributes_dropped", f"{where}: attributes {sorted(inst.attributes)}")
+    for cid, n in per_class.items():
+        if n > 1:
+            losses.add("instance_identity_lost", f"{s.id}: {n} instances of category {cid}")
+
+
+def _paint(s: Sample, ids: set[int], background: int, losses: ConversionReport) -> Optional[np.ndarray]:
+    """(H, W) uint8 class values; instances in manifest order (later on top), the ignore region last."""
+    ignore_rle = s.attributes.get("ignore_rle")
+    if not s.instances and ignore_rle is None:
+        return None
+    h, w = s.height, s.width
+    canvas = np.full((h, w), background, dtype=np.uint8)
+    owner = np.full((h, w), -1, dtype=np.int32)  # index of the instance that painted each pixel
+    cats = [inst.category_id for inst in s.instances]
+    flattened: set[int] = set()
+    for i, inst in enumerate(s.instances):
+        where = f"{s.id} instance #{i}"
+        if inst.category_id not in ids:
+            raise ValueError(f"{where}: category id {inst.category_id} is not in the category table")
+        if inst.rle is not None:
+            pixels = decode_rle(inst.rle, h, w, where)
+        elif inst.polygons:
+            # pycocotools, not ImageDraw: the same rasterisation COCO tools and evaluation use.
+            pixels = mask_util.decode(mask_util.merge(mask_util.frPyObjects(inst.polygons, h, w))).astype(bool)
+            losses.add("polygon_rasterised", where)
+        else:
+            losses.add("box_only_dropped", f"{where}: box {inst.bbox}")
+            continue
+        flattened.update(j for j in np.unique(owner[pixels]).tolist() if j >= 0 and cats[j] != inst.category_id)
+        canvas[pixels], owner[pixels] = inst.category_id, i
+    if ignore_rle is not None:
+        pixels = decode_rle(ignore_rle, h, w, f"{s.id} ignore_rle")
+        flattened.update(j for j in np.unique(owner[pixels]).tolist() if j >= 0)
+        canvas[pixels], owner[pixels] = IGNORE, len(cats)
+    for j in sorted(flattened):
+        losses.add("instance_overlap_flattened", f"{s.id} instance #{j} (category {cats[j]})")
+    if background == IGNORE and (owner < 0).any():
+        losses.add("unlabelled_as_ignore", f"{s.id}: {int((owner < 0).sum())} px")
+    return canvas
+
+
+def _palette_png(values: np.ndarray) -> Image.Image:
+    img = Image.frombytes("P", (values.shape[1], values.shape[0]), values.tobytes())
+    img.putpalette(PALETTE)
+    return img
+
+
+def _voc_palette() -> list[int]:
+    """Pascal VOC's colour map (bits of the index spread over R, G, B); 255 = VOC's void colour."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette += [r, g, b]
+    palette[3 * IGNORE:] = [224, 224, 192]
+    return palette
+
+
+PALETTE = _voc_palette()
+
+
+def _write_class_table(categories: list[Category], out_dir: Path) -> None:
+    ordered = sorted(categories, key=lambda c: c.id)
+    if [c.id for c in ordered] == list(range(len(ordered))):
+        write_text(out_dir / "classes.txt", "".join(f"{c.name}\n" for c in ordered))
+    else:  # gaps: a txt file cannot skip a value
+        write_json(out_dir / "classes.json", {str(c.id): c.name for c in ordered})
+
+
+def _copy_image(s: Sample, images_dir: Path, project_root: Path) -> None:
+    src, dst = s.image_path(project_root), images_dir / s.path
+    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
+        return  # already there: never rewrite it
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
