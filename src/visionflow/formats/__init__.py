@@ -196,6 +196,7 @@ def _fmt(box: list[float]) -> str:
 # name to `SourceParams.format`). Imported at the bottom: the format modules import the
 # contract types above.
 from visionflow.formats.coco import read_coco, write_coco  # noqa: E402
+from visionflow.formats.cvat import read_cvat, write_cvat  # noqa: E402
 from visionflow.formats.imagefolder import read_imagefolder, write_imagefolder  # noqa: E402
 from visionflow.formats.labelstudio import read_labelstudio, write_labelstudio  # noqa: E402
 from visionflow.formats.masks import read_masks, write_masks  # noqa: E402
@@ -204,11 +205,11 @@ from visionflow.formats.yolo import read_yolo, write_yolo  # noqa: E402
 
 READERS: dict[str, Reader] = {
     "coco": read_coco, "yolo": read_yolo, "voc": read_voc, "imagefolder": read_imagefolder, "masks": read_masks,
-    "labelstudio": read_labelstudio,
+    "cvat": read_cvat, "labelstudio": read_labelstudio,
 }
 WRITERS: dict[str, Writer] = {
     "coco": write_coco, "yolo": write_yolo, "voc": write_voc, "imagefolder": write_imagefolder, "masks": write_masks,
-    "labelstudio": write_labelstudio,
+    "cvat": write_cvat, "labelstudio": write_labelstudio,
 }
 
 
