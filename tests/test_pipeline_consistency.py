@@ -73,3 +73,19 @@ def test_dvc_yaml_check_command():
     out = subprocess.run([sys.executable, "-m", "visionflow.cli", "dvc-yaml", "--check", "--params", str(REPO / "params.yaml")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_every_declared_format_has_a_reader_and_a_writer():
+    from visionflow.format_names import FORMATS
+    from visionflow.formats import READERS, WRITERS
+
+    assert set(READERS) == set(WRITERS) == set(FORMATS)
+
+
+def test_split_from_file_becomes_a_dvc_dependency(tmp_path):
+    from visionflow.dvcgen import build_dvc_yaml
+
+    params = load_params(REPO / "params.yaml")
+    params = params.model_copy(update={"split": params.split.model_copy(update={"from_file": "splits/mine.csv"})})
+    deps = build_dvc_yaml(params, Paths(tmp_path))["stages"]["split"]["deps"]
+    assert "splits/mine.csv" in deps

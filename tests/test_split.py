@@ -1,12 +1,16 @@
 """The split stage on hand-made manifests (no images needed: split reads only the manifest)."""
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
+from PIL import Image, ImageEnhance
 
 from visionflow.config import SplitParams
+from visionflow.dedup import DuplicatePair
 from visionflow.errors import DataError
 from visionflow.io import read_json
 from visionflow.manifest import (SPLITS, Category, Instance, Sample, image_label, read_split, write_categories,
@@ -23,7 +27,7 @@ def sample(i: int, cls: int | None, group: str = "", by_box: bool = False) -> Sa
     if by_box and cls is not None:  # class from the largest instance, not an image label
         instances = [Instance(bbox=[0, 0, 5, 5], category_id=(cls + 1) % 3),
                      Instance(bbox=[0, 0, 30, 30], category_id=cls)]
-    return Sample(id=sid, root="data", path=f"{i:04d}.png", width=64, height=64, sha256="0" * 64,
+    return Sample(id=sid, root="data", path=f"{i:04d}.png", width=64, height=64, sha256=f"{i:064x}",
                   labels=labels, instances=instances, group=group or sid)
 
 
@@ -156,3 +160,194 @@ def test_stratify_off_still_keeps_groups(tmp_path):
     check_leakage(splits, samples)
     assert sum(map(len, splits.values())) == len(samples)
 
+
+
+# --- grouping, duplicates, instance stratification, fixed splits ---
+
+def det_sample(i: int, classes: list[int], path: str = "", **kw) -> Sample:
+    """An image with one box per class in `classes` and no image-level label (detection)."""
+    path = path or f"{i:04d}.png"
+    return Sample(id=f"src/{path}", root="data", path=path, width=64, height=64, sha256=f"{i:064x}",
+                  instances=[Instance(bbox=[0, 0, 10 + k, 10 + k], category_id=c) for k, c in enumerate(classes)],
+                  **kw)
+
+
+def multilabel_dataset() -> list[Sample]:
+    """300 detection images with 1-3 boxes of classes 0-2, 8 holding the rare class 3."""
+    rng = random.Random(11)
+    out = [det_sample(i, [rng.choice([0, 0, 0, 1, 1, 2]) for _ in range(rng.randint(1, 3))]) for i in range(300)]
+    for i in range(0, 300, 38):  # class 3 rides along in multi-label images
+        out[i].instances.append(Instance(bbox=[5, 5, 9, 9], category_id=3))
+    return out
+
+
+def where_is(splits: dict[str, list[str]]) -> dict[str, str]:
+    return {i: name for name in SPLITS for i in splits[name]}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_instance_stratification_keeps_class_proportions(tmp_path, seed):
+    samples = multilabel_dataset()
+    paths = write_project(tmp_path, samples)
+    split(SplitParams(seed=seed), paths)  # auto: no image labels, so by instances
+    report = read_json(paths.split_report)
+    assert report["stratify_by"] == "instances"
+    inst = {name: report["splits"][name]["instances"] for name in SPLITS}
+    for cls in NAMES:
+        total = sum(inst[name].get(cls, 0) for name in SPLITS)
+        for name, ratio in zip(SPLITS, (0.7, 0.15, 0.15)):
+            assert inst[name].get(cls, 0) >= 1, (cls, name)  # every class in every split
+            if total > 50:
+                assert abs(inst[name][cls] / total - ratio) < 0.04, (cls, name, inst[name][cls], total)
+    images = {name: report["splits"][name]["images"] for name in SPLITS}
+    assert abs(images["train"] - 210) <= 10
+
+
+def test_instance_stratification_is_deterministic_and_order_free():
+    samples = multilabel_dataset()
+    shuffled = samples[:]
+    random.Random(3).shuffle(shuffled)
+    ratios = {"train": 0.7, "val": 0.15, "test": 0.15}
+    a = assign_splits(samples, ratios, 5, "instances")
+    assert a == assign_splits(shuffled, ratios, 5, "instances") != assign_splits(samples, ratios, 6, "instances")
+
+
+def test_regex_groups_never_straddle_and_unmatched_are_counted(tmp_path):
+    samples = [det_sample(i, [i % 3], path=f"patient{i % 17:02d}/scan{i:03d}.png") for i in range(120)]
+    samples += [det_sample(200 + i, [i % 3], path=f"loose/{i}.png") for i in range(4)]
+    paths = write_project(tmp_path, samples)
+    split(SplitParams(seed=1, group_by={"regex": r"^(patient\d+)/"}), paths)
+    at = where_is(read_split(paths.split_file))
+    for p in range(17):
+        assert len({at[s.id] for s in samples if s.path.startswith(f"patient{p:02d}/")}) == 1
+    report = read_json(paths.split_report)
+    assert report["grouping"]["unmatched"] == 4 and report["grouping"]["units"] == 17 + 4
+    assert sum(report["splits"][k]["groups"] for k in SPLITS) == 21
+
+
+def test_attribute_groups_never_straddle(tmp_path):
+    samples = [sample(i, i % 3, group=f"own-{i}") for i in range(90)]
+    for s in samples:
+        s.attributes["patient"] = int(s.path[:4]) % 11
+    splits = run(tmp_path, samples, seed=2, group_by={"attribute": "patient"})
+    at = where_is(splits)
+    for p in range(11):
+        assert len({at[s.id] for s in samples if s.attributes["patient"] == p}) == 1
+    assert all(splits[k] for k in SPLITS)
+
+
+def write_images(root, samples: list[Sample]) -> None:
+    """Distinct random smooth images for each sample (so none are near duplicates)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for k, s in enumerate(samples):
+        rng = np.random.default_rng(100 + k)
+        Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).resize(
+            (64, 64), Image.Resampling.BICUBIC).save(root / s.path)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_and_near_duplicates_land_in_one_split(tmp_path, seed):
+    samples = [sample(i, i % 3) for i in range(60)]
+    write_images(tmp_path / "data", samples)
+    # 0000.png is copied three ways: same bytes (exact), re-encoded as JPEG, brightened (near)
+    orig = Image.open(tmp_path / "data" / "0000.png").convert("RGB")
+    orig.save(tmp_path / "data" / "reencoded.jpg", quality=75)
+    ImageEnhance.Brightness(orig).enhance(1.08).save(tmp_path / "data" / "bright.png")
+    copies = [Sample(id="src/exact.png", root="data", path="0000.png", width=64, height=64,
+                     sha256=samples[0].sha256, labels=[1], group="x1"),
+              Sample(id="src/reencoded.jpg", root="data", path="reencoded.jpg", width=64, height=64,
+                     sha256="e" * 64, labels=[2], group="x2"),
+              Sample(id="src/bright.png", root="data", path="bright.png", width=64, height=64,
+                     sha256="b" * 64, labels=[0], group="x3")]
+    paths = write_project(tmp_path, samples + copies)
+    split(SplitParams(seed=seed), paths)
+    at = where_is(read_split(paths.split_file))
+    assert len({at[i] for i in ["src/0000.png", *(c.id for c in copies)]}) == 1
+    dups = read_json(paths.split_report)["duplicates"]
+    assert dups["exact_pairs"] == 1 and dups["near_pairs"] >= 2 and dups["images_in_clusters"] == 4
+    named = {e["a"] for e in dups["examples"]} | {e["b"] for e in dups["examples"]}
+    assert named == {"src/0000.png", "src/exact.png", "src/reencoded.jpg", "src/bright.png"}  # no other image
+
+
+def test_keep_existing_honours_the_source_split(tmp_path):
+    samples = [sample(i, i % 3) for i in range(100)]
+    for s in samples[:40]:
+        s.attributes["split"] = ["train", "valid", "test", "train"][int(s.path[:4]) % 4]
+    splits = run(tmp_path, samples, seed=0, keep_existing=True)
+    at = where_is(splits)
+    for s in samples[:40]:
+        assert at[s.id] == {"valid": "val"}.get(s.attributes["split"], s.attributes["split"])
+    rest = Counter(at[s.id] for s in samples[40:])
+    assert abs(rest["train"] - 42) <= 3 and rest["val"] >= 6 and rest["test"] >= 6
+    assert read_json(Paths(tmp_path).split_report)["fixed"]["keep_existing"] == 40
+    # off (the default), the attribute is ignored and the ratios apply to all
+    default = assign_splits(samples, {"train": 0.7, "val": 0.15, "test": 0.15}, 0)
+    assert run(tmp_path / "off", samples, seed=0) == default
+
+
+@pytest.mark.parametrize("kind", ["json", "csv", "split.json"])
+def test_from_file_honoured(tmp_path, kind):
+    samples = [sample(i, i % 3) for i in range(50)]
+    wanted = {s.id: SPLITS[k % 3] for k, s in enumerate(samples[:15])}
+    file = tmp_path / ("fixed.csv" if kind == "csv" else "fixed.json")
+    if kind == "csv":
+        file.write_text("id,split\n" + "".join(f"{i},{v}\n" for i, v in wanted.items()) + "src/gone.png,test\n")
+    elif kind == "json":
+        file.write_text(json.dumps({**wanted, "src/gone.png": "test"}))
+    else:
+        listed = {k: [i for i, v in wanted.items() if v == k] for k in SPLITS}
+        listed["test"].append("src/gone.png")
+        file.write_text(json.dumps({"splits": listed}))  # a split.json of an earlier run
+    at = where_is(run(tmp_path, samples, seed=0, from_file=file.name))  # relative to the project root
+    assert all(at[i] == v for i, v in wanted.items())
+    assert read_json(Paths(tmp_path).split_report)["fixed"] == {"keep_existing": 0, "from_file": 15,
+                                                                "from_file_unknown": 1}
+
+
+def test_from_file_bad_rows_name_file_and_line(tmp_path):
+    samples = [sample(i, 0) for i in range(5)]
+    (tmp_path / "bad.csv").write_text("id,split\nsrc/0000.png,train\nsrc/0001.png,holdout\n")
+    with pytest.raises(DataError, match=r"bad.csv \[line 3\].*'holdout' is not a split"):
+        run(tmp_path, samples, from_file="bad.csv")
+    (tmp_path / "short.csv").write_text("src/0000.png\n")
+    with pytest.raises(DataError, match=r"short.csv \[line 1\].*2 columns"):
+        run(tmp_path, samples, from_file="short.csv")
+    with pytest.raises(DataError, match=r"nope.json.*not found"):
+        run(tmp_path, samples, from_file="nope.json")
+
+
+def test_keep_existing_that_splits_a_group_fails_naming_it(tmp_path):
+    samples = [sample(i, i % 2, group="clip-1" if i < 2 else "") for i in range(20)]
+    samples[0].attributes["split"], samples[1].attributes["split"] = "train", "test"
+    with pytest.raises(DataError, match=r"clip-1.*src/0000.png in train, src/0001.png in test") as err:
+        run(tmp_path, samples, keep_existing=True)
+    assert "keep_existing: false" in str(err.value)
+
+
+def test_keep_existing_that_splits_duplicates_fails_naming_the_pair(tmp_path):
+    samples = [sample(i, i % 2) for i in range(20)]
+    samples[5].sha256 = samples[4].sha256  # the source put one picture in both train and val
+    samples[4].attributes["split"], samples[5].attributes["split"] = "train", "val"
+    with pytest.raises(DataError, match=r"exact duplicate pair.*src/0004.png in train, src/0005.png in val") as err:
+        run(tmp_path, samples, keep_existing=True, near_duplicate_threshold=0)
+    assert "keep_existing: false" in str(err.value)
+
+
+def test_leakage_check_names_a_straddling_near_duplicate_pair():
+    samples = [sample(0, 0), sample(1, 1)]
+    pair = DuplicatePair(samples[0].id, samples[1].id, "near", 2)
+    splits = {"train": [samples[0].id], "val": [samples[1].id], "test": []}
+    with pytest.raises(DataError, match=r"near duplicate pair \(distance 2\).*0000.png in train.*0001.png in val"):
+        check_leakage(splits, samples, "split.json", pairs=[pair])
+
+
+def test_all_options_on_is_deterministic(tmp_path):
+    samples = multilabel_dataset()
+    for s in samples:
+        s.attributes["patient"] = int(s.path[:4]) % 40
+    samples[7].sha256 = samples[8].sha256
+    kw = dict(seed=9, group_by={"attribute": "patient"}, near_duplicate_threshold=0)
+    a, b = run(tmp_path / "a", samples, **kw), run(tmp_path / "b", samples[::-1], **kw)
+    assert a == b
+    at = where_is(a)
+    assert at[samples[7].id] == at[samples[8].id]

@@ -57,7 +57,28 @@ class SplitParams(Section):
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
-    stratify: bool = True
+    stratify: bool = True  # false is stratify_by: none
+    # auto: by image label when any sample has one, else by per-class instance counts
+    stratify_by: Literal["auto", "label", "instances", "none"] = "auto"
+    # None: Sample.group; {regex: "..."} on Sample.path (first capture group, else the match);
+    # {attribute: "patient"} from Sample.attributes. A dict, not a section: null must be valid.
+    group_by: Optional[dict[Literal["regex", "attribute"], str]] = None
+    near_duplicate_threshold: Optional[int] = Field(4, ge=0, le=32)  # pHash bits; 0/None: off
+    keep_existing: bool = False  # honour Sample.attributes["split"] set by format readers
+    from_file: Optional[str] = None  # JSON {id: split} or CSV id,split; project-relative
+
+    @field_validator("group_by")
+    @classmethod
+    def _one_group_key(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        if v is not None and len(v) != 1:
+            raise ValueError(f"split.group_by takes exactly one of regex, attribute; got {sorted(v)}")
+        if v and "regex" in v:
+            import re
+            try:
+                re.compile(v["regex"])
+            except re.error as exc:
+                raise ValueError(f"split.group_by.regex {v['regex']!r} does not compile: {exc}") from None
+        return v
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> "SplitParams":

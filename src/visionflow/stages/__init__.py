@@ -53,7 +53,12 @@ def _src(*mods: str) -> tuple[str, ...]:
     return tuple(f"src/visionflow/{m}" for m in mods)
 
 
-def _sources(paths: Paths, params: Params) -> list[Path]:
+def _project_paths(paths: Paths, names: list) -> list[Path]:
+    """Paths given in params (project-relative unless absolute); None entries skipped."""
+    return [p if p.is_absolute() else paths.root / p for p in (Path(n) for n in names if n)]
+
+
+def _sources(paths: Paths, params: "Params") -> list[Path]:
     deps: list[Path] = []
     for s in params.ingest.sources:
         for p in (Path(s.images), Path(s.annotations)):
@@ -78,8 +83,8 @@ STAGES: tuple[Stage, ...] = (
         doc="read every source into the canonical manifest and validate it",
     ),
     Stage(
-        "split", "visionflow.stages.split:split", _src("stages/split.py"),
-        deps=lambda p, _: [p.manifest, p.categories],
+        "split", "visionflow.stages.split:split", _src("stages/split.py", "dedup.py"),
+        deps=lambda p, params: [p.manifest, p.categories, *_project_paths(p, [params.split.from_file])],
         outs=lambda p, _: [p.split_file],
         metrics=lambda p, _: [p.split_report],
         doc="deterministic, stratified train/val/test assignment",
