@@ -61,7 +61,9 @@ def test_model_registered_with_alias_and_run_contents(flow_run):
     assert run.data.tags["manifest_md5"]
     assert "git_commit" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"figures", "augmentation"} <= {a.split("/")[0] for a in artifacts}
+    assert {"figures", "augmentation", "data", "metrics"} <= {a.split("/")[0] for a in artifacts}
+    data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert data == {"data/validation.json", "data/split.json"}
     assert json.loads(Paths(root).registration.read_text())["version"] == reg["version"]
 
 

@@ -214,6 +214,9 @@ def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dic
         mlflow.log_artifacts(str(paths.figures_dir), "figures")
     for f in (paths.eval_metrics, paths.train_metrics, paths.train_history):
         mlflow.log_artifact(str(f), "metrics")
+    for f in (paths.validation_report, paths.split_report):  # what ingest found, how the data was split
+        if f.exists():
+            mlflow.log_artifact(str(f), "data")
     mlflow.log_artifact(str(paths.model_dir / "meta.json"))
     mlflow.log_artifact(str(paths.model_dir / "augment.json"), "augmentation")
 

@@ -7,10 +7,22 @@ Reading maps:
     ann `bbox` [x, y, w, h]    -> Instance.bbox [x1, y1, x2, y2] = [x, y, x + w, y + h], absolute pixels
     ann `segmentation`         -> polygons [[x, y, ...], ...] or RLE {"size": [h, w], "counts": str | [int]}
                                   (compressed and uncompressed RLE are kept as they are, not decoded)
-    ann `iscrowd` / `is_crowd` -> Instance.iscrowd;  `area` -> Instance.area (None when absent)
+    ann `iscrowd` / `is_crowd` -> Instance.iscrowd (0/1/true/false; an RLE with iscrowd 0 is a mask
+                                  instance, kept as such);  `area` -> Instance.area (None when absent)
     any other image/annotation key -> `attributes` (written back unchanged)
 COCO image and annotation ids are not kept: the writer numbers images and annotations 1..N.
 Category ids stay the source's (possibly non-contiguous) ids; ingest remaps them.
+File names are kept exactly as written (no Unicode normalisation: on Linux the name's bytes are
+the file's name), so "images/café_日本.jpg" in NFC stays NFC in the path and the id.
+
+EXIF orientation, one policy for pixels and annotations: images are used as DISPLAYED (probe
+reports the transposed size, load_rgb transposes the pixels) and annotations are taken as drawn
+on the displayed image, as CVAT and Label Studio do. A declared width/height equal to the RAW
+(stored) size of an image whose EXIF orientation swaps the axes (5-8) is the telltale of a tool
+that ignored EXIF: that image's boxes and polygons are mapped from the raw to the displayed
+frame (`images.raw_to_displayed`, orientations 2-8). Orientations 2-4 and square images have
+the same size in both frames, so nothing tells them apart: their annotations are taken as
+displayed.
 
 Validation policy (errors stop the read; counted problems are fixed or dropped and reported):
 
@@ -26,14 +38,26 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | category id (annotation or image label) not in the  | DataError naming the annotation / image id    |
 |   category table                                    |                                               |
 | image_missing: file not on disk                     | image skipped with its annotations, counted   |
-| image_unreadable: corrupt / truncated file          | image skipped, counted; the file is untouched |
+| image_unreadable: corrupt / truncated file, or over | image skipped, counted; the file is untouched |
+|   Pillow's MAX_IMAGE_PIXELS (decompression bomb)    |                                               |
 | image_size_mismatch: width/height != the file's     | the file's size (after EXIF) is used, counted |
+| exif_orientation_mismatch: width/height are the     | boxes and polygons mapped from the raw to the |
+|   RAW size of an image with EXIF orientation 5-8    |   displayed frame, counted                    |
+| exif_mask_dropped: RLE in such an image             | mask dropped (not re-encoded), mapped box     |
+|                                                     |   kept, counted                               |
+| annotation_id_zero: annotation id 0                 | accepted, counted (ids are not kept; the      |
+|                                                     |   writer numbers from 1: pycocotools' COCOeval|
+|                                                     |   reads id 0 as "no match")                   |
+| `iscrowd` / `is_crowd` not 0, 1, true or false      | DataError naming the annotation id            |
+| box_absurd: a box or polygon coordinate NaN, inf,   | instance dropped, counted                     |
+|   or > 100 image sizes outside the image            |                                               |
 | box_degenerate: zero or negative width/height       | instance dropped, counted                     |
 | box_clipped: box partly outside the image           | box clipped to the image, counted             |
 | box_outside: box wholly outside the image           | instance dropped, counted                     |
 | polygon_invalid: ring < 3 points or odd length      | ring dropped (instance kept), counted         |
 
-The counted kinds and their policies are `visionflow.formats.COMMON_POLICIES`.
+The counted kinds and their policies are `COCO_POLICIES`: `visionflow.formats.COMMON_POLICIES`,
+`images.FRAME_POLICIES` and the COCO-specific kinds below.
 """
 from __future__ import annotations
 
@@ -45,12 +69,20 @@ from typing import Any, Iterable, Optional
 from visionflow.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, probe, safe_relpath)
-from visionflow.formats.images import sha256_file
+from visionflow.formats.images import (FRAME_POLICIES, coords_absurd, exif_orientation, raw_to_displayed,
+                                       sha256_file)
 from visionflow.io import write_json
 from visionflow.manifest import Category, Instance, Sample
 
 ANNOTATION_FILE = "annotations.json"
 _IMAGE_KEYS = {"id", "file_name", "width", "height", "labels", "group"}
+COCO_POLICIES: dict[str, str] = {
+    **COMMON_POLICIES, **FRAME_POLICIES,
+    "annotation_id_zero": "accepted: annotation ids are not kept and the writer numbers them from 1 "
+                          "(pycocotools' COCOeval reads id 0 as 'no match')",
+    "exif_mask_dropped": "RLE mask of an instance in an exif_orientation_mismatch image dropped (masks are "
+                         "not re-encoded in the displayed frame); its mapped box is kept",
+}
 _ANN_KEYS = {"id", "image_id", "category_id", "bbox", "segmentation", "area", "iscrowd", "is_crowd"}
 
 
@@ -62,10 +94,10 @@ def read_coco(images_root: Path, annotations: Path, source: str, root: Optional[
     categories = _read_categories(doc, annotations, source)
     cat_ids = {c.id for c in categories}
     images = _read_images(doc, annotations, images_root, cat_ids)
-    anns_by_image = _read_annotations(doc, annotations, images, cat_ids)
+    report = ConversionReport(COCO_POLICIES)
+    anns_by_image = _read_annotations(doc, annotations, images, cat_ids, report)
 
     # Structure is valid; only now touch the image files (the slow part).
-    report = ConversionReport(COMMON_POLICIES)
     root = images_root.as_posix() if root is None else root
     samples = []
     for image_id, img in images.items():
@@ -133,7 +165,8 @@ def _read_images(doc: dict, path: Path, images_root: Path, cat_ids: set[int]) ->
     return images
 
 
-def _read_annotations(doc: dict, path: Path, images: dict, cat_ids: set[int]) -> dict[Any, list[tuple[str, dict]]]:
+def _read_annotations(doc: dict, path: Path, images: dict, cat_ids: set[int],
+                      report: ConversionReport) -> dict[Any, list[tuple[str, dict]]]:
     """image id -> [(record name for messages, annotation)]."""
     by_image: dict[Any, list[tuple[str, dict]]] = {}
     seen: set = set()
@@ -143,6 +176,9 @@ def _read_annotations(doc: dict, path: Path, images: dict, cat_ids: set[int]) ->
         if aid is not None and (not (_is_int(aid) or isinstance(aid, str)) or aid in seen):
             raise DataError(path, "malformed or duplicate annotation id", record=record)
         seen.add(aid)
+        if _is_int(aid) and aid == 0:
+            report.add("annotation_id_zero", f"{path} {record} (image id {ann.get('image_id')}): id 0 accepted; "
+                                             "written back as a positive id")
         image_id = ann.get("image_id")
         if not (_is_int(image_id) or isinstance(image_id, str)) or image_id not in images:
             raise DataError(path, f"image_id {image_id!r} is not in `images`", record=record)
@@ -167,6 +203,10 @@ def _check_geometry(ann: dict, path: Path, record: str) -> None:
                             record=record)
     elif seg is not None and not (isinstance(seg, list) and _is_polygon_list(seg)):
         raise DataError(path, "segmentation is neither polygons nor RLE", record=record)
+    for key in ("iscrowd", "is_crowd"):
+        # bool("0") is True: only the spellings that mean 0/1 are accepted, anything else is an error.
+        if ann.get(key) is not None and ann[key] not in (0, 1):  # True == 1, False == 0
+            raise DataError(path, f"`{key}` must be 0 or 1, got {ann[key]!r}", record=record)
     if bbox is None and not (isinstance(seg, list) and seg):
         raise DataError(path, "annotation has no bbox and no polygon to derive one from", record=record)
 
@@ -175,13 +215,14 @@ def _to_sample(img: dict, anns: list[tuple[str, dict]], images_root: Path, root:
                report: ConversionReport) -> Optional[Sample]:
     rel = img["file_name"]
     where = f"{path} image id {img['id']} ({rel})"
-    probed = probe(images_root / rel, (img.get("width"), img.get("height")), report, where)
+    probed = _probe_frame(images_root / rel, (img.get("width"), img.get("height")), report, where)
     if probed is None:
         return None
-    width, height, sha = probed
+    width, height, sha, raw_frame = probed
     instances = []
     for record, ann in anns:
-        inst = _to_instance(ann, width, height, report, f"{path} {record} (image id {img['id']}, {rel})")
+        inst = _to_instance(ann, width, height, report, f"{path} {record} (image id {img['id']}, {rel})",
+                            raw_frame)
         if inst is not None:
             instances.append(inst)
     sid = f"{source}/{rel}"
@@ -190,11 +231,34 @@ def _to_sample(img: dict, anns: list[tuple[str, dict]], images_root: Path, root:
                   attributes={k: v for k, v in img.items() if k not in _IMAGE_KEYS})
 
 
-def _to_instance(ann: dict, width: int, height: int, report: ConversionReport, where: str) -> Optional[Instance]:
+def _probe_frame(image: Path, declared: tuple, report: ConversionReport,
+                 where: str) -> Optional[tuple[int, int, str, Optional[tuple[int, int, int]]]]:
+    """`probe`, plus the raw frame (orientation, raw w, raw h) when the annotations are in it.
+
+    A size mismatch is probed into a scratch report first: when the declared size is the raw
+    size of an EXIF-rotated image, that is the more precise `exif_orientation_mismatch`, not
+    an `image_size_mismatch`.
+    """
+    scratch = ConversionReport(report.policies)
+    probed = probe(image, declared, scratch, where)
+    raw_frame = None
+    if probed is not None and "image_size_mismatch" in scratch.counts:
+        orientation, raw_w, raw_h = exif_orientation(image)  # header only; mismatches are rare
+        if orientation != 1 and tuple(declared) == (raw_w, raw_h) != probed[:2]:
+            raw_frame = (orientation, raw_w, raw_h)
+            scratch = ConversionReport(report.policies)
+            report.add("exif_orientation_mismatch",
+                       f"{where}: declared {raw_w}x{raw_h} is the raw size; EXIF orientation {orientation} shows "
+                       f"{probed[0]}x{probed[1]}; boxes and polygons mapped to the displayed frame")
+    report.merge(scratch)
+    return None if probed is None else (*probed, raw_frame)
+
+
+def _to_instance(ann: dict, width: int, height: int, report: ConversionReport, where: str,
+                 raw_frame: Optional[tuple[int, int, int]] = None) -> Optional[Instance]:
     seg = ann.get("segmentation")
     rle = dict(seg) if isinstance(seg, dict) else None
     rings = _as_rings(seg) if isinstance(seg, list) else []
-    polygons = clean_polygons(rings, report, where)
     if ann.get("bbox") is not None:
         x, y, w, h = (float(v) for v in ann["bbox"])
         box = [x, y, x + w, y + h]
@@ -202,6 +266,20 @@ def _to_instance(ann: dict, width: int, height: int, report: ConversionReport, w
         xs = [v for r in rings for v in r[0::2]]
         ys = [v for r in rings for v in r[1::2]]
         box = [float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))]
+    # Checked in the frame the coordinates are in, before any min/max: min() can drop a NaN.
+    frame_w, frame_h = (raw_frame[1], raw_frame[2]) if raw_frame is not None else (width, height)
+    ring_xs = [v for r in rings for v in r[0::2]]
+    ring_ys = [v for r in rings for v in r[1::2]]
+    if coords_absurd([box[0], box[2], *ring_xs], [box[1], box[3], *ring_ys], frame_w, frame_h):
+        report.add("box_absurd", f"{where}: box {box} or its polygon has NaN, infinite or far out-of-frame "
+                                 f"coordinates for the {frame_w}x{frame_h} image")
+        return None
+    if raw_frame is not None:
+        box, rings = _raw_to_displayed(box, rings, raw_frame)
+        if rle is not None:
+            report.add("exif_mask_dropped", f"{where}: RLE of size {rle.get('size')} is in the raw frame")
+            rle = None
+    polygons = clean_polygons(rings, report, where)
     box = clip_box(box, width, height, report, where)
     if box is None:
         return None
@@ -210,6 +288,21 @@ def _to_instance(ann: dict, width: int, height: int, report: ConversionReport, w
     return Instance(bbox=box, category_id=ann["category_id"], polygons=polygons, rle=rle, iscrowd=bool(crowd),
                     area=float(area) if _is_num(area) else None,
                     attributes={k: v for k, v in ann.items() if k not in _ANN_KEYS})
+
+
+def _raw_to_displayed(box: list[float], rings: list[list[float]],
+                      raw_frame: tuple[int, int, int]) -> tuple[list[float], list[list[float]]]:
+    orientation, raw_w, raw_h = raw_frame
+    xs, ys = raw_to_displayed(box[0::2], box[1::2], orientation, raw_w, raw_h)
+    box = [min(xs), min(ys), max(xs), max(ys)]  # a flip swaps which corner is the top-left
+    mapped = []
+    for ring in rings:
+        if len(ring) % 2:  # left as it is for clean_polygons to count
+            mapped.append(ring)
+            continue
+        rx, ry = raw_to_displayed(ring[0::2], ring[1::2], orientation, raw_w, raw_h)
+        mapped.append([v for xy in zip(rx, ry) for v in xy])
+    return box, mapped
 
 
 def _as_rings(seg: list) -> list[list[float]]:

@@ -2,11 +2,21 @@
 
 Sizes are always reported AFTER EXIF orientation, the way `ImageOps.exif_transpose` shows the
 image: orientations 5-8 rotate by 90 degrees, so width and height swap. Annotations are in
-that displayed frame, so the manifest's width/height must be too.
+that displayed frame, so the manifest's width/height must be too. One orientation policy for
+pixels and annotations: `load_rgb` transposes the pixels; a reader whose annotations were
+drawn on the RAW (stored) frame maps them with `raw_to_displayed` (see `exif_orientation`).
+
+Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) stays on everywhere, and is
+enforced strictly: Pillow only warns between 1x and 2x the limit, we refuse anything above it.
+Helpers readers share beside `visionflow.formats`' checks: `coords_absurd` (NaN, infinite or
+wildly out-of-frame coordinates) and `FRAME_POLICIES` (their counted kinds).
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import math
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -15,6 +25,16 @@ from visionflow.io import file_digest
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
+ABSURD_FACTOR = 100  # a coordinate further than 100 image sizes from the frame is not a typo we can clip
+
+# Counted kinds for the helpers below; a reader merges them into its policy table.
+FRAME_POLICIES: dict[str, str] = {
+    "box_absurd": f"instance dropped (a box or polygon coordinate is NaN, infinite or more than "
+                  f"{ABSURD_FACTOR}x the image size outside it)",
+    "exif_orientation_mismatch": "declared width/height are the RAW size of an EXIF-rotated image: the "
+                                 "annotator ignored EXIF; boxes and polygons are mapped from the raw frame "
+                                 "to the displayed frame",
+}
 
 
 class ImageReadError(ValueError):
@@ -36,6 +56,7 @@ def probe_image(path: str | Path) -> tuple[int, int, str]:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            _check_pixel_limit(img, path)
             is_png = img.format == "PNG"
             if is_png:
                 img.verify()  # must come first: it consumes the file handle
@@ -44,16 +65,67 @@ def probe_image(path: str | Path) -> tuple[int, int, str]:
             orientation = _orientation(img)
             if not is_png:
                 img.load()
-    except FileNotFoundError:
+    except (FileNotFoundError, ImageReadError):
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: image too large ({exc})") from exc
+        raise ImageReadError(f"{path}: exceeds the pixel limit Image.MAX_IMAGE_PIXELS "
+                             f"(decompression-bomb guard; {exc})") from exc
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
         # Pillow reports truncation and bad data as OSError/SyntaxError, depending on the codec.
         raise ImageReadError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
     if orientation in _SWAPS_AXES:
         width, height = height, width
     return width, height, sha256_file(path)
+
+
+def _check_pixel_limit(img: Image.Image, path: Path) -> None:
+    # Pillow raises only above 2x MAX_IMAGE_PIXELS (a warning between 1x and 2x); a warning
+    # would let a 170-megapixel image through, so the limit itself is the error here.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        raise ImageReadError(f"{path}: {img.width}x{img.height} = {img.width * img.height} pixels exceeds "
+                             f"the pixel limit Image.MAX_IMAGE_PIXELS ({limit}; decompression-bomb guard)")
+
+
+def exif_orientation(path: str | Path) -> tuple[int, int, int]:
+    """(EXIF orientation 1-8, raw width, raw height) from the file header (no pixel decoding)."""
+    with Image.open(path) as img:
+        return _orientation(img), img.width, img.height
+
+
+def raw_to_displayed(xs: Iterable[float], ys: Iterable[float], orientation: int, raw_w: float,
+                     raw_h: float) -> tuple[list[float], list[float]]:
+    """Points in the RAW (stored) frame -> the displayed frame `ImageOps.exif_transpose` shows.
+
+    Continuous pixel coordinates (edges at 0 and raw_w), so a box maps to a box. Orientations
+    5-8 swap the axes: the displayed image is raw_h wide and raw_w high.
+    """
+    xs, ys = list(xs), list(ys)
+    w, h = raw_w, raw_h
+    maps = {
+        1: lambda x, y: (x, y),
+        2: lambda x, y: (w - x, y),  # mirrored left-right
+        3: lambda x, y: (w - x, h - y),  # rotated 180
+        4: lambda x, y: (x, h - y),  # mirrored top-bottom
+        5: lambda x, y: (y, x),  # transposed
+        6: lambda x, y: (h - y, x),  # stored rotated 90 ccw: shown turned 90 cw
+        7: lambda x, y: (h - y, w - x),  # transversed
+        8: lambda x, y: (y, w - x),  # stored rotated 90 cw: shown turned 90 ccw
+    }
+    f = maps.get(orientation, maps[1])
+    pts = [f(x, y) for x, y in zip(xs, ys)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def coords_absurd(xs: Iterable[float], ys: Iterable[float], width: int, height: int) -> bool:
+    """True when any coordinate is NaN, infinite or more than ABSURD_FACTOR image sizes away.
+
+    Written with `math.isfinite` and explicit bounds because NaN fails every comparison: a
+    check like `x2 > x1` would silently let a NaN box through or misname the problem.
+    """
+    lim_x, lim_y = ABSURD_FACTOR * width, ABSURD_FACTOR * height
+    return (any(not math.isfinite(x) or not -lim_x <= x <= lim_x + width for x in xs)
+            or any(not math.isfinite(y) or not -lim_y <= y <= lim_y + height for y in ys))
 
 
 def _orientation(img: Image.Image) -> int:
@@ -74,6 +146,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
       F                  -> assumed 0..255, clipped, then grey -> RGB
     """
     with Image.open(path) as img:
+        _check_pixel_limit(img, Path(path))
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
 

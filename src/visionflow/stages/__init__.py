@@ -109,7 +109,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "register", "visionflow.stages.register:register", _src("stages/register.py", "tracking.py", "pyfunc_model.py", "tasks"),
         deps=lambda p, _: [p.model_dir, p.eval_metrics, p.train_metrics, p.train_history, p.figures_dir,
-                           p.manifest, p.split_file],
+                           p.manifest, p.split_file, p.validation_report, p.split_report],
         uncached=lambda p, _: [p.registration],
         doc="log the run to MLflow and register the model with alias `candidate`",
     ),
