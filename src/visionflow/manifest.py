@@ -66,7 +66,11 @@ class Sample:
         return (root if root.is_absolute() else project_root / root) / self.path
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow copies, not dataclasses.asdict: asdict deep-copies every list, which was a
+        # sixth of ingest's time on 10k images. The result is only serialised, never mutated.
+        d = dict(vars(self))
+        d["instances"] = [dict(vars(i)) for i in self.instances]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Sample":

@@ -32,6 +32,7 @@ Only format modules know format details; everything else sees `Sample`/`Instance
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Optional, Protocol
@@ -134,10 +135,15 @@ def safe_relpath(name: object) -> str:
     return PurePosixPath(*parts).as_posix()
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved(root: Path) -> Path:
+    return root.resolve()  # once per root, not once per image
+
+
 def check_inside(images_root: Path, rel: str) -> Path:
     """`images_root / rel`, refusing a path whose symlinks resolve outside the images root."""
     path = images_root / rel
-    root = images_root.resolve()
+    root = _resolved(images_root)
     if not path.resolve().is_relative_to(root):
         raise ValueError(f"file name {rel!r} resolves outside the images root {images_root} (symlink?)")
     return path
