@@ -61,6 +61,7 @@ The counted kinds and their policies are `COCO_POLICIES`: `visionflow.formats.CO
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -88,8 +89,49 @@ _ANN_KEYS = {"id", "image_id", "category_id", "bbox", "segmentation", "area", "i
 
 # --- reading ---------------------------------------------------------------------------------
 
+ROBOFLOW_FILE = "_annotations.coco.json"
+_SPLIT_NAMES = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": "test"}
+
+
 def read_coco(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
     images_root, annotations = Path(images_root), Path(annotations)
+    if annotations.is_dir():
+        return _read_roboflow(images_root, annotations, source, root)
+    return _read_coco_file(images_root, annotations, source, root)
+
+
+def _read_roboflow(images_root: Path, folder: Path, source: str, root: Optional[str]) -> FormatResult:
+    """Roboflow's COCO export: `<split>/_annotations.coco.json` with the images beside it, for
+    each of train/valid/test. Sample paths become `<split folder>/<file_name>` and the split
+    is kept in `attributes["split"]` (valid -> val)."""
+    files = sorted(p for p in folder.glob(f"*/{ROBOFLOW_FILE}") if p.parent.name.lower() in _SPLIT_NAMES)
+    if not files:
+        raise DataError(folder, f"a folder was given as COCO annotations but no <split>/{ROBOFLOW_FILE} is in it",
+                        hint="point annotations at a COCO JSON file, or at a Roboflow export with train/valid/test")
+    root = images_root.as_posix() if root is None else root
+    categories: Optional[list[Category]] = None
+    samples: list[Sample] = []
+    report = ConversionReport(COCO_POLICIES)
+    for f in files:
+        split_dir = f.parent.name
+        if images_root.resolve() != folder.resolve():
+            raise DataError(f, "in a Roboflow export the images sit beside each split's annotation file",
+                            hint=f"set images to the same folder as annotations ({folder})")
+        part = _read_coco_file(images_root / split_dir, f, source, root)
+        if categories is None:
+            categories = part.categories
+        elif [(c.id, c.name) for c in part.categories] != [(c.id, c.name) for c in categories]:
+            raise DataError(f, "category table differs from the other splits' (same ids must mean the same names)")
+        report.merge(part.report)
+        for s in part.samples:
+            path = f"{split_dir}/{s.path}"
+            samples.append(dataclasses.replace(
+                s, id=f"{source}/{path}", path=path, group=f"{source}/{path}" if s.group == s.id else s.group,
+                attributes={**s.attributes, "split": _SPLIT_NAMES[split_dir.lower()]}))
+    return FormatResult(categories or [], samples, report)
+
+
+def _read_coco_file(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
     doc = _load_json(annotations)
     categories = _read_categories(doc, annotations, source)
     cat_ids = {c.id for c in categories}
