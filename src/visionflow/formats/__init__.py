@@ -33,11 +33,14 @@ Only format modules know format details; everything else sees `Sample`/`Instance
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Optional, Protocol
 
-from visionflow.formats.images import ImageReadError, probe_image
+from visionflow.errors import DataError
+from visionflow.formats.images import ImageReadError, probe_image, sha256_file
 from visionflow.manifest import Category, Sample
 
 MAX_EXAMPLES = 5
@@ -192,6 +195,34 @@ def clean_polygons(rings: list[list[float]], report: ConversionReport, where: st
         else:
             kept.append([float(v) for v in ring])
     return kept
+
+
+def copy_file(src: Path, dst: Path, sha256: str) -> None:
+    """Copy an image into an export. A file already there with the same content (or the source
+    itself, when exporting next to it) is left alone: writers never rewrite source images."""
+    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == sha256):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def copy_image(s: Sample, dst: Path, project_root: Path) -> None:
+    copy_file(s.image_path(Path(project_root)), dst, s.sha256)
+
+
+def load_json(path: Path) -> object:
+    """Parse an annotation file; errors name the file and the line/column to look at."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(path, "annotation file not found", hint="check ingest.sources[].annotations") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                        record=f"line {exc.lineno}") from None
 
 
 def _fmt(box: list[float]) -> str:

@@ -62,16 +62,13 @@ The counted kinds and their policies are `COCO_POLICIES`: `visionflow.formats.CO
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from visionflow.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
-                                clip_box, probe, safe_relpath)
-from visionflow.formats.images import (FRAME_POLICIES, coords_absurd, exif_orientation, raw_to_displayed,
-                                       sha256_file)
+                                clip_box, copy_image, load_json, probe, safe_relpath)
+from visionflow.formats.images import (FRAME_POLICIES, coords_absurd, exif_orientation, raw_to_displayed)
 from visionflow.io import write_json
 from visionflow.manifest import Category, Instance, Sample
 
@@ -150,17 +147,7 @@ def _read_coco_file(images_root: Path, annotations: Path, source: str, root: Opt
 
 
 def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(path, "annotation file not found", hint="check ingest.sources[].annotations") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(path, f"not UTF-8 text ({exc})") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-                        record=f"line {exc.lineno}") from None
+    doc = load_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataError(path, "not a COCO file: expected an object with an `images` list")
     return doc
@@ -397,7 +384,7 @@ def write_coco(samples: Iterable[Sample], categories: list[Category], out_dir: P
         for inst in s.instances:
             annotations.append(_annotation_record(inst, len(annotations) + 1, image_id))
         if copy_images:
-            _copy_image(s, out_dir, Path(project_root))
+            copy_image(s, out_dir / s.path, Path(project_root))
     doc = {"images": images, "annotations": annotations,
            "categories": [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in categories]}
     target = out_dir / ANNOTATION_FILE
@@ -437,10 +424,3 @@ def _shoelace(ring: list[float]) -> float:
     n = len(xs)
     return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2.0
 
-
-def _copy_image(s: Sample, out_dir: Path, project_root: Path) -> None:
-    src, dst = s.image_path(project_root), out_dir / s.path
-    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
-        return  # already there (e.g. writing next to the source images): never rewrite it
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

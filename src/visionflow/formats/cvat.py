@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +97,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from visionflow.errors import DataError
-from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
+from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, probe, safe_relpath)
-from visionflow.formats.images import sha256_file
 from visionflow.io import atomic_path
 from visionflow.manifest import Category, Instance, Sample
 
@@ -426,7 +424,7 @@ def write_cvat(samples: Iterable[Sample], categories: list[Category], out_dir: P
         used[s.path] = s.id
         doc.append(_image_element(s, image_id, names, report))
         if copy_images:
-            _copy_image(s, out_dir / IMAGES_DIR / s.path, Path(project_root))
+            copy_image(s, out_dir / IMAGES_DIR / s.path, Path(project_root))
     ET.indent(doc)
     target = out_dir / ANNOTATION_FILE
     with atomic_path(target) as tmp:
@@ -582,10 +580,3 @@ def _num(v: float) -> str:
     # repr round-trips a float exactly; CVAT itself writes 2 decimals, which it would lose.
     return repr(float(v))
 
-
-def _copy_image(s: Sample, dst: Path, project_root: Path) -> None:
-    src = s.image_path(project_root)
-    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
-        return  # already there (e.g. writing next to the source images): never rewrite it
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

@@ -47,13 +47,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
 from visionflow.errors import DataError
-from visionflow.formats import COMMON_POLICIES, ConversionReport, FormatResult, check_inside, probe
-from visionflow.formats.images import sha256_file
+from visionflow.formats import COMMON_POLICIES, copy_file, ConversionReport, FormatResult, check_inside, probe
 from visionflow.io import write_text
 from visionflow.manifest import Category, Sample, image_label
 
@@ -263,7 +261,7 @@ def write_imagefolder(samples: Iterable[Sample], categories: list[Category], out
             report.add("split_dropped", f"{s.id}: split {split!r}")
         folder = f"{split}/{folders[cid]}" if use_splits else folders[cid]
         dst = out_dir / folder / _free_name(s, folder, used, report)
-        _copy(s.image_path(project_root), dst, s.sha256)
+        copy_file(s.image_path(project_root), dst, s.sha256)
 
     target = out_dir / CLASSES_FILE
     write_text(target, "".join(folders[c.id] + "\n" for c in categories))
@@ -334,9 +332,3 @@ def _free_name(s: Sample, folder: str, used: set[str], report: ConversionReport)
     used.add(f"{folder}/{name}".casefold())
     return name
 
-
-def _copy(src: Path, dst: Path, sha: str) -> None:
-    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == sha):
-        return  # already there (a re-run): never rewrite it
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

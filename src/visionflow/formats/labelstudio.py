@@ -65,10 +65,8 @@ Writing (`write_labelstudio`) gives tasks 1..N in sample order with data.image
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 from urllib.parse import quote, unquote
@@ -77,9 +75,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from visionflow.errors import DataError
-from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
+from visionflow.formats import (COMMON_POLICIES, copy_image, load_json, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, probe, safe_relpath)
-from visionflow.formats.images import sha256_file
 from visionflow.io import write_json
 from visionflow.manifest import Category, Instance, Sample
 
@@ -143,17 +140,7 @@ def read_labelstudio(images_root: Path, annotations: Path, source: str, root: Op
 
 
 def _load_tasks(path: Path) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(path, "annotation file not found", hint="check ingest.sources[].annotations") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(path, f"not UTF-8 text ({exc})") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-                        record=f"line {exc.lineno}") from None
+    doc = load_json(path)
     if not isinstance(doc, list):
         raise DataError(path, "not a Label Studio JSON export: expected a list of tasks",
                         hint="export the project as 'JSON' (not JSON-MIN or CSV)")
@@ -455,7 +442,7 @@ def write_labelstudio(samples: Iterable[Sample], categories: list[Category], out
         used[s.path] = s.id
         tasks.append(_task(s, task_id, names, report))
         if copy_images:
-            _copy_image(s, out_dir, Path(project_root))
+            copy_image(s, out_dir / s.path, Path(project_root))
     target = out_dir / ANNOTATION_FILE
     write_json(target, tasks)
     (out_dir / CONFIG_FILE).write_text(_label_config([c.name for c in categories]), encoding="utf-8")
@@ -543,10 +530,3 @@ def _label_config(names: list[str]) -> str:
 def _xml(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
-
-def _copy_image(s: Sample, out_dir: Path, project_root: Path) -> None:
-    src, dst = s.image_path(project_root), out_dir / s.path
-    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
-        return  # already there (e.g. writing next to the source images): never rewrite it
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

@@ -52,7 +52,6 @@ top), the ignore region last; see WRITE_POLICIES for what a mask cannot hold.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional
@@ -63,9 +62,8 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from visionflow.errors import DataError
-from visionflow.formats import COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clip_box, probe, \
-    safe_relpath
-from visionflow.formats.images import sha256_file
+from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clip_box, copy_image,
+                                probe, safe_relpath)
 from visionflow.io import write_json, write_text, write_with
 from visionflow.manifest import Category, Instance, Sample
 
@@ -377,7 +375,7 @@ def write_masks(samples: Iterable[Sample], categories: list[Category], out_dir: 
         if canvas is not None:
             write_with(out_dir / MASKS_DIR / mask_rel, lambda tmp, c=canvas: _palette_png(c).save(tmp, format="PNG"))
         if copy_images:
-            _copy_image(s, out_dir / IMAGES_DIR, project_root)
+            copy_image(s, out_dir / IMAGES_DIR / s.path, project_root)
     _write_class_table(categories, out_dir)
     if report is not None:
         report.merge(losses)
@@ -483,10 +481,3 @@ def _write_class_table(categories: list[Category], out_dir: Path) -> None:
     else:  # gaps: a txt file cannot skip a value
         write_json(out_dir / "classes.json", {str(c.id): c.name for c in ordered})
 
-
-def _copy_image(s: Sample, images_dir: Path, project_root: Path) -> None:
-    src, dst = s.image_path(project_root), images_dir / s.path
-    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
-        return  # already there: never rewrite it
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

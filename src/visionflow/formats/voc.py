@@ -55,7 +55,6 @@ The counted kinds are `COMMON_POLICIES` plus `VOC_POLICIES`; the writer's losses
 from __future__ import annotations
 
 import re
-import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -65,9 +64,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from visionflow.errors import DataError
-from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clip_box, probe,
+from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clip_box, probe,
                                 safe_relpath)
-from visionflow.formats.images import sha256_file
 from visionflow.manifest import Category, Instance, Sample
 
 VOC_POLICIES: dict[str, str] = {
@@ -351,7 +349,7 @@ def write_voc(samples: Iterable[Sample], categories: list[Category], out_dir: Pa
         elif split is not None:
             report.add("split_dropped", f"{s.id}: split {split!r}")
         if copy_images:
-            _copy_image(s, out_dir / "JPEGImages" / flat, Path(project_root))
+            copy_image(s, out_dir / "JPEGImages" / flat, Path(project_root))
     _write_splits(out_dir, splits)
     _write_labelmap(out_dir, categories)
     return out_dir
@@ -508,10 +506,3 @@ def _write_labelmap(out_dir: Path, categories: list[Category]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "labelmap.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-
-def _copy_image(s: Sample, dst: Path, project_root: Path) -> None:
-    src = s.image_path(project_root)
-    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
-        return  # already there: never rewrite it
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

@@ -78,7 +78,6 @@ images/<split>/<path below any "images" and split folder>. Losses, counted in `r
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, NamedTuple, Optional
 
@@ -86,9 +85,8 @@ import numpy as np
 import yaml
 
 from visionflow.errors import DataError
-from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
+from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, probe, safe_relpath)
-from visionflow.formats.images import sha256_file
 from visionflow.io import write_text
 from visionflow.manifest import SPLITS, Category, Instance, Sample
 
@@ -446,7 +444,7 @@ def write_yolo(samples: Iterable[Sample], categories: list[Category], out_dir: P
         rows = [r for i, inst in enumerate(s.instances) if (r := _row(inst, i, class_of, s, report)) is not None]
         write_text(out_dir / label_relpath(rel), "".join(r + "\n" for r in rows))
         if copy_images:
-            _copy_image(s, out_dir / rel, Path(project_root))
+            copy_image(s, out_dir / rel, Path(project_root))
     doc: dict[str, Any] = {}
     for key in SPLITS:
         if key in splits:
@@ -555,10 +553,3 @@ def rle_to_polygon(rle: dict[str, Any]) -> Optional[list[float]]:
         return None
     return [float(v) for v in max(contours, key=cv2.contourArea).reshape(-1)]
 
-
-def _copy_image(s: Sample, dst: Path, project_root: Path) -> None:
-    src = s.image_path(project_root)
-    if dst.exists() and (dst.resolve() == src.resolve() or sha256_file(dst) == s.sha256):
-        return  # already there: never rewrite it
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

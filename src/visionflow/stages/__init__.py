@@ -8,7 +8,7 @@ runs one entry. Stage functions are imported lazily so the CLI starts fast.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
