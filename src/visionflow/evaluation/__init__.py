@@ -1,0 +1,1 @@
+"""Evaluation metrics computed from files: COCO detection / segmentation AP and AR (`coco`)."""
