@@ -115,3 +115,17 @@ def test_amp_code_path_runs_on_the_cpu():
     restored = torch.amp.GradScaler("cpu", enabled=True)
     restored.load_state_dict(s.state_dict())
     assert restored.get_scale() == 1024.0
+
+
+def test_a_pickle_payload_planted_as_checkpoint_is_refused(tmp_path):
+    # Checkpoints are loaded with weights_only=True: a crafted last.pt must not run code.
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"fingerprint": "fp", "state": Payload()}, tmp_path / LAST)
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
+        _run(tmp_path, epochs=2)
+    assert not (tmp_path / "pwned").exists()
