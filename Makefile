@@ -32,8 +32,9 @@ demo: $(STAMP) weights
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Speed goals, measured side by side with a reference in the same run (see benchmarks/README.md).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/ingest_bench.py --n 10000 --repeat 2
 
 ui-mlflow: $(STAMP)
 	$(BIN)/visionflow ui mlflow
