@@ -35,6 +35,7 @@ test: $(STAMP)
 # Speed goals, measured side by side with a reference in the same run (see benchmarks/README.md).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_bench.py --n 10000 --repeat 2
+	$(BIN)/python benchmarks/coco_eval_bench.py --repeat 2
 
 ui-mlflow: $(STAMP)
 	$(BIN)/visionflow ui mlflow

@@ -229,3 +229,32 @@ def test_cli_prints_the_twelve_numbers_and_writes_json(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{**dt[0], "image_id": 999999}]))
     res = _cli("evaluate", "coco", "--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "bad.json"))
     assert res.returncode == 2 and "bad.json" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_grid_boxes_exact_iou_ties_and_tied_scores():
+    """Integer boxes on a 5 px grid: IoUs of exactly 0.5 / 0.75, equal IoUs with several GTs
+    (pycocotools takes the last), many equal scores, crowds."""
+    for seed in range(25):
+        rng = np.random.default_rng(seed)
+        imgs = [{"id": i * 2, "height": 50, "width": 50} for i in range(int(rng.integers(1, 5)))]
+        cats = [{"id": c, "name": str(c)} for c in (3, 8)]
+
+        def box():
+            return [int(v) for v in rng.integers(0, 4, 2) * 5] + [int(v) for v in rng.integers(1, 4, 2) * 10]
+
+        anns = [{"id": n + 1, "image_id": im["id"], "category_id": int(rng.choice([3, 8])), "bbox": b,
+                 "area": b[2] * b[3], "iscrowd": int(rng.random() < 0.2)}
+                for n, (im, b) in enumerate((im, box()) for im in imgs for _ in range(int(rng.integers(0, 8))))]
+        dets = [{"image_id": im["id"], "category_id": int(rng.choice([3, 8])), "bbox": box(),
+                 "score": float(rng.integers(0, 3)) / 2} for im in imgs for _ in range(int(rng.integers(0, 30)))]
+        if dets:
+            assert_same({"images": imgs, "categories": cats, "annotations": anns}, dets, "bbox")
+
+
+def test_repeated_gt_annotation_ids_resolve_like_pycocotools():
+    """pycocotools loads GT by id: a repeated id stands for the last annotation carrying it."""
+    gt, dt = make_case(70, n_img=10)
+    anns = gt["annotations"]
+    for i in range(0, len(anns) - 5, 5):
+        anns[i]["id"] = anns[i + 3]["id"]
+    assert_same(gt, dt, "bbox")

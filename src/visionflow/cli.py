@@ -122,6 +122,20 @@ def cmd_dvc_yaml(args) -> int:
     return 0
 
 
+def cmd_evaluate_coco(args) -> int:
+    from visionflow.evaluation.coco import STAT_NAMES, evaluate_coco, write_results
+
+    stats = evaluate_coco(Path(args.gt), Path(args.dt), args.iou_type)
+    for name in STAT_NAMES:
+        print(f"{name} {stats[name]:.3f}")
+    for name, ap in stats["per_class"].items():
+        print(f"AP[{name}] {ap:.3f}")
+    if args.out:
+        write_results(stats, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _print_summary(name: str, result: dict) -> None:
     if not result:
         return
@@ -200,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     dg = with_params(sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table"))
     dg.add_argument("--check", action="store_true", help="fail if dvc.yaml differs from the stage table")
     dg.set_defaults(fn=cmd_dvc_yaml)
+
+    ev = sub.add_parser("evaluate", help="evaluate predictions against ground truth")
+    evsub = ev.add_subparsers(dest="evaluate_command", required=True)
+    coco = evsub.add_parser("coco", help="COCO AP/AR (pycocotools' COCOeval numbers) of a results file")
+    coco.add_argument("--gt", required=True, help="COCO ground-truth JSON")
+    coco.add_argument("--dt", required=True, help="COCO results JSON (a list of detections)")
+    coco.add_argument("--iou-type", choices=["bbox", "segm"], default="bbox")
+    coco.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    coco.set_defaults(fn=cmd_evaluate_coco)
     return p
 
 

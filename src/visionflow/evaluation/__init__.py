@@ -1,1 +1,2 @@
-"""Evaluation metrics computed from files: COCO detection / segmentation AP and AR (`coco`)."""
+"""Evaluation metrics: COCO detection / instance-segmentation AP and AR (`coco`, pycocotools'
+numbers), semantic-segmentation metrics (`segmentation`)."""

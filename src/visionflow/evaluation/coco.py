@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -123,15 +122,25 @@ def _to_rle(segm, image: tuple, file: str, record: str):
 def _read_gt(gt: dict, file: str, images: dict, cat_ids: list, iou_type: str) -> dict:
     """GT of evaluated images/categories, in file order: img/cat index, box (x, y, w, h), area, ..."""
     cat_index = {c: k for k, c in enumerate(cat_ids)}
+    anns = gt.get("annotations", [])
+    try:
+        # pycocotools walks images in id order, loads annotations BY ID (a repeated id yields the
+        # last annotation with it, which may sit elsewhere), then groups by image and category.
+        last = {ann["id"]: ann for ann in anns}
+        walk = sorted((images[a["image_id"]][0], n) for n, a in enumerate(anns)
+                      if a["image_id"] in images and a["category_id"] in cat_index)
+    except (KeyError, TypeError) as exc:
+        raise DataError(file, f"every GT annotation needs 'id', 'image_id' and 'category_id' ({exc!r})") from None
     rows = []
-    for n, ann in enumerate(gt.get("annotations", [])):
+    for _, n in walk:
+        ann = last[anns[n]["id"]]
         try:
             img, cat = ann["image_id"], ann["category_id"]
             if img not in images or cat not in cat_index:
                 continue
             crowd = ann.get("iscrowd", 0)
             rows.append((images[img][0], cat_index[cat], float(ann["area"]), int(crowd), bool(crowd),
-                         ann["id"] != 0, ann["bbox"] if iou_type == "bbox" else None,
+                         ann["id"] != 0, _xywh(ann["bbox"]) if iou_type == "bbox" else None,
                          _to_rle(ann["segmentation"], images[img], file, f"annotation {ann.get('id')}")
                          if iou_type == "segm" else None))
         except (KeyError, TypeError, ValueError) as exc:
@@ -144,6 +153,13 @@ def _read_gt(gt: dict, file: str, images: dict, cat_ids: list, iou_type: str) ->
             "rle": list(cols[7])}
 
 
+def _xywh(box) -> list[float]:
+    box = [float(v) for v in box]
+    if len(box) != 4:
+        raise ValueError("'bbox' (needs 4 numbers x, y, w, h)")
+    return box
+
+
 def _read_dt(dt: list, file: str, images: dict, cat_ids: list, iou_type: str) -> dict:
     """Detections kept for evaluation, sorted by (category, image, score desc, file order) and cut
     to MAX_DETS[-1] per image-category; `rank` is the position inside its image-category."""
@@ -151,8 +167,9 @@ def _read_dt(dt: list, file: str, images: dict, cat_ids: list, iou_type: str) ->
 
     cat_index = {c: k for k, c in enumerate(cat_ids)}
     box_area = bool(dt) and "bbox" in dt[0] and dt[0]["bbox"] != []  # loadRes decides on dt[0]
-    img, cat, score, area, box, rle = [], [], [], [], [], []
-    for n, ann in enumerate(dt):
+    fast = _dt_boxes(dt, images, cat_index) if box_area and iou_type == "bbox" else None
+    img, cat, score, area, box, rle = fast or ([], [], [], [], [], [])
+    for n, ann in enumerate(dt if fast is None else []):  # per detection: masks, or to name a bad one
         record = f"detection #{n}"
         try:
             if ann["image_id"] not in images:
@@ -192,6 +209,20 @@ def _read_dt(dt: list, file: str, images: dict, cat_ids: list, iou_type: str) ->
             "area": np.array(area, dtype=float)[keep] if n else np.zeros(0),
             "box": np.array(box, dtype=float).reshape(-1, 4)[keep] if iou_type == "bbox" else None,
             "rle": [rle[i] for i in keep] if iou_type == "segm" else None}
+
+
+def _dt_boxes(dt: list, images: dict, cat_index: dict):
+    """The bbox columns of all detections at once; None when any is bad (the loop then names it)."""
+    try:
+        img = np.array([images[a["image_id"]][0] for a in dt], dtype=np.int64)
+        cat = np.array([cat_index[a["category_id"]] for a in dt], dtype=np.int64)
+        score = np.array([a["score"] for a in dt], dtype=float)
+        box = np.array([a["bbox"] for a in dt], dtype=float)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if box.shape != (len(dt), 4):
+        return None
+    return img, cat, score, box[:, 2] * box[:, 3], box, []
 
 
 # ---------------------------------------------------------------------------------- matching
@@ -316,27 +347,37 @@ def _accumulate(g: dict, d: dict, matched, ignore, K: int):
     # pycocotools concatenates per image (id order), each by rank, then sorts by score stably.
     order = np.lexsort((d["rank"], d["img"], -d["score"], d["cat"]))
     cat_bounds = np.searchsorted(d["cat"][order], np.arange(K + 1))
+    tps, fps = matched & ~ignore, ~matched & ~ignore                         # (N_dt, A, T)
     for k in range(K):
+        live = np.flatnonzero(npig[k])  # area ranges with regular GT; the others stay -1
+        if not len(live):
+            continue
+        n_pos = npig[k, live]
+        # rc = tp / npig for an integer tp, so `rc < thr` is `tp < first_count[thr]`: the least count
+        # whose quotient is >= thr, computed with the same float division.
+        first_count = np.stack([np.searchsorted(np.arange(n + 1) / n, REC_THRS, side="left") for n in n_pos])
         idx_k = order[cat_bounds[k]:cat_bounds[k + 1]]
         for m, max_det in enumerate(MAX_DETS):
             idx = idx_k[d["rank"][idx_k] < max_det]
             nd = len(idx)
-            for a in range(A):
-                if npig[k, a] == 0:
-                    continue
-                tm, ti = matched[idx, a].T, ignore[idx, a].T                 # (T, nd)
-                tp = np.cumsum(tm & ~ti, axis=1).astype(float)
-                fp = np.cumsum(~tm & ~ti, axis=1).astype(float)
-                rc = tp / npig[k, a]
-                pr = tp / (fp + tp + np.spacing(1))
-                recall[:, k, a, m] = rc[:, -1] if nd else 0
-                if not nd:
-                    precision[:, :, k, a, m] = 0
-                    continue
-                pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]     # monotone from the right
-                for t in range(T):
-                    inds = np.searchsorted(rc[t], REC_THRS, side="left")
-                    precision[t, :, k, a, m] = np.where(inds < nd, pr[t, np.minimum(inds, nd - 1)], 0)
+            if not nd:
+                recall[:, k, live, m] = 0
+                precision[:, :, k, live, m] = 0
+                continue
+            tp_n = np.cumsum(tps[idx][:, live].reshape(nd, -1), axis=0).T   # (A' * T, nd)
+            tp, fp = tp_n.astype(float), np.cumsum(fps[idx][:, live].reshape(nd, -1), axis=0).T.astype(float)
+            recall[:, k, live, m] = (tp[:, -1] / np.repeat(n_pos, T)).reshape(-1, T).T
+            pr = tp / (fp + tp + np.spacing(1))
+            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]         # monotone from the right
+            # searchsorted(rc, REC_THRS, 'left') of every row at once: rows offset apart on the
+            # integer tp axis (exact), so one flat sorted array serves them all.
+            rows = len(tp_n)
+            stride = int(n_pos.max()) + 2
+            offset = np.arange(rows)[:, None] * stride
+            queries = np.repeat(first_count, T, axis=0) + offset               # (rows, R)
+            inds = np.searchsorted((tp_n + offset).ravel(), queries.ravel()).reshape(rows, R) - np.arange(rows)[:, None] * nd
+            q = np.where(inds < nd, np.take_along_axis(pr, np.minimum(inds, nd - 1), axis=1), 0)
+            precision[:, :, k, live, m] = q.reshape(len(live), T, R).transpose(1, 2, 0)
     return precision, recall
 
 
