@@ -136,6 +136,52 @@ def cmd_evaluate_coco(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from visionflow.predict import check_output, format_report, load_batch_model, open_source, predict_to_file
+
+    def tracking_uri() -> str:
+        # Only an MLflow URI needs the store: register.tracking_uri, $MLFLOW_TRACKING_URI, the sqlite default.
+        from visionflow.config import RegisterParams, load_params
+        from visionflow.paths import Paths
+        from visionflow.tracking import resolve_tracking_uri
+
+        params_file = Path(args.params or "params.yaml")
+        register = load_params(params_file).register if args.params or params_file.exists() else RegisterParams()
+        return resolve_tracking_uri(register, Paths(params_file.resolve().parent))
+
+    out = Path(args.out) if args.out else None
+    check_output(out)  # bad arguments fail before the model loads
+    source = open_source(args.images, every_nth_frame=args.every_nth_frame)
+    model = load_batch_model(args.model, tracking_uri)
+    result = predict_to_file(model, source, out, batch_size=args.batch_size)
+    print(format_report(result))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from visionflow.serve import Limits, load_served_model, serve
+
+    tracking_uri = args.tracking_uri
+    if args.model.startswith("models:/") and not tracking_uri:
+        # like `predict`: register.tracking_uri of the params file, $MLFLOW_TRACKING_URI, the sqlite default
+        from visionflow.config import RegisterParams, load_params
+        from visionflow.paths import Paths
+        from visionflow.tracking import resolve_tracking_uri
+
+        params_file = Path(args.params or "params.yaml")
+        register = load_params(params_file).register if args.params or params_file.exists() else RegisterParams()
+        tracking_uri = resolve_tracking_uri(register, Paths(params_file.resolve().parent))
+    for flag, value in (("--max-body-mb", args.max_body_mb), ("--max-pixels", args.max_pixels),
+                        ("--max-concurrency", args.max_concurrency)):
+        if value <= 0:
+            print(f"error: {flag} must be positive, got {value}", file=sys.stderr)
+            return 2
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                    max_concurrency=args.max_concurrency)
+    model = load_served_model(args.model, tracking_uri)  # once, before the server starts
+    return serve(model, limits, host=args.host, port=args.port)
+
+
 def _print_summary(name: str, result: dict) -> None:
     if not result:
         return
@@ -223,6 +269,33 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--iou-type", choices=["bbox", "segm"], default="bbox")
     coco.add_argument("--out", default=None, help="also write the numbers as JSON here")
     coco.set_defaults(fn=cmd_evaluate_coco)
+
+    pr = sub.add_parser("predict", help="classify a folder, a glob or a video with a registered or local model")
+    pr.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model "
+                    "or a local model folder (e.g. models/classify)")
+    pr.add_argument("--images", required=True, help="a folder (recursive), a glob (quote it) or a video "
+                    "(.mp4, .avi, .mov, .mkv)")
+    pr.add_argument("--out", default=None, help="write predictions to FILE.csv, .json or .jsonl (default: "
+                    "print counts per class only)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--every-nth-frame", type=int, default=1, help="videos: predict frames 0, K, 2K, ...")
+    pr.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
+                    "URIs (default: ./params.yaml if present)")
+    pr.set_defaults(fn=cmd_predict)
+
+    sv = sub.add_parser("serve", help="serve a registered or local model over HTTP (POST /predict)")
+    sv.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a local model folder")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-body-mb", type=float, default=10.0, help="larger request bodies get 413")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000,
+                    help="pixels of one request's images in total, read from their headers (over: 413)")
+    sv.add_argument("--max-concurrency", type=int, default=4,
+                    help="/predict requests in flight; more get an immediate 503 with Retry-After")
+    sv.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ URIs (default: as `predict`)")
+    sv.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
+                    "URIs (default: ./params.yaml if present)")
+    sv.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -271,6 +271,46 @@ def load_model(model_uri: str, uri: str):
     return mlflow.pyfunc.load_model(model_uri)
 
 
+def load_model_checked(model_uri: str, uri: str):
+    """`load_model` for user-given URIs: a missing store, model, alias or run is a UserError
+    naming the URI and the store, not an MLflow traceback (and no empty sqlite file appears)."""
+    from mlflow.exceptions import MlflowException
+
+    from visionflow.errors import UserError
+
+    if _is_local_db(uri):
+        db = uri.split(":///", 1)[-1]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise UserError(f"{model_uri}: no MLflow store at {uri} (register a model first, or set "
+                            f"register.tracking_uri / $MLFLOW_TRACKING_URI)")
+    try:
+        return load_model(model_uri, uri)
+    except MlflowException as exc:
+        raise UserError(f"{model_uri}: cannot load it from {uri}: {exc.message}") from None
+
+
+def describe_model_uri(model_uri: str, uri: str) -> dict[str, Any]:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> {"model_name", "version", "alias", "run_id"}."""
+    ref = model_uri[len("models:/"):]
+    name, alias, version = ref, None, None
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        mv = _client(uri).get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        mv = _client(uri).get_model_version(name, version)
+    else:
+        return {"model_name": name, "version": None, "alias": None, "run_id": None}
+    return {"model_name": name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id}
+
+
+def model_meta(pyfunc) -> dict[str, Any]:
+    """meta.json of the model folder inside a loaded visionflow pyfunc (classes, image_size, ...)."""
+    # Duck-typed: the class may come from the model's own code/ copy of visionflow.
+    predictor = getattr(getattr(pyfunc.unwrap_python_model(), "_model", None), "predictor", None)
+    return dict(getattr(predictor, "meta", {}))
+
+
 # --- the UI ---
 
 def serve_ui(params: RegisterParams, paths: Paths, host: str = "127.0.0.1", port: int = 5000) -> int:

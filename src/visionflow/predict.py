@@ -1,0 +1,295 @@
+"""Batch prediction: a classification model over a folder, a glob or a video.
+
+The model is either a local model folder (paths.model_dir layout, loaded with
+tasks.load_predictor, no MLflow) or an MLflow model URI (`models:/NAME@ALIAS`,
+`models:/NAME/VERSION`, `runs:/RUN/model`) loaded as a pyfunc through visionflow.tracking.
+Both are wrapped as a `BatchModel`: RGB uint8 (H, W, 3) arrays in, one
+{"label", "name", "confidence"} dict out per image.
+
+Images stream through in batches of `batch_size`, and records stream into the output
+file, so memory stays flat however long the video. An unreadable image is skipped and
+reported at the end; only a run in which nothing could be predicted is an error.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+from PIL import Image
+
+from visionflow.errors import UserError
+from visionflow.formats.images import load_rgb
+from visionflow.io import atomic_path
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
+# Pillow reports bad files as any of these, depending on the codec (see formats.images).
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class BatchModel(Protocol):
+    def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]: ...
+
+
+class _LocalModel:
+    """A model folder through the Predictor: the fast path, no MLflow."""
+
+    def __init__(self, model_dir: Path):
+        from visionflow.tasks import load_predictor
+
+        self.predictor = load_predictor(model_dir)
+
+    def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        return [{"label": int(p["label"]), "name": str(p["name"]), "confidence": float(p["confidence"])}
+                for p in self.predictor.predict(images, batch_size=max(1, len(images)))]
+
+
+class _PyfuncModel:
+    """A registered MLflow model: its input is the DataFrame column `image` (arrays accepted
+    in process, see pyfunc_model), its output the columns label, name, confidence."""
+
+    def __init__(self, pyfunc):
+        self.pyfunc = pyfunc
+
+    def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        import pandas as pd
+
+        from visionflow.pyfunc_model import INPUT_COLUMN
+
+        frame = self.pyfunc.predict(pd.DataFrame({INPUT_COLUMN: pd.Series(images, dtype=object)}))
+        return [{"label": int(r.label), "name": str(r.name), "confidence": float(r.confidence)}
+                for r in frame.itertuples(index=False)]
+
+
+def load_batch_model(spec: str, tracking_uri: Callable[[], str]) -> BatchModel:
+    """`spec`: an MLflow URI (models:/..., runs:/...) or a local model folder.
+
+    `tracking_uri` is called only for an MLflow URI (resolving it may need params.yaml)."""
+    if spec.startswith(MLFLOW_SCHEMES):
+        from visionflow import tracking
+
+        return _PyfuncModel(tracking.load_model_checked(spec, tracking_uri()))
+    if "://" in spec or spec.startswith(("models:", "runs:")):
+        raise UserError(f"{spec}: not a model URI this command reads (use models:/NAME@ALIAS, "
+                        f"models:/NAME/VERSION, runs:/RUN_ID/model or a local model folder)")
+    model_dir = Path(spec)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: model folder not found (train one with `visionflow stage train`, "
+                        f"or pass models:/NAME@ALIAS)")
+    if not (model_dir / "meta.json").is_file() or not (model_dir / "model.pt").is_file():
+        raise UserError(f"{model_dir}: not a model folder (needs meta.json and model.pt, as written by the "
+                        f"train stage)")
+    return _LocalModel(model_dir)
+
+
+# --- inputs ---
+
+@dataclass
+class Item:
+    """One input: the image (None when it could not be read) and the keys of its output row."""
+    key: dict[str, Any]
+    image: np.ndarray | None
+    error: str | None = None
+
+
+@dataclass
+class Source:
+    """Resolved `--images`: `items()` yields Items lazily; `total` sizes the progress bar."""
+    kind: str  # "images" or "video"
+    items: Callable[[], Iterator[Item]]
+    total: int | None
+    ignored: list[str] = field(default_factory=list)  # files that are not images (by extension)
+
+
+def open_source(spec: str, every_nth_frame: int = 1) -> Source:
+    """A folder (recursive), a glob, one image or one video file -> a Source."""
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
+        return _video_source(path, every_nth_frame)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.is_file():
+        files = [path]
+    elif glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"{spec}: the pattern matches no files")
+    else:
+        raise UserError(f"{spec}: no such folder, file or pattern")
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    ignored = [str(p) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    if not images:
+        raise UserError(f"{spec}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
+    return Source("images", lambda: (_read_image(p) for p in images), len(images), ignored)
+
+
+def _read_image(path: Path) -> Item:
+    try:
+        return Item({"path": str(path)}, load_rgb(path))
+    except _READ_ERRORS as exc:
+        return Item({"path": str(path)}, None, f"{exc.__class__.__name__}: {exc}")
+
+
+def _video_source(path: Path, every_nth_frame: int) -> Source:
+    import cv2
+
+    if every_nth_frame < 1:
+        raise UserError(f"--every-nth-frame must be >= 1, got {every_nth_frame}")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise UserError(f"{path}: not a readable video (OpenCV could not open it)")
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+
+    def frames() -> Iterator[Item]:
+        cap = cv2.VideoCapture(str(path))
+        try:
+            index = 0
+            while True:
+                if index % every_nth_frame:
+                    ok = cap.grab()  # skip without decoding
+                    if not ok:
+                        break
+                else:
+                    ok, bgr = cap.read()
+                    if not ok:
+                        break
+                    yield Item({"video": str(path), "frame": index}, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                index += 1
+        finally:
+            cap.release()
+
+    total = -(-count // every_nth_frame) if count > 0 else None  # container counts are estimates
+    return Source("video", frames, total)
+
+
+# --- prediction and output ---
+
+def predict_items(model: BatchModel, items: Iterator[Item], batch_size: int,
+                  skipped: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+    """Records (the item's key + label, name, confidence), predicted `batch_size` at a time.
+
+    Unreadable items are appended to `skipped` as (path, reason) and yield nothing."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    batch: list[Item] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        preds = model.predict([it.image for it in batch])
+        for it, pred in zip(batch, preds, strict=True):
+            yield {**it.key, **pred}
+        batch.clear()
+
+    for item in items:
+        if item.image is None:
+            skipped.append((item.key.get("path", str(item.key)), item.error or "unreadable"))
+            continue
+        batch.append(item)
+        if len(batch) >= batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+class _Writer:
+    """Streams records to an open text file as CSV, a JSON list or JSON lines."""
+
+    def __init__(self, fh: io.TextIOBase, fmt: str, columns: list[str]):
+        self.fh, self.fmt, self.n = fh, fmt, 0
+        if fmt == ".csv":
+            self.csv = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+            self.csv.writeheader()
+        elif fmt == ".json":
+            fh.write("[")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.fmt == ".csv":
+            self.csv.writerow(record)
+        elif self.fmt == ".json":
+            self.fh.write(("," if self.n else "") + "\n  " + json.dumps(record, ensure_ascii=False))
+        else:
+            self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.n += 1
+
+    def close(self) -> None:
+        if self.fmt == ".json":
+            self.fh.write("\n]\n" if self.n else "]\n")
+
+
+def check_output(out: Path | None) -> str | None:
+    """The output format (".csv", ".json", ".jsonl") of `out`, None for no file."""
+    fmt = out.suffix.lower() if out else None
+    if out is not None and fmt not in OUTPUT_FORMATS:
+        raise UserError(f"{out}: unknown output format {out.suffix!r} (use {', '.join(OUTPUT_FORMATS)})")
+    return fmt
+
+
+def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_size: int = 32,
+                    progress: bool = True) -> dict[str, Any]:
+    """Predict every item of `source`; write the records to `out` (atomically) when given.
+
+    Returns {"predicted", "counts" (name -> n), "skipped" [(path, reason)], "ignored" [path], "out"}.
+    Raises UserError when not one image could be predicted (the previous `out` stays)."""
+    from tqdm.auto import tqdm
+
+    fmt = check_output(out)
+    columns = (["path"] if source.kind == "images" else ["video", "frame"]) + ["label", "name", "confidence"]
+    skipped: list[tuple[str, str]] = []
+    counts: Counter[str] = Counter()
+    bar = tqdm(source.items(), total=source.total, unit="img" if source.kind == "images" else "frame",
+               desc="predict", file=sys.stderr, disable=not progress or None)
+
+    def consume(writer: _Writer | None) -> None:
+        for record in predict_items(model, iter(bar), batch_size, skipped):
+            counts[record["name"]] += 1
+            if writer:
+                writer.write(record)
+        if writer:
+            writer.close()
+        if not counts:
+            raise UserError(_nothing_predicted(skipped))
+
+    try:
+        if out is None:
+            consume(None)
+        else:
+            with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+                consume(_Writer(fh, fmt, columns))
+    finally:
+        bar.close()
+    return {"predicted": sum(counts.values()), "counts": dict(sorted(counts.items())), "skipped": skipped,
+            "ignored": source.ignored, "out": str(out) if out else None}
+
+
+def _nothing_predicted(skipped: list[tuple[str, str]]) -> str:
+    if not skipped:
+        return "no image to predict (the video has no readable frame)"
+    shown = "; ".join(f"{p} ({why})" for p, why in skipped[:5])
+    return f"no image could be predicted: all {len(skipped)} were unreadable: {shown}"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The summary printed at the end: counts per class, then what was skipped or ignored."""
+    counts = result["counts"]
+    width = max([len("class"), *map(len, counts)])
+    lines = [f"{'class':<{width}}  count", *(f"{name:<{width}}  {n:>5}" for name, n in counts.items()),
+             f"{'total':<{width}}  {result['predicted']:>5}"]
+    if result["out"]:
+        lines.append(f"wrote {result['predicted']} predictions to {result['out']}")
+    if result["skipped"]:
+        lines.append(f"skipped {len(result['skipped'])} unreadable image(s):")
+        lines += [f"  {path}: {why}" for path, why in result["skipped"]]
+    if result["ignored"]:
+        lines.append(f"ignored {len(result['ignored'])} file(s) without an image extension:")
+        lines += [f"  {path}" for path in result["ignored"]]
+    return "\n".join(lines)
