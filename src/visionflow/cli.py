@@ -136,23 +136,25 @@ def cmd_evaluate_coco(args) -> int:
     return 0
 
 
+def _model_store(args) -> str:
+    """The MLflow store a models:/ or runs:/ URI is read from: register.tracking_uri of --params
+    (or ./params.yaml when present), else $MLFLOW_TRACKING_URI, else the project's sqlite file."""
+    from visionflow.config import RegisterParams, load_params
+    from visionflow.paths import Paths
+    from visionflow.tracking import resolve_tracking_uri
+
+    params_file = Path(args.params or "params.yaml")
+    register = load_params(params_file).register if args.params or params_file.exists() else RegisterParams()
+    return resolve_tracking_uri(register, Paths(params_file.resolve().parent))
+
+
 def cmd_predict(args) -> int:
     from visionflow.predict import check_output, format_report, load_batch_model, open_source, predict_to_file
-
-    def tracking_uri() -> str:
-        # Only an MLflow URI needs the store: register.tracking_uri, $MLFLOW_TRACKING_URI, the sqlite default.
-        from visionflow.config import RegisterParams, load_params
-        from visionflow.paths import Paths
-        from visionflow.tracking import resolve_tracking_uri
-
-        params_file = Path(args.params or "params.yaml")
-        register = load_params(params_file).register if args.params or params_file.exists() else RegisterParams()
-        return resolve_tracking_uri(register, Paths(params_file.resolve().parent))
 
     out = Path(args.out) if args.out else None
     check_output(out)  # bad arguments fail before the model loads
     source = open_source(args.images, every_nth_frame=args.every_nth_frame)
-    model = load_batch_model(args.model, tracking_uri)
+    model = load_batch_model(args.model, lambda: _model_store(args))  # only an MLflow URI needs the store
     result = predict_to_file(model, source, out, batch_size=args.batch_size)
     print(format_report(result))
     return 0
@@ -163,14 +165,7 @@ def cmd_serve(args) -> int:
 
     tracking_uri = args.tracking_uri
     if args.model.startswith("models:/") and not tracking_uri:
-        # like `predict`: register.tracking_uri of the params file, $MLFLOW_TRACKING_URI, the sqlite default
-        from visionflow.config import RegisterParams, load_params
-        from visionflow.paths import Paths
-        from visionflow.tracking import resolve_tracking_uri
-
-        params_file = Path(args.params or "params.yaml")
-        register = load_params(params_file).register if args.params or params_file.exists() else RegisterParams()
-        tracking_uri = resolve_tracking_uri(register, Paths(params_file.resolve().parent))
+        tracking_uri = _model_store(args)
     for flag, value in (("--max-body-mb", args.max_body_mb), ("--max-pixels", args.max_pixels),
                         ("--max-concurrency", args.max_concurrency)):
         if value <= 0:

@@ -67,50 +67,30 @@ class ServedModel:
 
 def load_served_model(model: str, tracking_uri: str | None = None) -> ServedModel:
     """`models:/NAME@ALIAS` (or models:/NAME/VERSION) from the registry at `tracking_uri`,
-    else a local model folder (models/classify/)."""
-    if model.startswith("models:/"):
-        return _load_registered(model, tracking_uri)
-    from pathlib import Path
-
+    else a local model folder (models/classify/). Loading is batch prediction's
+    (`predict.load_batch_model`); serving adds what /metadata reports."""
     from visionflow.errors import UserError
-    from visionflow.tasks import META_FILE, MODEL_FILE, load_predictor
+    from visionflow.predict import load_batch_model
 
-    folder = Path(model)
-    for name in (MODEL_FILE, META_FILE):
-        if not (folder / name).is_file():
-            raise UserError(f"{folder}: not a model folder ({name} missing); pass a folder written by the "
-                            "train stage or a models:/NAME@ALIAS URI")
-    predictor = load_predictor(folder)
-
-    def predict(images: list[np.ndarray]) -> list[dict[str, Any]]:
-        return [{"label": int(p["label"]), "name": str(p["name"]), "confidence": float(p["confidence"])}
-                for p in predictor.predict(images)]
-
-    return ServedModel(predict, {"source": str(folder.resolve()), **_meta_fields(predictor.meta)})
-
-
-def _load_registered(model_uri: str, tracking_uri: str | None) -> ServedModel:
-    import pandas as pd
-
-    from visionflow import tracking
-    from visionflow.errors import UserError
-
-    if not tracking_uri:
-        raise UserError(f"{model_uri}: no tracking URI (set register.tracking_uri in params.yaml, "
+    registered = model.startswith("models:/")
+    if registered and not tracking_uri:
+        raise UserError(f"{model}: no tracking URI (set register.tracking_uri in params.yaml, "
                         "$MLFLOW_TRACKING_URI or --tracking-uri)")
-    pyfunc = tracking.load_model_checked(model_uri, tracking_uri)  # UserError for a bad URI or store
+    loaded = load_batch_model(model, lambda: tracking_uri)
+    if not registered:
+        from pathlib import Path
+
+        meta = loaded.predictor.meta
+        return ServedModel(loaded.predict, {"source": str(Path(model).resolve()), **_meta_fields(meta)})
+    from visionflow import tracking
+
     try:
-        info = tracking.describe_model_uri(model_uri, tracking_uri)
+        info = tracking.describe_model_uri(model, tracking_uri)
     except Exception as exc:  # MLflow's own exception types; the model did load, so say what failed
-        raise UserError(f"{model_uri}: loaded, but its registry entry cannot be read from {tracking_uri}: "
+        raise UserError(f"{model}: loaded, but its registry entry cannot be read from {tracking_uri}: "
                         f"{exc}") from None
-
-    def predict(images: list[np.ndarray]) -> list[dict[str, Any]]:
-        frame = pyfunc.predict(pd.DataFrame({"image": pd.Series(images, dtype=object)}))
-        return [{"label": int(r.label), "name": str(r.name), "confidence": float(r.confidence)}
-                for r in frame.itertuples(index=False)]
-
-    return ServedModel(predict, {**info, "model_uri": model_uri, **_meta_fields(tracking.model_meta(pyfunc))})
+    meta = tracking.model_meta(loaded.pyfunc)
+    return ServedModel(loaded.predict, {**info, "model_uri": model, **_meta_fields(meta)})
 
 
 def _meta_fields(meta: dict[str, Any]) -> dict[str, Any]:
