@@ -144,6 +144,8 @@ def image_label(sample: Sample) -> Optional[int]:
 # --- split assignment (data/processed/split.json) ---
 # {"schema_version": 1, "seed": 0, "splits": {"train": [ids], "val": [ids], "test": [ids]}}
 SPLITS = ("train", "val", "test")
+# Folder names that exporters use for a split (Roboflow's "valid", Keras' "validation"), -> SPLITS.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 def write_split(path: str | Path, splits: dict[str, list[str]], seed: int) -> None:

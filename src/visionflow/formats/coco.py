@@ -70,7 +70,7 @@ from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult,
                                 clip_box, copy_image, load_json, probe, safe_relpath)
 from visionflow.formats.images import (FRAME_POLICIES, coords_absurd, exif_orientation, raw_to_displayed)
 from visionflow.io import write_json
-from visionflow.manifest import Category, Instance, Sample
+from visionflow.manifest import SPLIT_FOLDERS, Category, Instance, Sample
 
 ANNOTATION_FILE = "annotations.json"
 _IMAGE_KEYS = {"id", "file_name", "width", "height", "labels", "group"}
@@ -87,7 +87,6 @@ _ANN_KEYS = {"id", "image_id", "category_id", "bbox", "segmentation", "area", "i
 # --- reading ---------------------------------------------------------------------------------
 
 ROBOFLOW_FILE = "_annotations.coco.json"
-_SPLIT_NAMES = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": "test"}
 
 
 def read_coco(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
@@ -101,7 +100,7 @@ def _read_roboflow(images_root: Path, folder: Path, source: str, root: Optional[
     """Roboflow's COCO export: `<split>/_annotations.coco.json` with the images beside it, for
     each of train/valid/test. Sample paths become `<split folder>/<file_name>` and the split
     is kept in `attributes["split"]` (valid -> val)."""
-    files = sorted(p for p in folder.glob(f"*/{ROBOFLOW_FILE}") if p.parent.name.lower() in _SPLIT_NAMES)
+    files = sorted(p for p in folder.glob(f"*/{ROBOFLOW_FILE}") if p.parent.name.lower() in SPLIT_FOLDERS)
     if not files:
         raise DataError(folder, f"a folder was given as COCO annotations but no <split>/{ROBOFLOW_FILE} is in it",
                         hint="point annotations at a COCO JSON file, or at a Roboflow export with train/valid/test")
@@ -124,7 +123,7 @@ def _read_roboflow(images_root: Path, folder: Path, source: str, root: Optional[
             path = f"{split_dir}/{s.path}"
             samples.append(dataclasses.replace(
                 s, id=f"{source}/{path}", path=path, group=f"{source}/{path}" if s.group == s.id else s.group,
-                attributes={**s.attributes, "split": _SPLIT_NAMES[split_dir.lower()]}))
+                attributes={**s.attributes, "split": SPLIT_FOLDERS[split_dir.lower()]}))
     return FormatResult(categories or [], samples, report)
 
 

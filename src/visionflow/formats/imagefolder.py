@@ -53,12 +53,11 @@ from typing import Iterable, Optional
 from visionflow.errors import DataError
 from visionflow.formats import COMMON_POLICIES, copy_file, ConversionReport, FormatResult, check_inside, probe
 from visionflow.io import write_text
-from visionflow.manifest import Category, Sample, image_label
+from visionflow.manifest import SPLIT_FOLDERS, Category, Sample, image_label
 
 CLASSES_FILE = "classes.txt"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                               ".ppm", ".pgm", ".pbm"})
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 READ_POLICIES: dict[str, str] = {
     **COMMON_POLICIES,
@@ -152,11 +151,11 @@ def _class_list(images_root: Path, annotations: Optional[Path]) -> tuple[Optiona
 def _split_dirs(images_root: Path, top: list[Path], listed: Optional[list[str]]) -> list[tuple[str, Optional[str]]]:
     """[(split folder name or "", normalised split or None)]: where the class folders are."""
     names = [d.name for d in top]
-    splits = [n for n in names if n.lower() in SPLIT_ALIASES]
+    splits = [n for n in names if n.lower() in SPLIT_FOLDERS]
     if not splits or (listed is not None and all(n in listed for n in splits)):
         return [("", None)]
     if len(splits) == len(names):
-        return [(n, SPLIT_ALIASES[n.lower()]) for n in splits]
+        return [(n, SPLIT_FOLDERS[n.lower()]) for n in splits]
     others = [n for n in names if n not in splits]
     raise DataError(images_root, f"top-level folders mix split folders {splits} with other folders {others}",
                     hint=f"put every class under a split folder, or list the classes in {CLASSES_FILE}")
@@ -317,7 +316,7 @@ def _class_of(s: Sample, folders: dict[int, str], report: ConversionReport) -> O
 
 def _split_of(s: Sample) -> Optional[str]:
     split = s.attributes.get("split")
-    return SPLIT_ALIASES.get(split.lower()) if isinstance(split, str) else None
+    return SPLIT_FOLDERS.get(split.lower()) if isinstance(split, str) else None
 
 
 def _free_name(s: Sample, folder: str, used: set[str], report: ConversionReport) -> str:
