@@ -108,6 +108,11 @@ class Paths:
     def mlflow_artifacts(self) -> Path:
         return self._p("mlartifacts")
 
+    def resolve(self, given: str | Path) -> Path:
+        """A path from params.yaml or the command line: relative to the project root unless absolute."""
+        path = Path(given)
+        return path if path.is_absolute() else self.root / path
+
     def rel(self, path: Path) -> str:
         """`path` relative to the project root, POSIX style (as written in dvc.yaml)."""
         return Path(path).relative_to(self.root).as_posix()

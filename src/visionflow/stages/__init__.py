@@ -55,14 +55,13 @@ def _src(*mods: str) -> tuple[str, ...]:
 
 def _project_paths(paths: Paths, names: list) -> list[Path]:
     """Paths given in params (project-relative unless absolute); None entries skipped."""
-    return [p if p.is_absolute() else paths.root / p for p in (Path(n) for n in names if n)]
+    return [paths.resolve(n) for n in names if n]
 
 
 def _sources(paths: Paths, params: "Params") -> list[Path]:
     deps: list[Path] = []
     for s in params.ingest.sources:
-        for p in (Path(s.images), Path(s.annotations)):
-            p = p if p.is_absolute() else paths.root / p
+        for p in (paths.resolve(s.images), paths.resolve(s.annotations)):
             if not any(p == d or d in p.parents for d in deps):
                 deps.append(p)
     return deps

@@ -60,7 +60,7 @@ def ingest(params: IngestParams, paths: Paths) -> dict[str, Any]:
 
 
 def _read(src: SourceParams, paths: Paths) -> FormatResult:
-    result = read_source(src.format, _resolve(src.images, paths), _resolve(src.annotations, paths), src.name,
+    result = read_source(src.format, paths.resolve(src.images), paths.resolve(src.annotations), src.name,
                          root=src.images)
     return apply_category_map(result, src.categories, src.name, paths.params) if src.categories else result
 
@@ -102,11 +102,6 @@ def apply_category_map(result: FormatResult, mapping: dict[str, str | None], sou
             instances=[dataclasses.replace(i, category_id=alias[i.category_id]) for i in s.instances
                        if i.category_id in alias]))
     return FormatResult(list(kept.values()), samples, report)
-
-
-def _resolve(p: str, paths: Paths) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() else paths.root / path
 
 
 def merge_categories(tables: list[tuple[str, list[Category]]]) -> list[Category]:

@@ -138,8 +138,8 @@ def fixed_splits(samples: list[Sample], params: SplitParams, root: Path = Path("
                 fixed[s.id] = _split_name(value, manifest, s.id, "attributes.split")
         counts["keep_existing"] = len(fixed)
     if params.from_file:
-        path = Path(params.from_file)
-        listed = read_split_file(path if path.is_absolute() else root / path)
+        path = Paths(root).resolve(params.from_file)
+        listed = read_split_file(path)
         ids = {s.id for s in samples}
         unknown = sorted(set(listed) - ids)
         if unknown:
