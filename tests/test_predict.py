@@ -12,57 +12,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-import albumentations as A
 import cv2
 import numpy as np
 import pytest
-import torch
-import torchvision
 import yaml
 from PIL import Image
 
 from visionflow import cli
-from visionflow.config import RegisterParams, TrainParams
+from visionflow.config import RegisterParams
 from visionflow.formats.images import load_rgb
-from visionflow.io import write_json
-from visionflow.paths import Paths
 from visionflow.predict import Item, predict_items
 from visionflow.stages.register import register
 from visionflow.tasks import load_predictor
 
-CLASSES = ["circle", "square", "triangle"]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_register import CLASSES, make_project  # noqa: E402  (a model project as register receives it)
 MODEL_NAME = "predict-test-classifier"
-
-
-def _write_model_project(root: Path) -> Paths:
-    """A model folder as the train stage writes it, plus the few files register reads."""
-    paths = Paths(root)
-    paths.model_dir.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(num_classes=len(CLASSES)).state_dict(), paths.model_dir / "model.pt")
-    write_json(paths.model_dir / "meta.json", {
-        "task": "classify", "arch": "resnet18", "num_classes": len(CLASSES), "classes": CLASSES,
-        "image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "params": TrainParams(image_size=32, epochs=1).model_dump(mode="json"),
-    })
-    write_json(paths.model_dir / "augment.json", A.to_dict(A.Compose([A.Resize(32, 32), A.Normalize()])))
-    write_json(paths.train_metrics, {"best_epoch": 1, "epochs_run": 1, "device": "cpu"})
-    paths.train_history.parent.mkdir(parents=True, exist_ok=True)
-    paths.train_history.write_text("epoch,train_loss,val_loss,val_accuracy,lr,seconds\n1,1.1,1.0,0.4,0.001,1.0\n")
-    write_json(paths.eval_metrics, {"accuracy": 0.5, "top_k_accuracy": 0.9, "k": 2, "macro_f1": 0.5, "n": 3,
-                                    "per_class": {c: {"f1": 0.5} for c in CLASSES}})
-    paths.figures_dir.mkdir(parents=True)
-    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-    paths.manifest.write_text('{"id":"a.png","labels":[0]}\n')
-    write_json(paths.split_file, {"schema_version": 1, "seed": 0, "splits": {"train": [], "val": [], "test": []}})
-    return paths
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """(model folder, params.yaml naming the sqlite store, registration result)."""
     tmp = tmp_path_factory.mktemp("predict-model")
-    paths = _write_model_project(tmp / "project")
+    paths = make_project(tmp / "project")
     params = RegisterParams(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", model_name=MODEL_NAME)
     result = register(params, paths)
     params_file = tmp / "params.yaml"
