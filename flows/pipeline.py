@@ -1,8 +1,10 @@
 """The visionflow pipeline as a Prefect flow.
 
-Each stage of the stage table (visionflow.stages.STAGES) runs as a Prefect task, in DAG
-order, calling the same plain function that `dvc repro` calls through `visionflow stage`.
-This file holds wiring only; the logic lives in the stage functions.
+Each stage of the pipeline (visionflow.stages.pipeline_stages: synth, ingest, split, then
+train -> evaluate -> register -> inspect for each task branch in params.yaml) runs as a
+Prefect task named like its dvc.yaml stage, in DAG order, calling the same plain function
+that `dvc repro` calls through `visionflow stage`. This file holds wiring only; the logic
+lives in the stage functions.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from visionflow.config import load_params
 from visionflow.paths import Paths
-from visionflow.stages import STAGES
+from visionflow.stages import pipeline_stages
 
 
 @flow(name="visionflow-pipeline", log_prints=True)
@@ -23,9 +25,9 @@ def pipeline(params_file: str = "params.yaml") -> dict[str, Any]:
     params = load_params(params_path)
     paths = Paths(params_path.parent)
     results: dict[str, Any] = {}
-    for stage in STAGES:  # STAGES is in DAG order; each stage depends on the ones before it
+    for stage in pipeline_stages(params):  # DAG order: every stage runs after those it reads
         run_stage = task(stage.load(), name=stage.name, cache_policy=NO_CACHE, description=stage.doc)
-        results[stage.name] = run_stage(getattr(params, stage.section), paths)
+        results[stage.name] = run_stage(stage.params_of(params), stage.paths_of(paths))
     return results
 
 

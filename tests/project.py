@@ -12,10 +12,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY: dict[str, Any] = {
     "synth": {"n": 48, "size": 64, "seed": 0},
-    "train": {"model": {"arch": "resnet18", "weights": None, "mode": "full", "trainable_blocks": 2},
-              "image_size": 64, "epochs": 1, "batch_size": 16, "warmup_epochs": 0},
-    "evaluate": {"batch_size": 32},
+    "classify": {"train": {"model": {"arch": "resnet18", "weights": None, "mode": "full", "trainable_blocks": 2},
+                           "image_size": 64, "epochs": 1, "batch_size": 16, "warmup_epochs": 0},
+                 "evaluate": {"batch_size": 32}},
+    # Small, randomly initialised dense models: seconds per epoch on one core.
+    "detect": {"train": {"model": {"arch": "fasterrcnn", "backbone": "mobilenet_v2", "backbone_weights": None,
+                                   "width": 0.25},
+                         "image_size": 64, "epochs": 1, "batch_size": 8, "warmup_epochs": 0},
+               "evaluate": {"batch_size": 16, "grid_images": 4}},
+    "segment": {"train": {"model": {"arch": "unet", "backbone": None, "backbone_weights": None, "width": 0.25},
+                          "image_size": 64, "epochs": 1, "batch_size": 8, "warmup_epochs": 0},
+                "evaluate": {"batch_size": 16, "grid_images": 4}},
 }
+TASKS = ("classify", "detect", "segment")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -25,13 +34,21 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def make_project(root: Path, overrides: dict | None = None, name: str = "tiny") -> Path:
-    """Write params.yaml (TINY merged with `overrides`) and copy flows/ into `root`."""
+def make_project(root: Path, overrides: dict | None = None, name: str = "tiny",
+                 tasks: tuple[str, ...] = ("classify",)) -> Path:
+    """Write params.yaml (TINY merged with `overrides`, with the branches `tasks` only) and
+    copy flows/ into `root`."""
     root.mkdir(parents=True, exist_ok=True)
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
-    params["register"] = {**params["register"], "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-                          "model_name": f"{name}-classifier"}
-    params["inspect"] = {**params["inspect"], "dataset_name": f"{name}-test"}
+    for task in TASKS:
+        if task not in tasks:
+            del params[task]
+            continue
+        branch = params[task]
+        branch["register"] = {**branch["register"], "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                              "model_name": f"{name}-classifier" if task == "classify" else f"{name}-{task}"}
+        branch["inspect"] = {**branch["inspect"],
+                             "dataset_name": f"{name}-test" if task == "classify" else f"{name}-{task}-test"}
     params = _merge(params, overrides or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(REPO / "flows", root / "flows", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))

@@ -25,7 +25,7 @@ def test_help_does_not_import_heavy_libraries():
 
 def test_stage_with_missing_input_names_the_file_and_the_stage(tmp_path):
     make_project(tmp_path)
-    out = _cli("stage", "train", "--params", str(tmp_path / "params.yaml"))
+    out = _cli("stage", "train-classify", "--params", str(tmp_path / "params.yaml"))
     assert out.returncode == 2
     assert "manifest.jsonl" in out.stderr and "ingest" in out.stderr
     assert "Traceback" not in out.stderr
@@ -40,9 +40,12 @@ def test_bad_params_key_is_reported(tmp_path):
     assert "split.sed: unknown key" in out.stderr
 
 
-def test_unknown_stage_is_rejected():
-    out = _cli("stage", "deploy")
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+def test_unknown_stage_is_rejected(tmp_path):
+    make_project(tmp_path)  # classify branch only
+    for name in ("deploy", "train", "train-detect"):
+        out = _cli("stage", name, "--params", str(tmp_path / "params.yaml"))
+        assert out.returncode == 2 and f"unknown stage '{name}'" in out.stderr, out.stderr
+        assert "train-classify" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_data_synth_writes_a_coco_dataset(tmp_path):

@@ -23,10 +23,10 @@ def test_project_params_load():
 
 def test_unknown_key_is_rejected_with_its_location(tmp_path):
     data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data["train"]["epochz"] = 3
+    data["detect"]["train"]["epochz"] = 3
     with pytest.raises(ConfigError) as err:
         load_params(_write(tmp_path, data))
-    assert "train.epochz: unknown key" in str(err.value)
+    assert "detect.train.epochz: unknown key" in str(err.value)
     assert str(tmp_path / "params.yaml") in str(err.value)
 
 
@@ -36,9 +36,39 @@ def test_bad_values_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="must be 1.0"):
         load_params(_write(tmp_path, data))
     data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data["train"]["model"]["arch"] = "resnet1000"
-    with pytest.raises(ConfigError, match="train.model.arch"):
+    data["classify"]["train"]["model"]["arch"] = "resnet1000"
+    with pytest.raises(ConfigError, match="classify.train.model.arch"):
         load_params(_write(tmp_path, data))
+    # an architecture of another task is named as such
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["segment"]["train"]["model"]["arch"] = "fasterrcnn"
+    with pytest.raises(ConfigError, match=r"segment.train.model.arch: 'fasterrcnn' is not a segment architecture"):
+        load_params(_write(tmp_path, data))
+
+
+def test_branches(tmp_path):
+    params = load_params(REPO / "params.yaml")
+    assert params.tasks == ("classify", "detect", "segment")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    del data["detect"]
+    assert load_params(_write(tmp_path, data)).tasks == ("classify", "segment")
+    for task in ("classify", "segment"):
+        del data[task]
+    with pytest.raises(ConfigError, match="at least one task branch"):
+        load_params(_write(tmp_path, data))
+    # Two branches may not write the same registered model (or FiftyOne dataset).
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["segment"]["register"]["model_name"] = data["detect"]["register"]["model_name"]
+    with pytest.raises(ConfigError, match="its own register.model_name"):
+        load_params(_write(tmp_path, data))
+
+
+def test_paths_per_task(tmp_path):
+    paths = Paths(tmp_path)
+    det = paths.for_task("detect")
+    assert det.model_dir == tmp_path / "models/detect" and det.eval_metrics == tmp_path / "metrics/detect/evaluate.json"
+    assert det.manifest == paths.manifest  # shared stages' files do not move
+    assert det.model_dir != paths.for_task("segment").model_dir
 
 
 def test_missing_file_names_it(tmp_path):
@@ -49,7 +79,7 @@ def test_missing_file_names_it(tmp_path):
 def test_sections_are_frozen():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(Exception):
-        params.train.epochs = 99
+        params.detect.train.epochs = 99
 
 
 def test_leaf_keys_and_has_key():

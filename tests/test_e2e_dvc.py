@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from project import REPO, make_project  # noqa: E402
+from project import REPO, TASKS, make_project  # noqa: E402
 
-from visionflow.stages import STAGE_NAMES  # noqa: E402
+from visionflow.config import load_params  # noqa: E402
+from visionflow.paths import Paths  # noqa: E402
+from visionflow.stages import pipeline_stages  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +26,7 @@ def _run(cmd, cwd, env):
 
 def test_dvc_repro_twice(tmp_path):
     root = tmp_path / "proj"
-    make_project(root, name="e2edvc")
+    make_project(root, name="e2edvc", tasks=TASKS)  # every branch, as the repo's dvc.yaml has
     for rel in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / rel, root / rel)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -38,10 +40,12 @@ def test_dvc_repro_twice(tmp_path):
     _run(["git", "commit", "-qm", "init"], root, env)
 
     first = _run([*dvc, "repro"], root, env)
-    for name in STAGE_NAMES:
-        assert f"Running stage '{name}'" in first, name
+    for stage in pipeline_stages(load_params(root / "params.yaml")):
+        assert f"Running stage '{stage.name}'" in first, stage.name
     assert (root / "dvc.lock").exists()
-    assert (root / "reports/registration.json").exists() and (root / "reports/inspect.json").exists()
+    for task in TASKS:
+        paths = Paths(root, task)
+        assert paths.registration.exists() and paths.inspection.exists(), task
 
     second = _run([*dvc, "repro"], root, env)
     assert "Running stage" not in second, second

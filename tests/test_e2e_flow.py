@@ -7,10 +7,10 @@ import sys
 import pytest
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from project import make_project  # noqa: E402
+from project import TASKS, make_project  # noqa: E402
 
 from visionflow.paths import Paths  # noqa: E402
-from visionflow.stages import STAGE_NAMES  # noqa: E402
+from visionflow.stages import pipeline_stages  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,12 @@ async def _task_run_names():
 
 def test_flow_ran_every_stage_in_dag_order(flow_run):
     _, results, (names, states) = flow_run
-    assert tuple(results) == STAGE_NAMES
-    assert tuple(names) == STAGE_NAMES
+    from visionflow.config import load_params
+
+    root = flow_run[0]
+    expected = tuple(s.name for s in pipeline_stages(load_params(root / "params.yaml")))
+    assert tuple(results) == expected
+    assert tuple(names) == expected
     assert states == {"Completed"}
 
 
@@ -50,7 +54,7 @@ def test_model_registered_with_alias_and_run_contents(flow_run):
     from mlflow import MlflowClient
 
     root, results, _ = flow_run
-    reg = results["register"]
+    reg = results["register-classify"]
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version_by_alias("e2eflow-classifier", "candidate")
     assert int(version.version) == int(reg["version"]) == 1
@@ -73,7 +77,7 @@ def test_fiftyone_dataset_has_test_split_with_predictions(flow_run):
     root, results, _ = flow_run
     split = json.loads(Paths(root).split_file.read_text())["splits"]
     ds = fo.load_dataset("e2eflow-test")
-    assert ds.persistent and len(ds) == len(split["test"]) == results["inspect"]["samples"]
+    assert ds.persistent and len(ds) == len(split["test"]) == results["inspect-classify"]["samples"]
     preds = [json.loads(l) for l in Paths(root).predictions.read_text().splitlines()]
     assert sorted(ds.values("predictions.label")) == sorted(p["name"] for p in preds)
     assert all(0 < c <= 1 for c in ds.values("predictions.confidence"))

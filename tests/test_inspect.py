@@ -121,7 +121,7 @@ def test_summary_file_and_rerun_overwrites(built):
     written = read_json(paths.inspection)
     assert written["dataset"] == params.dataset_name
     assert written["samples"] == len(TEST_IDS)
-    assert written["open_with"] == "visionflow ui fiftyone"
+    assert written["open_with"] == "visionflow ui fiftyone --task classify"
     assert written["unmatched_predictions"] == 0
 
     again = inspect(params, paths)
@@ -154,4 +154,4 @@ def test_launch_app_names_missing_dataset():
     from visionflow.inspection import launch_app
 
     with pytest.raises(UserError, match=r"visionflow-no-such-dataset.*visionflow stage inspect"):
-        launch_app(InspectParams(dataset_name="visionflow-no-such-dataset"))
+        launch_app("visionflow-no-such-dataset")

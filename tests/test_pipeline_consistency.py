@@ -9,7 +9,7 @@ import yaml
 from visionflow.config import Params, has_key, load_params
 from visionflow.dvcgen import render
 from visionflow.paths import Paths
-from visionflow.stages import STAGE_NAMES, STAGES
+from visionflow.stages import STAGES, pipeline_stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,9 +24,26 @@ def test_committed_dvc_yaml_is_generated_from_the_stage_table():
 
 
 def test_dvc_yaml_and_stage_table_name_the_same_stages_in_order():
-    assert tuple(_dvc()["stages"]) == STAGE_NAMES
+    names = [s.name for s in pipeline_stages(load_params(REPO / "params.yaml"))]
+    assert list(_dvc()["stages"]) == names
+    assert names[:3] == ["synth", "ingest", "split"]
+    for task in ("classify", "detect", "segment"):  # each task is its own branch
+        assert [n for n in names if n.endswith(f"-{task}")] == [f"{s}-{task}" for s in ("train", "evaluate", "register", "inspect")]
     for name, entry in _dvc()["stages"].items():
         assert entry["cmd"] == f"visionflow stage {name}"
+
+
+def test_branches_write_disjoint_outputs_and_models():
+    outs: dict[str, str] = {}
+    for name, entry in _dvc()["stages"].items():
+        for key in ("outs", "metrics", "plots"):
+            for out in entry.get(key, []):
+                path = next(iter(out)) if isinstance(out, dict) else out
+                assert path not in outs, f"{path} written by {outs.get(path)} and {name}"
+                outs[path] = name
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    names = [raw[t]["register"]["model_name"] for t in ("classify", "detect", "segment")]
+    assert len(set(names)) == 3
 
 
 def test_every_dvc_param_key_exists_in_the_typed_config():
@@ -34,7 +51,9 @@ def test_every_dvc_param_key_exists_in_the_typed_config():
         assert entry["params"], name
         for key in entry["params"]:
             assert has_key(Params, key), f"dvc.yaml stage {name} tracks unknown param {key}"
-            assert key.split(".")[0] == name, f"stage {name} tracks another stage's param {key}"
+            stage, _, task = name.partition("-")
+            section = f"{task}.{stage}" if task else stage
+            assert key.startswith(section + "."), f"stage {name} tracks another stage's param {key}"
 
 
 def test_params_yaml_spells_out_every_tracked_key():
@@ -62,10 +81,10 @@ def test_every_stage_dep_is_produced_upstream_or_is_source():
 
 
 def test_flow_runs_the_stage_table():
-    # The flow holds no stage list of its own: it iterates visionflow.stages.STAGES.
+    # The flow holds no stage list of its own: it iterates visionflow.stages.pipeline_stages.
     tree = ast.parse((REPO / "flows/pipeline.py").read_text())
     loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
-    assert any(isinstance(l.iter, ast.Name) and l.iter.id == "STAGES" for l in loops)
+    assert any(isinstance(l.iter, ast.Call) and getattr(l.iter.func, "id", None) == "pipeline_stages" for l in loops)
     assert all(s.load() for s in STAGES)  # every stage function imports
 
 

@@ -39,7 +39,7 @@ def model(tmp_path_factory):
     result = register(params, paths)
     params_file = tmp / "params.yaml"
     project_params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    params_file.write_text(yaml.safe_dump({**project_params, "register": params.model_dump()}))
+    params_file.write_text(yaml.safe_dump({**project_params, "classify": {**project_params["classify"], "register": params.model_dump()}}))
     return paths.model_dir, params_file, result
 
 
@@ -124,7 +124,7 @@ def test_registered_alias_in_a_fresh_process_writes_json(model, images, tmp_path
 def test_version_uri_and_glob_to_jsonl(model, images, tmp_path, capsys, monkeypatch):
     model_dir, params_file, result = model
     folder, good, _ = images
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", yaml.safe_load(params_file.read_text())["register"]["tracking_uri"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", yaml.safe_load(params_file.read_text())["classify"]["register"]["tracking_uri"])
     out = tmp_path / "preds.jsonl"
     code, _, _ = _run(capsys, "--model", f"models:/{MODEL_NAME}/{result['version']}", "--images",
                       f"{folder}/*.png", "--out", out)

@@ -180,7 +180,7 @@ def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered
     paths, params, result = registered
     (paths.root / "params.yaml").write_text(yaml.safe_dump({
         "ingest": {"sources": [{"name": "s", "images": "data/s", "annotations": "data/s/a.json"}]},
-        "register": params.model_dump(),
+        "classify": {"register": params.model_dump()},
     }))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

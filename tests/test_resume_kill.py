@@ -29,13 +29,13 @@ def _checkpoint_epoch(path: Path) -> int:
 
 
 def test_killed_training_resumes(tmp_path):
-    params_file = make_project(tmp_path, {"synth": {"n": 96}, "train": {"epochs": EPOCHS, "image_size": 64},
+    params_file = make_project(tmp_path, {"synth": {"n": 96}, "classify": {"train": {"epochs": EPOCHS, "image_size": 64}},
                                           "split": {"train": 0.7, "val": 0.15, "test": 0.15}})
     params, paths = load_params(params_file), Paths(tmp_path)
     for name in ("synth", "ingest", "split"):
-        get_stage(name).run(params, paths)
+        get_stage(name, params).run(params, paths)
 
-    cmd = [sys.executable, "-m", "visionflow.cli", "stage", "train", "--params", str(params_file)]
+    cmd = [sys.executable, "-m", "visionflow.cli", "stage", "train-classify", "--params", str(params_file)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = paths.checkpoint_dir / LAST
     deadline = time.time() + 300

@@ -49,10 +49,35 @@ def _build_one(spec: dict[str, Any]) -> A.BasicTransform:
             raise UserError(f"train.augment.transforms: {name}: {exc}") from None
 
 
-def build_train_transform(preset: str, transforms: Optional[list[dict[str, Any]]], image_size: int) -> A.Compose:
+def _compose(steps: list, boxes: bool, min_area: float, min_visibility: float) -> A.Compose:
+    if not boxes:
+        return A.Compose(steps)
+    # Boxes move with the image; boxes that end up too small or mostly outside the frame are
+    # dropped together with their `labels` and `instance_ids` (which index the instance masks).
+    bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels", "instance_ids"],
+                               min_area=min_area, min_visibility=min_visibility, clip=True)
+    return A.Compose(steps, bbox_params=bbox_params)
+
+
+def build_train_transform(preset: str, transforms: Optional[list[dict[str, Any]]], image_size: int, *,
+                          normalize: bool = True, boxes: bool = False, min_area: float = 0.0,
+                          min_visibility: float = 0.0) -> A.Compose:
+    """Resize to (image_size, image_size), the preset or explicit transforms, then normalise
+    (ImageNet mean/std) or, with normalize=False, scale to [0, 1] (detectors normalise inside).
+    Masks passed as `mask=`/`masks=` move with the image; with boxes=True, `bboxes=` (xyxy
+    absolute), `labels=` and `instance_ids=` do too."""
     specs = transforms if transforms is not None else PRESETS[preset]
-    return A.Compose([A.Resize(image_size, image_size), *(_build_one(s) for s in specs), A.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    steps = [A.Resize(image_size, image_size), *(_build_one(s) for s in specs), _normalize(normalize)]
+    return _compose(steps, boxes, min_area, min_visibility)
 
 
-def build_eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Compose:
-    return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean, std)])
+def build_eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, normalize: bool = True,
+                         boxes: bool = False) -> A.Compose:
+    norm = A.Normalize(mean, std) if normalize else _normalize(False)
+    return _compose([A.Resize(image_size, image_size), norm], boxes, 0.0, 0.0)
+
+
+def _normalize(imagenet: bool) -> A.BasicTransform:
+    if imagenet:
+        return A.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return A.Normalize(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), max_pixel_value=255.0)  # -> [0, 1]

@@ -62,7 +62,13 @@ def cmd_stage(args) -> int:
     from visionflow.stages import get_stage
 
     params, paths = _params_and_paths(args)
-    result = get_stage(args.name).run(params, paths)
+    try:
+        stage = get_stage(args.name, params)
+    except KeyError as exc:
+        from visionflow.errors import UserError
+
+        raise UserError(str(exc).strip('"')) from None
+    result = stage.run(params, paths)
     _print_summary(args.name, result)
     return 0
 
@@ -84,14 +90,23 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from visionflow.config import dataset_name
+
     params, paths = _params_and_paths(args)
+    try:
+        branch = params.branch(args.task or params.tasks[0])
+    except KeyError as exc:
+        from visionflow.errors import UserError
+
+        raise UserError(str(exc).strip('"')) from None
     if args.app == "mlflow":
         from visionflow.tracking import serve_ui
 
-        return serve_ui(params.register, paths, host=args.host, port=args.port or 5000)
+        return serve_ui(branch.register, paths, host=args.host, port=args.port or 5000)
     from visionflow.inspection import launch_app
 
-    return launch_app(params.inspect, host=args.host, port=args.port or 5151)
+    name = dataset_name(args.task or params.tasks[0], branch.inspect)
+    return launch_app(name, host=args.host, port=args.port or 5151)
 
 
 def cmd_weights(args) -> int:
@@ -144,7 +159,11 @@ def _model_store(args) -> str:
     from visionflow.tracking import resolve_tracking_uri
 
     params_file = Path(args.params or "params.yaml")
-    register = load_params(params_file).register if args.params or params_file.exists() else RegisterParams()
+    if args.params or params_file.exists():
+        params = load_params(params_file)
+        register = params.branch(params.tasks[0]).register
+    else:
+        register = RegisterParams()
     return resolve_tracking_uri(register, Paths(params_file.resolve().parent))
 
 
@@ -227,10 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-copy-images", action="store_true", help="write annotations only")
     exp.set_defaults(fn=cmd_export)
 
-    from visionflow.stages import STAGES
-
     stage = with_params(sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)"))
-    stage.add_argument("name", choices=[s.name for s in STAGES])
+    stage.add_argument("name", help="synth, ingest, split, or <stage>-<task> for a task branch, e.g. "
+                       "train-detect (stages: train, evaluate, register, inspect; tasks: the branches in params.yaml)")
     stage.set_defaults(fn=cmd_stage)
 
     run = with_params(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
@@ -245,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("app", choices=["mlflow", "fiftyone"])
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     ui.add_argument("--port", type=int, default=None)
+    ui.add_argument("--task", default=None, help="which branch's MLflow store / FiftyOne dataset (default: the first)")
     ui.set_defaults(fn=cmd_ui)
 
     w = sub.add_parser("weights", help="offline pretrained weights")

@@ -88,18 +88,45 @@ class SplitParams(Section):
         return self
 
 
+# Architectures per task (torchvision builder names, plus our own `unet`). Names only: the
+# builders live in visionflow.models / visionflow.tasks, imported when a stage runs.
+TASKS = ("classify", "detect", "segment")
+ARCHS: dict[str, tuple[str, ...]] = {
+    "classify": ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
+                 "mobilenet_v3_large", "vgg11", "vgg16", "efficientnet_b0"),
+    # maskrcnn_* also predict instance masks (evaluated as bbox and segm).
+    "detect": ("fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn",
+               "retinanet_resnet50_fpn_v2", "retinanet", "fcos_resnet50_fpn", "fcos",
+               "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn_v2", "maskrcnn"),
+    "segment": ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
+                "lraspp_mobilenet_v3_large", "unet"),
+}
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
+
+
 class ModelParams(Section):
-    arch: Literal[
-        "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
-        "mobilenet_v3_large", "vgg11", "vgg16", "efficientnet_b0",
-    ] = "resnet18"
-    # None: random init. A torchvision weights enum name (e.g. IMAGENET1K_V1), found in the
-    # torchvision cache under $TORCH_HOME (never downloaded), or a path to a state-dict file.
+    # One of ARCHS[task]. For detectors, the bare family names (fasterrcnn, retinanet, fcos,
+    # maskrcnn) are built on `backbone` with an FPN.
+    arch: str = "resnet18"
+    # None: random init. A torchvision weights enum name (e.g. IMAGENET1K_V1, COCO_V1), found in
+    # the torchvision cache under $TORCH_HOME (never downloaded), or a path to a state-dict file.
     weights: Optional[str] = None
-    # full: train everything; finetune: train the last `trainable_blocks` blocks and the head;
-    # feature_extract: train the head only.
+    # Dense tasks: the backbone network (None: the arch's own) and its ImageNet weights
+    # (enum name in the torchvision cache or a file; None: random init), and a width multiplier
+    # (MobileNet width; U-Net channel multiplier).
+    backbone: Optional[Literal[BACKBONES]] = None  # type: ignore[valid-type]
+    backbone_weights: Optional[str] = None
+    width: float = Field(1.0, gt=0, le=4)
+    # classify: full trains everything; finetune trains the last `trainable_blocks` blocks and
+    # the head; feature_extract trains the head only.
     mode: Literal["full", "finetune", "feature_extract"] = "full"
     trainable_blocks: int = Field(2, ge=0)
+    # Dense tasks with a pretrained backbone: how many of its last stages train (0-5; None: all).
+    trainable_backbone_layers: Optional[int] = Field(None, ge=0, le=5)
+    # Detectors: detections kept per image and their minimum score (COCO evaluation wants a
+    # low threshold; the App and serving filter higher).
+    score_threshold: float = Field(0.05, ge=0, lt=1)
+    detections_per_image: int = Field(100, ge=1)
 
 
 class AugmentParams(Section):
@@ -107,24 +134,34 @@ class AugmentParams(Section):
     # transforms, each {name: <class name>, <kwarg>: value, ...}; explicit list wins.
     preset: Literal["none", "light", "medium"] = "light"
     transforms: Optional[list[dict[str, Any]]] = None
+    # Detection: boxes smaller than this (px^2, after the transform) or with less than this
+    # fraction of their area left in the frame are dropped, with their labels and masks.
+    min_box_area: float = Field(4.0, ge=0)
+    min_visibility: float = Field(0.3, ge=0, le=1)
 
 
 class EarlyStoppingParams(Section):
-    metric: str = "val_accuracy"
+    # None: the task's primary metric (classify val_accuracy, detect val_map50, segment val_miou)
+    metric: Optional[str] = None
     mode: Literal["max", "min"] = "max"
     patience: int = Field(5, ge=1)
     min_delta: float = 0.0
 
 
 class TrainParams(Section):
-    task: Literal["classify"] = "classify"
     model: ModelParams = ModelParams()
     image_size: int = Field(96, ge=16)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     warmup_epochs: int = Field(0, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"  # after warmup
+    step_epochs: int = Field(5, ge=1)  # step: multiply the LR by `gamma` every this many epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: Optional[float] = Field(5.0, gt=0)  # max global gradient norm; null: off
     augment: AugmentParams = AugmentParams()
     early_stopping: Optional[EarlyStoppingParams] = EarlyStoppingParams()
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -135,21 +172,29 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    top_k: int = Field(3, ge=1)
+    top_k: int = Field(3, ge=1)  # classify
     batch_size: int = Field(64, ge=1)
+    # detect/segment: predictions drawn in the figure grid and sent to FiftyOne score at least this
+    score_threshold: float = Field(0.3, ge=0, le=1)
+    iou_threshold: float = Field(0.5, gt=0, lt=1)  # FiftyOne's TP/FP/FN matching
+    grid_images: int = Field(12, ge=0)  # test images drawn with predicted and true labels
 
 
 class RegisterParams(Section):
     # None: $MLFLOW_TRACKING_URI if set, else a sqlite file in the project (see visionflow.paths).
     tracking_uri: Optional[str] = None
     experiment: str = "visionflow"
-    model_name: str = "visionflow-shapes-classifier"
+    model_name: Optional[str] = None  # None: visionflow-<task>
     alias: str = "candidate"
 
 
 class InspectParams(Section):
-    dataset_name: str = "visionflow-shapes-test"
+    dataset_name: Optional[str] = None  # None: visionflow-<task>-<split>
     split: Literal["train", "val", "test"] = "test"
+    # detect: predictions below this confidence are not loaded into FiftyOne, and FiftyOne's
+    # evaluate_detections matches at this IoU (the stage's COCO AP uses every prediction)
+    min_confidence: float = Field(0.3, ge=0, le=1)
+    iou_threshold: float = Field(0.5, gt=0, lt=1)
 
 
 # `register` is a stage name; pydantic warns that it shadows BaseModel.register (an ABC
@@ -157,14 +202,58 @@ class InspectParams(Section):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
-class Params(Section):
-    synth: SynthParams = SynthParams()
-    ingest: IngestParams
-    split: SplitParams = SplitParams()
+class BranchParams(Section):
+    """One task's train -> evaluate -> register -> inspect branch."""
+
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
     inspect: InspectParams = InspectParams()
+
+
+def model_name(task: str, params: RegisterParams) -> str:
+    return params.model_name or f"visionflow-{task}"
+
+
+def dataset_name(task: str, params: InspectParams) -> str:
+    return params.dataset_name or f"visionflow-{task}-{params.split}"
+
+
+class Params(Section):
+    synth: SynthParams = SynthParams()
+    ingest: IngestParams
+    split: SplitParams = SplitParams()
+    # One branch per task present; the pipeline runs the branches in this order.
+    classify: Optional[BranchParams] = None
+    detect: Optional[BranchParams] = None
+    segment: Optional[BranchParams] = None
+
+    @model_validator(mode="after")
+    def _branches(self) -> "Params":
+        tasks = self.tasks
+        if not tasks:
+            raise ValueError(f"params.yaml needs at least one task branch: {', '.join(TASKS)}")
+        for task in tasks:
+            arch = self.branch(task).train.model.arch
+            if arch not in ARCHS[task]:
+                raise ValueError(f"{task}.train.model.arch: {arch!r} is not a {task} architecture; "
+                                 f"choose one of {', '.join(ARCHS[task])}")
+        for what, name_of in (("register.model_name", lambda t: model_name(t, self.branch(t).register)),
+                              ("inspect.dataset_name", lambda t: dataset_name(t, self.branch(t).inspect))):
+            names = [name_of(t) for t in tasks]
+            if len(set(names)) != len(names):
+                raise ValueError(f"every branch needs its own {what}; got {dict(zip(tasks, names))}")
+        return self
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in TASKS if getattr(self, t) is not None)
+
+    def branch(self, task: str) -> BranchParams:
+        b = getattr(self, task, None) if task in TASKS else None
+        if b is None:
+            raise KeyError(f"params.yaml has no {task!r} branch; branches: {', '.join(self.tasks)}")
+        return b
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,8 @@
 """One training engine for every task (see visionflow.tasks.base for the contract).
 
-Device selection, AMP and channels_last on CUDA, warmup + cosine LR per step, gradient
-clipping, per-epoch atomic checkpoints, exact resume, early stopping, progress bars.
+Device selection, AMP and channels_last on CUDA, AdamW or SGD, warmup then cosine or step LR
+(per step), gradient clipping, per-epoch atomic checkpoints, exact resume, early stopping,
+progress bars, and DDP under torchrun (see visionflow.distributed).
 
 Exact resume: every epoch reseeds torch, numpy, python, the loader's shuffling generator and
 the augmentation pipeline from (seed, epoch), so epoch e does the same work whether the run
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from visionflow.distributed import SINGLE, DistInfo, barrier, broadcast
 from visionflow.io import write_with
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ class FitConfig:
     lr: float
     weight_decay: float = 1e-4
     warmup_epochs: int = 0
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9
+    schedule: str = "cosine"  # cosine | step (after warmup)
+    step_epochs: int = 5
+    gamma: float = 0.1
     grad_clip: Optional[float] = 5.0
     amp: bool = True
     seed: int = 0
@@ -71,16 +78,26 @@ class FitResult:
     stopped_early: bool
     resumed_from: int  # epochs already done when this process started (0: fresh)
     device: str
+    world_size: int = 1
     best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
-def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: int):
+def build_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: int,
+                    schedule: str = "cosine", step_epochs: int = 5, gamma: float = 0.1):
     total = max(1, epochs * steps_per_epoch)
     warmup = min(warmup_epochs * steps_per_epoch, total - 1)
 
-    def factor(step: int) -> float:  # linear warmup, then cosine to 1% of the base LR
+    def factor(step: int) -> float:  # linear warmup, then cosine to 1% of the base LR or steps
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "step":
+            return gamma ** ((step - warmup) // max(1, step_epochs * steps_per_epoch))
         t = (step - warmup) / max(1, total - warmup)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -127,15 +144,17 @@ def _improved(value: float, best: Optional[float], mode: str, min_delta: float) 
 
 def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[DataLoader], cfg: FitConfig,
         ckpt_dir: Path, device: torch.device, reseed: Callable[[int], None],
-        on_epoch: Optional[Callable[[dict[str, float]], None]] = None) -> FitResult:
+        on_epoch: Optional[Callable[[dict[str, float]], None]] = None, dist_info: DistInfo = SINGLE) -> FitResult:
     """Train `model` for cfg.epochs (or until early stopping); `reseed(epoch)` resets every
-    source of randomness the data pipeline owns (loader generator, augmentation)."""
+    source of randomness the data pipeline owns (loader generator or sampler, augmentation).
+    Under DDP every rank calls this with its own shard of the data (DistributedSampler)."""
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.epochs, len(train_loader), cfg.warmup_epochs)
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg.epochs, len(train_loader), cfg.warmup_epochs,
+                                cfg.schedule, cfg.step_epochs, cfg.gamma)
     amp_dtype = None
     if cfg.amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -145,6 +164,10 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
     state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
     resumed_from = _maybe_resume(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
     best_state = _load_best(ckpt_dir) if resumed_from else {}
+    # DDP averages gradients across ranks in backward; `net` is what trains, `model` what is saved.
+    net = model
+    if dist_info.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stopped"]:
@@ -153,11 +176,12 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         seed_everything(cfg.seed * 1000 + epoch)
         reseed(cfg.seed * 1000 + epoch)
         row = {"epoch": epoch}
-        row.update(train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip, epoch))
-        if val_loader is not None and len(val_loader.dataset):
+        row.update(train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip, epoch))
+        if dist_info.is_main and val_loader is not None and len(val_loader.dataset):
             row.update(task.val_metrics(model, val_loader, device))
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.perf_counter() - t0, 3)
+        row = broadcast(row, dist_info)  # rank 0's metrics decide for everyone
         state["history"].append(row)
 
         metric = cfg.early_metric if cfg.early_metric in row else "train_loss"
@@ -165,21 +189,25 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         if _improved(row[metric], state["best"], mode, cfg.min_delta):
             state.update(best=row[metric], best_epoch=epoch, bad_epochs=0)
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            write_with(ckpt_dir / BEST, lambda p: torch.save(best_state, p))
+            if dist_info.is_main:
+                write_with(ckpt_dir / BEST, lambda p: torch.save(best_state, p))
         else:
             state["bad_epochs"] += 1
             if cfg.early_metric and state["bad_epochs"] >= cfg.patience:
                 state["stopped"] = True
                 log.info("early stopping after epoch %d: %s has not improved for %d epochs", epoch, metric, cfg.patience)
         state["epoch"] = epoch
-        _save_checkpoint(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
-        log.info("epoch %d/%d %s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-        if on_epoch:
-            on_epoch(row)
+        if dist_info.is_main:
+            _save_checkpoint(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+            log.info("epoch %d/%d %s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+            if on_epoch:
+                on_epoch(row)
+        barrier(dist_info)  # no rank runs ahead of the checkpoint
 
     best_row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
     return FitResult(state["history"], state["best_epoch"], best_row, state["stopped"], resumed_from,
-                     str(device), best_state or {k: v.cpu() for k, v in model.state_dict().items()})
+                     str(device), dist_info.world_size,
+                     best_state or {k: v.cpu() for k, v in model.state_dict().items()})
 
 
 def _save_checkpoint(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler, scaler, state: dict) -> None:

@@ -9,13 +9,19 @@ Fields of a sample in the FiftyOne dataset (one sample per manifest sample of th
     sample_id, sha256        our manifest id and content hash
     tags                     [split]
     metadata                 fo.ImageMetadata(width, height) from the manifest
-    ground_truth             fo.Classification            (classification task)
-    ground_truth_detections  fo.Detections                (from the manifest's instances)
-    predictions              fo.Classification(label, confidence, logits=log(probs))
-    eval                     bool, written by FiftyOne's evaluate_classifications
+    classify  ground_truth             fo.Classification
+              ground_truth_detections  fo.Detections (the manifest's instances, for context)
+              predictions              fo.Classification(label, confidence, logits=log(probs))
+              eval                     bool, from FiftyOne's evaluate_classifications
+    detect    ground_truth             fo.Detections (instance masks too for mask models)
+              predictions              fo.Detections with confidences (and instance masks)
+              eval_tp / eval_fp / eval_fn counts, and per box `eval` = tp/fp/fn, from
+              FiftyOne's evaluate_detections (COCO-style matching at inspect's IoU)
+    segment   ground_truth             fo.Segmentation (painted from the instances)
+              predictions              fo.Segmentation(mask_path=the evaluate stage's PNG)
+              eval_accuracy / eval_precision / eval_recall, from evaluate_segmentations
 
-Labels are built by small per-task functions (`GROUND_TRUTH`, `PREDICTIONS`) so detection
-and segmentation predictions add entries there rather than branches here.
+Labels are built by small per-task functions (`GROUND_TRUTH`, `PREDICTIONS`).
 """
 from __future__ import annotations
 
@@ -34,7 +40,6 @@ if "FIFTYONE_DATABASE_URI" not in os.environ:
 
 import fiftyone as fo  # noqa: E402
 
-from visionflow.config import InspectParams
 from visionflow.errors import DataError, UserError
 from visionflow.manifest import Category, Sample, image_label
 
@@ -51,19 +56,42 @@ def classification_ground_truth(sample: Sample, names: list[str]) -> dict[str, A
     return {"ground_truth": None if cid is None else fo.Classification(label=names[cid])}
 
 
-def detection_ground_truth(sample: Sample, names: list[str]) -> dict[str, Any]:
+def _relative_box(box, w: float, h: float) -> list[float]:
     # Canonical boxes are absolute xyxy pixels; FiftyOne wants [x, y, w, h] relative to the
     # image size, top-left origin.
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [x1 / w, y1 / h, (x2 - x1) / w, (y2 - y1) / h]
+
+
+def _box_crop(full: "np.ndarray", box) -> "np.ndarray":
+    """A full-image boolean mask -> the part inside the box (FiftyOne's instance-mask layout)."""
+    import numpy as np
+
+    h, w = full.shape
+    x1, y1 = int(np.floor(max(box[0], 0))), int(np.floor(max(box[1], 0)))
+    x2, y2 = int(np.ceil(min(box[2], w))), int(np.ceil(min(box[3], h)))
+    return full[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)]
+
+
+def detection_ground_truth(sample: Sample, names: list[str], field: str = "ground_truth_detections",
+                           masks: bool = False) -> dict[str, Any]:
     w, h = float(sample.width), float(sample.height)
     dets = []
-    for inst in sample.instances:
-        x1, y1, x2, y2 = inst.bbox
-        dets.append(fo.Detection(
-            label=names[inst.category_id],
-            bounding_box=[x1 / w, y1 / h, (x2 - x1) / w, (y2 - y1) / h],
-            iscrowd=bool(inst.iscrowd),
-        ))
-    return {"ground_truth_detections": fo.Detections(detections=dets)}
+    for i, inst in enumerate(sample.instances):
+        det = fo.Detection(label=names[inst.category_id], bounding_box=_relative_box(inst.bbox, w, h),
+                           iscrowd=bool(inst.iscrowd))
+        if masks and (inst.polygons or inst.rle is not None):
+            from visionflow.formats.masks import instance_mask
+
+            det.mask = _box_crop(instance_mask(inst, sample.height, sample.width, f"{sample.id} instance #{i}"), inst.bbox)
+        dets.append(det)
+    return {field: fo.Detections(detections=dets)}
+
+
+def semantic_ground_truth(sample: Sample, names: list[str]) -> dict[str, Any]:
+    from visionflow.formats.masks import semantic_mask
+
+    return {"ground_truth": fo.Segmentation(mask=semantic_mask(sample))}
 
 
 # --- predictions, per task: (prediction record, class names) -> {field: label} ---
@@ -79,14 +107,38 @@ def classification_prediction(pred: dict[str, Any], names: list[str]) -> dict[st
     )}
 
 
+def detection_prediction(pred: dict[str, Any], sample: Sample, names: list[str]) -> dict[str, Any]:
+    from visionflow.formats.masks import decode_rle
+
+    w, h = float(sample.width), float(sample.height)
+    masks = pred.get("masks")
+    dets = []
+    for j, (box, label, score) in enumerate(zip(pred["boxes"], pred["labels"], pred["scores"])):
+        det = fo.Detection(label=names[int(label)], bounding_box=_relative_box(box, w, h), confidence=float(score))
+        if masks is not None:
+            det.mask = _box_crop(decode_rle(masks[j], sample.height, sample.width, f"{sample.id} prediction #{j}"), box)
+        dets.append(det)
+    return {"predictions": fo.Detections(detections=dets)}
+
+
+def segmentation_prediction(pred: dict[str, Any], sample: Sample, names: list[str]) -> dict[str, Any]:
+    return {"predictions": fo.Segmentation(mask_path=str(pred["mask_path"]))}
+
+
 GroundTruthFn = Callable[[Sample, list[str]], dict[str, Any]]
-PredictionFn = Callable[[dict[str, Any], list[str]], dict[str, Any]]
+PredictionFn = Callable[[dict[str, Any], Sample, list[str]], dict[str, Any]]
 
 GROUND_TRUTH: dict[str, tuple[GroundTruthFn, ...]] = {
     "classify": (classification_ground_truth, detection_ground_truth),
+    "detect": (lambda s, names: detection_ground_truth(s, names, "ground_truth"),),
+    "detect_masks": (lambda s, names: detection_ground_truth(s, names, "ground_truth", masks=True),),
+    "segment": (semantic_ground_truth,),
 }
 PREDICTIONS: dict[str, PredictionFn] = {
-    "classify": classification_prediction,
+    "classify": lambda pred, s, names: classification_prediction(pred, names),
+    "detect": detection_prediction,
+    "detect_masks": detection_prediction,
+    "segment": segmentation_prediction,
 }
 
 
@@ -98,6 +150,7 @@ def build_dataset(
     project_root: Path,
     split: str,
     task: str = "classify",
+    iou_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """(Re)create the persistent FiftyOne dataset `name` from the samples of one split.
 
@@ -112,7 +165,8 @@ def build_dataset(
         raise DataError(first.image_path(project_root), f"image not found ({len(missing)} of {len(samples)} missing)",
                         record=first.id, hint="re-run ingest, or check the source image root in params.yaml")
 
-    gt_builders, pred_builder = GROUND_TRUTH[task], PREDICTIONS[task]
+    kind = "detect_masks" if task == "detect" and any("masks" in p for p in predictions.values()) else task
+    gt_builders, pred_builder = GROUND_TRUTH[kind], PREDICTIONS[kind]
     fo_samples = []
     for s in samples:
         fields: dict[str, Any] = {
@@ -124,18 +178,24 @@ def build_dataset(
         for build in gt_builders:
             fields.update(build(s, names))
         if s.id in predictions:
-            fields.update(pred_builder(predictions[s.id], names))
+            fields.update(pred_builder(predictions[s.id], s, names))
         fo_samples.append(fo.Sample(filepath=str(s.image_path(project_root).resolve()), **fields))
 
     dataset = fo.Dataset(name, persistent=True, overwrite=True)
     dataset.default_classes = names
+    if task == "segment":  # mask value -> class name, so the App shows names
+        dataset.default_mask_targets = {0: "background", **{k + 1: n for k, n in enumerate(names)}}
     dataset.info = {"split": split, "task": task, "categories": names}
     dataset.add_samples(fo_samples, progress=False)  # one call; FiftyOne batches the inserts
     dataset.save()
 
-    summary = {"dataset": name, "samples": len(dataset), "with_predictions": 0, "accuracy": None}
+    summary = {"dataset": name, "task": task, "samples": len(dataset), "with_predictions": 0, "accuracy": None}
     if task == "classify":
         summary.update(_evaluate_classifications(dataset, names))
+    elif task == "detect":
+        summary.update(_evaluate_detections(dataset, names, iou_threshold, use_masks=kind == "detect_masks"))
+    else:
+        summary.update(_evaluate_segmentations(dataset, dataset.default_mask_targets))
     log.info("FiftyOne dataset %r: %d samples, %d with predictions", name, summary["samples"],
              summary["with_predictions"])
     return summary
@@ -156,6 +216,30 @@ def _evaluate_classifications(dataset: "fo.Dataset", names: list[str]) -> dict[s
     return {"with_predictions": with_predictions, "accuracy": float(results.metrics()["accuracy"])}
 
 
+def _evaluate_detections(dataset: "fo.Dataset", names: list[str], iou: float, use_masks: bool) -> dict[str, Any]:
+    view = dataset.exists("predictions")
+    if len(view) == 0:
+        return {"with_predictions": 0}
+    # COCO-style matching (crowds respected); TP/FP/FN land on every box and sample so the App
+    # can filter them (e.g. match(F("eval_fp") > 0)).
+    results = view.evaluate_detections("predictions", gt_field="ground_truth", eval_key=EVAL_KEY, method="coco",
+                                       iou=iou, classes=names, use_masks=use_masks, compute_mAP=True, progress=False)
+    counts = {k: int(sum(view.values(f"{EVAL_KEY}_{k}"))) for k in ("tp", "fp", "fn")}
+    return {"with_predictions": len(view), "eval_key": EVAL_KEY, "iou": iou, "use_masks": use_masks,
+            "fiftyone_mAP": float(results.mAP()), **counts}
+
+
+def _evaluate_segmentations(dataset: "fo.Dataset", targets: dict[int, str]) -> dict[str, Any]:
+    view = dataset.exists("predictions")
+    if len(view) == 0:
+        return {"with_predictions": 0}
+    results = view.evaluate_segmentations("predictions", gt_field="ground_truth", eval_key=EVAL_KEY,
+                                          mask_targets=targets, progress=False)
+    m = results.metrics()
+    return {"with_predictions": len(view), "eval_key": EVAL_KEY,
+            **{f"fiftyone_{k}": float(m[k]) for k in ("accuracy", "precision", "recall") if k in m}}
+
+
 def dataset_summary(name: str) -> Optional[dict[str, Any]]:
     """What the database holds for dataset `name`, or None if it does not exist."""
     if not fo.dataset_exists(name):
@@ -163,7 +247,7 @@ def dataset_summary(name: str) -> Optional[dict[str, Any]]:
     ds = fo.load_dataset(name)
     accuracy = None
     if EVAL_KEY in ds.list_evaluations():
-        accuracy = float(ds.load_evaluation_results(EVAL_KEY).metrics()["accuracy"])
+        accuracy = ds.load_evaluation_results(EVAL_KEY).metrics().get("accuracy")
     return {
         "dataset": name,
         "persistent": bool(ds.persistent),
@@ -189,15 +273,15 @@ def delete_dataset(name: str) -> bool:
     return False
 
 
-def launch_app(params: InspectParams, host: str = "127.0.0.1", port: int = 5151) -> int:
-    """Serve the FiftyOne App on `host:port` for the inspect dataset; blocks until Ctrl-C
+def launch_app(name: str, host: str = "127.0.0.1", port: int = 5151) -> int:
+    """Serve the FiftyOne App on `host:port` for dataset `name`; blocks until Ctrl-C
     (or SIGTERM)."""
-    dataset = load_dataset(params.dataset_name)
+    dataset = load_dataset(name)
     session = fo.launch_app(dataset, address=host, port=port, auto=False)
     # The dataset's own route: the App root shows "No dataset selected" until the session
     # has reached the server, which can take 10+ s on a slow first start.
-    url = f"http://{host}:{port}/datasets/{quote(params.dataset_name)}"
-    print(f"FiftyOne App for dataset {params.dataset_name!r} ({len(dataset)} samples): {url}  "
+    url = f"http://{host}:{port}/datasets/{quote(name)}"
+    print(f"FiftyOne App for dataset {name!r} ({len(dataset)} samples): {url}  "
           f"(Ctrl-C to stop)", flush=True)
     # A plain SIGTERM would skip interpreter shutdown and orphan FiftyOne's server process.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -48,21 +48,36 @@ def serve_schedule(params_file: Path, cron: str, name: str) -> None:
     serve(deployment)
 
 
+def _headline(ev: dict[str, Any]) -> str:
+    task = ev.get("task", "classify")
+    if task == "classify":
+        return (f"accuracy {ev.get('accuracy')}, top-k accuracy {ev.get('top_k_accuracy')}, "
+                f"macro F1 {ev.get('macro_f1')}")
+    if task == "detect":
+        mask = f", mask AP {ev['mask_AP']}" if "mask_AP" in ev else ""
+        return f"mAP@0.5 {ev.get('AP50')}, mAP@[.5:.95] {ev.get('AP')}{mask}"
+    return f"mIoU {ev.get('miou')}, pixel accuracy {ev.get('pixel_accuracy')}"
+
+
 def print_report(results: dict[str, Any], params_file: Path) -> None:
-    ev, reg, ins = results.get("evaluate", {}), results.get("register", {}), results.get("inspect", {})
     p = f" --params {params_file}" if params_file != Path("params.yaml").resolve() else ""
-    lines = [
-        "",
-        "visionflow pipeline finished",
-        f"  test split:  {ev.get('test_images')} images, accuracy {ev.get('accuracy')}, "
-        f"top-k accuracy {ev.get('top_k_accuracy')}, macro F1 {ev.get('macro_f1')}",
-        f"  model:       {reg.get('model_name')} version {reg.get('version')} alias @{reg.get('alias')}",
-        f"  tracking:    {reg.get('tracking_uri')}",
-        f"  FiftyOne:    dataset {ins.get('dataset')!r} ({ins.get('samples')} samples)",
+    tasks = [name.split("-", 1)[1] for name in results if name.startswith("train-")]
+    lines = ["", "visionflow pipeline finished"]
+    for task in tasks:
+        ev, reg, ins = (results.get(f"{stage}-{task}", {}) for stage in ("evaluate", "register", "inspect"))
+        lines += [
+            f"  {task}:",
+            f"    test split:  {ev.get('test_images')} images, {_headline(ev)}",
+            f"    model:       {reg.get('model_name')} version {reg.get('version')} alias @{reg.get('alias')}",
+            f"    FiftyOne:    dataset {ins.get('dataset')!r} ({ins.get('samples')} samples)",
+        ]
+    tracking = {results.get(f"register-{t}", {}).get("tracking_uri") for t in tasks} - {None}
+    lines += [
+        f"  tracking:      {', '.join(sorted(tracking))}",
         "",
         "Look at it:",
         f"  MLflow UI:     .venv/bin/visionflow ui mlflow{p}      # http://127.0.0.1:5000",
-        f"  FiftyOne App:  .venv/bin/visionflow ui fiftyone{p}    # http://127.0.0.1:5151",
+        *(f"  FiftyOne App:  .venv/bin/visionflow ui fiftyone --task {t}{p}    # http://127.0.0.1:5151" for t in tasks),
         "",
     ]
     print("\n".join(lines))

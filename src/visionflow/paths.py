@@ -6,13 +6,15 @@ root (the folder holding params.yaml and dvc.yaml).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Paths:
     root: Path = Path(".")
+    # The task branch whose outputs the branch properties name (models/<task>, metrics/<task>/...).
+    task: str = "classify"
 
     def _p(self, rel: str) -> Path:
         return self.root / rel
@@ -52,54 +54,77 @@ class Paths:
     def split_report(self) -> Path:
         return self._p("metrics/split.json")
 
-    # --- train ---
+    # --- one task branch (train -> evaluate -> register -> inspect), under paths.task ---
+    def for_task(self, task: str) -> "Paths":
+        return replace(self, task=task)
+
+    def _t(self, folder: str, name: str) -> Path:
+        return self.root / folder / self.task / name
+
     @property
     def model_dir(self) -> Path:
-        return self._p("models/classify")
+        return self.root / "models" / self.task
 
     @property
     def checkpoint_dir(self) -> Path:
         # Not a DVC output: a scratch area that lets an interrupted train stage resume.
-        return self._p("models/checkpoints/classify")
+        return self.root / "models" / "checkpoints" / self.task
 
     @property
     def train_metrics(self) -> Path:
-        return self._p("metrics/train.json")
+        return self._t("metrics", "train.json")
 
     @property
     def train_history(self) -> Path:
-        return self._p("plots/train_history.csv")
+        return self._t("plots", "train_history.csv")
 
-    # --- evaluate ---
     @property
     def eval_metrics(self) -> Path:
-        return self._p("metrics/evaluate.json")
+        return self._t("metrics", "evaluate.json")
 
     @property
     def predictions(self) -> Path:
-        return self._p("reports/predictions_test.jsonl")
+        return self._t("reports", "predictions_test.jsonl")
+
+    @property
+    def coco_results(self) -> Path:
+        # detect: the test predictions as a COCO results file (with coco_gt, the evaluator's inputs)
+        return self._t("reports", "results_test.json")
+
+    @property
+    def coco_gt(self) -> Path:
+        return self._t("reports", "gt_test.json")
 
     @property
     def confusion_csv(self) -> Path:
-        return self._p("plots/confusion.csv")
+        return self._t("plots", "confusion.csv")
 
     @property
     def per_class_csv(self) -> Path:
-        return self._p("plots/per_class.csv")
+        return self._t("plots", "per_class.csv")
+
+    @property
+    def pr_curve_csv(self) -> Path:
+        return self._t("plots", "pr_curve.csv")
+
+    @property
+    def pred_masks_dir(self) -> Path:
+        # segment: one PNG of predicted class values (0 background, c + 1) per test image
+        return self._t("reports", "pred_masks")
 
     @property
     def figures_dir(self) -> Path:
-        return self._p("reports/figures")
+        return self._t("reports", "figures")
 
-    # --- register / inspect ---
     @property
     def registration(self) -> Path:
-        return self._p("reports/registration.json")
+        return self._t("reports", "registration.json")
 
     @property
     def inspection(self) -> Path:
-        return self._p("reports/inspect.json")
+        return self._t("reports", "inspect.json")
 
+    # --- shared services ---
     @property
     def mlflow_db(self) -> Path:
         return self._p("mlflow.db")

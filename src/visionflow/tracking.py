@@ -51,10 +51,10 @@ _MODEL_REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pil
 
 
 class VisionflowPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow face of pyfunc_model.ImageClassifierModel (see there for the I/O contract)."""
+    """MLflow face of pyfunc_model.VisionModel (see there for the I/O contract)."""
 
     def load_context(self, context) -> None:
-        self._model = pyfunc_model.ImageClassifierModel()
+        self._model = pyfunc_model.VisionModel()
         self._model.load(context.artifacts["model_dir"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -125,14 +125,35 @@ def _history_metrics(history_csv: Path, now_ms: int) -> list[Metric]:
     return metrics
 
 
+def test_metric_values(eval_metrics: dict[str, Any]) -> dict[str, float]:
+    """metrics/<task>/evaluate.json -> the run's test_* metrics (task-specific)."""
+    task = eval_metrics.get("task", "classify")
+    values: dict[str, float] = {}
+    if task == "classify":
+        values.update(test_accuracy=eval_metrics["accuracy"], test_top_k_accuracy=eval_metrics["top_k_accuracy"],
+                      test_macro_f1=eval_metrics["macro_f1"])
+        for name, stats in eval_metrics.get("per_class", {}).items():
+            values[f"test_f1_{name}"] = stats["f1"]
+    elif task == "detect":
+        for prefix, block in (("test_", eval_metrics), ("test_mask_", eval_metrics.get("segm") or {})):
+            for stat in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"):
+                if stat in block and block[stat] is not None and block[stat] >= 0:  # -1: undefined
+                    values[f"{prefix}{stat}"] = block[stat]
+            for name, ap in block.get("per_class_AP", {}).items():
+                if ap is not None and ap >= 0:
+                    values[f"{prefix}AP_{name}"] = ap
+    elif task == "segment":
+        for key in ("miou", "dice", "pixel_accuracy", "mean_accuracy"):
+            if eval_metrics.get(key) is not None:
+                values[f"test_{key}"] = eval_metrics[key]
+        for name, stats in eval_metrics.get("per_class", {}).items():
+            if stats.get("IoU") is not None:
+                values[f"test_iou_{name}"] = stats["IoU"]
+    return {_metric_key(k): float(v) for k, v in values.items()}
+
+
 def _summary_metrics(eval_metrics: dict[str, Any], train_metrics: dict[str, Any], now_ms: int) -> list[Metric]:
-    values: dict[str, float] = {
-        "test_accuracy": eval_metrics["accuracy"],
-        "test_top_k_accuracy": eval_metrics["top_k_accuracy"],
-        "test_macro_f1": eval_metrics["macro_f1"],
-    }
-    for name, stats in eval_metrics.get("per_class", {}).items():
-        values[_metric_key(f"test_f1_{name}")] = stats["f1"]
+    values = test_metric_values(eval_metrics)
     for key in ("best_epoch", "epochs_run"):
         if isinstance(train_metrics.get(key), (int, float)):
             values[f"train_{key}"] = train_metrics[key]
@@ -150,10 +171,10 @@ def _log_batch(client: MlflowClient, run_id: str, metrics: list[Metric], params:
         client.log_batch(run_id, tags=tags[i:i + 100])
 
 
-def model_signature() -> ModelSignature:
+def model_signature(task: str = "classify") -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("string", pyfunc_model.INPUT_COLUMN)]),
-        outputs=Schema([ColSpec(t, name) for name, t in pyfunc_model.OUTPUT_COLUMNS.items()]),
+        outputs=Schema([ColSpec(t, name) for name, t in pyfunc_model.OUTPUT_COLUMNS[task].items()]),
     )
 
 
@@ -200,8 +221,12 @@ def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dic
     now_ms = int(time.time() * 1000)
     run_params = {f"train.{k}": v for k, v in flatten(meta.get("params", {})).items()}
     run_params.update({"model.arch": str(meta.get("arch")), "model.num_classes": str(meta.get("num_classes")),
-                       "model.image_size": str(meta.get("image_size")), "test.k": str(eval_metrics.get("k")),
-                       "test.n": str(eval_metrics.get("n"))})
+                       "model.image_size": str(meta.get("image_size")), "test.n": str(eval_metrics.get("n"))})
+    if "k" in eval_metrics:
+        run_params["test.k"] = str(eval_metrics["k"])
+    for block, prefix in ((eval_metrics.get("evaluator"), "eval.bbox."), ((eval_metrics.get("segm") or {}).get("evaluator"), "eval.segm.")):
+        if block:  # the reference evaluator's settings next to our numbers
+            run_params.update({f"{prefix}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in block.items()})
     run_tags = {"visionflow.task": str(meta.get("task", "classify")), "visionflow.version": visionflow.__version__,
                 **({"train.device": str(train_metrics["device"])} if "device" in train_metrics else {}), **tags}
     _log_batch(
@@ -214,6 +239,9 @@ def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dic
         mlflow.log_artifacts(str(paths.figures_dir), "figures")
     for f in (paths.eval_metrics, paths.train_metrics, paths.train_history):
         mlflow.log_artifact(str(f), "metrics")
+    for f in (paths.predictions, paths.coco_gt, paths.coco_results, paths.pr_curve_csv, paths.per_class_csv):
+        if f.exists():  # COCO files: re-check the numbers with any COCO tool
+            mlflow.log_artifact(str(f), "predictions" if f.suffix in (".json", ".jsonl") else "plots")
     for f in (paths.validation_report, paths.split_report):  # what ingest found, how the data was split
         if f.exists():
             mlflow.log_artifact(str(f), "data")
@@ -231,7 +259,7 @@ def _log_and_register_model(model_dir: Path, meta: dict[str, Any], model_name: s
             artifacts={"model_dir": str(model_dir.resolve())},
             # The package travels with the model, so it loads where visionflow is not installed.
             code_paths=[str(Path(visionflow.__file__).parent)],
-            signature=model_signature(),
+            signature=model_signature(meta.get("task", "classify")),
             input_example=pyfunc_model.example_frame(meta),
             pip_requirements=_requirements(),
             registered_model_name=model_name,

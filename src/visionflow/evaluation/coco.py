@@ -44,8 +44,11 @@ AREA_RANGES = {"all": (0 ** 2, 1e5 ** 2), "small": (0 ** 2, 32 ** 2),
 _AREA = np.array(list(AREA_RANGES.values()), dtype=float)  # (A, 2)
 
 
-def evaluate_coco(gt: dict | str | Path, dt: list | str | Path, iou_type: str = "bbox") -> dict:
-    """COCO AP/AR of detections `dt` (results list) against the dataset `gt` (dict or JSON path)."""
+def evaluate_coco(gt: dict | str | Path, dt: list | str | Path, iou_type: str = "bbox", curves: bool = False) -> dict:
+    """COCO AP/AR of detections `dt` (results list) against the dataset `gt` (dict or JSON path).
+
+    curves=True adds "pr_curves": {class name: precision at each of the 101 recall thresholds
+    ("recall_thresholds"), IoU 0.5, all areas, 100 detections; -1 where undefined}."""
     if iou_type not in IOU_TYPES:
         raise UserError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     gt_file, gt = _load(gt, "<gt>", dict)
@@ -59,7 +62,12 @@ def evaluate_coco(gt: dict | str | Path, dt: list | str | Path, iou_type: str = 
     stats = _summarize(precision, recall)
     names = _category_names(gt, cat_ids)
     per_class = {names[k]: _mean_defined(precision[:, :, k, 0, -1]) for k in range(len(cat_ids))}
-    return {**stats, "per_class": per_class, "settings": {
+    extra = {}
+    if curves:
+        extra["recall_thresholds"] = [round(float(r), 2) for r in REC_THRS]
+        extra["pr_curves"] = {names[k]: precision[0, :, k, 0, -1].tolist() for k in range(len(cat_ids))}
+        extra["per_class_ap50"] = {names[k]: _mean_defined(precision[0, :, k, 0, -1]) for k in range(len(cat_ids))}
+    return {**stats, "per_class": per_class, **extra, "settings": {
         "iou_type": iou_type, "max_dets": list(MAX_DETS),
         "area_ranges": {k: list(v) for k, v in AREA_RANGES.items()},
         "iou_thresholds": [round(float(t), 2) for t in IOU_THRS], "recall_thresholds": len(REC_THRS)}}

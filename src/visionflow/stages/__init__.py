@@ -1,16 +1,20 @@
 """The stage table: the pipeline's single source of truth.
 
 Each stage is a plain function `fn(section, paths) -> dict` of its own typed section of
-params.yaml. `dvc.yaml` is generated from this table (`visionflow dvc-yaml`, checked by a
-test), the Prefect flow in flows/pipeline.py iterates over it, and `visionflow stage NAME`
-runs one entry. Stage functions are imported lazily so the CLI starts fast.
+params.yaml. synth, ingest and split run once; train, evaluate, register and inspect run once
+per task branch present in params.yaml (classify, detect, segment), on that branch's section
+(`detect.train`, ...) with `paths.task` set, as stages named `train-detect` and so on.
+`pipeline_stages(params)` expands the table in DAG order; `dvc.yaml` is generated from it
+(`visionflow dvc-yaml`, checked by a test), the Prefect flow in flows/pipeline.py iterates over
+it, and `visionflow stage NAME` runs one entry. Stage functions are imported lazily so the CLI
+starts fast.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from visionflow.paths import Paths
 
@@ -35,18 +39,63 @@ class Stage:
     plots: PathsFn = _none
     # Outputs with side effects elsewhere (MLflow, FiftyOne): not cached by DVC.
     uncached: PathsFn = _none
+    branch: bool = False  # runs once per task branch (paths passed with .task set)
     doc: str = ""
-
-    @property
-    def section(self) -> str:
-        return self.name
 
     def load(self) -> Callable[..., dict[str, Any]]:
         module, _, attr = self.func.partition(":")
         return getattr(importlib.import_module(module), attr)
 
+
+@dataclass(frozen=True)
+class BoundStage:
+    """One stage of the pipeline: a table entry, for one task branch if it is a branch stage."""
+
+    stage: Stage
+    task: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage.name}-{self.task}" if self.task else self.stage.name
+
+    @property
+    def section(self) -> str:
+        """Dotted params.yaml section the stage reads (`split`, `detect.train`)."""
+        return f"{self.task}.{self.stage.name}" if self.task else self.stage.name
+
+    @property
+    def doc(self) -> str:
+        return f"{self.task}: {self.stage.doc}" if self.task else self.stage.doc
+
+    def params_of(self, params: Params):
+        if self.task:
+            return getattr(params.branch(self.task), self.stage.name)
+        return getattr(params, self.stage.name)
+
+    def paths_of(self, paths: Paths) -> Paths:
+        return paths.for_task(self.task) if self.task else paths
+
+    def load(self) -> Callable[..., dict[str, Any]]:
+        return self.stage.load()
+
     def run(self, params: Params, paths: Paths) -> dict[str, Any]:
-        return self.load()(getattr(params, self.section), paths)
+        return self.load()(self.params_of(params), self.paths_of(paths))
+
+    # DVC's view, on this branch's paths
+    def deps(self, paths: Paths, params: Params) -> list[Path]:
+        return self.stage.deps(self.paths_of(paths), params)
+
+    def outs(self, paths: Paths, params: Params) -> list[Path]:
+        return self.stage.outs(self.paths_of(paths), params)
+
+    def metrics(self, paths: Paths, params: Params) -> list[Path]:
+        return self.stage.metrics(self.paths_of(paths), params)
+
+    def plots(self, paths: Paths, params: Params) -> list[Path]:
+        return self.stage.plots(self.paths_of(paths), params)
+
+    def uncached(self, paths: Paths, params: Params) -> list[Path]:
+        return self.stage.uncached(self.paths_of(paths), params)
 
 
 def _src(*mods: str) -> tuple[str, ...]:
@@ -65,6 +114,20 @@ def _sources(paths: Paths, params: "Params") -> list[Path]:
             if not any(p == d or d in p.parents for d in deps):
                 deps.append(p)
     return deps
+
+
+def _eval_outs(p: Paths) -> list[Path]:
+    extra = {"detect": [p.coco_gt, p.coco_results], "segment": [p.pred_masks_dir]}.get(p.task, [])
+    return [p.predictions, *extra, p.figures_dir]
+
+
+def _eval_plots(p: Paths) -> list[Path]:
+    """DVC plots the evaluate stage writes for the task (see dvcgen.plot_templates)."""
+    if p.task == "classify":
+        return [p.confusion_csv, p.per_class_csv]
+    if p.task == "detect":
+        return [p.pr_curve_csv, p.per_class_csv]
+    return [p.per_class_csv]  # segment: per-class IoU (the pixel confusion matrix is a figure)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -95,14 +158,16 @@ STAGES: tuple[Stage, ...] = (
         outs=lambda p, _: [p.model_dir],
         metrics=lambda p, _: [p.train_metrics],
         plots=lambda p, _: [p.train_history],
+        branch=True,
         doc="train the model on the shared engine",
     ),
     Stage(
-        "evaluate", "visionflow.stages.evaluate:evaluate", _src("stages/evaluate.py", "tasks"),
+        "evaluate", "visionflow.stages.evaluate:evaluate", _src("stages/evaluate.py", "tasks", "evaluation"),
         deps=lambda p, _: [p.model_dir, p.manifest, p.split_file],
-        outs=lambda p, _: [p.predictions, p.figures_dir],
+        outs=lambda p, _: _eval_outs(p),
         metrics=lambda p, _: [p.eval_metrics],
-        plots=lambda p, _: [p.confusion_csv, p.per_class_csv],
+        plots=lambda p, _: _eval_plots(p),
+        branch=True,
         doc="test-split metrics, predictions and plots",
     ),
     Stage(
@@ -110,12 +175,14 @@ STAGES: tuple[Stage, ...] = (
         deps=lambda p, _: [p.model_dir, p.eval_metrics, p.train_metrics, p.train_history, p.figures_dir,
                            p.manifest, p.split_file, p.validation_report, p.split_report],
         uncached=lambda p, _: [p.registration],
+        branch=True,
         doc="log the run to MLflow and register the model with alias `candidate`",
     ),
     Stage(
         "inspect", "visionflow.stages.inspect:inspect", _src("stages/inspect.py", "inspection.py"),
         deps=lambda p, _: [p.predictions, p.manifest, p.split_file, p.categories],
         uncached=lambda p, _: [p.inspection],
+        branch=True,
         doc="load the test split with predictions into FiftyOne",
     ),
 )
@@ -123,8 +190,16 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
-def get_stage(name: str) -> Stage:
-    for s in STAGES:
+def pipeline_stages(params: Params) -> list[BoundStage]:
+    """The pipeline in DAG order: shared stages, then each task branch in turn."""
+    shared = [BoundStage(s) for s in STAGES if not s.branch]
+    branches = [BoundStage(s, task) for task in params.tasks for s in STAGES if s.branch]
+    return shared + branches
+
+
+def get_stage(name: str, params: Params) -> BoundStage:
+    stages = pipeline_stages(params)
+    for s in stages:
         if s.name == name:
             return s
-    raise KeyError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")
+    raise KeyError(f"unknown stage {name!r}; stages of this params.yaml are: {', '.join(s.name for s in stages)}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from visionflow.config import RegisterParams
+from visionflow.config import RegisterParams, model_name
 from visionflow.errors import UserError
 from visionflow.io import file_digest, write_json
 from visionflow.paths import Paths
@@ -94,6 +94,7 @@ def register(params: RegisterParams, paths: Paths) -> dict[str, Any]:
     check_inputs(paths)
     from visionflow import tracking  # mlflow is slow to import; only when the stage runs
 
+    params = params.model_copy(update={"model_name": model_name(paths.task, params)})
     result = tracking.log_and_register(params, paths, provenance_tags(paths))
     result["model_uri"] = f"models:/{result['model_name']}@{result['alias']}"
     result["ui"] = UI_COMMAND

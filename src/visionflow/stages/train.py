@@ -1,4 +1,4 @@
-"""Train stage: the task's model on the train split, early-stopped on the val split."""
+"""Train stage: the branch task's model on the train split, early-stopped on the val split."""
 from __future__ import annotations
 
 import hashlib
@@ -9,10 +9,11 @@ from typing import Any
 
 import albumentations as A
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
 from visionflow.config import TrainParams
+from visionflow.distributed import gather_digests, init_from_env, shutdown
 from visionflow.engine import FitConfig, fit, select_device, seed_everything, write_history_csv
 from visionflow.io import write_dir, write_json
 from visionflow.manifest import read_categories, read_manifest, read_split
@@ -22,65 +23,95 @@ from visionflow.tasks import AUGMENT_FILE, META_FILE, MODEL_FILE, get_task
 log = logging.getLogger(__name__)
 
 
-def _fingerprint(params: TrainParams, paths: Paths) -> str:
-    h = hashlib.sha256(params.model_dump_json().encode())
+def _fingerprint(params: TrainParams, paths: Paths, world_size: int) -> str:
+    h = hashlib.sha256(f"{paths.task}/{world_size}/".encode() + params.model_dump_json().encode())
     for f in (paths.manifest, paths.categories, paths.split_file):
         h.update(f.read_bytes())
     return h.hexdigest()
 
 
 def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
+    """Train the branch's task (paths.task) on the train split, early-stopped on val.
+
+    Under torchrun (WORLD_SIZE > 1) each process trains on its shard; rank 0 writes the outputs."""
     samples = {s.id: s for s in read_manifest(paths.manifest)}
     categories = read_categories(paths.categories)
     split = read_split(paths.split_file)
     class_names = [c.name for c in categories]
-    task = get_task(params.task)
+    task = get_task(paths.task)
+    device = select_device(params.device)
+    dist_info = init_from_env(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     seed_everything(params.seed)
 
-    train_tf = build_train_transform(params.augment.preset, params.augment.transforms, params.image_size)
-    eval_tf = build_eval_transform(params.image_size)
+    train_tf, eval_tf = task.build_transforms(params)
     train_ds = task.build_dataset([samples[i] for i in split["train"]], train_tf, paths.root)
     val_ds = task.build_dataset([samples[i] for i in split["val"]], eval_tf, paths.root)
     if not len(train_ds):
         raise ValueError(f"{paths.split_file}: the train split is empty")
 
     loader_gen = torch.Generator()
-    train_loader = DataLoader(train_ds, batch_size=params.batch_size, shuffle=True, collate_fn=task.collate,
-                              num_workers=params.num_workers, generator=loader_gen, drop_last=len(train_ds) > params.batch_size)
+    sampler = DistributedSampler(train_ds, dist_info.world_size, dist_info.rank, shuffle=True, seed=params.seed,
+                                 drop_last=True) if dist_info.enabled else None
+    train_loader = DataLoader(train_ds, batch_size=params.batch_size, shuffle=sampler is None, sampler=sampler,
+                              collate_fn=task.collate, num_workers=params.num_workers, generator=loader_gen,
+                              drop_last=len(train_ds) > params.batch_size * dist_info.world_size)
     val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, num_workers=params.num_workers)
 
     def reseed(seed: int) -> None:
         loader_gen.manual_seed(seed)
-        train_tf.set_random_seed(seed)
+        if sampler is not None:
+            sampler.set_epoch(seed)
+        train_tf.set_random_seed(seed * dist_info.world_size + dist_info.rank)  # ranks see different augmentations
 
-    device = select_device(params.device)
     model = task.build_model(params, len(class_names))
     es = params.early_stopping
     cfg = FitConfig(
         epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay, warmup_epochs=params.warmup_epochs,
-        amp=params.amp, seed=params.seed, resume=params.resume, fingerprint=_fingerprint(params, paths),
-        early_metric=es.metric if es else None, early_mode=es.mode if es else "max",
+        optimizer=params.optimizer, momentum=params.momentum, schedule=params.schedule,
+        step_epochs=params.step_epochs, gamma=params.gamma, grad_clip=params.grad_clip,
+        amp=params.amp, seed=params.seed, resume=params.resume,
+        fingerprint=_fingerprint(params, paths, dist_info.world_size),
+        early_metric=(es.metric or task.primary_metric) if es else None, early_mode=es.mode if es else "max",
         patience=es.patience if es else 0, min_delta=es.min_delta if es else 0.0,
     )
-    log.info("training %s (%s) on %s: %d train / %d val images, %d classes",
-             params.model.arch, params.task, device, len(train_ds), len(val_ds), len(class_names))
-    result = fit(task, model, train_loader, val_loader, cfg, paths.checkpoint_dir, device, reseed)
+    if es and es.metric and es.metric not in _known_metrics(task):
+        log.warning("%s.train.early_stopping.metric %r is not a metric the %s task reports (%s); "
+                    "early stopping falls back to train_loss", paths.task, es.metric, paths.task,
+                    ", ".join(_known_metrics(task)))
+    if dist_info.is_main:
+        log.info("training %s (%s) on %s x%d: %d train / %d val images, %d classes", params.model.arch, paths.task,
+                 device, dist_info.world_size, len(train_ds), len(val_ds), len(class_names))
+    result = fit(task, model, train_loader, val_loader, cfg, paths.checkpoint_dir, device, reseed, dist_info=dist_info)
+    digests = gather_digests(model.state_dict(), dist_info)
+    if not dist_info.is_main:
+        shutdown(dist_info)
+        return {"rank": dist_info.rank}
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
 
     meta = {
-        "task": params.task, "arch": params.model.arch, "num_classes": len(class_names), "classes": class_names,
+        "task": paths.task, "arch": params.model.arch, "num_classes": len(class_names), "classes": class_names,
         "image_size": params.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "params": params.model_dump(mode="json"),
     }
     _write_model_dir(paths.model_dir, result.best_state, meta, A.to_dict(train_tf))
     write_history_csv(paths.train_history, result.history)
     summary = {
-        "best_epoch": result.best_epoch, "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-        "resumed_from_epoch": result.resumed_from, "device": result.device,
+        "task": paths.task, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "device": result.device,
         "best": {k: v for k, v in result.best.items() if k != "epoch"},
         "train_images": len(train_ds), "val_images": len(val_ds),
+        "world_size": dist_info.world_size, "rank_weight_digests": digests,
     }
     write_json(paths.train_metrics, summary)
+    shutdown(dist_info)
     return summary
+
+
+def _known_metrics(task) -> tuple[str, ...]:
+    return ("train_loss", "val_loss", task.primary_metric, *getattr(task, "extra_metrics", ()))
 
 
 def _write_model_dir(model_dir: Path, state: dict, meta: dict, augment: dict) -> None:

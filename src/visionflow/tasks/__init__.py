@@ -18,44 +18,55 @@ from visionflow.io import read_json
 MODEL_FILE, META_FILE, AUGMENT_FILE = "model.pt", "meta.json", "augment.json"
 
 
+_TASKS = {
+    "classify": "visionflow.tasks.classify:ClassifyTask",
+    "detect": "visionflow.tasks.detect:DetectTask",
+    "segment": "visionflow.tasks.segment:SegmentTask",
+}
+
+
 def get_task(name: str):
-    if name == "classify":
-        from visionflow.tasks.classify import ClassifyTask
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; tasks are {', '.join(_TASKS)}")
+    import importlib
 
-        return ClassifyTask()
-    raise KeyError(f"unknown task {name!r}")
+    module, _, cls = _TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
-class ClassifierPredictor:
-    """Pre-processing (resize, normalisation) and post-processing bundled with the weights,
-    so callers pass plain RGB images."""
+class ModelPredictor:
+    """A trained model directory as a predictor: pre-processing (resize, normalisation) and
+    post-processing travel with the weights, so callers pass plain RGB images of any size."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu"):
-        from visionflow.augment import build_eval_transform
-        from visionflow.models import build_classifier
+        from visionflow.config import TrainParams
 
         model_dir = Path(model_dir)
         self.meta: dict[str, Any] = read_json(model_dir / META_FILE)
         self.task = get_task(self.meta["task"])
         self.device = torch.device(device)
-        self.model = build_classifier(self.meta["arch"], self.meta["num_classes"], weights=None)
+        train_params = TrainParams.model_validate(self.meta["params"])
+        self.model = self.task.build_model(train_params, self.meta["num_classes"], pretrained=False)
         self.model.load_state_dict(torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True))
         self.model.eval().to(self.device)
-        self.transform = build_eval_transform(self.meta["image_size"], self.meta["mean"], self.meta["std"])
+        self.transform = self.task.build_transforms(train_params)[1]
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray], batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for i in range(0, len(images), batch_size):
-            batch = [self.transform(image=_as_rgb(im))["image"].transpose(2, 0, 1) for im in images[i:i + batch_size]]
-            logits = self.model(torch.from_numpy(np.stack(batch)).to(self.device))
-            for pred in self.task.postprocess(logits):
-                pred["name"] = self.meta["classes"][pred["label"]]
-                out.append(pred)
+            batch = [as_rgb(im) for im in images[i:i + batch_size]]
+            out += self.task.predict(self.model, batch, self.transform, self.device)
+        classes = self.meta["classes"]
+        for pred in out:  # names next to ids, for people reading the output
+            if "label" in pred:
+                pred["name"] = classes[pred["label"]]
+            if "labels" in pred:
+                pred["names"] = [classes[k] for k in pred["labels"]]
         return out
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
+def as_rgb(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
@@ -66,8 +77,5 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def load_predictor(model_dir: str | Path, device: str = "cpu") -> ClassifierPredictor:
-    meta = read_json(Path(model_dir) / META_FILE)
-    if meta["task"] == "classify":
-        return ClassifierPredictor(model_dir, device)
-    raise KeyError(f"no predictor for task {meta['task']!r}")
+def load_predictor(model_dir: str | Path, device: str = "cpu") -> ModelPredictor:
+    return ModelPredictor(model_dir, device)

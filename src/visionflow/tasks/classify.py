@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from visionflow.augment import build_eval_transform, build_train_transform
 from visionflow.config import TrainParams
 from visionflow.formats.images import load_rgb
 from visionflow.manifest import Sample, image_label
@@ -35,10 +36,16 @@ class ClassificationDataset(Dataset):
 
 class ClassifyTask:
     name = "classify"
+    primary_metric = "val_accuracy"
 
-    def build_model(self, params: TrainParams, num_classes: int) -> nn.Module:
+    def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         m = params.model
-        return build_classifier(m.arch, num_classes, m.weights, m.mode, m.trainable_blocks)
+        return build_classifier(m.arch, num_classes, m.weights if pretrained else None, m.mode, m.trainable_blocks)
+
+    def build_transforms(self, params: TrainParams):
+        a = params.augment
+        return (build_train_transform(a.preset, a.transforms, params.image_size),
+                build_eval_transform(params.image_size))
 
     def build_dataset(self, samples, transform, project_root) -> Dataset:
         return ClassificationDataset(samples, transform, Path(project_root))
@@ -49,6 +56,11 @@ class ClassifyTask:
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
         return {"cross_entropy": F.cross_entropy(model(images), targets.to(images.device))}
+
+    @torch.no_grad()
+    def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
+        batch = np.stack([transform(image=im)["image"].transpose(2, 0, 1) for im in images])  # (B, 3, S, S)
+        return self.postprocess(model(torch.from_numpy(batch).to(device)))
 
     def postprocess(self, logits: torch.Tensor) -> list[dict[str, Any]]:
         probs = logits.float().softmax(dim=1)  # (B, K)

@@ -1,0 +1,89 @@
+"""Multi-process data-parallel training (DDP) under `torchrun`, one process per device.
+
+`torchrun --nproc_per_node N -m visionflow.cli stage train-<task>` sets RANK / WORLD_SIZE /
+LOCAL_RANK; `init_from_env` then joins the process group (NCCL on CUDA, gloo on the CPU).
+Without those variables everything here is a no-op for a single process.
+
+Contract: `train.batch_size` is per process (global batch = batch_size x world size); rank 0
+alone evaluates, writes checkpoints and outputs, and broadcasts what every rank must agree on
+(validation metrics, the early-stopping decision), so the ranks never diverge.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = DistInfo()
+
+
+def init_from_env(device_type: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def broadcast(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's tensors in key order (bitwise identity of weights)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(k.encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_digests(state: dict[str, torch.Tensor], info: DistInfo) -> list[str]:
+    """Every rank's weight digest (rank order); one entry for a single process."""
+    mine = state_digest(state)
+    if not info.enabled:
+        return [mine]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, mine)
+    return list(out)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
