@@ -59,6 +59,15 @@ def broadcast(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP averages gradients,
+    so parameters agree, but each rank updates its running statistics on its own shard; DDP
+    only re-broadcasts them at the start of the next forward."""
+    if info.enabled:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from visionflow.distributed import SINGLE, DistInfo, barrier, broadcast
+from visionflow.distributed import SINGLE, DistInfo, barrier, broadcast, sync_buffers
 from visionflow.io import write_with
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         reseed(cfg.seed * 1000 + epoch)
         row = {"epoch": epoch}
         row.update(train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip, epoch))
+        sync_buffers(model, dist_info)  # validate and checkpoint the weights every rank holds
         if dist_info.is_main and val_loader is not None and len(val_loader.dataset):
             row.update(task.val_metrics(model, val_loader, device))
         row["lr"] = optimizer.param_groups[0]["lr"]
