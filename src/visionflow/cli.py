@@ -105,7 +105,7 @@ def cmd_ui(args) -> int:
         return serve_ui(branch.register, paths, host=args.host, port=args.port or 5000)
     from visionflow.inspection import launch_app
 
-    name = dataset_name(args.task or params.tasks[0], branch.inspect)
+    name = args.dataset or dataset_name(args.task or params.tasks[0], branch.inspect)
     return launch_app(name, host=args.host, port=args.port or 5151)
 
 
@@ -170,12 +170,24 @@ def _model_store(args) -> str:
 def cmd_predict(args) -> int:
     from visionflow.predict import check_output, format_report, load_batch_model, open_source, predict_to_file
 
+    from visionflow.errors import UserError
+
     out = Path(args.out) if args.out else None
     check_output(out)  # bad arguments fail before the model loads
     source = open_source(args.images, every_nth_frame=args.every_nth_frame)
+    if args.fiftyone and source.kind != "images":
+        raise UserError("--fiftyone takes images (a folder, glob or file), not a video; extract the frames first")
     model = load_batch_model(args.model, lambda: _model_store(args))  # only an MLflow URI needs the store
-    result = predict_to_file(model, source, out, batch_size=args.batch_size)
+    collected: list = []
+    sink = (lambda key, rec: collected.append((key["path"], rec))) if args.fiftyone else None
+    result = predict_to_file(model, source, out, batch_size=args.batch_size, min_score=args.min_score, sink=sink)
     print(format_report(result))
+    if args.fiftyone:
+        from visionflow.inspection import predictions_dataset  # imports fiftyone
+
+        summary = predictions_dataset(args.fiftyone, collected, model.task, model.classes, min_score=args.min_score)
+        print(f"FiftyOne dataset {summary['dataset']!r}: {summary['samples']} samples with a `predictions` field "
+              f"(open it: visionflow ui fiftyone --dataset {summary['dataset']})")
     return 0
 
 
@@ -264,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     ui.add_argument("--port", type=int, default=None)
     ui.add_argument("--task", default=None, help="which branch's MLflow store / FiftyOne dataset (default: the first)")
+    ui.add_argument("--dataset", default=None, help="fiftyone: open this dataset instead (e.g. one `predict --fiftyone` made)")
     ui.set_defaults(fn=cmd_ui)
 
     w = sub.add_parser("weights", help="offline pretrained weights")
@@ -284,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--out", default=None, help="also write the numbers as JSON here")
     coco.set_defaults(fn=cmd_evaluate_coco)
 
-    pr = sub.add_parser("predict", help="classify a folder, a glob or a video with a registered or local model")
+    pr = sub.add_parser("predict", help="predict a folder, a glob or a video with a registered or local model")
     pr.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model "
                     "or a local model folder (e.g. models/classify)")
     pr.add_argument("--images", required=True, help="a folder (recursive), a glob (quote it) or a video "
@@ -293,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "print counts per class only)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--every-nth-frame", type=int, default=1, help="videos: predict frames 0, K, 2K, ...")
+    pr.add_argument("--min-score", type=float, default=0.5, help="detect: detections counted in the summary and "
+                    "sent to FiftyOne score at least this (the output file keeps all)")
+    pr.add_argument("--fiftyone", default=None, metavar="DATASET", help="also load the images and their "
+                    "predictions into this FiftyOne dataset (created or overwritten)")
     pr.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
                     "URIs (default: ./params.yaml if present)")
     pr.set_defaults(fn=cmd_predict)

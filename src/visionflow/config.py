@@ -165,7 +165,8 @@ class TrainParams(Section):
     augment: AugmentParams = AugmentParams()
     early_stopping: Optional[EarlyStoppingParams] = EarlyStoppingParams()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # only takes effect on CUDA
+    amp: bool = True  # only takes effect on CUDA: bf16 where supported, else fp16 with a GradScaler
+    channels_last: bool = True  # only takes effect on CUDA
     num_workers: int = Field(0, ge=0)
     seed: int = 0
     resume: bool = True

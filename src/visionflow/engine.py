@@ -61,6 +61,7 @@ class FitConfig:
     gamma: float = 0.1
     grad_clip: Optional[float] = 5.0
     amp: bool = True
+    channels_last: bool = True  # CUDA only: NHWC activations, faster convolutions on tensor cores
     seed: int = 0
     early_metric: Optional[str] = None
     early_mode: str = "max"
@@ -104,14 +105,15 @@ def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, amp_dtype, grad_clip, epoch) -> dict[str, float]:
+def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, amp_dtype, grad_clip, epoch,
+                    channels_last: bool = True) -> dict[str, float]:
     model.train()
     sums: dict[str, float] = {}
     n = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
+        if channels_last and device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = task.loss(model, images, targets)
@@ -149,7 +151,7 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
     source of randomness the data pipeline owns (loader generator or sampler, augmentation).
     Under DDP every rank calls this with its own shard of the data (DistributedSampler)."""
     model.to(device)
-    if device.type == "cuda":
+    if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
@@ -176,7 +178,8 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         seed_everything(cfg.seed * 1000 + epoch)
         reseed(cfg.seed * 1000 + epoch)
         row = {"epoch": epoch}
-        row.update(train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip, epoch))
+        row.update(train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip, epoch,
+                                   cfg.channels_last))
         sync_buffers(model, dist_info)  # validate and checkpoint the weights every rank holds
         if dist_info.is_main and val_loader is not None and len(val_loader.dataset):
             row.update(task.val_metrics(model, val_loader, device))

@@ -240,6 +240,37 @@ def _evaluate_segmentations(dataset: "fo.Dataset", targets: dict[int, str]) -> d
             **{f"fiftyone_{k}": float(m[k]) for k in ("accuracy", "precision", "recall") if k in m}}
 
 
+def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], task: str, classes: list[str],
+                        min_score: float = 0.5) -> dict[str, Any]:
+    """`visionflow predict --fiftyone NAME`: (image path, prediction record) pairs (see
+    visionflow.predict) -> the persistent dataset NAME (overwritten), one sample per image with
+    a `predictions` field: Classification, Detections (score >= min_score) or Segmentation."""
+    from PIL import Image
+
+    samples = []
+    for path, rec in records:
+        if task == "classify":
+            label = fo.Classification(label=rec["name"], confidence=rec["confidence"])
+        elif task == "detect":
+            with Image.open(path) as im:  # header only: boxes are made relative to the image size
+                w, h = im.size
+            keep = {k: [v for v, sc in zip(rec[k], rec["scores"]) if sc >= min_score]
+                    for k in ("boxes", "labels", "scores", "masks") if k in rec}
+            label = detection_prediction(keep, Sample(id=path, root="", path=path, width=w, height=h, sha256=""),
+                                         classes)["predictions"]
+        else:
+            label = fo.Segmentation(mask=rec["mask"])
+        samples.append(fo.Sample(filepath=str(Path(path).resolve()), predictions=label))
+    dataset = fo.Dataset(name, persistent=True, overwrite=True)
+    dataset.default_classes = classes
+    if task == "segment":
+        dataset.default_mask_targets = {0: "background", **{k + 1: n for k, n in enumerate(classes)}}
+    dataset.info = {"task": task, "categories": classes, "made_by": "visionflow predict"}
+    dataset.add_samples(samples, progress=False)
+    dataset.save()
+    return {"dataset": name, "samples": len(dataset)}
+
+
 def dataset_summary(name: str) -> Optional[dict[str, Any]]:
     """What the database holds for dataset `name`, or None if it does not exist."""
     if not fo.dataset_exists(name):

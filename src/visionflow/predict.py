@@ -1,10 +1,17 @@
-"""Batch prediction: a classification model over a folder, a glob or a video.
+"""Batch prediction: a classify, detect or segment model over a folder, a glob or a video.
 
 The model is either a local model folder (paths.model_dir layout, loaded with
 tasks.load_predictor, no MLflow) or an MLflow model URI (`models:/NAME@ALIAS`,
 `models:/NAME/VERSION`, `runs:/RUN/model`) loaded as a pyfunc through visionflow.tracking.
-Both are wrapped as a `BatchModel`: RGB uint8 (H, W, 3) arrays in, one
-{"label", "name", "confidence"} dict out per image.
+Both are wrapped as a `BatchModel`: RGB uint8 (H, W, 3) arrays in, one record out per image:
+
+    classify  {"label", "name", "confidence"}
+    detect    {"boxes" [[x1, y1, x2, y2]] absolute pixels, "labels", "names", "scores"} (+ "masks" [RLE])
+    segment   {"mask": (H, W) uint8, 0 background, c + 1 for class c}
+
+Outputs: classify CSV / JSON / JSONL rows; detect and segment a COCO results JSON (a list:
+detections with bbox [x, y, w, h] and score, or per-class RLE masks for segment, with
+`image_id` 1..N in input order plus the file name or video frame) or JSONL rows.
 
 Images stream through in batches of `batch_size`, and records stream into the output
 file, so memory stays flat however long the video. An unreadable image is skipped and
@@ -38,7 +45,23 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class BatchModel(Protocol):
+    task: str
+    classes: list[str]
+
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]: ...
+
+
+def _record(task: str, p: dict[str, Any]) -> dict[str, Any]:
+    """A predictor's output -> the plain record of the module docstring."""
+    if task == "classify":
+        return {"label": int(p["label"]), "name": str(p["name"]), "confidence": float(p["confidence"])}
+    if task == "detect":
+        rec = {"boxes": [[round(float(v), 2) for v in b] for b in p["boxes"]], "labels": [int(v) for v in p["labels"]],
+               "names": list(p["names"]), "scores": [round(float(v), 5) for v in p["scores"]]}
+        if "masks" in p:
+            rec["masks"] = p["masks"]
+        return rec
+    return {"mask": p["mask"]}
 
 
 class _LocalModel:
@@ -48,27 +71,42 @@ class _LocalModel:
         from visionflow.tasks import load_predictor
 
         self.predictor = load_predictor(model_dir)
+        self.task, self.classes = self.predictor.meta["task"], list(self.predictor.meta["classes"])
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        return [{"label": int(p["label"]), "name": str(p["name"]), "confidence": float(p["confidence"])}
-                for p in self.predictor.predict(images, batch_size=max(1, len(images)))]
+        return [_record(self.task, p) for p in self.predictor.predict(images, batch_size=max(1, len(images)))]
 
 
 class _PyfuncModel:
     """A registered MLflow model: its input is the DataFrame column `image` (arrays accepted
-    in process, see pyfunc_model), its output the columns label, name, confidence."""
+    in process, see pyfunc_model), its output the task's columns (pyfunc_model.OUTPUT_COLUMNS)."""
 
     def __init__(self, pyfunc):
+        from visionflow import tracking
+
         self.pyfunc = pyfunc
+        meta = tracking.model_meta(pyfunc)
+        self.task, self.classes = meta.get("task", "classify"), list(meta.get("classes", []))
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         import pandas as pd
 
-        from visionflow.pyfunc_model import INPUT_COLUMN
+        from visionflow.pyfunc_model import INPUT_COLUMN, decode_mask
 
         frame = self.pyfunc.predict(pd.DataFrame({INPUT_COLUMN: pd.Series(images, dtype=object)}))
-        return [{"label": int(r.label), "name": str(r.name), "confidence": float(r.confidence)}
-                for r in frame.itertuples(index=False)]
+        rows = frame.to_dict("records")
+        if self.task == "classify":
+            return [{"label": int(r["label"]), "name": str(r["name"]), "confidence": float(r["confidence"])} for r in rows]
+        if self.task == "detect":
+            out = []
+            for r in rows:
+                rec = {k: json.loads(r[k]) for k in ("boxes", "labels", "names", "scores")}
+                masks = json.loads(r.get("masks") or "[]")
+                if masks:
+                    rec["masks"] = masks
+                out.append(rec)
+            return out
+        return [{"mask": decode_mask(r["mask_png"])} for r in rows]
 
 
 def load_batch_model(spec: str, tracking_uri: Callable[[], str]) -> BatchModel:
@@ -226,37 +264,97 @@ class _Writer:
             self.fh.write("\n]\n" if self.n else "]\n")
 
 
-def check_output(out: Path | None) -> str | None:
+def check_output(out: Path | None, task: str | None = None) -> str | None:
     """The output format (".csv", ".json", ".jsonl") of `out`, None for no file."""
     fmt = out.suffix.lower() if out else None
     if out is not None and fmt not in OUTPUT_FORMATS:
         raise UserError(f"{out}: unknown output format {out.suffix!r} (use {', '.join(OUTPUT_FORMATS)})")
+    if fmt == ".csv" and task in ("detect", "segment"):
+        raise UserError(f"{out}: a {task} model writes COCO results (.json) or JSON lines (.jsonl), not CSV")
     return fmt
 
 
+def json_record(task: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """A record as JSON: a segment mask becomes one COCO RLE per class value present."""
+    if task != "segment":
+        return rec
+    from visionflow.formats.masks import encode_rle
+
+    mask = rec["mask"]
+    present = sorted(int(v) for v in np.unique(mask) if v)
+    return {"height": int(mask.shape[0]), "width": int(mask.shape[1]), "classes_present": present,
+            "mask_rle": {str(v): encode_rle(mask == v) for v in present}}
+
+
+def coco_entries(task: str, image_id: int, key: dict[str, Any], rec: dict[str, Any],
+                 classes: list[str]) -> list[dict[str, Any]]:
+    """One image's record as COCO results entries (category ids index `classes`)."""
+    where = {"file_name": key["path"]} if "path" in key else {"video": key["video"], "frame": key["frame"]}
+    if task == "detect":
+        out = []
+        for j, (b, label, score) in enumerate(zip(rec["boxes"], rec["labels"], rec["scores"])):
+            e = {"image_id": image_id, "category_id": label, "category_name": classes[label],
+                 "bbox": [b[0], b[1], round(b[2] - b[0], 2), round(b[3] - b[1], 2)], "score": score, **where}
+            if "masks" in rec:
+                e["segmentation"] = rec["masks"][j]
+            out.append(e)
+        return out
+    js = json_record(task, rec)
+    return [{"image_id": image_id, "category_id": v - 1, "category_name": classes[v - 1],
+             "segmentation": js["mask_rle"][str(v)], **where} for v in js["classes_present"]]
+
+
+def _count(task: str, rec: dict[str, Any], counts: Counter, min_score: float) -> None:
+    if task == "classify":
+        counts[rec["name"]] += 1
+    elif task == "detect":
+        counts.update(n for n, sc in zip(rec["names"], rec["scores"]) if sc >= min_score)
+    else:
+        counts.update(str(v) for v in np.unique(rec["mask"]) if v)
+
+
 def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_size: int = 32,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, min_score: float = 0.5,
+                    sink: Callable[[dict[str, Any], dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Predict every item of `source`; write the records to `out` (atomically) when given.
 
-    Returns {"predicted", "counts" (name -> n), "skipped" [(path, reason)], "ignored" [path], "out"}.
-    Raises UserError when not one image could be predicted (the previous `out` stays)."""
+    `sink(key, record)` also receives every prediction (e.g. for a FiftyOne dataset).
+    Returns {"task", "predicted", "counts" (class name -> images (classify), detections scoring
+    >= min_score (detect) or images showing the class (segment)), "skipped" [(path, reason)],
+    "ignored" [path], "out"}. Raises UserError when not one image could be predicted (the
+    previous `out` stays)."""
     from tqdm.auto import tqdm
 
-    fmt = check_output(out)
-    columns = (["path"] if source.kind == "images" else ["video", "frame"]) + ["label", "name", "confidence"]
+    task = getattr(model, "task", "classify")
+    fmt = check_output(out, task)
+    key_columns = ["path"] if source.kind == "images" else ["video", "frame"]
     skipped: list[tuple[str, str]] = []
     counts: Counter[str] = Counter()
+    predicted = 0
     bar = tqdm(source.items(), total=source.total, unit="img" if source.kind == "images" else "frame",
                desc="predict", file=sys.stderr, disable=not progress or None)
 
     def consume(writer: _Writer | None) -> None:
+        nonlocal predicted
         for record in predict_items(model, iter(bar), batch_size, skipped):
-            counts[record["name"]] += 1
-            if writer:
-                writer.write(record)
+            predicted += 1
+            key = {k: record.pop(k) for k in key_columns}
+            if task == "segment":  # counts by class name, not mask value
+                counts.update(model.classes[int(v) - 1] for v in np.unique(record["mask"]) if v)
+            else:
+                _count(task, record, counts, min_score)
+            if sink:
+                sink(key, record)
+            if writer is None:
+                continue
+            if task == "classify" or fmt == ".jsonl":
+                writer.write({**key, **json_record(task, record)})
+            else:
+                for entry in coco_entries(task, predicted, key, record, model.classes):
+                    writer.write(entry)
         if writer:
             writer.close()
-        if not counts:
+        if not predicted:
             raise UserError(_nothing_predicted(skipped))
 
     try:
@@ -264,10 +362,10 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
             consume(None)
         else:
             with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-                consume(_Writer(fh, fmt, columns))
+                consume(_Writer(fh, fmt, key_columns + ["label", "name", "confidence"]))
     finally:
         bar.close()
-    return {"predicted": sum(counts.values()), "counts": dict(sorted(counts.items())), "skipped": skipped,
+    return {"task": task, "predicted": predicted, "counts": dict(sorted(counts.items())), "skipped": skipped,
             "ignored": source.ignored, "out": str(out) if out else None}
 
 
@@ -282,7 +380,8 @@ def format_report(result: dict[str, Any]) -> str:
     """The summary printed at the end: counts per class, then what was skipped or ignored."""
     counts = result["counts"]
     width = max([len("class"), *map(len, counts)])
-    lines = [f"{'class':<{width}}  count", *(f"{name:<{width}}  {n:>5}" for name, n in counts.items()),
+    what = {"classify": "images", "detect": "detections", "segment": "images with"}.get(result.get("task"), "count")
+    lines = [f"{'class':<{width}}  {what}", *(f"{name:<{width}}  {n:>5}" for name, n in counts.items()),
              f"{'total':<{width}}  {result['predicted']:>5}"]
     if result["out"]:
         lines.append(f"wrote {result['predicted']} predictions to {result['out']}")

@@ -1,9 +1,14 @@
-"""A hardened REST service for one classification model (`visionflow serve`).
+"""A hardened REST service for one classify, detect or segment model (`visionflow serve`).
 
 Endpoints:
     POST /predict   one image as the raw body (Content-Type image/png or image/jpeg), one or
                     more files as multipart/form-data, or JSON {"image": b64} / {"images": [b64, ...]}
-                    -> {"predictions": [{"label", "name", "confidence"}, ...]} in input order
+                    -> {"predictions": [...]} in input order, one per image:
+                       classify {"label", "name", "confidence"}
+                       detect   {"boxes" [[x1, y1, x2, y2]] pixels, "labels", "names", "scores"
+                                 (+ "masks" [COCO RLE] for Mask R-CNN)}
+                       segment  {"mask_png" (base64 PNG of class values, 0 background, c + 1
+                                 for class c), "classes_present", "height", "width"}
     GET  /health    -> {"status": "ok"}
     GET  /metadata  -> model name/version/alias (registry models), task, classes, input size
 
@@ -77,11 +82,15 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
         raise UserError(f"{model}: no tracking URI (set register.tracking_uri in params.yaml, "
                         "$MLFLOW_TRACKING_URI or --tracking-uri)")
     loaded = load_batch_model(model, lambda: tracking_uri)
+
+    def predict(images: list[np.ndarray]) -> list[dict[str, Any]]:
+        return [_response_record(loaded.task, r) for r in loaded.predict(images)]
+
     if not registered:
         from pathlib import Path
 
         meta = loaded.predictor.meta
-        return ServedModel(loaded.predict, {"source": str(Path(model).resolve()), **_meta_fields(meta)})
+        return ServedModel(predict, {"source": str(Path(model).resolve()), **_meta_fields(meta)})
     from visionflow import tracking
 
     try:
@@ -90,7 +99,17 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
         raise UserError(f"{model}: loaded, but its registry entry cannot be read from {tracking_uri}: "
                         f"{exc}") from None
     meta = tracking.model_meta(loaded.pyfunc)
-    return ServedModel(loaded.predict, {**info, "model_uri": model, **_meta_fields(meta)})
+    return ServedModel(predict, {**info, "model_uri": model, **_meta_fields(meta)})
+
+
+def _response_record(task: str, rec: dict[str, Any]) -> dict[str, Any]:
+    if task != "segment":
+        return rec
+    from visionflow.pyfunc_model import encode_image
+
+    mask = rec["mask"]
+    return {"mask_png": encode_image(mask), "classes_present": sorted(int(v) for v in np.unique(mask) if v),
+            "height": int(mask.shape[0]), "width": int(mask.shape[1])}
 
 
 def _meta_fields(meta: dict[str, Any]) -> dict[str, Any]:

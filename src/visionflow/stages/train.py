@@ -71,7 +71,7 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
         epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay, warmup_epochs=params.warmup_epochs,
         optimizer=params.optimizer, momentum=params.momentum, schedule=params.schedule,
         step_epochs=params.step_epochs, gamma=params.gamma, grad_clip=params.grad_clip,
-        amp=params.amp, seed=params.seed, resume=params.resume,
+        amp=params.amp, channels_last=params.channels_last, seed=params.seed, resume=params.resume,
         fingerprint=_fingerprint(params, paths, dist_info.world_size),
         early_metric=(es.metric or task.primary_metric) if es else None, early_mode=es.mode if es else "max",
         patience=es.patience if es else 0, min_delta=es.min_delta if es else 0.0,
