@@ -191,6 +191,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from visionflow.export import format_report, run_export
+
+    params_file = Path(args.params or "params.yaml")
+    result = run_export(args.model, args.format, Path(args.out), lambda: _model_store(args),
+                        params_file if args.params or params_file.exists() else None, max_samples=args.samples)
+    print(format_report(result))
+    return 0 if result["parity"].get("samples", {}).get("within_tolerance", True) else 1
+
+
 def cmd_serve(args) -> int:
     from visionflow.serve import Limits, load_served_model, serve
 
@@ -206,6 +216,21 @@ def cmd_serve(args) -> int:
                     max_concurrency=args.max_concurrency)
     model = load_served_model(args.model, tracking_uri)  # once, before the server starts
     return serve(model, limits, host=args.host, port=args.port)
+
+
+def cmd_promote(args) -> int:
+    """Exit 0: promoted (or already champion); 3: refused (promote.EXIT_REFUSED); 2: user error."""
+    from visionflow.errors import UserError
+    from visionflow.promote import EXIT_REFUSED, format_table, promote
+
+    params, paths = _params_and_paths(args)
+    try:
+        branch = params.branch(args.task)
+    except KeyError as exc:
+        raise UserError(str(exc).strip('"')) from None
+    result = promote(branch.promote, branch.register, paths.for_task(args.task))
+    print(format_table(result))
+    return 0 if result["promoted"] else EXIT_REFUSED
 
 
 def _print_summary(name: str, result: dict) -> None:
@@ -314,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "URIs (default: ./params.yaml if present)")
     pr.set_defaults(fn=cmd_predict)
 
+    xm = sub.add_parser("export-model", help="export a trained model to ONNX or TorchScript and check it "
+                        "against PyTorch (docs/export.md)")
+    xm.add_argument("--model", required=True, help="a model folder (e.g. models/classify), models:/NAME@ALIAS, "
+                    "models:/NAME/VERSION or runs:/RUN_ID/model")
+    xm.add_argument("--format", default="auto", choices=["onnx", "torchscript", "auto"],
+                    help="auto: ONNX for classify and segment, TorchScript for detect")
+    xm.add_argument("--out", required=True, help="the file to write (e.g. classify.onnx); a sidecar "
+                    "OUT.json describes its input and outputs")
+    xm.add_argument("--samples", type=int, default=64, help="test-split samples of the project for the "
+                    "metric parity check (0: synthetic images only)")
+    xm.add_argument("--params", default=None, help="params file of the project (test split; the MLflow store "
+                    "of models:/ URIs) (default: ./params.yaml if present)")
+    xm.set_defaults(fn=cmd_export_model)
+
     sv = sub.add_parser("serve", help="serve a registered or local model over HTTP (POST /predict)")
     sv.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a local model folder")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -327,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
                     "URIs (default: ./params.yaml if present)")
     sv.set_defaults(fn=cmd_serve)
+
+    pm = with_params(sub.add_parser("promote", help="give the registered candidate the champion alias if it is not "
+                                    "worse on the test split (exit 0 promoted, 3 refused; docs/promotion.md)"))
+    pm.add_argument("--task", required=True, help="the branch whose registered model to promote "
+                    "(classify, detect, segment)")
+    pm.set_defaults(fn=cmd_promote)
     return p
 
 

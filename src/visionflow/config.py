@@ -198,6 +198,22 @@ class InspectParams(Section):
     iou_threshold: float = Field(0.5, gt=0, lt=1)
 
 
+class PromoteParams(Section):
+    """The promotion gate (visionflow.promote, docs/promotion.md)."""
+
+    # Non-inferiority margin on the primary metric: the 95% CI's lower bound of
+    # (candidate - champion) must be >= -margin.
+    margin: float = Field(0.02, ge=0, le=1)
+    per_class_margin: float = Field(0.05, ge=0, le=1)  # largest allowed drop of any per-class metric
+    floor: float = Field(0.0, ge=0, le=1)  # minimum primary metric; alone decides (with export) without a champion
+    export_tolerance: float = Field(1e-3, gt=0)  # passed to visionflow.export.export_and_check
+    require_export: bool = True  # false: the export parity check is skipped (recorded as skipped)
+    bootstrap: int = Field(1000, ge=100)  # resamples of the test images
+    seed: int = 0  # of the bootstrap resampling
+    alias_from: str = "candidate"
+    alias_to: str = "champion"
+
+
 # `register` is a stage name; pydantic warns that it shadows BaseModel.register (an ABC
 # classmethod nobody calls on params), which is harmless here.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -210,6 +226,7 @@ class BranchParams(Section):
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
     inspect: InspectParams = InspectParams()
+    promote: PromoteParams = PromoteParams()
 
 
 def model_name(task: str, params: RegisterParams) -> str:

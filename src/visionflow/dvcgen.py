@@ -37,7 +37,7 @@ def build_dvc_yaml(params: Params, paths: Paths) -> dict:
         entry: dict = {"cmd": f"visionflow stage {st.name}"}
         deps = [*st.stage.code, *(_rel(paths, d) for d in st.deps(paths, params))]
         entry["deps"] = deps
-        entry["params"] = [f"{st.section}.{k}" for k in leaf_keys(_section_type(st.section))]
+        entry["params"] = [f"{sec}.{k}" for sec in st.param_sections for k in leaf_keys(_section_type(sec))]
         outs = [_rel(paths, o) for o in st.outs(paths, params)]
         outs += [{_rel(paths, o): {"cache": False}} for o in st.uncached(paths, params)]
         if outs:

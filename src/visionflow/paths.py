@@ -124,6 +124,11 @@ class Paths:
     def inspection(self) -> Path:
         return self._t("reports", "inspect.json")
 
+    @property
+    def promotion(self) -> Path:
+        # the promotion gate's decision and evidence (also on the model version in MLflow)
+        return self._t("reports", "promotion.json")
+
     # --- shared services ---
     @property
     def mlflow_db(self) -> Path:

@@ -26,8 +26,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import mlflow.pyfunc
+# A progress bar per artifact download (a model is ~70 files with its code) drowns stage logs.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.models.signature import ModelSignature
@@ -408,3 +411,88 @@ def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None =
             pass
         time.sleep(0.5)
     return False
+
+
+# --- promotion support ---
+# visionflow.promote compares the `candidate` version with the `champion` version and records the
+# decision; these are its registry reads and writes (version tags, description, alias, a run).
+
+def find_version_by_alias(name: str, alias: str, uri: str) -> dict[str, Any] | None:
+    """The version `alias` points at, or None when the model has no such alias. A missing store
+    or registered model is a UserError (nothing was registered yet)."""
+    from mlflow.exceptions import MlflowException
+
+    from visionflow.errors import UserError
+
+    if _is_local_db(uri):
+        db = uri.split(":///", 1)[-1]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise UserError(f"no MLflow store at {uri}: register a model first (visionflow stage register-<task>)")
+    client = _client(uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        raise UserError(f"registered model {name!r} not found in {uri} ({exc.message}); "
+                        f"register one first (visionflow stage register-<task>)") from None
+    if alias not in model.aliases:
+        return None
+    mv = client.get_model_version(name, str(model.aliases[alias]))
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "aliases": list(mv.aliases),
+            "tags": dict(mv.tags), "description": mv.description or ""}
+
+
+def log_promotion_run(params: RegisterParams, paths: Paths, run_name: str, metrics: dict[str, float],
+                      run_params: dict[str, str], tags: dict[str, str], evidence: Path) -> str:
+    """One run in the branch's experiment holding a promotion decision; returns its id."""
+    uri = resolve_tracking_uri(params, paths)
+    client = _client(uri)
+    experiment_id = _ensure_experiment(client, params.experiment, uri, paths)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    now_ms = int(time.time() * 1000)
+    _log_batch(client, run_id, metrics=[Metric(_metric_key(k), float(v), now_ms, 0) for k, v in metrics.items()],
+               params=[Param(k, v) for k, v in run_params.items()], tags=[])
+    client.log_artifact(run_id, str(evidence))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def annotate_version(name: str, version: str, uri: str, tags: dict[str, str], description: str | None = None) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if description is not None:
+        client.update_model_version(name, version, description=description)
+
+
+def set_alias(name: str, alias: str, version: str, uri: str) -> None:
+    _client(uri).set_registered_model_alias(name, alias, version)
+
+
+# --- export support ---
+
+def download_model_dir(model_uri: str, uri: str, dst: str | Path) -> Path:
+    """The visionflow model folder (meta.json, model.pt, augment.json) inside a logged pyfunc
+    (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model), downloaded under `dst`.
+    A missing store, model, alias or run is a UserError naming the URI and the store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from visionflow.errors import UserError
+
+    if _is_local_db(uri):
+        db = uri.split(":///", 1)[-1]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise UserError(f"{model_uri}: no MLflow store at {uri} (register a model first, or set "
+                            f"register.tracking_uri / $MLFLOW_TRACKING_URI)")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise UserError(f"{model_uri}: cannot download it from {uri}: {exc.message}") from None
+    artifacts = Model.load(str(local / "MLmodel")).flavors.get("python_function", {}).get("artifacts") or {}
+    rel = (artifacts.get("model_dir") or {}).get("path")
+    if not rel or not (local / rel / "meta.json").is_file():
+        raise UserError(f"{model_uri}: not a visionflow model (its pyfunc has no model_dir artifact with meta.json)")
+    return local / rel

@@ -410,3 +410,33 @@ def _summarize(precision, recall) -> dict:
               pick(False, max_dets=10), pick(False), pick(False, area="small"),
               pick(False, area="medium"), pick(False, area="large")]
     return dict(zip(STAT_NAMES, values))
+
+
+# ---------------------------------------------------------------------------------- per-detection outcomes
+
+def match_table(gt: dict | str | Path, dt: list | str | Path, iou_type: str = "bbox", iou: float = 0.5) -> dict:
+    """Each evaluated detection's outcome at IoU `iou`, area range "all", 100 detections: the rows
+    COCO's AP at that IoU is accumulated from. Matching is per image, so statistics that resample
+    images (a bootstrap) weight these rows by image instead of matching again.
+
+    Images are indexed 0..N-1 in GT image-id order, categories 0..K-1 in id order. Returns
+    {"img", "cat", "rank" (position in its image-category by score), "score": (N_dt,),
+     "tp", "fp": (N_dt,) bool (neither: ignored, e.g. matched to a crowd), "gt_img", "gt_cat": (N_gt,),
+     "gt_regular": (N_gt,) bool (counts toward recall), "categories": [names], "images": N}."""
+    t = np.flatnonzero(np.isclose(IOU_THRS, iou))
+    if iou_type not in IOU_TYPES or not len(t):
+        raise UserError(f"match_table: iou_type must be one of {IOU_TYPES} and iou one of "
+                        f"{[round(float(v), 2) for v in IOU_THRS]}; got {iou_type!r}, {iou}")
+    gt_file, gt = _load(gt, "<gt>", dict)
+    dt_file, dt = _load(dt, "<dt>", list)
+    images = _image_table(gt, gt_file)
+    cat_ids = sorted({c["id"] for c in gt.get("categories", [])})
+    g = _read_gt(gt, gt_file, images, cat_ids, iou_type)
+    d = _read_dt(dt, dt_file, images, cat_ids, iou_type)
+    matched, ignore = _match(g, d, iou_type)
+    a, t = list(AREA_RANGES).index("all"), int(t[0])
+    g_out = (g["area"] < _AREA[a, 0]) | (g["area"] > _AREA[a, 1])
+    return {"img": d["img"], "cat": d["cat"], "rank": d["rank"], "score": d["score"],
+            "tp": matched[:, a, t] & ~ignore[:, a, t], "fp": ~matched[:, a, t] & ~ignore[:, a, t],
+            "gt_img": g["img"], "gt_cat": g["cat"], "gt_regular": ~(g["ignore"] | g_out),
+            "categories": _category_names(gt, cat_ids), "images": len(images)}

@@ -40,6 +40,9 @@ class Stage:
     # Outputs with side effects elsewhere (MLflow, FiftyOne): not cached by DVC.
     uncached: PathsFn = _none
     branch: bool = False  # runs once per task branch (paths passed with .task set)
+    # A branch stage that reads several sections of its branch gets the whole branch and
+    # tracks these sections in dvc.yaml; otherwise it gets the section named like the stage.
+    sections: tuple[str, ...] = ()
     doc: str = ""
 
     def load(self) -> Callable[..., dict[str, Any]]:
@@ -60,8 +63,18 @@ class BoundStage:
 
     @property
     def section(self) -> str:
-        """Dotted params.yaml section the stage reads (`split`, `detect.train`)."""
-        return f"{self.task}.{self.stage.name}" if self.task else self.stage.name
+        """Dotted params.yaml section the stage reads (`split`, `detect.train`, `detect` for a
+        stage that takes its whole branch)."""
+        if self.task:
+            return self.task if self.stage.sections else f"{self.task}.{self.stage.name}"
+        return self.stage.name
+
+    @property
+    def param_sections(self) -> list[str]:
+        """The dotted sections whose keys dvc.yaml tracks for this stage."""
+        if self.task and self.stage.sections:
+            return [f"{self.task}.{s}" for s in self.stage.sections]
+        return [self.section]
 
     @property
     def doc(self) -> str:
@@ -69,7 +82,8 @@ class BoundStage:
 
     def params_of(self, params: Params):
         if self.task:
-            return getattr(params.branch(self.task), self.stage.name)
+            branch = params.branch(self.task)
+            return branch if self.stage.sections else getattr(branch, self.stage.name)
         return getattr(params, self.stage.name)
 
     def paths_of(self, paths: Paths) -> Paths:
@@ -184,6 +198,13 @@ STAGES: tuple[Stage, ...] = (
         uncached=lambda p, _: [p.inspection],
         branch=True,
         doc="load the test split with predictions into FiftyOne",
+    ),
+    Stage(
+        "promote", "visionflow.promote:promote_branch", _src("promote.py"),
+        deps=lambda p, _: [p.registration, p.manifest, p.split_file, p.categories],
+        uncached=lambda p, _: [p.promotion],
+        branch=True, sections=("promote", "register"),
+        doc="promote the candidate to champion if it beats the champion on the test split (the gate)",
     ),
 )
 
