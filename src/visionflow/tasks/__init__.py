@@ -45,7 +45,9 @@ class ModelPredictor:
         self.meta: dict[str, Any] = read_json(model_dir / META_FILE)
         self.task = get_task(self.meta["task"])
         self.device = torch.device(device)
-        train_params = TrainParams.model_validate(self.meta["params"])
+        # Models trained before task branches carry the task inside their params: it moved to meta.
+        legacy = {k: v for k, v in self.meta["params"].items() if k != "task"}
+        train_params = TrainParams.model_validate(legacy)
         self.model = self.task.build_model(train_params, self.meta["num_classes"], pretrained=False)
         self.model.load_state_dict(torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True))
         self.model.eval().to(self.device)

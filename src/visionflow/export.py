@@ -1,0 +1,673 @@
+"""Export a trained model folder (models/<task>/) to ONNX or TorchScript, and check that the
+exported file predicts what the PyTorch model predicts.
+
+Input of every exported graph (any task, any format):
+    "images"  float32 (B, 3, S, S): RGB pixel values 0..255, already resized to S x S, S =
+              meta["image_size"] (`preprocess`: bilinear, aspect ratio not kept, as the eval
+              transform does). B is dynamic. Normalisation happens inside the graph.
+Outputs (ONNX output names; TorchScript returns the same tensors in this order):
+    classify  probs   (B, K) float32 softmax probabilities, K = len(classes)
+    segment   logits  (B, K + 1, S, S) float32, channel 0 background, c + 1 category c
+              mask    (B, S, S) uint8 argmax of logits (0 background, c + 1 category c)
+    detect    a list of B dicts (TorchScript only): boxes (N, 4) float32 xyxy in S x S pixels,
+              labels (N,) int64 0..K-1, scores (N,) float32 descending, and for Mask R-CNN masks
+              (N, 1, S, S) float32 probabilities
+Detectors go to TorchScript: torchvision's detectors return per-image lists of dicts of varying
+length, which torch.onnx exports for one fixed batch size at best.
+
+A sidecar `<file>.json` next to the export says all of this for the file at hand (`_describe`),
+with the parity figures (`_self_check`, `check_parity`). docs/export.md has the user's view.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visionflow.errors import UserError
+from visionflow.io import atomic_path, file_digest, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "auto")
+TASK_FORMATS = {"classify": ("onnx", "torchscript"), "segment": ("onnx", "torchscript"),
+                "detect": ("torchscript",)}  # first = what "auto" picks
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
+INPUT_NAME = "images"
+OUTPUTS = {
+    "classify": {"probs": "(B, K) float32 softmax probabilities, column k = classes[k]"},
+    "segment": {"logits": "(B, K + 1, S, S) float32 logits; channel 0 background, c + 1 = classes[c]",
+                "mask": "(B, S, S) uint8 argmax of logits: 0 background, c + 1 = classes[c]"},
+    "detect": {"detections": "list of B dicts: boxes (N, 4) float32 xyxy in S x S input pixels, "
+                             "labels (N,) int64 0..K-1 (classes[label]), scores (N,) float32 sorted "
+                             "descending; Mask R-CNN adds masks (N, 1, S, S) float32 probabilities"},
+}
+METRICS = {"classify": "accuracy", "segment": "miou", "detect": "AP50"}
+# Parity passes when max |PyTorch - export| <= TOLERANCE, compared on probabilities (classify;
+# segment: per-pixel softmax of the logits) or on scores and box corners in pixels (detect), and
+# the test metric differs by at most METRIC_TOLERANCE.
+TOLERANCE, METRIC_TOLERANCE = 1e-3, 0.01
+SELF_CHECK_BATCHES = (1, 3)  # the dynamic batch axis is run at these sizes before the file is kept
+
+
+class ExportError(UserError):
+    pass
+
+
+# --- the graphs: model + the pre- and post-processing that travel inside the file -------------
+
+class _Normalize(nn.Module):
+    """0..255 RGB (B, 3, S, S) -> (x / 255 - mean) / std, as the eval transform's A.Normalize."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class ClassifyGraph(nn.Module):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.normalize, self.model = _Normalize(mean, std), model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(self.normalize(images)).softmax(dim=1)  # (B, K)
+
+
+class SegmentGraph(nn.Module):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.normalize, self.model = _Normalize(mean, std), model
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        logits = self.model(self.normalize(images))  # (B, K + 1, S, S)
+        return logits, logits.argmax(dim=1).to(torch.uint8)
+
+
+class DetectGraph(nn.Module):
+    """A torchvision detector on a (B, 3, S, S) 0..255 batch; label 0 (background, which
+    RetinaNet, FCOS and SSD can emit) dropped, labels shifted to 0..K-1, sorted by score."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> List[Dict[str, Tensor]]:
+        batch = [im / 255.0 for im in images.unbind(0)]  # the detector normalises inside
+        if torch.jit.is_scripting():
+            outputs = self.model(batch)[1]  # scripted detectors return (losses, detections)
+        else:
+            outputs = self.model(batch)
+        result: List[Dict[str, Tensor]] = []
+        for o in outputs:
+            keep = torch.nonzero(o["labels"] > 0).flatten()
+            order = keep[torch.argsort(o["scores"][keep], descending=True)]
+            d = {"boxes": o["boxes"][order], "labels": o["labels"][order] - 1, "scores": o["scores"][order]}
+            if "masks" in o:
+                d["masks"] = o["masks"][order]
+            result.append(d)
+        return result
+
+
+def build_graph(predictor) -> nn.Module:
+    """The exported module of a loaded model folder (visionflow.tasks.ModelPredictor), eval mode."""
+    meta, model = predictor.meta, predictor.model.cpu().eval()
+    task = meta["task"]
+    if task == "detect":
+        return DetectGraph(model).eval()
+    from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD)
+    return (ClassifyGraph if task == "classify" else SegmentGraph)(model, mean, std).eval()
+
+
+# --- the input contract ------------------------------------------------------------------
+
+def preprocess(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3) images of any size -> the exported graph's input, float32 (B, 3, S, S)."""
+    import cv2
+
+    from visionflow.tasks import as_rgb
+
+    return np.stack([cv2.resize(as_rgb(im), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+                     .transpose(2, 0, 1) for im in images]).astype(np.float32)
+
+
+def _synthetic(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    """Deterministic noise images with one flat patch each, float32 (B, 3, S, S) in 0..255."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 255, (batch, 3, size, size)).astype(np.float32)
+    x[:, :, size // 4: size // 2, size // 4: size // 2] = rng.uniform(0, 255, (batch, 3, 1, 1))
+    return x
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def load_model_folder(model_dir: str | Path):
+    """A model folder as a ModelPredictor (model in eval mode on the CPU); UserError if it is not one."""
+    from visionflow.tasks import META_FILE, MODEL_FILE, load_predictor
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: model folder not found (train one with `visionflow stage train`, "
+                        f"or pass models:/NAME@ALIAS)")
+    if not (model_dir / META_FILE).is_file() or not (model_dir / MODEL_FILE).is_file():
+        raise UserError(f"{model_dir}: not a model folder (needs {META_FILE} and {MODEL_FILE}, as written by "
+                        f"the train stage)")
+    from pydantic import ValidationError
+
+    try:
+        return load_predictor(model_dir, "cpu")
+    except ValidationError as exc:  # a folder written by an older visionflow
+        err = exc.errors()[0]
+        raise UserError(f"{model_dir / META_FILE}: params.{'.'.join(map(str, err['loc']))}: {err['msg']}; this "
+                        f"visionflow cannot rebuild the model, retrain it (visionflow stage train)") from None
+
+
+def resolve_format(task: str, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    allowed = TASK_FORMATS[task]
+    if fmt == "auto":
+        return allowed[0]
+    if fmt not in allowed:
+        raise UserError(f"{task} models export to {' or '.join(allowed)} only, not {fmt} (torchvision "
+                        f"detectors return per-image lists of boxes, which ONNX exports for one fixed batch "
+                        f"size at best); use --format {allowed[0]} or auto")
+    return fmt
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def default_export_path(model_dir: str | Path, fmt: str) -> Path:
+    """models/<task> -> models/exported/<task>.onnx (beside the DVC-tracked model folder, not in it)."""
+    model_dir = Path(model_dir)
+    return model_dir.parent / "exported" / f"{model_dir.name}{SUFFIXES[fmt]}"
+
+
+class ExportedModel:
+    """An exported file for inference: __call__(float32 (B, 3, S, S) 0..255) -> outputs, as
+    {name: ndarray} for classify/segment, {"detections": [{key: ndarray}] * B} for detect."""
+
+    def __init__(self, path: str | Path, task: str, fmt: str):
+        self.path, self.task, self.fmt = Path(path), task, fmt
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.names = [o.name for o in self.session.get_outputs()]
+        else:
+            import torchvision  # noqa: F401  registers torchvision::nms / roi_align, which detector files call
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
+                self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
+
+    def __call__(self, images: np.ndarray) -> dict[str, Any]:
+        if self.fmt == "onnx":
+            return dict(zip(self.names, self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images)})))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="RCNN always returns")  # torchvision, on every call
+            return outputs_to_numpy(self.task, self.module(torch.from_numpy(np.ascontiguousarray(images))))
+
+
+def load_exported(path: str | Path, task: Optional[str] = None) -> ExportedModel:
+    """An exported file, its task and format read from the sidecar (else the suffix and `task`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: exported model not found (write one with `visionflow export-model`)")
+    side = sidecar_path(path)
+    info = read_json(side) if side.is_file() else {}
+    task = info.get("task", task)
+    if task is None:
+        raise UserError(f"{path}: no sidecar {side.name} to say which task the file is for")
+    return ExportedModel(path, task, info.get("format", "onnx" if path.suffix == ".onnx" else "torchscript"))
+
+
+def outputs_to_numpy(task: str, out: Any) -> dict[str, Any]:
+    """A graph's eager / TorchScript output -> the ExportedModel layout."""
+    if task == "classify":
+        return {"probs": out.cpu().numpy()}
+    if task == "segment":
+        return {"logits": out[0].cpu().numpy(), "mask": out[1].cpu().numpy()}
+    return {"detections": [{k: v.cpu().numpy() for k, v in d.items()} for d in out]}
+
+
+# --- export --------------------------------------------------------------------------------
+
+def _write_onnx(graph: nn.Module, example: Tensor, path: Path, task: str) -> None:
+    names = list(OUTPUTS[task])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's warnings on torchvision internals are not ours
+        program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=names,
+                                    dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}},
+                                    dynamo=True, verbose=False)
+    program.save(str(path), external_data=False)  # one self-contained file (protobuf limit: 2 GB)
+
+
+def _write_torchscript(graph: nn.Module, example: Tensor, path: Path, task: str) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
+        torch.jit.script(graph).save(str(path))
+
+
+_WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript}
+
+
+def max_output_diff(task: str, ref: dict[str, Any], got: dict[str, Any]) -> tuple[float, int]:
+    """(max |ref - got| of probabilities or detections (see TOLERANCE), images whose detection
+    count differs)."""
+    if task == "classify":
+        return float(np.abs(ref["probs"].astype(np.float64) - got["probs"]).max(initial=0.0)), 0
+    if task == "segment":
+        a, b = (torch.from_numpy(x["logits"]).double().softmax(dim=1) for x in (ref, got))
+        return float((a - b).abs().max()) if a.numel() else 0.0, 0
+    diff, mismatched = 0.0, 0
+    for a, b in zip(ref["detections"], got["detections"], strict=True):
+        if len(a["scores"]) != len(b["scores"]):
+            mismatched += 1
+            continue
+        oa, ob = _canonical(a), _canonical(b)  # equal scores may come in either order
+        for k in ("boxes", "scores"):
+            diff = max(diff, float(np.abs(a[k][oa].astype(np.float64) - b[k][ob]).max(initial=0.0)))
+    return diff, mismatched
+
+
+def _canonical(d: dict[str, np.ndarray]) -> np.ndarray:
+    """Order of detections by score (descending), then box corners."""
+    boxes = d["boxes"].reshape(-1, 4)
+    return np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], -d["scores"]))
+
+
+def _self_check(graph: nn.Module, exported: ExportedModel, task: str, size: int) -> dict[str, Any]:
+    """Run the exported file at batch 1 and 3 on synthetic images against the eager graph."""
+    diff, mismatched = 0.0, 0
+    for seed, batch in enumerate(SELF_CHECK_BATCHES):
+        x = _synthetic(batch, size, seed + 1)
+        with torch.no_grad():
+            ref = outputs_to_numpy(task, graph(torch.from_numpy(x)))
+        got = exported(x)
+        n = len(got["detections"]) if task == "detect" else len(next(iter(got.values())))
+        if n != batch:
+            raise ExportError(f"exported {exported.fmt} graph answered {n} results for a batch of {batch}")
+        d, m = max_output_diff(task, ref, got)
+        diff, mismatched = max(diff, d), mismatched + m
+    return {"inputs": f"synthetic noise images, batches of {' and '.join(map(str, SELF_CHECK_BATCHES))}",
+            "reference": "the same graph run eagerly in PyTorch", "max_abs_diff": diff,
+            **({"mismatched_images": mismatched} if task == "detect" else {})}
+
+
+def _versions(fmt: str) -> dict[str, str]:
+    names = ["torch", "torchvision"] + (["onnx", "onnxscript", "onnxruntime"] if fmt == "onnx" else [])
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    import visionflow
+
+    return {**out, "visionflow": visionflow.__version__}
+
+
+def _opset(path: Path) -> Optional[int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> dict[str, Any]:
+    """The sidecar's fixed part: what the file is, its input contract and outputs."""
+    from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
+    from visionflow.tasks import MODEL_FILE
+
+    task, size = meta["task"], int(meta["image_size"])
+    if task == "detect":
+        norm = {"normalization": "inside the graph: x / 255, then the detector's own transform"}
+    else:
+        norm = {"normalization": "inside the graph: (x / 255 - mean) / std",
+                "mean": list(meta.get("mean", IMAGENET_MEAN)), "std": list(meta.get("std", IMAGENET_STD))}
+    return {
+        "format": fmt, "file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path),
+        "task": task, "arch": meta.get("arch"), "classes": list(meta["classes"]),
+        "num_classes": int(meta["num_classes"]), "image_size": size,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, size, size],
+                  "layout": "NCHW, RGB channel order", "range": "0..255 (uint8 pixel values as float)",
+                  "resize": f"bilinear to {size} x {size}, aspect ratio not kept (cv2.INTER_LINEAR)",
+                  **norm, "dynamic_axes": {"0": "batch"}},
+        "outputs": [{"name": k, "meaning": v} for k, v in OUTPUTS[task].items()],
+        "opset": _opset(path) if fmt == "onnx" else None,
+        "versions": _versions(fmt),
+        "source": {"model_dir": str(model_dir), "model_sha256": file_digest(model_dir / MODEL_FILE)},
+    }
+
+
+def _export(predictor, model_dir: Path, fmt: str, out: Path,
+            source: Optional[str] = None) -> tuple[dict[str, Any], ExportedModel]:
+    """Write `out` and its sidecar; returns (sidecar + "path", the file loaded for inference)."""
+    meta = predictor.meta
+    task, size = meta["task"], int(meta["image_size"])
+    graph = build_graph(predictor)
+    example = torch.from_numpy(_synthetic(2, size))  # 2, not 1: torch.export specialises a size-1 axis
+    with atomic_path(out) as tmp:
+        try:
+            _WRITERS[fmt](graph, example, tmp, task)
+            exported = ExportedModel(tmp, task, fmt)  # loaded in memory: stays usable after the rename
+            check = _self_check(graph, exported, task, size)
+        except ExportError:
+            raise
+        except Exception as exc:  # the exporters and runtimes raise many types; all mean "no file"
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            other = [f for f in TASK_FORMATS[task] if f != fmt]
+            hint = f"; try --format {other[0]}" if other else ""
+            raise ExportError(f"{model_dir}: {fmt} export of {meta.get('arch')} failed "
+                              f"({type(exc).__name__}: {first}){hint}") from exc
+        info = _describe(meta, fmt, model_dir, tmp)
+    info["file"] = out.name
+    if source:
+        info["source"]["model"] = source
+    info["parity"] = {"self_check": check}
+    write_json(sidecar_path(out), info)  # after the file: a sidecar never describes a file not there
+    log.info("exported %s (%s) to %s, %d bytes, max |diff| %.3g", model_dir, fmt, out, info["bytes"],
+             check["max_abs_diff"])
+    exported.path = out
+    return {**info, "path": str(out)}, exported
+
+
+def export_model(model_dir: str | Path, fmt: str = "auto", out_path: str | Path | None = None) -> dict[str, Any]:
+    """Export a model folder; returns the sidecar's contents plus "path".
+
+    The file appears at `out_path` (default `default_export_path`) only complete and after it ran
+    at batch 1 and 3 in the target runtime (onnxruntime / torch.jit.load)."""
+    model_dir = Path(model_dir)
+    predictor = load_model_folder(model_dir)
+    fmt = resolve_format(predictor.meta["task"], fmt)
+    out = Path(out_path) if out_path is not None else default_export_path(model_dir, fmt)
+    _check_suffix(out, fmt)
+    return _export(predictor, model_dir, fmt, out)[0]
+
+
+def _check_suffix(out: Path, fmt: str) -> None:
+    other = {"onnx": (".pt", ".pth", ".ts", ".torchscript"), "torchscript": (".onnx",)}[fmt]
+    if out.suffix.lower() in other:
+        raise UserError(f"{out}: a {out.suffix} name for a {fmt} export; name it *{SUFFIXES[fmt]}")
+
+
+# --- parity on labelled samples ------------------------------------------------------------
+
+def exported_predictions(task: str, outputs: dict[str, Any], sizes: Sequence[tuple[int, int]],
+                         image_size: int) -> list[dict[str, Any]]:
+    """ExportedModel outputs -> the task contract's predictions (tasks.base) at each image's
+    (H, W): what a deployment does after the graph."""
+    if task == "classify":
+        return [{"label": int(p.argmax()), "probs": p} for p in outputs["probs"]]
+    if task == "segment":
+        return [{"mask": _upsampled_mask(torch.from_numpy(lg), hw)} for lg, hw in zip(outputs["logits"], sizes)]
+    from visionflow.tasks.detect import to_prediction
+
+    preds = []
+    for d, hw in zip(outputs["detections"], sizes):
+        o = {k: torch.from_numpy(v) for k, v in d.items()}
+        o["labels"] = o["labels"] + 1  # to_prediction takes the detectors' 1..K labels
+        preds.append(to_prediction(o, hw, (image_size, image_size)))
+    return preds
+
+
+def _upsampled_mask(logits: Tensor, hw: tuple[int, int]) -> np.ndarray:
+    """(K + 1, S, S) logits -> (H, W) uint8 class values, as SegmentTask.predict (bilinear, argmax)."""
+    full = F.interpolate(logits.float()[None], size=tuple(hw), mode="bilinear", align_corners=False)
+    return full[0].argmax(0).to(torch.uint8).numpy()
+
+
+def _reference(predictor, images: list[np.ndarray]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """PyTorch outputs (ExportedModel layout) and predictions through the model folder's own
+    eval transform and task code."""
+    task = predictor.meta["task"]
+    if task == "segment":  # logits too, which SegmentTask.predict does not return
+        batch = np.stack([predictor.transform(image=im)["image"].transpose(2, 0, 1) for im in images])
+        with torch.no_grad():
+            logits = predictor.model(torch.from_numpy(batch)).float()
+        preds = [{"mask": _upsampled_mask(lg, im.shape[:2])} for lg, im in zip(logits, images)]
+        return {"logits": logits.numpy()}, preds
+    preds = predictor.predict(images, batch_size=max(1, len(images)))
+    if task == "classify":
+        return {"probs": np.asarray([p["probs"] for p in preds], dtype=np.float32)}, preds
+    return _detections_of(preds), preds
+
+
+def _detections_of(preds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Predictions -> the boxes and scores max_output_diff compares (input-image pixels)."""
+    return {"detections": [{"boxes": np.asarray(p["boxes"], np.float32).reshape(-1, 4),
+                            "scores": np.asarray(p["scores"], np.float32)} for p in preds]}
+
+
+class _Score:
+    """The task's test metric over batches of (samples, predictions), streamed: segment masks at
+    full size are not kept."""
+
+    def __init__(self, meta: dict[str, Any]):
+        self.task, self.meta = meta["task"], meta
+        self.correct, self.n, self.detections = 0, 0, []
+        if self.task == "segment":
+            from visionflow.evaluation.segmentation import ConfusionAccumulator
+
+            self.confusion = ConfusionAccumulator(int(meta["num_classes"]) + 1)
+
+    def add(self, samples: Sequence, preds: list[dict[str, Any]]) -> None:
+        if self.task == "classify":
+            from visionflow.manifest import image_label
+
+            self.correct += sum(int(p["label"] == image_label(s)) for s, p in zip(samples, preds))
+        elif self.task == "segment":
+            from visionflow.formats.masks import semantic_mask
+
+            for s, p in zip(samples, preds):
+                self.confusion.update(p["mask"], semantic_mask(s))
+        else:
+            self.detections += [{k: p[k] for k in ("boxes", "labels", "scores")} for p in preds]
+        self.n += len(samples)
+
+    def value(self, samples: Sequence) -> float:
+        if self.task == "classify":
+            return self.correct / max(self.n, 1)
+        if self.task == "segment":
+            return float(self.confusion.compute()["miou"] or 0.0)
+        from visionflow.evaluation.coco import evaluate_coco
+        from visionflow.evaluation.detection import coco_ground_truth, coco_results
+        from visionflow.manifest import Category
+
+        categories = [Category(i, name) for i, name in enumerate(self.meta["classes"])]
+        gt = coco_ground_truth(samples, categories)
+        return float(evaluate_coco(gt, coco_results(self.detections), "bbox")["AP50"])
+
+
+def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root: Path, tolerance: float,
+            metric_tolerance: float, batch_size: int) -> dict[str, Any]:
+    from visionflow.formats.images import load_rgb
+
+    meta = predictor.meta
+    task, size = meta["task"], int(meta["image_size"])
+    _check_samples(task, samples)
+    torch_score, export_score = _Score(meta), _Score(meta)
+    diff, mismatched, agree = 0.0, 0, 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        images = [load_rgb(s.image_path(project_root)) for s in chunk]
+        ref_out, ref = _reference(predictor, images)
+        out = exported(preprocess(images, size))
+        got = exported_predictions(task, out, [im.shape[:2] for im in images], size)
+        d, m = max_output_diff(task, ref_out, _detections_of(got) if task == "detect" else out)
+        diff, mismatched = max(diff, d), mismatched + m
+        agree += sum(int(a["label"] == b["label"]) for a, b in zip(ref, got)) if task == "classify" else 0
+        torch_score.add(chunk, ref)
+        export_score.add(chunk, got)
+    metric_torch, metric_export = torch_score.value(samples), export_score.value(samples)
+    result = {"n": len(samples), "max_abs_diff": diff, "tolerance": tolerance, "metric": METRICS[task],
+              "metric_torch": metric_torch, "metric_export": metric_export, "metric_tolerance": metric_tolerance,
+              "within_tolerance": bool(diff <= tolerance and abs(metric_export - metric_torch) <= metric_tolerance
+                                       and mismatched == 0)}
+    if task == "classify":
+        result["agreement"] = agree / len(samples)
+    if task == "detect":
+        result["mismatched_images"] = mismatched
+    return result
+
+
+def _check_samples(task: str, samples: Sequence) -> None:
+    if not samples:
+        raise UserError("parity check: no labelled samples given (pass the test split's samples)")
+    if task == "classify":
+        from visionflow.manifest import image_label
+
+        unlabelled = [s.id for s in samples if image_label(s) is None]
+        if unlabelled:
+            raise UserError(f"parity check: {len(unlabelled)} samples have no class, e.g. {unlabelled[:3]}")
+
+
+def check_parity(model_dir: str | Path, exported_path: str | Path, samples: Sequence, project_root: str | Path = ".",
+                 tolerance: float = TOLERANCE, metric_tolerance: float = METRIC_TOLERANCE,
+                 batch_size: int = 16) -> dict[str, Any]:
+    """Compare the model folder (PyTorch through its own eval transform and task code) with the
+    exported file (fed through `preprocess`) on labelled manifest samples.
+
+    Returns {"n", "max_abs_diff" (see TOLERANCE; detect: over images with as many detections),
+    "tolerance", "metric" (accuracy / miou / AP50), "metric_torch", "metric_export",
+    "metric_tolerance", "within_tolerance"}, plus "agreement" (classify: share of equal labels)
+    or "mismatched_images" (detect: images with another number of detections).
+    within_tolerance: max_abs_diff <= tolerance, |metric difference| <= metric_tolerance and
+    no mismatched images."""
+    predictor = load_model_folder(model_dir)
+    exported = load_exported(exported_path, predictor.meta["task"])
+    if exported.task != predictor.meta["task"]:
+        raise UserError(f"{exported_path}: a {exported.task} export, but {model_dir} is a {predictor.meta['task']} model")
+    return _parity(predictor, exported, list(samples), Path(project_root), tolerance, metric_tolerance, batch_size)
+
+
+def export_and_check(model_dir: str | Path, test_samples: Sequence, project_root: str | Path = ".",
+                     tolerance: float = TOLERANCE, *, fmt: str = "auto", out_path: str | Path | None = None,
+                     metric_tolerance: float = METRIC_TOLERANCE) -> dict[str, Any]:
+    """Export (as export_model) and check parity on `test_samples` (as check_parity); the figures
+    go into the sidecar too. Returns {"format", "path", "bytes", **check_parity's result}: what the
+    promotion gate reads."""
+    model_dir = Path(model_dir)
+    predictor = load_model_folder(model_dir)
+    task = predictor.meta["task"]
+    fmt = resolve_format(task, fmt)
+    _check_samples(task, test_samples)  # before the minutes an export can take
+    out = Path(out_path) if out_path is not None else default_export_path(model_dir, fmt)
+    _check_suffix(out, fmt)
+    info, exported = _export(predictor, model_dir, fmt, out)
+    parity = _parity(predictor, exported, list(test_samples), Path(project_root), tolerance,
+                     metric_tolerance, batch_size=16)
+    info["parity"]["samples"] = parity
+    write_json(sidecar_path(out), {k: v for k, v in info.items() if k != "path"})
+    return {"format": fmt, "path": str(out), "bytes": info["bytes"], **parity}
+
+
+def parity_line(parity: dict[str, Any]) -> str:
+    """One line for people: the output difference and, on labelled samples, the metric of both."""
+    if "metric" not in parity:  # the export's own self-check
+        return (f"parity vs PyTorch on synthetic images (batch 1 and 3): max |diff| {parity['max_abs_diff']:.3g}"
+                + (f", {parity['mismatched_images']} image(s) with another detection count"
+                   if parity.get("mismatched_images") else ""))
+    verdict = "within" if parity["within_tolerance"] else "NOT within"
+    return (f"parity vs PyTorch on {parity['n']} test samples: max |diff| {parity['max_abs_diff']:.3g}, "
+            f"{parity['metric']} {parity['metric_export']:.4f} exported vs {parity['metric_torch']:.4f} PyTorch: "
+            f"{verdict} tolerance ({parity['tolerance']:g} outputs, {parity['metric_tolerance']:g} metric)")
+
+
+# --- the command line (visionflow export-model) ---------------------------------------------
+
+@contextlib.contextmanager
+def local_model_dir(spec: str, tracking_uri: Callable[[], str]) -> Iterator[Path]:
+    """A model folder, or an MLflow model URI whose model folder is downloaded to a temporary
+    folder for the duration (`tracking_uri` is called only for a URI)."""
+    from visionflow.predict import MLFLOW_SCHEMES
+
+    if spec.startswith(MLFLOW_SCHEMES):
+        from visionflow import tracking
+
+        with tempfile.TemporaryDirectory(prefix="visionflow-export-") as tmp:
+            yield tracking.download_model_dir(spec, tracking_uri(), tmp)
+    elif "://" in spec or spec.startswith(("models:", "runs:")):
+        raise UserError(f"{spec}: not a model URI this command reads (use models:/NAME@ALIAS, "
+                        f"models:/NAME/VERSION, runs:/RUN_ID/model or a local model folder)")
+    else:
+        yield Path(spec)
+
+
+def project_test_samples(params_file: Optional[Path], meta: dict[str, Any], limit: int) -> tuple[list, Optional[Path], str]:
+    """(the first `limit` test samples of the project of `params_file`, its root, a note saying
+    which samples or why none): the labelled samples for the CLI's parity check."""
+    from visionflow.manifest import read_categories, read_manifest, samples_in_split
+    from visionflow.paths import Paths
+
+    if limit <= 0:
+        return [], None, "--samples 0: parity checked on synthetic images only"
+    if params_file is None or not params_file.is_file():
+        return [], None, ("no params.yaml here: parity checked on synthetic images only (pass --params of "
+                          "the project to check the metric on its test split)")
+    paths = Paths(params_file.resolve().parent)
+    if not all(p.is_file() for p in (paths.manifest, paths.split_file, paths.categories)):
+        return [], None, f"{paths.root} has no ingested, split data: parity checked on synthetic images only"
+    names = [c.name for c in read_categories(paths.categories)]
+    if names != list(meta["classes"]):
+        return [], None, (f"{paths.categories} names other classes than the model ({names} vs {meta['classes']}): "
+                          f"parity checked on synthetic images only")
+    test = samples_in_split(read_manifest(paths.manifest), paths.split_file, "test")[:limit]
+    if not test:
+        return [], None, f"{paths.split_file}: the test split is empty: parity checked on synthetic images only"
+    return test, paths.root, f"labelled samples: the first {len(test)} of {paths.split_file}'s test split"
+
+
+def run_export(spec: str, fmt: str, out: str | Path, tracking_uri: Callable[[], str],
+               params_file: Optional[Path] = None, max_samples: int = 64,
+               tolerance: float = TOLERANCE, metric_tolerance: float = METRIC_TOLERANCE) -> dict[str, Any]:
+    """`visionflow export-model`: export `spec` (a model folder or an MLflow model URI) to `out`
+    and check parity on the project's test split when there is one. Returns the sidecar's
+    contents plus "path" and "note"."""
+    out = Path(out)
+    with local_model_dir(spec, tracking_uri) as model_dir:
+        predictor = load_model_folder(model_dir)
+        meta = predictor.meta
+        fmt = resolve_format(meta["task"], fmt)
+        _check_suffix(out, fmt)
+        samples, root, note = project_test_samples(params_file, meta, max_samples)
+        info, exported = _export(predictor, model_dir, fmt, out, source=spec)
+        if samples:
+            info["parity"]["samples"] = _parity(predictor, exported, samples, root, tolerance, metric_tolerance, 16)
+            write_json(sidecar_path(out), {k: v for k, v in info.items() if k != "path"})
+    return {**info, "note": note}
+
+
+def format_report(result: dict[str, Any]) -> str:
+    size = result["image_size"]
+    what = f"{result['format']}" + (f" opset {result['opset']}" if result.get("opset") else "")
+    lines = [f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB, {what}, {result['task']}; input "
+             f"{INPUT_NAME}: float32 (B, 3, {size}, {size}) RGB 0..255; outputs: "
+             f"{', '.join(o['name'] for o in result['outputs'])})",
+             f"details in {sidecar_path(result['path'])}",
+             parity_line(result["parity"]["self_check"])]
+    if "samples" in result["parity"]:
+        lines.append(parity_line(result["parity"]["samples"]))
+    if result.get("note"):
+        lines.append(f"note: {result['note']}")
+    return "\n".join(lines)
