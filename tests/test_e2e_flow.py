@@ -22,7 +22,7 @@ def flow_run(tmp_path_factory):
     from visionflow.orchestration import run_pipeline
 
     root = tmp_path_factory.mktemp("flowproj")
-    params_file = make_project(root, name="e2eflow")
+    params_file = make_project(root, name="e2eflow", tasks=TASKS)
     with prefect_test_harness(server_startup_timeout=120):
         results = run_pipeline(params_file)
         task_names = asyncio.run(_task_run_names())
@@ -81,3 +81,60 @@ def test_fiftyone_dataset_has_test_split_with_predictions(flow_run):
     preds = [json.loads(l) for l in Paths(root).predictions.read_text().splitlines()]
     assert sorted(ds.values("predictions.label")) == sorted(p["name"] for p in preds)
     assert all(0 < c <= 1 for c in ds.values("predictions.confidence"))
+
+
+def test_detect_branch_writes_coco_files_equal_to_its_metrics_and_fiftyone_eval(flow_run):
+    import fiftyone as fo
+
+    from visionflow.evaluation.coco import evaluate_coco
+
+    root, results, _ = flow_run
+    paths = Paths(root, "detect")
+    metrics = json.loads(paths.eval_metrics.read_text())
+    # The COCO files next to the metrics reproduce them with any COCO tool (here: ours).
+    again = evaluate_coco(paths.coco_gt, paths.coco_results, "bbox")
+    assert again["AP50"] == metrics["AP50"] and again["AP"] == metrics["AP"]
+    assert metrics["evaluator"]["max_dets"] == [1, 10, 100] and metrics["evaluator"]["iou_type"] == "bbox"
+    assert set(metrics["evaluator"]["area_ranges"]) == {"all", "small", "medium", "large"}
+    assert {p.name for p in paths.figures_dir.iterdir()} >= {"pr_curves.png", "confusion_matrix.png",
+                                                            "test_predictions.png", "per_class.png"}
+    ds = fo.load_dataset("e2eflow-detect-test")
+    assert "eval" in ds.list_evaluations()
+    assert ds.get_evaluation_info("eval").config.method == "coco"
+    n_gt = sum(len(s.instances) for s in _test_samples(root))
+    assert sum(ds.values("eval_tp")) + sum(ds.values("eval_fn")) == n_gt - _crowds(root)
+    reg = results["register-detect"]
+    assert reg["model_name"] == "e2eflow-detect" and reg["alias"] == "candidate"
+
+
+def test_segment_branch_metrics_masks_and_fiftyone_eval(flow_run):
+    import fiftyone as fo
+
+    root, results, _ = flow_run
+    paths = Paths(root, "segment")
+    metrics = json.loads(paths.eval_metrics.read_text())
+    assert 0 <= metrics["miou"] <= 1 and metrics["classes"][0] == "background"
+    assert len(list(paths.pred_masks_dir.glob("*.png"))) == metrics["n"]
+    ds = fo.load_dataset("e2eflow-segment-test")
+    assert "eval" in ds.list_evaluations() and len(ds) == metrics["n"]
+    assert ds.default_mask_targets[0] == "background"
+    assert results["register-segment"]["model_name"] == "e2eflow-segment"
+
+
+def test_promote_step_ran_for_every_branch(flow_run):
+    root, results, _ = flow_run
+    for task in TASKS:
+        decision = results[f"promote-{task}"]
+        assert decision["decision"] in ("promoted", "refused")
+        assert json.loads(Paths(root, task).promotion.read_text())["decision"] == decision["decision"]
+
+
+def _test_samples(root):
+    from visionflow.manifest import read_manifest, samples_in_split
+
+    paths = Paths(root)
+    return samples_in_split(read_manifest(paths.manifest), paths.split_file, "test")
+
+
+def _crowds(root) -> int:
+    return sum(1 for s in _test_samples(root) for i in s.instances if i.iscrowd)
