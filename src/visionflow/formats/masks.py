@@ -427,15 +427,12 @@ def _paint(s: Sample, ids: set[int], background: int, losses: ConversionReport) 
         where = f"{s.id} instance #{i}"
         if inst.category_id not in ids:
             raise ValueError(f"{where}: category id {inst.category_id} is not in the category table")
-        if inst.rle is not None:
-            pixels = decode_rle(inst.rle, h, w, where)
-        elif inst.polygons:
-            # pycocotools, not ImageDraw: the same rasterisation COCO tools and evaluation use.
-            pixels = mask_util.decode(mask_util.merge(mask_util.frPyObjects(inst.polygons, h, w))).astype(bool)
-            losses.add("polygon_rasterised", where)
-        else:
+        pixels = instance_mask(inst, h, w, where)
+        if pixels is None:
             losses.add("box_only_dropped", f"{where}: box {inst.bbox}")
             continue
+        if inst.rle is None:
+            losses.add("polygon_rasterised", where)
         flattened.update(j for j in np.unique(owner[pixels]).tolist() if j >= 0 and cats[j] != inst.category_id)
         canvas[pixels], owner[pixels] = inst.category_id, i
     if ignore_rle is not None:
@@ -447,6 +444,30 @@ def _paint(s: Sample, ids: set[int], background: int, losses: ConversionReport) 
     if background == IGNORE and (owner < 0).any():
         losses.add("unlabelled_as_ignore", f"{s.id}: {int((owner < 0).sum())} px")
     return canvas
+
+
+def semantic_mask(s: Sample) -> np.ndarray:
+    """Training target (H, W) uint8 of a sample: 0 background, c + 1 for category c, IGNORE for
+    Sample.attributes["ignore_rle"]. Painted like the writer: manifest order (later on top), crowd
+    regions as their class, box-only instances skipped, the ignore region last."""
+    bad = sorted({i.category_id for i in s.instances if not 0 <= i.category_id < IGNORE - 1})
+    if bad:
+        raise ValueError(f"{s.id}: category ids {bad} do not fit a uint8 target (0..253, 255 = ignore)")
+    shifted = [Instance(**{**vars(i), "category_id": i.category_id + 1}) for i in s.instances]
+    canvas = _paint(Sample(**{**vars(s), "instances": shifted}), {i.category_id for i in shifted}, 0,
+                    ConversionReport(WRITE_POLICIES))  # the losses a mask file would report do not apply
+    return np.zeros((s.height, s.width), dtype=np.uint8) if canvas is None else canvas
+
+
+def instance_mask(inst: Instance, height: int, width: int, where: str) -> Optional[np.ndarray]:
+    """Boolean (H, W) pixels of an instance's RLE, else of its polygons; None when it has only a box.
+
+    Polygons go through pycocotools, not ImageDraw: the rasterisation COCO tools and evaluation use."""
+    if inst.rle is not None:
+        return decode_rle(inst.rle, height, width, where)
+    if inst.polygons:
+        return mask_util.decode(mask_util.merge(mask_util.frPyObjects(inst.polygons, height, width))).astype(bool)
+    return None
 
 
 def _palette_png(values: np.ndarray) -> Image.Image:

@@ -1,0 +1,104 @@
+"""Semantic segmentation: one class per pixel, painted from the samples' instances.
+
+Targets (B, S, S) int64: 0 background, c + 1 for category c, 255 (IGNORE_INDEX) for the sample's
+ignore region (see visionflow.formats.masks.semantic_mask). Models (visionflow.segmentation_models)
+return logits (B, K + 1, S, S); predictions are (H, W) uint8 masks at each image's own size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from visionflow.augment import build_eval_transform, build_train_transform
+from visionflow.config import TrainParams
+from visionflow.errors import DataError
+from visionflow.evaluation.segmentation import ConfusionAccumulator
+from visionflow.formats.images import load_rgb
+from visionflow.formats.masks import semantic_mask
+from visionflow.manifest import Sample
+from visionflow.segmentation_models import build_segmenter
+from visionflow.tasks.base import IGNORE_INDEX
+
+
+class SegmentationDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
+        self.samples, self.transform, self.root = list(samples), transform, Path(project_root)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.samples[i]
+        path = s.image_path(self.root)
+        image = load_rgb(path)
+        if image.shape[:2] != (s.height, s.width):
+            raise DataError(path, f"image is {image.shape[1]}x{image.shape[0]} but the manifest says "
+                                  f"{s.width}x{s.height}", record=s.id, hint="re-run the ingest stage")
+        # The mask moves with the image (Albumentations applies geometric transforms to `mask`
+        # with nearest-neighbour interpolation; pixel-level ones leave it alone).
+        out = self.transform(image=image, mask=semantic_mask(s))
+        x = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))  # (3, S, S) float32
+        return x, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()  # (S, S) int64
+
+
+class SegmentTask:
+    name = "segment"
+    primary_metric = "val_miou"
+
+    def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
+        return build_segmenter(params.model, num_classes, pretrained)
+
+    def build_transforms(self, params: TrainParams):
+        a = params.augment
+        return (build_train_transform(a.preset, a.transforms, params.image_size, normalize=True),
+                build_eval_transform(params.image_size, normalize=True))
+
+    def build_dataset(self, samples, transform, project_root) -> Dataset:
+        return SegmentationDataset(samples, transform, Path(project_root))
+
+    def collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = zip(*batch)
+        return torch.stack(images), torch.stack(masks)  # (B, 3, S, S), (B, S, S)
+
+    def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
+        return {"cross_entropy": _cross_entropy(model(images), targets.to(images.device))}
+
+    @torch.no_grad()
+    def val_metrics(self, model, loader, device) -> dict[str, float]:
+        model.eval()
+        acc, loss_sum, pixels = None, 0.0, 0
+        for images, targets in loader:
+            images, targets = images.to(device), targets.to(device)
+            logits = model(images).float()  # (B, K + 1, S, S)
+            valid = int((targets != IGNORE_INDEX).sum())
+            loss_sum += float(_cross_entropy(logits, targets)) * valid
+            pixels += valid
+            if acc is None:
+                acc = ConfusionAccumulator(logits.shape[1], IGNORE_INDEX)
+            acc.update(logits.argmax(1).cpu(), targets.cpu())
+        m = acc.compute() if acc else {}
+        # None (nothing valid to score) reads as 0 so early stopping and the logs get numbers.
+        return {"val_loss": loss_sum / max(pixels, 1), "val_miou": m.get("miou") or 0.0,
+                "val_pixel_accuracy": m.get("pixel_accuracy") or 0.0}
+
+    @torch.no_grad()
+    def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
+        batch = np.stack([transform(image=im)["image"].transpose(2, 0, 1) for im in images])  # (B, 3, S, S)
+        logits = model(torch.from_numpy(batch).to(device)).float()  # (B, K + 1, S, S)
+        out = []
+        for im, lg in zip(images, logits):  # one at a time: full-size logits of a big image are large
+            full = F.interpolate(lg[None], size=im.shape[:2], mode="bilinear", align_corners=False)
+            out.append({"mask": full[0].argmax(0).to(torch.uint8).cpu().numpy()})  # (H, W)
+        return out
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over non-ignored pixels; 0 (not NaN) for a batch that is all ignore region."""
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
