@@ -227,6 +227,10 @@ class UNet(nn.Module):
     """Encoder of five stride-2 stages (strides 2..32) plus a full-resolution stem; a decoder of
     five UpBlocks back to stride 1, each joined with the skip of its resolution; a 1x1 head.
 
+    Channels: base = round(32 * width) at full resolution, doubling per level up to 8 * base. Our
+    own encoder (backbone: null) uses those widths too; a torchvision encoder keeps its ImageNet
+    widths and `width` scales only the stem and the decoder.
+
     Inputs whose sides are not multiples of 32 are zero-padded right/bottom (zero = the mean
     colour after ImageNet normalisation) and the logits cropped back, so any size works and the
     output is always (B, num_outputs, H, W)."""

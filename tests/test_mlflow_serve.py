@@ -1,0 +1,175 @@
+"""MLflow's own REST server (`mlflow models serve --env-manager local`) on our registered models.
+
+A real pipeline (synth, ingest, split, train, evaluate, register) makes a tiny classify and a
+tiny segment model in one temporary sqlite store; each is served by the MLflow CLI in its own
+process group on a loopback port, and what POST /invocations returns must equal the in-process
+pyfunc's and the Predictor's predictions for the same images.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import make_project  # noqa: E402
+
+from visionflow import tracking  # noqa: E402
+from visionflow.config import load_params  # noqa: E402
+from visionflow.formats.images import load_rgb  # noqa: E402
+from visionflow.paths import Paths  # noqa: E402
+from visionflow.pyfunc_model import decode_image, decode_mask, encode_image  # noqa: E402
+from visionflow.stages import get_stage  # noqa: E402
+from visionflow.tasks import load_predictor  # noqa: E402
+
+# Two server start-ups (about 25 s each on a busy 2-core machine) plus the pipeline.
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT_S = 240  # generous: the server imports mlflow, torch and the model's code on a loaded machine
+REQUEST_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Paths, str]:
+    """A classify and a segment model registered in one store; (paths, tracking URI)."""
+    root = tmp_path_factory.mktemp("mlflow-serve")
+    # Two epochs at a high rate: enough for the tiny U-Net's masks to stop being one constant
+    # class, so that equal masks mean equal pixels.
+    over = {"synth": {"n": 24}, "segment": {"train": {"epochs": 2, "lr": 0.01, "batch_size": 4,
+                                                      "augment": {"preset": "none"}}}}
+    params_file = make_project(root, over, name="ms", tasks=("classify", "segment"))
+    params, paths = load_params(params_file), Paths(root)
+    for name in ("synth", "ingest", "split"):
+        get_stage(name, params).run(params, paths)
+    for task in ("classify", "segment"):
+        for stage in ("train", "evaluate", "register"):
+            get_stage(f"{stage}-{task}", params).run(params, paths.for_task(task))
+    return paths, f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]:
+    """`mlflow models serve` in its own process group, stopped (the group) whatever happens."""
+    port = _free_port()
+    # The CLI runs `uvicorn` through bash: the venv's bin/ must be on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:  # a file, not a pipe nobody drains (progress bars fill it)
+        proc = subprocess.Popen(cmd, env=env, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        if not tracking.wait_for_http(f"{base}/ping", timeout=START_TIMEOUT_S, proc=proc):
+            pytest.fail(f"mlflow models serve did not start:\n{log.read_text()[-3000:]}")
+        yield base
+    finally:
+        _stop_group(proc)
+    with socket.socket() as s:  # the server and its uvicorn child are gone
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader so it stops counting as a member of the group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def invocations(base: str, cells: list[str]) -> tuple[int, dict]:
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[c] for c in cells]}}).encode()
+    req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def _cells(paths: Paths) -> tuple[list[str], list[np.ndarray]]:
+    """Base64 cells (two synthetic shape images as PNG, one resized to 48x72 as JPEG, and
+    random noise as PNG) and the RGB arrays they decode to."""
+    shapes = [load_rgb(p) for p in sorted((paths.root / "data").rglob("*.png"))[:3]]
+    resized = np.asarray(Image.fromarray(shapes[2]).resize((48, 72)))
+    noise = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    cells = [encode_image(shapes[0]), encode_image(shapes[1]), encode_image(resized, fmt="JPEG"), encode_image(noise)]
+    return cells, [decode_image(c) for c in cells]
+
+
+def test_classify_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path):
+    paths, uri = project
+    cells, arrays = _cells(paths)
+    expected = load_predictor(paths.for_task("classify").model_dir).predict(arrays)
+    model_uri = "models:/ms-classifier@candidate"
+    in_process = tracking.load_model(model_uri, uri).predict(pd.DataFrame({"image": cells}))
+    assert in_process["label"].tolist() == [e["label"] for e in expected]
+
+    with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:
+        status, body = invocations(base, cells)
+        assert status == 200, body
+        rows = body["predictions"]
+        # a cell that is no image: MLflow answers 400 with our decoder's message, and keeps serving
+        bad_status, bad = invocations(base, ["bm90IGFuIGltYWdl"])  # base64 of "not an image"
+        again_status, again = invocations(base, cells[:1])
+
+    assert len(rows) == len(cells)
+    for row, exp, (_, ref) in zip(rows, expected, in_process.iterrows()):
+        assert set(row) == {"label", "name", "confidence"}
+        assert row["label"] == exp["label"] == ref["label"]
+        assert row["name"] == exp["name"] == ref["name"]
+        assert row["confidence"] == pytest.approx(exp["confidence"], abs=1e-5)
+        assert row["confidence"] == pytest.approx(ref["confidence"], abs=1e-5)
+    assert again_status == 200 and again["predictions"][0]["label"] == rows[0]["label"]
+    assert again["predictions"][0]["confidence"] == pytest.approx(rows[0]["confidence"], abs=1e-5)
+    assert bad_status == 400 and "cannot identify image file" in bad.get("stack_trace", "") + bad["message"], bad
+
+
+def test_segment_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path):
+    paths, uri = project
+    cells, arrays = _cells(paths)
+    expected = [p["mask"] for p in load_predictor(paths.for_task("segment").model_dir).predict(arrays)]
+    model_uri = "models:/ms-segment@candidate"
+    in_process = tracking.load_model(model_uri, uri).predict(pd.DataFrame({"image": cells}))
+    assert any(len(np.unique(m)) > 1 for m in expected)  # not one constant class: pixels are compared
+
+    with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:
+        status, body = invocations(base, cells)
+    assert status == 200, body
+    rows = body["predictions"]
+    assert len(rows) == len(cells)
+    for row, mask, array, (_, ref) in zip(rows, expected, arrays, in_process.iterrows()):
+        assert set(row) == {"mask_png", "classes_present"}
+        served = decode_mask(row["mask_png"])
+        assert served.shape == array.shape[:2]  # at the input's size, not the model's
+        np.testing.assert_array_equal(served, mask)
+        np.testing.assert_array_equal(served, decode_mask(ref["mask_png"]))
+        present = json.loads(row["classes_present"])
+        assert present == sorted(int(v) for v in np.unique(mask) if v) == json.loads(ref["classes_present"])
