@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -187,6 +189,9 @@ def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered
         port = s.getsockname()[1]
     ui = subprocess.Popen([sys.executable, "-m", "visionflow.cli", "ui", "mlflow", "--port", str(port)],
                           cwd=paths.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []  # read as it comes: the command's own readiness line may trail our probe
+    reader = threading.Thread(target=lambda: lines.extend(iter(ui.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         base = f"http://127.0.0.1:{port}"
         assert tracking.wait_for_http(f"{base}/health", timeout=90, proc=ui), "MLflow UI did not start"
@@ -197,9 +202,14 @@ def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered
         url = f"{base}/get-artifact?path=figures/confusion.png&run_uuid={result['run_id']}"
         with urllib.request.urlopen(url) as r:
             assert r.read() == (paths.figures_dir / "confusion.png").read_bytes()
+        deadline = time.monotonic() + 60
+        while not any("MLflow UI ready" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         ui.send_signal(signal.SIGTERM)
-        out, _ = ui.communicate(timeout=30)
+        ui.wait(timeout=30)
+        reader.join(timeout=10)
+    out = "".join(lines)
     assert ui.returncode == 0, out
     assert f"MLflow UI ready: http://127.0.0.1:{port}" in out
     with socket.socket() as s:  # the server and its workers are gone
