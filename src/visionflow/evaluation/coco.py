@@ -51,13 +51,7 @@ def evaluate_coco(gt: dict | str | Path, dt: list | str | Path, iou_type: str = 
     ("recall_thresholds"), IoU 0.5, all areas, 100 detections; -1 where undefined}."""
     if iou_type not in IOU_TYPES:
         raise UserError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
-    gt_file, gt = _load(gt, "<gt>", dict)
-    dt_file, dt = _load(dt, "<dt>", list)
-    images = _image_table(gt, gt_file)
-    cat_ids = sorted({c["id"] for c in gt.get("categories", [])})
-    g = _read_gt(gt, gt_file, images, cat_ids, iou_type)
-    d = _read_dt(dt, dt_file, images, cat_ids, iou_type)
-    matched, dt_ignore = _match(g, d, iou_type)
+    gt, images, cat_ids, g, d, matched, dt_ignore = _load_and_match(gt, dt, iou_type)
     precision, recall = _accumulate(g, d, matched, dt_ignore, len(cat_ids))
     stats = _summarize(precision, recall)
     names = _category_names(gt, cat_ids)
@@ -71,6 +65,20 @@ def evaluate_coco(gt: dict | str | Path, dt: list | str | Path, iou_type: str = 
         "iou_type": iou_type, "max_dets": list(MAX_DETS),
         "area_ranges": {k: list(v) for k, v in AREA_RANGES.items()},
         "iou_thresholds": [round(float(t), 2) for t in IOU_THRS], "recall_thresholds": len(REC_THRS)}}
+
+
+def _load_and_match(gt, dt, iou_type: str):
+    """Read both files and match every detection (COCOeval.evaluate): the steps shared by the
+    summary numbers and the per-detection table. Returns (gt dict, image table, category ids,
+    g, d, matched (N_dt, A, T), ignored (N_dt, A, T))."""
+    gt_file, gt = _load(gt, "<gt>", dict)
+    dt_file, dt = _load(dt, "<dt>", list)
+    images = _image_table(gt, gt_file)
+    cat_ids = sorted({c["id"] for c in gt.get("categories", [])})
+    g = _read_gt(gt, gt_file, images, cat_ids, iou_type)
+    d = _read_dt(dt, dt_file, images, cat_ids, iou_type)
+    matched, ignore = _match(g, d, iou_type)
+    return gt, images, cat_ids, g, d, matched, ignore
 
 
 def write_results(stats: dict, out_path: str | Path) -> None:
@@ -427,13 +435,7 @@ def match_table(gt: dict | str | Path, dt: list | str | Path, iou_type: str = "b
     if iou_type not in IOU_TYPES or not len(t):
         raise UserError(f"match_table: iou_type must be one of {IOU_TYPES} and iou one of "
                         f"{[round(float(v), 2) for v in IOU_THRS]}; got {iou_type!r}, {iou}")
-    gt_file, gt = _load(gt, "<gt>", dict)
-    dt_file, dt = _load(dt, "<dt>", list)
-    images = _image_table(gt, gt_file)
-    cat_ids = sorted({c["id"] for c in gt.get("categories", [])})
-    g = _read_gt(gt, gt_file, images, cat_ids, iou_type)
-    d = _read_dt(dt, dt_file, images, cat_ids, iou_type)
-    matched, ignore = _match(g, d, iou_type)
+    gt, images, cat_ids, g, d, matched, ignore = _load_and_match(gt, dt, iou_type)
     a, t = list(AREA_RANGES).index("all"), int(t[0])
     g_out = (g["area"] < _AREA[a, 0]) | (g["area"] > _AREA[a, 1])
     return {"img": d["img"], "cat": d["cat"], "rank": d["rank"], "score": d["score"],
