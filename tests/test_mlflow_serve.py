@@ -1,7 +1,7 @@
 """MLflow's own REST server (`mlflow models serve --env-manager local`) on our registered models.
 
-A real pipeline (synth, ingest, split, train, evaluate, register) makes a tiny classify and a
-tiny segment model in one temporary sqlite store; each is served by the MLflow CLI in its own
+A real pipeline (synth, ingest, split, train, evaluate, register) makes a tiny classify, detect
+and segment model in one temporary sqlite store; each is served by the MLflow CLI in its own
 process group on a loopback port, and what POST /invocations returns must equal the in-process
 pyfunc's and the Predictor's predictions for the same images.
 """
@@ -36,7 +36,7 @@ from visionflow.pyfunc_model import decode_image, decode_mask, encode_image  # n
 from visionflow.stages import get_stage  # noqa: E402
 from visionflow.tasks import load_predictor  # noqa: E402
 
-# Two server start-ups (about 25 s each on a busy 2-core machine) plus the pipeline.
+# Three server start-ups (about 25 s each on a busy 2-core machine) plus the pipeline.
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 240  # generous: the server imports mlflow, torch and the model's code on a loaded machine
@@ -45,17 +45,19 @@ REQUEST_TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Paths, str]:
-    """A classify and a segment model registered in one store; (paths, tracking URI)."""
+    """A classify, a detect and a segment model registered in one store; (paths, tracking URI)."""
     root = tmp_path_factory.mktemp("mlflow-serve")
     # Two epochs at a high rate: enough for the tiny U-Net's masks to stop being one constant
     # class, so that equal masks mean equal pixels.
+    # The detector keeps every box above 0.01, so an untrained one still answers with boxes.
     over = {"synth": {"n": 24}, "segment": {"train": {"epochs": 2, "lr": 0.01, "batch_size": 4,
-                                                      "augment": {"preset": "none"}}}}
-    params_file = make_project(root, over, name="ms", tasks=("classify", "segment"))
+                                                      "augment": {"preset": "none"}}},
+            "detect": {"train": {"model": {"score_threshold": 0.01, "detections_per_image": 20}}}}
+    params_file = make_project(root, over, name="ms", tasks=("classify", "detect", "segment"))
     params, paths = load_params(params_file), Paths(root)
     for name in ("synth", "ingest", "split"):
         get_stage(name, params).run(params, paths)
-    for task in ("classify", "segment"):
+    for task in ("classify", "detect", "segment"):
         for stage in ("train", "evaluate", "register"):
             get_stage(f"{stage}-{task}", params).run(params, paths.for_task(task))
     return paths, f"sqlite:///{root / 'mlflow.db'}"
@@ -173,3 +175,34 @@ def test_segment_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_pat
         np.testing.assert_array_equal(served, decode_mask(ref["mask_png"]))
         present = json.loads(row["classes_present"])
         assert present == sorted(int(v) for v in np.unique(mask) if v) == json.loads(ref["classes_present"])
+
+
+def test_detect_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path):
+    paths, uri = project
+    cells, arrays = _cells(paths)
+    expected = load_predictor(paths.for_task("detect").model_dir).predict(arrays)
+    model_uri = "models:/ms-detect@candidate"
+    in_process = tracking.load_model(model_uri, uri).predict(pd.DataFrame({"image": cells}))
+    assert sum(len(e["boxes"]) for e in expected) > 0  # boxes to compare, not empty lists
+
+    with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:
+        status, body = invocations(base, cells)
+    assert status == 200, body
+    rows = body["predictions"]
+    assert len(rows) == len(cells)
+    for row, exp, array, (_, ref) in zip(rows, expected, arrays, in_process.iterrows()):
+        assert set(row) == {"boxes", "labels", "names", "scores", "masks"}
+        boxes, labels, scores = (json.loads(row[k]) for k in ("boxes", "labels", "scores"))
+        assert labels == [int(v) for v in exp["labels"]] == json.loads(ref["labels"])
+        assert json.loads(row["names"]) == list(exp["names"]) == json.loads(ref["names"])
+        assert json.loads(row["masks"]) == []  # Faster R-CNN: no instance masks
+        np.testing.assert_allclose(scores, exp["scores"], atol=1e-5)
+        np.testing.assert_allclose(scores, json.loads(ref["scores"]), atol=1e-5)
+        assert scores == sorted(scores, reverse=True) and all(0.01 <= s <= 1 for s in scores)
+        if boxes:  # absolute pixels of this input (the resized JPEG is 48 x 72), not the model's size
+            b = np.asarray(boxes)
+            np.testing.assert_allclose(b, np.asarray(exp["boxes"], dtype=float).reshape(-1, 4), atol=0.011)
+            np.testing.assert_allclose(b, np.asarray(json.loads(ref["boxes"])), atol=1e-6)
+            h, w = array.shape[:2]
+            assert (b[:, 0] >= 0).all() and (b[:, 2] <= w + 1e-6).all() and (b[:, 3] <= h + 1e-6).all()
+            assert (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
