@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,6 +203,7 @@ def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered
         url = f"{base}/get-artifact?path=figures/confusion.png&run_uuid={result['run_id']}"
         with urllib.request.urlopen(url) as r:
             assert r.read() == (paths.figures_dir / "confusion.png").read_bytes()
+        dom = _rendered_dom(f"{base}/#/models/test-classifier")  # what a person sees, in a real browser
         deadline = time.monotonic() + 60
         while not any("MLflow UI ready" in line for line in lines) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -214,6 +216,24 @@ def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered
     assert f"MLflow UI ready: http://127.0.0.1:{port}" in out
     with socket.socket() as s:  # the server and its workers are gone
         assert s.connect_ex(("127.0.0.1", port)) != 0
+    if dom is None:
+        pytest.skip("no chromium on PATH: the UI answered, but its page was not rendered in a browser")
+    # The page is drawn by the UI's JavaScript (the HTML shell names no model): the rendered
+    # page shows the registered model, its version and its alias.
+    assert "test-classifier" in dom and "candidate" in dom and f"Version {result['version']}" in dom, dom[-3000:]
+
+
+def _rendered_dom(url: str) -> str | None:
+    """The page's DOM after headless Chromium ran its scripts; None without a browser."""
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if browser is None:
+        return None
+    with urllib.request.urlopen(url.split("#")[0]) as r:
+        assert "test-classifier" not in r.read().decode()  # the shell alone proves nothing
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
 
 
 def test_registering_again_makes_version_2_and_moves_the_alias(tmp_path):
