@@ -44,6 +44,10 @@ def test_bad_values_are_rejected(tmp_path):
     data["segment"]["train"]["model"]["arch"] = "fasterrcnn"
     with pytest.raises(ConfigError, match=r"segment.train.model.arch: 'fasterrcnn' is not a segment architecture"):
         load_params(_write(tmp_path, data))
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["detect"]["train"]["dice_weight"] = 1.0
+    with pytest.raises(ConfigError, match=r"detect.train.dice_weight: the Dice loss is for segment only"):
+        load_params(_write(tmp_path, data))
 
 
 def test_branches(tmp_path):

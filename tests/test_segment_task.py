@@ -19,7 +19,7 @@ from visionflow.manifest import Instance, Sample
 from visionflow.models import torch_cache_dir
 from visionflow.segmentation_models import build_segmenter
 from visionflow.tasks import META_FILE, MODEL_FILE, get_task, load_predictor
-from visionflow.tasks.segment import SegmentTask
+from visionflow.tasks.segment import SegmentTask, soft_dice_loss
 
 K = 3  # categories; models predict K + 1 channels
 LOGGER = "visionflow.segmentation_models"
@@ -333,6 +333,40 @@ def test_loss_ignores_the_ignore_region():
     all_ignored = torch.full_like(targets, 255)
     loss = task.loss(model, images, all_ignored)["cross_entropy"]
     assert torch.isfinite(loss) and float(loss) == 0.0
+
+
+def test_soft_dice_by_hand_ignore_region_and_absent_classes():
+    # 2 x 2 pixels, 3 classes; targets 0, 1 / 1, ignored. Softmax probabilities per pixel:
+    probs = torch.tensor([[0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    logits = probs.log().T.reshape(1, 3, 2, 2).clone().requires_grad_(True)
+    targets = torch.tensor([[[0, 1], [1, 255]]])
+    # class 0: (2 * 0.1 + 1) / (1.0 + 1 + 1); class 1: (2 * 0.9 + 1) / (1.7 + 2 + 1);
+    # class 2 is in no target: left out of the mean (else it would score 1 / (0.3 + 1)).
+    expected = 1 - (1.2 / 3.0 + 2.8 / 4.7) / 2
+    loss = soft_dice_loss(logits, targets)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[0, :, 1, 1] == 0) and logits.grad.abs().sum() > 0  # ignored pixel: no gradient
+    moved = logits.detach().clone()
+    moved[0, :, 1, 1] = torch.tensor([5.0, -3.0, 0.0])  # whatever is predicted there does not count
+    assert float(soft_dice_loss(moved, targets)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_dice_weight_adds_a_dice_term_and_zero_is_plain_cross_entropy():
+    images, targets = oracle_batches()[0]
+    model = OneHotOracle()
+    assert float(soft_dice_loss(model(images), targets)) < 1e-6  # perfect prediction
+    everything_ignored = torch.full_like(targets, 255)
+    zero = soft_dice_loss(model(images).requires_grad_(True), everything_ignored)
+    assert float(zero) == 0.0 and zero.requires_grad
+    assert set(SegmentTask().loss(model, images, targets)) == {"cross_entropy"}
+    assert set(SegmentTask(TrainParams(dice_weight=0.0)).loss(model, images, targets)) == {"cross_entropy"}
+    wrong = torch.where(targets == 255, targets, (targets + 1) % (K + 1))  # every valid pixel wrong
+    losses = SegmentTask(TrainParams(dice_weight=0.5)).loss(model, images, wrong)
+    assert set(losses) == {"cross_entropy", "dice"}
+    assert float(losses["dice"]) == pytest.approx(0.5 * float(soft_dice_loss(model(images), wrong)))
+    assert float(losses["dice"]) > 0.45  # nearly 0.5 * 1: no overlap at all
+    assert get_task("segment", TrainParams(dice_weight=2.0)).dice_weight == 2.0
 
 
 # --- the contract ----------------------------------------------------------------------------------

@@ -162,6 +162,7 @@ class TrainParams(Section):
     step_epochs: int = Field(5, ge=1)  # step: multiply the LR by `gamma` every this many epochs
     gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: Optional[float] = Field(5.0, gt=0)  # max global gradient norm; null: off
+    dice_weight: float = Field(0.0, ge=0)  # segment: loss = cross-entropy + this * soft Dice; 0: off
     augment: AugmentParams = AugmentParams()
     early_stopping: Optional[EarlyStoppingParams] = EarlyStoppingParams()
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -256,6 +257,8 @@ class Params(Section):
             if arch not in ARCHS[task]:
                 raise ValueError(f"{task}.train.model.arch: {arch!r} is not a {task} architecture; "
                                  f"choose one of {', '.join(ARCHS[task])}")
+            if task != "segment" and self.branch(task).train.dice_weight:
+                raise ValueError(f"{task}.train.dice_weight: the Dice loss is for segment only; set it to 0")
         for what, name_of in (("register.model_name", lambda t: model_name(t, self.branch(t).register)),
                               ("inspect.dataset_name", lambda t: dataset_name(t, self.branch(t).inspect))):
             names = [name_of(t) for t in tasks]

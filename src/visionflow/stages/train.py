@@ -38,7 +38,7 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     categories = read_categories(paths.categories)
     split = read_split(paths.split_file)
     class_names = [c.name for c in categories]
-    task = get_task(paths.task)
+    task = get_task(paths.task, params)
     device = select_device(params.device)
     dist_info = init_from_env(device.type)
     if dist_info.enabled and device.type == "cuda":

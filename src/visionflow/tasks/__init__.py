@@ -25,13 +25,14 @@ _TASKS = {
 }
 
 
-def get_task(name: str):
+def get_task(name: str, params=None):
+    """The task `name`; `params` (its TrainParams) configures its loss where it has settings."""
     if name not in _TASKS:
         raise KeyError(f"unknown task {name!r}; tasks are {', '.join(_TASKS)}")
     import importlib
 
     module, _, cls = _TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)(params)
 
 
 class ModelPredictor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ class ClassificationDataset(Dataset):
 class ClassifyTask:
     name = "classify"
     primary_metric = "val_accuracy"
+
+    def __init__(self, params: Optional[TrainParams] = None):
+        pass  # no loss settings (TrainParams.dice_weight is segment's)
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         m = params.model

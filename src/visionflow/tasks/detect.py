@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +83,9 @@ def instance_pixels(inst: Instance, height: int, width: int, where: str) -> np.n
 class DetectTask:
     name = "detect"
     primary_metric = "val_map50"
+
+    def __init__(self, params: Optional[TrainParams] = None):
+        pass  # no loss settings (TrainParams.dice_weight is segment's)
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         return build_detector(params.model, params.image_size, num_classes, pretrained)

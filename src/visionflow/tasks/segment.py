@@ -7,7 +7,7 @@ return logits (B, K + 1, S, S); predictions are (H, W) uint8 masks at each image
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,8 +66,17 @@ class SegmentTask:
         images, masks = zip(*batch)
         return torch.stack(images), torch.stack(masks)  # (B, 3, S, S), (B, S, S)
 
+    def __init__(self, params: Optional[TrainParams] = None):
+        # Cross-entropy alone lets similar classes (circle / hexagon) collapse into one for
+        # epochs; the Dice term weighs every class present equally and pulls them apart.
+        self.dice_weight = params.dice_weight if params is not None else 0.0
+
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
-        return {"cross_entropy": _cross_entropy(model(images), targets.to(images.device))}
+        logits, targets = model(images), targets.to(images.device)
+        out = {"cross_entropy": _cross_entropy(logits, targets)}
+        if self.dice_weight:
+            out["dice"] = self.dice_weight * soft_dice_loss(logits, targets)
+        return out
 
     @torch.no_grad()
     def val_metrics(self, model, loader, device) -> dict[str, float]:
@@ -102,3 +111,20 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over non-ignored pixels; 0 (not NaN) for a batch that is all ignore region."""
     total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice over the classes present in `targets` of this batch (pixels of the
+    ignore index left out), Dice_c = (2 sum p_c y_c + smooth) / (sum p_c + sum y_c + smooth)
+    with p the softmax over the whole batch. 0 (with a gradient path) when nothing is valid."""
+    k = logits.shape[1]
+    valid = (targets != IGNORE_INDEX)
+    probs = logits.float().softmax(1) * valid[:, None]
+    onehot = F.one_hot(torch.where(valid, targets, 0), k).permute(0, 3, 1, 2).to(probs.dtype) * valid[:, None]
+    inter = (probs * onehot).sum((0, 2, 3))
+    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    if not bool(present.any()):
+        return logits.sum() * 0.0
+    dice = (2 * inter + smooth) / (denom + smooth)
+    return 1.0 - dice[present].mean()
