@@ -51,3 +51,28 @@ def test_torchrun_two_gloo_processes_train_one_model(tmp_path):
     runs = client.search_runs([reg["experiment_id"]])
     assert len(runs) == 1 and runs[0].info.run_id == reg["run_id"]
     assert runs[0].data.params["train.batch_size"] == "8"
+
+
+def _mean_worker(rank: int, init: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from visionflow.distributed import DistInfo, mean_over_ranks, shutdown
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2)
+    # rank 0 saw losses averaging 1.0 and 4.0, rank 1 3.0 and 8.0: the epoch's are 2.0 and 6.0
+    result = mean_over_ranks({"train_loss": [1.0, 3.0][rank], "train_dice": [4.0, 8.0][rank]}, info)
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+    shutdown(info)
+
+
+def test_train_losses_are_averaged_over_the_ranks(tmp_path):
+    """Two real gloo processes: each gets the mean over both ranks, not its own shard's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_mean_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"train_loss": 2.0, "train_dice": 6.0}
+    from visionflow.distributed import SINGLE, mean_over_ranks
+
+    assert mean_over_ranks({"train_loss": 1.5}, SINGLE) == {"train_loss": 1.5}  # one process: unchanged

@@ -59,6 +59,17 @@ def broadcast(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Each key's mean over the ranks (every rank gets the same dict). The train loader gives
+    every rank the same number of samples (DistributedSampler and the loader drop the
+    remainder), so the mean of per-rank means is the mean over all samples of the epoch."""
+    if not info.enabled:
+        return values
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, values)
+    return {k: sum(float(o[k]) for o in out) / len(out) for k in values}
+
+
 def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP averages gradients,
     so parameters agree, but each rank updates its running statistics on its own shard; DDP

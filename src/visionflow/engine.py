@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from visionflow.distributed import SINGLE, DistInfo, barrier, broadcast, sync_buffers
+from visionflow.distributed import SINGLE, DistInfo, barrier, broadcast, mean_over_ranks, sync_buffers
 from visionflow.io import write_with
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,9 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         seed_everything(cfg.seed * 1000 + epoch)
         reseed(cfg.seed * 1000 + epoch)
         row = {"epoch": epoch}
-        row.update(train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip, epoch,
-                                   cfg.channels_last))
+        losses = train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip,
+                                 epoch, cfg.channels_last)
+        row.update(mean_over_ranks(losses, dist_info))  # the epoch's loss over every rank's shard
         sync_buffers(model, dist_info)  # validate and checkpoint the weights every rank holds
         if dist_info.is_main and val_loader is not None and len(val_loader.dataset):
             row.update(task.val_metrics(model, val_loader, device))
