@@ -302,6 +302,18 @@ def load_model(model_uri: str, uri: str):
     return mlflow.pyfunc.load_model(model_uri)
 
 
+def _require_store(uri: str, what: str = "") -> None:
+    """A UserError when `uri` is a local sqlite store whose file does not exist, before MLflow
+    would create an empty one."""
+    from visionflow.errors import UserError
+
+    if _is_local_db(uri):
+        db = uri.split(":///", 1)[-1]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise UserError(f"{what}no MLflow store at {uri}: register a model first (visionflow stage "
+                            f"register-<task>), or set register.tracking_uri / $MLFLOW_TRACKING_URI")
+
+
 def load_model_checked(model_uri: str, uri: str):
     """`load_model` for user-given URIs: a missing store, model, alias or run is a UserError
     naming the URI and the store, not an MLflow traceback (and no empty sqlite file appears)."""
@@ -309,11 +321,7 @@ def load_model_checked(model_uri: str, uri: str):
 
     from visionflow.errors import UserError
 
-    if _is_local_db(uri):
-        db = uri.split(":///", 1)[-1]
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise UserError(f"{model_uri}: no MLflow store at {uri} (register a model first, or set "
-                            f"register.tracking_uri / $MLFLOW_TRACKING_URI)")
+    _require_store(uri, f"{model_uri}: ")
     try:
         return load_model(model_uri, uri)
     except MlflowException as exc:
@@ -424,10 +432,7 @@ def find_version_by_alias(name: str, alias: str, uri: str) -> dict[str, Any] | N
 
     from visionflow.errors import UserError
 
-    if _is_local_db(uri):
-        db = uri.split(":///", 1)[-1]
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise UserError(f"no MLflow store at {uri}: register a model first (visionflow stage register-<task>)")
+    _require_store(uri)
     client = _client(uri)
     try:
         model = client.get_registered_model(name)
@@ -480,11 +485,7 @@ def download_model_dir(model_uri: str, uri: str, dst: str | Path) -> Path:
 
     from visionflow.errors import UserError
 
-    if _is_local_db(uri):
-        db = uri.split(":///", 1)[-1]
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise UserError(f"{model_uri}: no MLflow store at {uri} (register a model first, or set "
-                            f"register.tracking_uri / $MLFLOW_TRACKING_URI)")
+    _require_store(uri, f"{model_uri}: ")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
