@@ -60,6 +60,18 @@ def test_weights_from_a_local_file(tmp_path):
         build_classifier("mobilenet_v2", 3, weights=str(tmp_path / "missing.pth"))
 
 
+def test_pretrained_false_rebuilds_the_architecture_without_reading_weights(tmp_path, caplog):
+    """How a trained model is reloaded: the weights file is not read (here it does not even
+    exist) and the log does not claim a random initialisation at INFO."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="visionflow.models"):
+        model = build_classifier("mobilenet_v2", 3, weights=str(tmp_path / "missing.pth"), pretrained=False)
+    assert model.classifier[-1].out_features == 3
+    records = [r for r in caplog.records if r.name == "visionflow.models"]
+    assert [(r.levelno, "architecture only" in r.getMessage()) for r in records] == [(logging.DEBUG, True)]
+
+
 def test_unknown_weights_name():
     with pytest.raises(UserError, match="has no weights"):
         build_classifier("resnet18", 3, weights="IMAGENET9K")

@@ -202,8 +202,9 @@ def test_weights_file_round_trip_gives_identical_outputs(tmp_path, caplog, arch)
         assert torch.equal(first(x), second(x))
     assert any(str(path) in r.getMessage() for r in caplog.records)
     caplog.clear()
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
     build_segmenter(ModelParams(arch=arch, weights=str(path)), K, pretrained=False)
-    assert any("random initialisation" in r.getMessage() for r in caplog.records)
+    assert [(r.levelno, "architecture only" in r.getMessage()) for r in caplog.records] == [(logging.DEBUG, True)]
 
 
 def test_trainable_backbone_layers_apply_only_with_loaded_weights(tmp_path):

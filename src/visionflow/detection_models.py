@@ -99,7 +99,10 @@ def build_detector(params: ModelParams, image_size: int, num_classes: int, pretr
         _freeze_stages(body, params.trainable_backbone_layers)
     if pretrained and params.weights:
         where = _load_whole_model(model, params, num_labels)
-    log.info("detector %s on %s (%d classes + background, %d px): %s", arch, backbone, num_classes, image_size, where)
+    if not pretrained:  # rebuilt to load a trained model's weights: not news to the user
+        where = "architecture only, for trained weights (pretrained=False)"
+    log.log(logging.INFO if pretrained else logging.DEBUG, "detector %s on %s (%d classes + background, %d px): %s",
+            arch, backbone, num_classes, image_size, where)
     return model
 
 

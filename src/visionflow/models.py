@@ -63,16 +63,19 @@ def _load_state_dict(arch: str, weights: str) -> tuple[dict, str]:
 
 
 def build_classifier(arch: str, num_classes: int, weights: Optional[str] = None,
-                     mode: str = "full", trainable_blocks: int = 2) -> nn.Module:
+                     mode: str = "full", trainable_blocks: int = 2, pretrained: bool = True) -> nn.Module:
+    """`pretrained=False` builds the architecture only (weights ignored), to load trained weights into."""
     import torchvision
 
     model = torchvision.models.get_model(arch, weights=None)
-    if weights:
+    if weights and pretrained:
         state, where = _load_state_dict(arch, weights)
         model.load_state_dict(state)
         log.info("model %s: pretrained weights from %s", arch, where)
-    else:
+    elif pretrained:
         log.info("model %s: random initialisation (train.model.weights is null)", arch)
+    else:
+        log.debug("model %s: architecture only, for trained weights (pretrained=False)", arch)
     head_path = _HEADS[arch]
     parent = model.get_submodule(head_path.rsplit(".", 1)[0]) if "." in head_path else model
     attr = head_path.rsplit(".", 1)[-1]

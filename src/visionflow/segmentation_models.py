@@ -73,9 +73,10 @@ def build_segmenter(params: ModelParams, num_classes: int, pretrained: bool = Tr
             log.warning("segmenter %s: trainable_backbone_layers ignored (no pretrained weights)", arch)
     elif params.trainable_backbone_layers is not None:
         _freeze_stages(stages, params.trainable_backbone_layers)
-    if not pretrained:
-        source += " (pretrained=False)"
-    log.info("segmenter %s%s, %d outputs: %s", arch, _describe(params), num_classes + 1, source)
+    if not pretrained:  # rebuilt to load a trained model's weights: not news to the user
+        source = "architecture only, for trained weights (pretrained=False)"
+    log.log(logging.INFO if pretrained else logging.DEBUG, "segmenter %s%s, %d outputs: %s", arch, _describe(params),
+            num_classes + 1, source)
     return model
 
 

@@ -43,7 +43,7 @@ class ClassifyTask:
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         m = params.model
-        return build_classifier(m.arch, num_classes, m.weights if pretrained else None, m.mode, m.trainable_blocks)
+        return build_classifier(m.arch, num_classes, m.weights, m.mode, m.trainable_blocks, pretrained=pretrained)
 
     def build_transforms(self, params: TrainParams):
         a = params.augment
