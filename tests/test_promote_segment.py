@@ -10,11 +10,13 @@ the candidate's ONNX export.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient  # tests read the registry directly; src/ goes through tracking
 from PIL import Image
 
 from visionflow import tracking
@@ -107,6 +109,12 @@ def test_first_segmenter_is_promoted_on_the_floor_with_onnx_parity(registry):
     assert export["max_abs_diff"] <= 1e-3 and export["metric_export"] == pytest.approx(export["metric_torch"], abs=1e-3)
     assert _holder(reg, "first-champion") == v["good"]
     assert read_json(paths.promotion)["decision"] == "promoted"
+    description = MlflowClient(reg.tracking_uri, reg.tracking_uri).get_model_version(reg.model_name, v["good"]).description
+    table = [line for line in description.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 1 + 4 + 2  # header, rule, mIoU, IoU of background + 3 classes, floor, export
+    for line in table:  # six columns in every row, as the MLflow UI renders them ("max |diff|" escaped)
+        assert len(re.findall(r"(?<!\\)\|", line)) == 7, line
+    assert table[-1].startswith("| export max \\|diff\\| | - | ") and table[-1].endswith(" | pass |")
 
 
 def test_worse_segmenter_is_refused_and_says_which_classes_dropped(registry):
@@ -125,8 +133,6 @@ def test_worse_segmenter_is_refused_and_says_which_classes_dropped(registry):
     assert abs(per_class["background"]["delta"]) < 1e-9  # the rotation left background alone
     assert "per_class (IoU dropped" in result["reason"]
     assert _holder(reg, "worse-champion") == v["good"] and _holder(reg, "worse-candidate") == v["bad"]
-    from mlflow.tracking import MlflowClient  # tests read the registry directly; src/ goes through tracking
-
     tags = MlflowClient(reg.tracking_uri, reg.tracking_uri).get_model_version(reg.model_name, v["bad"]).tags
     assert tags["promotion.decision"] == "refused" and tags["promotion.champion_version"] == v["good"]
 

@@ -459,7 +459,7 @@ def describe(evidence: dict[str, Any]) -> str:
     lines = [f"**Promotion decision: {evidence['decision']}** ({evidence['timestamp']}). {_title(evidence)}", ""]
     rows = table_rows(evidence)
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows]  # "max |diff|"
     data = evidence["data"]
     lines += ["", f"Reason: {evidence['reason']}", "",
               f"Data: manifest md5 `{data['manifest_md5']}`, split md5 `{data['split_md5']}`. "
