@@ -76,5 +76,10 @@ def test_segment_jsonl_masks_and_fiftyone_dataset(project):
     ds = fo.load_dataset("pdense-seg-preds")
     assert len(ds) == len(rows) and ds.info["task"] == "segment"
     assert ds.default_mask_targets[0] == "background"
+    assert ds.app_config.active_fields.paths == ["predictions"]  # masks drawn when the App opens
+    scheme = ds.app_config.color_scheme  # one colour per class, not one per field
+    colours = {c["intTarget"]: c["color"] for c in scheme.default_mask_targets_colors}
+    assert scheme.color_by == "value" and sorted(colours) == sorted(k for k in ds.default_mask_targets if k)
+    assert len(set(colours.values())) == len(colours)
     first = ds.first()
     assert first.predictions.mask.shape == (rows[0]["height"], rows[0]["width"])

@@ -187,6 +187,7 @@ def build_dataset(
         dataset.default_mask_targets = {0: "background", **{k + 1: n for k, n in enumerate(names)}}
     dataset.info = {"split": split, "task": task, "categories": names}
     dataset.add_samples(fo_samples, progress=False)  # one call; FiftyOne batches the inserts
+    _show_masks(dataset, task)
     dataset.save()
 
     summary = {"dataset": name, "task": task, "samples": len(dataset), "with_predictions": 0, "accuracy": None}
@@ -229,6 +230,24 @@ def _evaluate_detections(dataset: "fo.Dataset", names: list[str], iou: float, us
             "fiftyone_mAP": float(results.mAP()), **counts}
 
 
+# Distinct colours for mask values 1, 2, ... in the App (tab10 without its greys).
+CLASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+
+
+def _show_masks(dataset: "fo.Dataset", task: str) -> None:
+    """The App starts with dense label fields (masks) unticked; ours are small, so the grid
+    opens with the segment masks drawn, as it does with boxes, coloured by class (the default
+    colours by field, which paints every class alike). Untick one field to compare the other."""
+    if task == "segment":
+        dataset.app_config.active_fields = fo.ActiveFields(
+            paths=[f for f in ("ground_truth", "predictions") if dataset.has_field(f)])
+        targets = sorted(k for k in (dataset.default_mask_targets or {}) if k)  # 0 (background) stays clear
+        dataset.app_config.color_scheme = fo.ColorScheme(
+            color_by="value", opacity=0.6,
+            default_mask_targets_colors=[{"intTarget": k, "color": CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)]}
+                                         for k in targets])
+
+
 def _evaluate_segmentations(dataset: "fo.Dataset", targets: dict[int, str]) -> dict[str, Any]:
     view = dataset.exists("predictions")
     if len(view) == 0:
@@ -267,6 +286,7 @@ def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], ta
         dataset.default_mask_targets = {0: "background", **{k + 1: n for k, n in enumerate(classes)}}
     dataset.info = {"task": task, "categories": classes, "made_by": "visionflow predict"}
     dataset.add_samples(samples, progress=False)
+    _show_masks(dataset, task)
     dataset.save()
     return {"dataset": name, "samples": len(dataset)}
 
