@@ -126,12 +126,19 @@ def _cells(paths: Paths) -> tuple[list[str], list[np.ndarray]]:
     return cells, [decode_image(c) for c in cells]
 
 
-def test_classify_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path):
+def _references(project, task: str, model_name: str):
+    """The test images, and what the Predictor and the in-process pyfunc make of them:
+    (uri, model URI, cells, arrays, Predictor predictions, pyfunc frame)."""
     paths, uri = project
     cells, arrays = _cells(paths)
-    expected = load_predictor(paths.for_task("classify").model_dir).predict(arrays)
-    model_uri = "models:/ms-classifier@candidate"
+    expected = load_predictor(paths.for_task(task).model_dir).predict(arrays)
+    model_uri = f"models:/{model_name}@candidate"
     in_process = tracking.load_model(model_uri, uri).predict(pd.DataFrame({"image": cells}))
+    return uri, model_uri, cells, arrays, expected, in_process
+
+
+def test_classify_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path):
+    uri, model_uri, cells, arrays, expected, in_process = _references(project, "classify", "ms-classifier")
     assert in_process["label"].tolist() == [e["label"] for e in expected]
 
     with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:
@@ -155,11 +162,8 @@ def test_classify_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_pa
 
 
 def test_segment_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path):
-    paths, uri = project
-    cells, arrays = _cells(paths)
-    expected = [p["mask"] for p in load_predictor(paths.for_task("segment").model_dir).predict(arrays)]
-    model_uri = "models:/ms-segment@candidate"
-    in_process = tracking.load_model(model_uri, uri).predict(pd.DataFrame({"image": cells}))
+    uri, model_uri, cells, arrays, predictions, in_process = _references(project, "segment", "ms-segment")
+    expected = [p["mask"] for p in predictions]
     assert any(len(np.unique(m)) > 1 for m in expected)  # not one constant class: pixels are compared
 
     with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:
@@ -178,11 +182,7 @@ def test_segment_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_pat
 
 
 def test_detect_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path):
-    paths, uri = project
-    cells, arrays = _cells(paths)
-    expected = load_predictor(paths.for_task("detect").model_dir).predict(arrays)
-    model_uri = "models:/ms-detect@candidate"
-    in_process = tracking.load_model(model_uri, uri).predict(pd.DataFrame({"image": cells}))
+    uri, model_uri, cells, arrays, expected, in_process = _references(project, "detect", "ms-detect")
     assert sum(len(e["boxes"]) for e in expected) > 0  # boxes to compare, not empty lists
 
     with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:

@@ -11,6 +11,7 @@ the candidate's ONNX export.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ import torch
 from mlflow.tracking import MlflowClient  # tests read the registry directly; src/ goes through tracking
 from PIL import Image
 
-from visionflow import tracking
 from visionflow.config import EvaluateParams, ModelParams, RegisterParams, TrainParams
 from visionflow.io import read_json
 from visionflow.manifest import Category, Instance, Sample, write_categories, write_manifest, write_split
@@ -28,6 +28,9 @@ from visionflow.promote import PromoteParams, promote
 from visionflow.stages.evaluate import evaluate
 from visionflow.stages.register import register
 from visionflow.stages.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_promote import alias_version, aliases  # noqa: E402  (the same alias helpers)
 
 CLASSES = ["red", "green", "blue"]
 COLOURS = [(220, 40, 40), (40, 200, 40), (50, 60, 230)]
@@ -85,21 +88,9 @@ def registry(tmp_path_factory):
     return paths, reg, versions, miou
 
 
-def _aliases(reg: RegisterParams, name: str, candidate: str, champion: str | None = None) -> dict[str, str]:
-    tracking.set_alias(reg.model_name, f"{name}-candidate", candidate, reg.tracking_uri)
-    if champion:
-        tracking.set_alias(reg.model_name, f"{name}-champion", champion, reg.tracking_uri)
-    return {"alias_from": f"{name}-candidate", "alias_to": f"{name}-champion"}
-
-
-def _holder(reg: RegisterParams, alias: str) -> str | None:
-    found = tracking.find_version_by_alias(reg.model_name, alias, reg.tracking_uri)
-    return found and found["version"]
-
-
 def test_first_segmenter_is_promoted_on_the_floor_with_onnx_parity(registry):
     paths, reg, v, miou = registry
-    names = _aliases(reg, "first", v["good"])
+    names = aliases(reg, "first", v["good"])
     result = promote(PromoteParams(floor=0.6, **names), reg, paths)
     assert result["decision"] == "promoted" and result["champion"] is None
     assert result["primary"]["metric"] == "mIoU"
@@ -107,7 +98,7 @@ def test_first_segmenter_is_promoted_on_the_floor_with_onnx_parity(registry):
     export = result["export"]
     assert export["status"] == "checked" and export["passed"] and export["format"] == "onnx"
     assert export["max_abs_diff"] <= 1e-3 and export["metric_export"] == pytest.approx(export["metric_torch"], abs=1e-3)
-    assert _holder(reg, "first-champion") == v["good"]
+    assert alias_version(reg, "first-champion") == v["good"]
     assert read_json(paths.promotion)["decision"] == "promoted"
     description = MlflowClient(reg.tracking_uri, reg.tracking_uri).get_model_version(reg.model_name, v["good"]).description
     table = [line for line in description.splitlines() if line.startswith("|")]
@@ -119,7 +110,7 @@ def test_first_segmenter_is_promoted_on_the_floor_with_onnx_parity(registry):
 
 def test_worse_segmenter_is_refused_and_says_which_classes_dropped(registry):
     paths, reg, v, miou = registry
-    names = _aliases(reg, "worse", v["bad"], champion=v["good"])
+    names = aliases(reg, "worse", v["bad"], champion=v["good"])
     result = promote(PromoteParams(require_export=False, **names), reg, paths)
     assert result["decision"] == "refused"
     p = result["primary"]
@@ -132,19 +123,19 @@ def test_worse_segmenter_is_refused_and_says_which_classes_dropped(registry):
     assert all(per_class[c]["delta"] < -0.5 for c in CLASSES)  # every square painted as another class
     assert abs(per_class["background"]["delta"]) < 1e-9  # the rotation left background alone
     assert "per_class (IoU dropped" in result["reason"]
-    assert _holder(reg, "worse-champion") == v["good"] and _holder(reg, "worse-candidate") == v["bad"]
+    assert alias_version(reg, "worse-champion") == v["good"] and alias_version(reg, "worse-candidate") == v["bad"]
     tags = MlflowClient(reg.tracking_uri, reg.tracking_uri).get_model_version(reg.model_name, v["bad"]).tags
     assert tags["promotion.decision"] == "refused" and tags["promotion.champion_version"] == v["good"]
 
 
 def test_better_segmenter_is_promoted_and_an_identical_one_ties(registry):
     paths, reg, v, miou = registry
-    names = _aliases(reg, "better", v["good"], champion=v["bad"])
+    names = aliases(reg, "better", v["good"], champion=v["bad"])
     result = promote(PromoteParams(require_export=False, **names), reg, paths)
     assert result["decision"] == "promoted" and result["primary"]["ci_low"] > 0.3
-    assert _holder(reg, "better-champion") == v["good"]
+    assert alias_version(reg, "better-champion") == v["good"]
 
-    names = _aliases(reg, "tie", v["good_copy"], champion=v["good"])
+    names = aliases(reg, "tie", v["good_copy"], champion=v["good"])
     tie = promote(PromoteParams(margin=0.0, per_class_margin=0.0, require_export=False, **names), reg, paths)
     assert (tie["primary"]["delta"], tie["primary"]["ci_low"], tie["primary"]["ci_high"]) == (0.0, 0.0, 0.0)
-    assert tie["decision"] == "promoted" and _holder(reg, "tie-champion") == v["good_copy"]
+    assert tie["decision"] == "promoted" and alias_version(reg, "tie-champion") == v["good_copy"]
