@@ -307,6 +307,24 @@ def test_registered_model_uri_exports_its_model_folder(tmp_path, capsys):
     side = json.loads(export.sidecar_path(out).read_text())
     assert side["source"]["model"] == "models:/export-test@candidate"
     assert side["source"]["model_sha256"] == file_digest(paths.model_dir / "model.pt")
+    # the file and its sidecar are attached to the version: in its run under exported/, and tagged
+    from mlflow.tracking import MlflowClient  # tests read the registry directly
+
+    client = MlflowClient(store.tracking_uri, store.tracking_uri)
+    mv = client.get_model_version_by_alias("export-test", "candidate")
+    assert f"logged to the model version: runs:/{mv.run_id}/exported/registered.torchscript" in stdout
+    assert mv.tags["export.uri"] == f"runs:/{mv.run_id}/exported/registered.torchscript"
+    assert mv.tags["export.format"] == "torchscript" and mv.tags["export.sha256"] == file_digest(out)
+    assert mv.tags["export.within_tolerance"] == "true" and mv.tags["export.parity_on"].startswith("synthetic")
+    logged = {a.path for a in client.list_artifacts(mv.run_id, "exported")}
+    assert logged == {"exported/registered.torchscript", "exported/registered.torchscript.json"}
+    got = client.download_artifacts(mv.run_id, "exported/registered.torchscript", str(tmp_path / "dl"))
+    assert Path(got).read_bytes() == out.read_bytes()
+    again = tmp_path / "not-logged.torchscript"  # --no-log leaves the version alone
+    code, stdout, _ = run_cli(capsys, "export-model", "--model", "models:/export-test@candidate", "--format",
+                              "torchscript", "--out", str(again), "--params", str(params_file), "--no-log")
+    assert code == 0 and "logged to the model version" not in stdout
+    assert {a.path for a in client.list_artifacts(mv.run_id, "exported")} == logged
     code, _, err = run_cli(capsys, "export-model", "--model", "models:/export-test@nope", "--out", str(out),
                            "--params", str(params_file))
     assert code == 2 and "models:/export-test@nope" in err

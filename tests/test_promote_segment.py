@@ -98,9 +98,18 @@ def test_first_segmenter_is_promoted_on_the_floor_with_onnx_parity(registry):
     export = result["export"]
     assert export["status"] == "checked" and export["passed"] and export["format"] == "onnx"
     assert export["max_abs_diff"] <= 1e-3 and export["metric_export"] == pytest.approx(export["metric_torch"], abs=1e-3)
+    # the checked ONNX file is attached to the version: in its run under exported/, and tagged
+    client = MlflowClient(reg.tracking_uri, reg.tracking_uri)
+    mv = client.get_model_version(reg.model_name, v["good"])
+    assert export["artifact_uri"] == mv.tags["export.uri"] == mv.tags["promotion.export_uri"]
+    assert export["artifact_uri"] == f"runs:/{mv.run_id}/exported/segment.onnx"
+    assert {a.path for a in client.list_artifacts(mv.run_id, "exported")} == {"exported/segment.onnx",
+                                                                               "exported/segment.onnx.json"}
+    assert mv.tags["export.format"] == "onnx" and mv.tags["export.within_tolerance"] == "true"
+    assert mv.tags["export.parity_on"] == "18 test images" and len(mv.tags["export.sha256"]) == 64
     assert alias_version(reg, "first-champion") == v["good"]
     assert read_json(paths.promotion)["decision"] == "promoted"
-    description = MlflowClient(reg.tracking_uri, reg.tracking_uri).get_model_version(reg.model_name, v["good"]).description
+    description = client.get_model_version(reg.model_name, v["good"]).description
     table = [line for line in description.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 1 + 4 + 2  # header, rule, mIoU, IoU of background + 3 classes, floor, export
     for line in table:  # six columns in every row, as the MLflow UI renders them ("max |diff|" escaped)

@@ -196,7 +196,8 @@ def cmd_export_model(args) -> int:
 
     params_file = Path(args.params or "params.yaml")
     result = run_export(args.model, args.format, Path(args.out), lambda: _model_store(args),
-                        params_file if args.params or params_file.exists() else None, max_samples=args.samples)
+                        params_file if args.params or params_file.exists() else None, max_samples=args.samples,
+                        log_to_version=not args.no_log)
     print(format_report(result))
     return 0 if result["parity"].get("samples", {}).get("within_tolerance", True) else 1
 
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "metric parity check (0: synthetic images only)")
     xm.add_argument("--params", default=None, help="params file of the project (test split; the MLflow store "
                     "of models:/ URIs) (default: ./params.yaml if present)")
+    xm.add_argument("--no-log", action="store_true", help="for models:/ URIs: do not log the file and its "
+                    "sidecar to the registered version (by default they go under exported/ in its run, with "
+                    "export.* tags on the version)")
     xm.set_defaults(fn=cmd_export_model)
 
     sv = sub.add_parser("serve", help="serve a registered or local model over HTTP (POST /predict)")

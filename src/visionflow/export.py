@@ -640,10 +640,13 @@ def project_test_samples(params_file: Optional[Path], meta: dict[str, Any], limi
 
 def run_export(spec: str, fmt: str, out: str | Path, tracking_uri: Callable[[], str],
                params_file: Optional[Path] = None, max_samples: int = 64,
-               tolerance: float = TOLERANCE, metric_tolerance: float = METRIC_TOLERANCE) -> dict[str, Any]:
+               tolerance: float = TOLERANCE, metric_tolerance: float = METRIC_TOLERANCE,
+               log_to_version: bool = True) -> dict[str, Any]:
     """`visionflow export-model`: export `spec` (a model folder or an MLflow model URI) to `out`
-    and check parity on the project's test split when there is one. Returns the sidecar's
-    contents plus "path" and "note"."""
+    and check parity on the project's test split when there is one. A registered version
+    (models:/NAME@ALIAS or models:/NAME/VERSION) also gets the file and its sidecar logged
+    to it (tracking.log_exported) unless `log_to_version` is false. Returns the sidecar's
+    contents plus "path", "note" and "logged" (the artifact URI, or None)."""
     out = Path(out)
     with local_model_dir(spec, tracking_uri) as model_dir:
         predictor = load_model_folder(model_dir)
@@ -655,7 +658,28 @@ def run_export(spec: str, fmt: str, out: str | Path, tracking_uri: Callable[[], 
         if samples:
             info["parity"]["samples"] = _parity(predictor, exported, samples, root, tolerance, metric_tolerance, 16)
             write_json(sidecar_path(out), {k: v for k, v in info.items() if k != "path"})
-    return {**info, "note": note}
+    logged = None
+    if spec.startswith("models:/") and log_to_version:  # a registered version: attach the file to it
+        from visionflow import tracking
+
+        uri = tracking_uri()
+        ref = tracking.describe_model_uri(spec, uri)
+        if ref["version"] is not None:
+            parity = info["parity"].get("samples") or info["parity"]["self_check"]
+            logged = tracking.log_exported(ref["model_name"], ref["version"], [out, sidecar_path(out)], uri,
+                                           export_tags(fmt, out, parity))
+    return {**info, "note": note, "logged": logged}
+
+
+def export_tags(fmt: str, path: str | Path, parity: dict[str, Any]) -> dict[str, str]:
+    """Model version tags describing an exported file and its parity check."""
+    from visionflow.io import file_digest
+
+    on = f"{parity['n']} test images" if "n" in parity else "synthetic images (self-check)"
+    within = parity.get("within_tolerance", True)  # the self-check raises ExportError when it is not
+    return {"export.format": fmt, "export.sha256": file_digest(Path(path), "sha256"),
+            "export.max_abs_diff": f"{parity['max_abs_diff']:.3g}", "export.parity_on": on,
+            "export.within_tolerance": str(bool(within)).lower()}
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -670,4 +694,6 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(parity_line(result["parity"]["samples"]))
     if result.get("note"):
         lines.append(f"note: {result['note']}")
+    if result.get("logged"):
+        lines.append(f"logged to the model version: {result['logged']} (tags export.*)")
     return "\n".join(lines)

@@ -221,12 +221,13 @@ def export_parity(params: PromoteParams, model_dir: Path, test: list[Sample], ro
     except Exception as exc:  # a model that cannot be exported is evidence against deploying it
         log.warning("export parity check failed", exc_info=True)
         return {"status": "error", "passed": False, "detail": f"export failed: {type(exc).__name__}: {exc}"}
-    # The exported file lies in the temporary download folder: its figures are kept, not its path.
+    # The exported file lies in the temporary download folder: promote() logs it to the
+    # candidate's version ("_file" is dropped there), the evidence keeps its figures.
     result = {k: v for k, v in r.items() if k != "path" and (isinstance(v, (str, int, float, bool)) or v is None)}
     passed = bool(r["within_tolerance"])
     metric = (f", {r['metric']} {r['metric_export']:.4f} exported vs {r['metric_torch']:.4f} PyTorch"
               if "metric_torch" in r else "")
-    return {"status": "checked", **result, "passed": passed,
+    return {"status": "checked", **result, "passed": passed, "_file": r["path"],
             "detail": f"{r.get('format')} on {r.get('n')} test images: max |PyTorch - export| "
                       f"{r['max_abs_diff']:.2e} (tolerance {params.export_tolerance:g}){metric}: "
                       f"{'within' if passed else 'NOT within'} tolerance"}
@@ -277,6 +278,13 @@ def promote(params: PromoteParams, register: RegisterParams, paths: Paths) -> di
             else:
                 evidence["champion"]["not_compared"] = note
         evidence["export"] = export_parity(params, cand_dir, test, paths.root)
+        exported = evidence["export"].pop("_file", None)
+        if exported:  # the checked file, kept with the version it was made from (passed or not)
+            from visionflow.export import export_tags, sidecar_path
+
+            evidence["export"]["artifact_uri"] = tracking.log_exported(
+                name, candidate["version"], [Path(exported), sidecar_path(exported)], uri,
+                export_tags(evidence["export"]["format"], exported, evidence["export"]))
     evidence.update(data=data, per_class_metric=PER_CLASS[task], **_comparison(params, task, cand, champ, len(test)))
     _conclude(params, evidence)
     _record(params, register, paths, uri, evidence)
@@ -382,6 +390,7 @@ def _version_tags(evidence: dict[str, Any]) -> dict[str, str]:
         "promotion.ci_high": _fmt(p["ci_high"], True),
         "promotion.checks": " ".join(f"{c['check']}={'pass' if c['passed'] else 'fail'}" for c in evidence["checks"]),
         "promotion.export": evidence["export"]["status"], "promotion.run_id": evidence["run"]["id"],
+        "promotion.export_uri": evidence["export"].get("artifact_uri", "none"),
         "promotion.data.manifest_md5": evidence["data"]["manifest_md5"],
         "promotion.data.split_md5": evidence["data"]["split_md5"],
         "promotion.test_images": str(evidence["data"]["test_images"]),
