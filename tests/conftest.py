@@ -2,7 +2,10 @@
 gets state under one temporary folder per test session, never the user's home."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,3 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def state_dir() -> Path:
     return _STATE
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Leave nothing in the temp folder: a whole run puts about 300 MB there (FiftyOne's MongoDB
+    files). Stop the database service if this process started it, then remove the folder."""
+    database = sys.modules.get("fiftyone.core.odm.database")
+    service = getattr(database, "_db_service", None)
+    if service is not None and not getattr(service, "attached", False):
+        child = service.child
+        with contextlib.suppress(Exception):
+            database._disconnect()
+            service.stop()  # closes the service's stdin: it stops mongod and exits
+            child.wait(timeout=60)
+    shutil.rmtree(_STATE, ignore_errors=True)
