@@ -359,7 +359,7 @@ def test_dice_weight_adds_a_dice_term_and_zero_is_plain_cross_entropy():
     assert float(soft_dice_loss(model(images), targets)) < 1e-6  # perfect prediction
     everything_ignored = torch.full_like(targets, 255)
     zero = soft_dice_loss(model(images).requires_grad_(True), everything_ignored)
-    assert float(zero) == 0.0 and zero.requires_grad
+    assert zero.item() == 0.0 and zero.requires_grad
     assert set(SegmentTask().loss(model, images, targets)) == {"cross_entropy"}
     assert set(SegmentTask(TrainParams(dice_weight=0.0)).loss(model, images, targets)) == {"cross_entropy"}
     wrong = torch.where(targets == 255, targets, (targets + 1) % (K + 1))  # every valid pixel wrong
