@@ -137,6 +137,15 @@ def _references(project, task: str, model_name: str):
     return uri, model_uri, cells, arrays, expected, in_process
 
 
+
+def _served(model_uri: str, uri: str, cells: list[str], tmp_path: Path) -> list[dict]:
+    """One POST /invocations of `cells` to `mlflow models serve`: its rows, one per cell."""
+    with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:
+        status, body = invocations(base, cells)
+    assert status == 200, body
+    assert len(body["predictions"]) == len(cells)
+    return body["predictions"]
+
 def test_classify_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path):
     uri, model_uri, cells, arrays, expected, in_process = _references(project, "classify", "ms-classifier")
     assert in_process["label"].tolist() == [e["label"] for e in expected]
@@ -166,11 +175,7 @@ def test_segment_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_pat
     expected = [p["mask"] for p in predictions]
     assert any(len(np.unique(m)) > 1 for m in expected)  # not one constant class: pixels are compared
 
-    with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:
-        status, body = invocations(base, cells)
-    assert status == 200, body
-    rows = body["predictions"]
-    assert len(rows) == len(cells)
+    rows = _served(model_uri, uri, cells, tmp_path)
     for row, mask, array, (_, ref) in zip(rows, expected, arrays, in_process.iterrows()):
         assert set(row) == {"mask_png", "classes_present"}
         served = decode_mask(row["mask_png"])
@@ -185,11 +190,7 @@ def test_detect_invocations_equal_the_pyfunc_and_the_predictor(project, tmp_path
     uri, model_uri, cells, arrays, expected, in_process = _references(project, "detect", "ms-detect")
     assert sum(len(e["boxes"]) for e in expected) > 0  # boxes to compare, not empty lists
 
-    with mlflow_server(model_uri, uri, tmp_path / "server.log") as base:
-        status, body = invocations(base, cells)
-    assert status == 200, body
-    rows = body["predictions"]
-    assert len(rows) == len(cells)
+    rows = _served(model_uri, uri, cells, tmp_path)
     for row, exp, array, (_, ref) in zip(rows, expected, arrays, in_process.iterrows()):
         assert set(row) == {"boxes", "labels", "names", "scores", "masks"}
         boxes, labels, scores = (json.loads(row[k]) for k in ("boxes", "labels", "scores"))
