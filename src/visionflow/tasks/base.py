@@ -17,7 +17,7 @@ Predictions (Task.predict), in each input image's own pixel coordinates:
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import albumentations as A
 import numpy as np
@@ -29,6 +29,14 @@ from visionflow.config import TrainParams
 from visionflow.manifest import Sample
 
 IGNORE_INDEX = 255  # segment targets: pixels that count for neither loss nor metrics
+
+
+class TaskBase:
+    """What every task is built with (visionflow.tasks.get_task): the TrainParams it trains with,
+    where its loss has settings (segment: dice_weight); None when it only predicts."""
+
+    def __init__(self, params: Optional[TrainParams] = None):
+        self.params = params
 
 
 class Task(Protocol):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from visionflow.config import TrainParams
 from visionflow.formats.images import load_rgb
 from visionflow.manifest import Sample, image_label
 from visionflow.models import build_classifier
+from visionflow.tasks.base import TaskBase
 
 
 class ClassificationDataset(Dataset):
@@ -34,12 +35,9 @@ class ClassificationDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
 
 
-class ClassifyTask:
+class ClassifyTask(TaskBase):
     name = "classify"
     primary_metric = "val_accuracy"
-
-    def __init__(self, params: Optional[TrainParams] = None):
-        pass  # no loss settings (TrainParams.dice_weight is segment's)
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         m = params.model

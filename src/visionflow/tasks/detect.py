@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from visionflow.detection_models import build_detector
 from visionflow.formats.images import load_rgb
 from visionflow.formats.masks import encode_rle, instance_mask
 from visionflow.manifest import Instance, Sample
+from visionflow.tasks.base import TaskBase
 
 NO_BOXES = {"bboxes": np.zeros((0, 4), dtype=np.float32), "labels": [], "instance_ids": []}
 
@@ -80,12 +81,9 @@ def instance_pixels(inst: Instance, height: int, width: int, where: str) -> np.n
     return mask
 
 
-class DetectTask:
+class DetectTask(TaskBase):
     name = "detect"
     primary_metric = "val_map50"
-
-    def __init__(self, params: Optional[TrainParams] = None):
-        pass  # no loss settings (TrainParams.dice_weight is segment's)
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         return build_detector(params.model, params.image_size, num_classes, pretrained)

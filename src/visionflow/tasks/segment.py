@@ -7,7 +7,7 @@ return logits (B, K + 1, S, S); predictions are (H, W) uint8 masks at each image
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from visionflow.formats.images import load_rgb
 from visionflow.formats.masks import semantic_mask
 from visionflow.manifest import Sample
 from visionflow.segmentation_models import build_segmenter
-from visionflow.tasks.base import IGNORE_INDEX
+from visionflow.tasks.base import IGNORE_INDEX, TaskBase
 
 
 class SegmentationDataset(Dataset):
@@ -47,9 +47,15 @@ class SegmentationDataset(Dataset):
         return x, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()  # (S, S) int64
 
 
-class SegmentTask:
+class SegmentTask(TaskBase):
     name = "segment"
     primary_metric = "val_miou"
+
+    @property
+    def dice_weight(self) -> float:
+        # Cross-entropy alone lets similar classes (circle / hexagon) collapse into one for
+        # epochs; the Dice term weighs every class present equally and pulls them apart.
+        return self.params.dice_weight if self.params is not None else 0.0
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         return build_segmenter(params.model, num_classes, pretrained)
@@ -65,11 +71,6 @@ class SegmentTask:
     def collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = zip(*batch)
         return torch.stack(images), torch.stack(masks)  # (B, 3, S, S), (B, S, S)
-
-    def __init__(self, params: Optional[TrainParams] = None):
-        # Cross-entropy alone lets similar classes (circle / hexagon) collapse into one for
-        # epochs; the Dice term weighs every class present equally and pulls them apart.
-        self.dice_weight = params.dice_weight if params is not None else 0.0
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
         logits, targets = model(images), targets.to(images.device)
