@@ -666,18 +666,18 @@ def run_export(spec: str, fmt: str, out: str | Path, tracking_uri: Callable[[], 
         ref = tracking.describe_model_uri(spec, uri)
         if ref["version"] is not None:
             parity = info["parity"].get("samples") or info["parity"]["self_check"]
-            logged = tracking.log_exported(ref["model_name"], ref["version"], [out, sidecar_path(out)], uri,
-                                           export_tags(fmt, out, parity))
+            logged = tracking.log_exported(ref["model_name"], ref["version"], ref["run_id"], [out, sidecar_path(out)],
+                                           uri, export_tags(out, parity))
     return {**info, "note": note, "logged": logged}
 
 
-def export_tags(fmt: str, path: str | Path, parity: dict[str, Any]) -> dict[str, str]:
-    """Model version tags describing an exported file and its parity check."""
-    from visionflow.io import file_digest
-
+def export_tags(path: str | Path, parity: dict[str, Any]) -> dict[str, str]:
+    """Model version tags describing an exported file (format and sha256 from its sidecar, which
+    the export wrote) and its parity check."""
+    side = read_json(sidecar_path(path))
     on = f"{parity['n']} test images" if "n" in parity else "synthetic images (self-check)"
     within = parity.get("within_tolerance", True)  # the self-check raises ExportError when it is not
-    return {"export.format": fmt, "export.sha256": file_digest(Path(path), "sha256"),
+    return {"export.format": side["format"], "export.sha256": side["sha256"],
             "export.max_abs_diff": f"{parity['max_abs_diff']:.3g}", "export.parity_on": on,
             "export.within_tolerance": str(bool(within)).lower()}
 

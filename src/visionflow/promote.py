@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -209,28 +209,30 @@ def decide(params: PromoteParams, evidence: dict[str, Any]) -> list[dict[str, An
     return checks
 
 
-def export_parity(params: PromoteParams, model_dir: Path, test: list[Sample], root: Path) -> dict[str, Any]:
+def export_parity(params: PromoteParams, model_dir: Path, test: list[Sample],
+                  root: Path) -> tuple[dict[str, Any], Optional[Path]]:
+    """(the export evidence, the exported file when one was checked)."""
     if not params.require_export:
-        return {"status": "skipped", "passed": True, "detail": "skipped (promote.require_export: false)"}
+        return {"status": "skipped", "passed": True, "detail": "skipped (promote.require_export: false)"}, None
     try:
         from visionflow.export import export_and_check
     except ImportError as exc:
-        return {"status": "not available", "passed": False, "detail": f"export parity: not available ({exc})"}
+        return {"status": "not available", "passed": False, "detail": f"export parity: not available ({exc})"}, None
     try:
         r = export_and_check(model_dir, test, root, params.export_tolerance)
     except Exception as exc:  # a model that cannot be exported is evidence against deploying it
         log.warning("export parity check failed", exc_info=True)
-        return {"status": "error", "passed": False, "detail": f"export failed: {type(exc).__name__}: {exc}"}
+        return {"status": "error", "passed": False, "detail": f"export failed: {type(exc).__name__}: {exc}"}, None
     # The exported file lies in the temporary download folder: promote() logs it to the
-    # candidate's version ("_file" is dropped there), the evidence keeps its figures.
+    # candidate's version; the evidence keeps its figures, not its path.
     result = {k: v for k, v in r.items() if k != "path" and (isinstance(v, (str, int, float, bool)) or v is None)}
     passed = bool(r["within_tolerance"])
     metric = (f", {r['metric']} {r['metric_export']:.4f} exported vs {r['metric_torch']:.4f} PyTorch"
               if "metric_torch" in r else "")
-    return {"status": "checked", **result, "passed": passed, "_file": r["path"],
+    return {"status": "checked", **result, "passed": passed,
             "detail": f"{r.get('format')} on {r.get('n')} test images: max |PyTorch - export| "
                       f"{r['max_abs_diff']:.2e} (tolerance {params.export_tolerance:g}){metric}: "
-                      f"{'within' if passed else 'NOT within'} tolerance"}
+                      f"{'within' if passed else 'NOT within'} tolerance"}, Path(r["path"])
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -277,14 +279,13 @@ def promote(params: PromoteParams, register: RegisterParams, paths: Paths) -> di
                 champ = SCORERS[task](_predicted(champ_dir, test, paths.root), categories)
             else:
                 evidence["champion"]["not_compared"] = note
-        evidence["export"] = export_parity(params, cand_dir, test, paths.root)
-        exported = evidence["export"].pop("_file", None)
+        evidence["export"], exported = export_parity(params, cand_dir, test, paths.root)
         if exported:  # the checked file, kept with the version it was made from (passed or not)
             from visionflow.export import export_tags, sidecar_path
 
             evidence["export"]["artifact_uri"] = tracking.log_exported(
-                name, candidate["version"], [Path(exported), sidecar_path(exported)], uri,
-                export_tags(evidence["export"]["format"], exported, evidence["export"]))
+                name, candidate["version"], candidate["run_id"], [exported, sidecar_path(exported)], uri,
+                export_tags(exported, evidence["export"]))
     evidence.update(data=data, per_class_metric=PER_CLASS[task], **_comparison(params, task, cand, champ, len(test)))
     _conclude(params, evidence)
     _record(params, register, paths, uri, evidence)

@@ -470,12 +470,12 @@ def annotate_version(name: str, version: str, uri: str, tags: dict[str, str], de
         client.update_model_version(name, version, description=description)
 
 
-def log_exported(name: str, version: str, files: list[Path], uri: str, tags: dict[str, str]) -> str:
+def log_exported(name: str, version: str, run_id: str, files: list[Path], uri: str, tags: dict[str, str]) -> str:
     """Attach an exported model to registered version (name, version): `files` (the exported
-    file first, then its sidecar) go under `exported/` in the run that made the version, next
-    to its `model/`; the version gets `tags` plus `export.uri`. Returns that artifact URI."""
+    file first, then its sidecar) go under `exported/` in `run_id`, the run that made the
+    version, next to its `model/`; the version gets `tags` plus `export.uri`. Returns that
+    artifact URI."""
     client = _client(uri)
-    run_id = client.get_model_version(name, version).run_id
     for f in files:
         client.log_artifact(run_id, str(f), "exported")
     artifact = f"runs:/{run_id}/exported/{Path(files[0]).name}"
