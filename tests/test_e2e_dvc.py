@@ -1,5 +1,6 @@
 """End to end: `dvc repro` in a real temporary git repository, then a second `dvc repro`
 that reproduces nothing."""
+import json
 import os
 import shutil
 import subprocess
@@ -52,3 +53,14 @@ def test_dvc_repro_twice(tmp_path):
     assert "up to date" in second
     status = _run([*dvc, "status"], root, env)
     assert "changed" not in status, status
+
+    # Code deps are derived from imports: editing a module that only the segmenter's code
+    # imports makes exactly the segment branch stale, nothing else.
+    models = root / "src/visionflow/segmentation_models.py"
+    models.write_text(models.read_text() + "\n# edited by the test\n")
+    out = subprocess.run([*dvc, "status", "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    stale = json.loads(out.stdout)
+    assert set(stale) == {f"{s}-segment" for s in ("train", "evaluate", "register", "inspect", "promote")}, stale
+    for stage, changes in stale.items():
+        assert changes == [{"changed deps": {"src/visionflow/segmentation_models.py": "modified"}}], (stage, changes)

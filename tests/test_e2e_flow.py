@@ -143,3 +143,20 @@ def _test_samples(root):
 
 def _crowds(root) -> int:
     return sum(1 for s in _test_samples(root) for i in s.instances if i.iscrowd)
+
+
+def test_evaluate_gate_and_export_parity_report_the_same_test_metric(flow_run):
+    """One scoring path (Task.test_metric) serves the evaluate stage, the promotion gate and the
+    export parity check: on each branch's trained model the three numbers agree."""
+    root, _, _ = flow_run
+    for task in TASKS:
+        paths = Paths(root, task)
+        ev = json.loads(paths.eval_metrics.read_text())
+        gate = json.loads(paths.promotion.read_text())
+        name = ev["primary_metric"]
+        assert gate["primary"]["metric"] == name, task
+        # same samples and code; only the batch sizes differ (float noise of batched convolutions)
+        assert gate["primary"]["candidate"] == pytest.approx(ev[name], abs=1e-6), task
+        export = gate["export"]
+        assert export["status"] == "checked" and export["metric"] == name, (task, export)
+        assert export["metric_torch"] == pytest.approx(ev[name], abs=1e-6), task

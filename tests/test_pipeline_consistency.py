@@ -82,6 +82,45 @@ def test_every_stage_dep_is_produced_upstream_or_is_source():
                 produced.add(next(iter(out)) if isinstance(out, dict) else out)
 
 
+def test_code_deps_are_every_module_the_stage_imports():
+    """Soundness of the derived code deps: whatever importing a stage's modules really executes
+    (checked in a fresh interpreter per root module) is a dvc.yaml dep of that stage."""
+    from visionflow.codedeps import module_file
+
+    stages = pipeline_stages(load_params(REPO / "params.yaml"))
+    roots = sorted({r for st in stages for r in st.code_roots})
+    probe = "import importlib, sys; importlib.import_module(sys.argv[1]); " \
+            "print('\\n'.join(m for m in sys.modules if m.split('.')[0] == 'visionflow'))"
+    loaded = {}
+    for root in roots:
+        out = subprocess.run([sys.executable, "-c", probe, root], capture_output=True, text=True, check=True)
+        loaded[root] = {m for m in out.stdout.split() if module_file(m) is not None}
+    dvc = _dvc()["stages"]
+    for st in stages:
+        deps = set(dvc[st.name]["deps"])
+        for root in st.code_roots:
+            files = {f"src/{module_file(m).relative_to(REPO / 'src').as_posix()}" for m in loaded[root]}
+            assert files <= deps, f"{st.name}: imports {sorted(files - deps)} that dvc.yaml does not list"
+
+
+def test_code_deps_follow_lazy_imports_and_skip_type_checking():
+    from visionflow.codedeps import closure, direct_imports
+
+    # the inspect stage imports FiftyOne's module inside its function (to keep the CLI fast)
+    assert "visionflow.inspection" in direct_imports("visionflow.stages.inspect")
+    # stages/__init__.py imports the config only under TYPE_CHECKING: that never runs
+    assert "visionflow.config" not in direct_imports("visionflow.stages")
+    # importing a submodule runs its packages' __init__ files first
+    assert {"visionflow", "visionflow.tasks"} <= closure(["visionflow.tasks.detect"])
+    # a branch depends on its own task's model code, not on another task's
+    stages = {s.name: s for s in pipeline_stages(load_params(REPO / "params.yaml"))}
+    dvc = _dvc()["stages"]
+    assert "src/visionflow/detection_models.py" in dvc["train-detect"]["deps"]
+    assert "src/visionflow/detection_models.py" not in dvc["train-segment"]["deps"]
+    assert "src/visionflow/segmentation_models.py" not in dvc["train-classify"]["deps"]
+    assert stages["train-detect"].code_roots == ["visionflow.stages.train", "visionflow.tasks.detect"]
+
+
 def test_flow_runs_the_stage_table():
     # The flow holds no stage list of its own: it iterates visionflow.stages.pipeline_stages.
     tree = ast.parse((REPO / "flows/pipeline.py").read_text())

@@ -29,8 +29,9 @@ from visionflow.manifest import (Category, Sample, read_manifest, samples_in_spl
                                  write_manifest, write_split)
 from visionflow.paths import Paths
 from visionflow import promote as promote_module
-from visionflow.promote import (PromoteParams, bootstrap_diff, confidence_interval, promote, report_path,
-                                weighted_ap, _miou)
+from visionflow.evaluation.coco import weighted_ap
+from visionflow.promote import PromoteParams, bootstrap_diff, confidence_interval, promote, report_path
+from visionflow.tasks.segment import mean_iou
 from visionflow.stages.register import register
 from visionflow.tasks.classify import ClassifyTask
 
@@ -358,10 +359,10 @@ def test_dense_scorers_give_their_point_estimate_at_unit_weights(task, tmp_path)
                                          "classes": [c.name for c in categories],
                                          "params": train.model_dump(mode="json")})
 
-    scored = promote_module.SCORERS[task](promote_module._predicted(model_dir, data.samples, tmp_path), categories)
+    scored = promote_module.score_model(model_dir, data.samples, tmp_path, categories)
     names = {c.name for c in categories} | ({"background"} if task == "segment" else set())
-    assert 0 <= scored.primary <= 1 and scored.per_class and set(scored.per_class) <= names
-    assert scored.resample(np.ones((1, 4)))[0] == pytest.approx(scored.primary, abs=1e-12)
+    assert 0 <= scored.value <= 1 and scored.per_class and set(scored.per_class) <= names
+    assert scored.resample(np.ones((1, 4)))[0] == pytest.approx(scored.value, abs=1e-12)
     resampled = scored.resample(np.array([[4.0, 0, 0, 0], [0, 2.0, 2.0, 0]]))
     assert resampled.shape == (2,) and np.all((resampled >= 0) & (resampled <= 1))
 
@@ -454,4 +455,4 @@ def test_weighted_miou_equals_the_accumulator_on_the_resampled_images():
     for i in pick:
         acc.update(*masks[i])
     weights = np.bincount(pick, minlength=6)[None].astype(float)
-    assert _miou((weights @ np.stack(cms)).reshape(-1, K, K))[0] == pytest.approx(acc.compute()["miou"], abs=1e-12)
+    assert mean_iou((weights @ np.stack(cms)).reshape(-1, K, K))[0] == pytest.approx(acc.compute()["miou"], abs=1e-12)

@@ -93,7 +93,7 @@ def test_first_segmenter_is_promoted_on_the_floor_with_onnx_parity(registry):
     names = aliases(reg, "first", v["good"])
     result = promote(PromoteParams(floor=0.6, **names), reg, paths)
     assert result["decision"] == "promoted" and result["champion"] is None
-    assert result["primary"]["metric"] == "mIoU"
+    assert result["primary"]["metric"] == "miou"
     assert result["primary"]["candidate"] == pytest.approx(miou["good"], abs=5e-5)  # the gate = the evaluate stage (4 digits)
     export = result["export"]
     assert export["status"] == "checked" and export["passed"] and export["format"] == "onnx"

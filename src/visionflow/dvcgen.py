@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from visionflow.codedeps import code_files
 from visionflow.config import Params, _section_type as _section_type_of, leaf_keys
 from visionflow.paths import Paths
 from visionflow.stages import pipeline_stages
@@ -35,7 +36,8 @@ def build_dvc_yaml(params: Params, paths: Paths) -> dict:
     stages = {}
     for st in pipeline_stages(params):
         entry: dict = {"cmd": f"visionflow stage {st.name}"}
-        deps = [*st.stage.code, *(_rel(paths, d) for d in st.deps(paths, params))]
+        # Code deps are derived from the stage's imports (visionflow.codedeps), never hand-listed.
+        deps = [*code_files(st.code_roots), *(_rel(paths, d) for d in st.deps(paths, params))]
         entry["deps"] = deps
         entry["params"] = [f"{sec}.{k}" for sec in st.param_sections for k in leaf_keys(_section_type(sec))]
         outs = [_rel(paths, o) for o in st.outs(paths, params)]
@@ -54,17 +56,13 @@ def build_dvc_yaml(params: Params, paths: Paths) -> dict:
 
 def plot_templates(params: Params, paths: Paths) -> list[dict]:
     """How `dvc plots show` draws each task's plots."""
+    from visionflow.tasks import get_task
+
     out: list[dict] = []
     for task in params.tasks:
         p = paths.for_task(task)
         out.append({_rel(paths, p.train_history): {"x": "epoch", "y": ["train_loss", "val_loss"]}})
-        if task == "classify":
-            out.append({_rel(paths, p.confusion_csv): {"template": "confusion", "x": "actual", "y": "predicted"}})
-        elif task == "detect":
-            out.append({_rel(paths, p.pr_curve_csv): {"template": "linear", "x": "recall", "y": "precision"}})
-            out.append({_rel(paths, p.per_class_csv): {"template": "bar_horizontal", "x": "ap", "y": "class"}})
-        else:
-            out.append({_rel(paths, p.per_class_csv): {"template": "bar_horizontal", "x": "iou", "y": "class"}})
+        out += [{_rel(paths, path): spec} for path, spec in get_task(task).plot_templates(p)]
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -51,7 +52,6 @@ OUTPUTS = {
                              "labels (N,) int64 0..K-1 (classes[label]), scores (N,) float32 sorted "
                              "descending; Mask R-CNN adds masks (N, 1, S, S) float32 probabilities"},
 }
-METRICS = {"classify": "accuracy", "segment": "miou", "detect": "AP50"}
 # Parity passes when max |PyTorch - export| <= TOLERANCE, compared on probabilities (classify;
 # segment: per-pixel softmax of the logits) or on scores and box corners in pixels (detect), and
 # the test metric differs by at most METRIC_TOLERANCE.
@@ -459,54 +459,18 @@ def _detections_of(preds: list[dict[str, Any]]) -> dict[str, Any]:
                             "scores": np.asarray(p["scores"], np.float32)} for p in preds]}
 
 
-class _Score:
-    """The task's test metric over batches of (samples, predictions), streamed: segment masks at
-    full size are not kept."""
-
-    def __init__(self, meta: dict[str, Any]):
-        self.task, self.meta = meta["task"], meta
-        self.correct, self.n, self.detections = 0, 0, []
-        if self.task == "segment":
-            from visionflow.evaluation.segmentation import ConfusionAccumulator
-
-            self.confusion = ConfusionAccumulator(int(meta["num_classes"]) + 1)
-
-    def add(self, samples: Sequence, preds: list[dict[str, Any]]) -> None:
-        if self.task == "classify":
-            from visionflow.manifest import image_label
-
-            self.correct += sum(int(p["label"] == image_label(s)) for s, p in zip(samples, preds))
-        elif self.task == "segment":
-            from visionflow.formats.masks import semantic_mask
-
-            for s, p in zip(samples, preds):
-                self.confusion.update(p["mask"], semantic_mask(s))
-        else:
-            self.detections += [{k: p[k] for k in ("boxes", "labels", "scores")} for p in preds]
-        self.n += len(samples)
-
-    def value(self, samples: Sequence) -> float:
-        if self.task == "classify":
-            return self.correct / max(self.n, 1)
-        if self.task == "segment":
-            return float(self.confusion.compute()["miou"] or 0.0)
-        from visionflow.evaluation.coco import evaluate_coco
-        from visionflow.evaluation.detection import coco_ground_truth, coco_results
-        from visionflow.manifest import Category
-
-        categories = [Category(i, name) for i, name in enumerate(self.meta["classes"])]
-        gt = coco_ground_truth(samples, categories)
-        return float(evaluate_coco(gt, coco_results(self.detections), "bbox")["AP50"])
-
-
 def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root: Path, tolerance: float,
             metric_tolerance: float, batch_size: int) -> dict[str, Any]:
     from visionflow.formats.images import load_rgb
 
+    from visionflow.manifest import Category
+
     meta = predictor.meta
     task, size = meta["task"], int(meta["image_size"])
     _check_samples(task, samples)
-    torch_score, export_score = _Score(meta), _Score(meta)
+    # Both sides scored by the task's own test metric: the evaluate stage's and the gate's numbers.
+    categories = [Category(i, name) for i, name in enumerate(meta["classes"])]
+    torch_score, export_score = predictor.task.test_metric(categories), predictor.task.test_metric(categories)
     diff, mismatched, agree = 0.0, 0, 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
@@ -517,13 +481,15 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
         d, m = max_output_diff(task, ref_out, _detections_of(got) if task == "detect" else out)
         diff, mismatched = max(diff, d), mismatched + m
         agree += sum(int(a["label"] == b["label"]) for a, b in zip(ref, got)) if task == "classify" else 0
-        torch_score.add(chunk, ref)
-        export_score.add(chunk, got)
-    metric_torch, metric_export = torch_score.value(samples), export_score.value(samples)
-    result = {"n": len(samples), "max_abs_diff": diff, "tolerance": tolerance, "metric": METRICS[task],
+        torch_score.process(chunk, ref)
+        export_score.process(chunk, got)
+    ref_score, got_score = torch_score.compute(), export_score.compute()
+    metric_torch, metric_export = ref_score.value, got_score.value
+    same_metric = abs(metric_export - metric_torch) <= metric_tolerance or \
+        (math.isnan(metric_export) and math.isnan(metric_torch))  # undefined on both sides (nothing labelled)
+    result = {"n": len(samples), "max_abs_diff": diff, "tolerance": tolerance, "metric": ref_score.name,
               "metric_torch": metric_torch, "metric_export": metric_export, "metric_tolerance": metric_tolerance,
-              "within_tolerance": bool(diff <= tolerance and abs(metric_export - metric_torch) <= metric_tolerance
-                                       and mismatched == 0)}
+              "within_tolerance": bool(diff <= tolerance and same_metric and mismatched == 0)}
     if task == "classify":
         result["agreement"] = agree / len(samples)
     if task == "detect":

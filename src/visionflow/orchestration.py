@@ -48,15 +48,10 @@ def serve_schedule(params_file: Path, cron: str, name: str) -> None:
     serve(deployment)
 
 
-def _headline(ev: dict[str, Any]) -> str:
-    task = ev.get("task", "classify")
-    if task == "classify":
-        return (f"accuracy {ev.get('accuracy')}, top-k accuracy {ev.get('top_k_accuracy')}, "
-                f"macro F1 {ev.get('macro_f1')}")
-    if task == "detect":
-        mask = f", mask AP {ev['mask_AP']}" if "mask_AP" in ev else ""
-        return f"mAP@0.5 {ev.get('AP50')}, mAP@[.5:.95] {ev.get('AP')}{mask}"
-    return f"mIoU {ev.get('miou')}, pixel accuracy {ev.get('pixel_accuracy')}"
+def _headline(task: str, ev: dict[str, Any]) -> str:
+    from visionflow.tasks import get_task
+
+    return get_task(task).headline(ev)
 
 
 def print_report(results: dict[str, Any], params_file: Path) -> None:
@@ -67,7 +62,7 @@ def print_report(results: dict[str, Any], params_file: Path) -> None:
         ev, reg, ins = (results.get(f"{stage}-{task}", {}) for stage in ("evaluate", "register", "inspect"))
         lines += [
             f"  {task}:",
-            f"    test split:  {ev.get('test_images')} images, {_headline(ev)}",
+            f"    test split:  {ev.get('test_images')} images, {_headline(task, ev)}",
             f"    model:       {reg.get('model_name')} version {reg.get('version')} alias @{reg.get('alias')}",
             f"    FiftyOne:    dataset {ins.get('dataset')!r} ({ins.get('samples')} samples)",
         ]

@@ -14,32 +14,32 @@ A tie (identical predictions: delta 0, CI [0, 0]) passes non_inferiority, so it 
 exactly when the other checks pass. The rule, the statistics and where the evidence lives:
 docs/promotion.md.
 
-Primary / per-class metrics: classify accuracy / F1, detect COCO AP50 (bbox) / AP50, segment
-mIoU / IoU (background included).
+Primary / per-class metrics are the task's (Task.test_metric, the evaluate stage's own scoring
+path): classify accuracy / F1, detect COCO AP50 (bbox) / AP50, segment miou / IoU (background
+included).
 """
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
-import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
 from visionflow.config import BranchParams, PromoteParams, RegisterParams, model_name
 from visionflow.errors import DataError, UserError
-from visionflow.formats.images import load_rgb
 from visionflow.io import file_digest, read_json, write_json
-from visionflow.manifest import Category, Sample, image_label, read_categories, read_manifest, samples_in_split
+from visionflow.manifest import Category, Sample, read_categories, read_manifest, samples_in_split
 from visionflow.paths import Paths
+
+if TYPE_CHECKING:  # torch and albumentations stay off the CLI's start-up path
+    from visionflow.tasks.base import TestScore
 
 log = logging.getLogger(__name__)
 
-PRIMARY = {"classify": "accuracy", "detect": "AP50", "segment": "mIoU"}
-PER_CLASS = {"classify": "F1", "detect": "AP50", "segment": "IoU"}
 CONFIDENCE = 0.95
 EXIT_REFUSED = 3  # `visionflow promote` exit code for a refused candidate (0 promoted, 2 user error)
 _EPS = 1e-12  # float slack: "not worse by more than m" must hold for a delta of exactly -m
@@ -51,117 +51,16 @@ def report_path(paths: Paths) -> Path:
 
 # --- scoring both models on the test split ---------------------------------------------------
 
-@dataclass
-class Scored:
-    """One model on the test split: point metrics and the primary metric under resampling."""
-
-    primary: float
-    per_class: dict[str, float]  # defined values only (classes present in the test split)
-    resample: Callable[[np.ndarray], np.ndarray]  # (B, N) image weights (counts) -> (B,) primary metric
-
-
-def _predicted(model_dir: Path, test: list[Sample], root: Path, batch_size: int = 32) -> Iterator[tuple[Sample, dict]]:
+def score_model(model_dir: Path, test: list[Sample], root: Path, categories: list[Category]) -> TestScore:
+    """The model folder on the test split through the task's one scoring path (the evaluate
+    stage's numbers, with per-image values for the bootstrap)."""
     from visionflow.tasks import load_predictor
 
-    predictor = load_predictor(model_dir)
-    for i in range(0, len(test), batch_size):
-        chunk = test[i:i + batch_size]
-        yield from zip(chunk, predictor.predict([load_rgb(s.image_path(root)) for s in chunk], batch_size=batch_size))
-
-
-def score_classify(pairs, categories: list[Category]) -> Scored:
-    from visionflow.tasks.classify import classification_metrics
-
-    samples, preds = zip(*pairs)
-    y_true = np.array([image_label(s) for s in samples])
-    probs = np.array([p["probs"] for p in preds])  # (N, K)
-    m = classification_metrics(y_true, probs, [c.name for c in categories], k=1)
-    correct = (probs.argmax(1) == y_true).astype(float)  # (N,)
-    per_class = {n: v["f1"] for n, v in m["per_class"].items() if v["support"] > 0}
-    return Scored(m["accuracy"], per_class, lambda w: w @ correct / len(correct))
-
-
-def score_detect(pairs, categories: list[Category]) -> Scored:
-    from visionflow.evaluation.coco import evaluate_coco, match_table
-    from visionflow.evaluation.detection import coco_ground_truth, coco_results
-
-    samples, preds = zip(*pairs)
-    gt, results = coco_ground_truth(samples, categories), coco_results(preds)
-    stats = evaluate_coco(gt, results, "bbox", curves=True)
-    if stats["AP50"] < 0:
-        raise DataError("test split", "no objects to detect: AP50 is undefined")
-    table = match_table(gt, results, "bbox", 0.5)  # image index i is samples[i] (COCO ids 1..N in order)
-    per_class = {n: v for n, v in stats["per_class_ap50"].items() if v >= 0}
-    return Scored(stats["AP50"], per_class, lambda w: _nanmean(weighted_ap(table, w)))
-
-
-def score_segment(pairs, categories: list[Category]) -> Scored:
-    from visionflow.evaluation.segmentation import ConfusionAccumulator
-    from visionflow.formats.masks import semantic_mask
-
-    names = ["background", *(c.name for c in categories)]
-    K = len(names)
-    per_image = []
-    for s, p in pairs:  # one (K, K) confusion matrix per image: masks are not kept
-        acc = ConfusionAccumulator(K)
-        acc.update(p["mask"], semantic_mask(s))
-        per_image.append(acc.matrix.ravel())
-    cms = np.stack(per_image).astype(float)  # (N, K * K)
-    total = ConfusionAccumulator(K)
-    total.matrix = cms.sum(0).astype(np.int64).reshape(K, K)
-    m = total.compute()
-    if m["miou"] is None:
-        raise DataError("test split", "no labelled pixels: mIoU is undefined")
-    per_class = {n: v for n, v in zip(names, m["per_class_iou"]) if v is not None}
-    return Scored(m["miou"], per_class, lambda w: _miou((w @ cms).reshape(-1, K, K)))
-
-
-SCORERS = {"classify": score_classify, "detect": score_detect, "segment": score_segment}
-
-
-def _nanmean(x: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():  # a resample may hold no GT at all: NaN, not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(x, axis=1)
-
-
-def _miou(cm: np.ndarray) -> np.ndarray:
-    """(B, K, K) confusion matrices (rows true) -> (B,) mean IoU over classes present (union > 0),
-    the ConfusionAccumulator convention."""
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    union = cm.sum(2) + cm.sum(1) - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return _nanmean(np.where(union > 0, tp / union, np.nan))
-
-
-def weighted_ap(table: dict, weights: np.ndarray) -> np.ndarray:
-    """COCO AP at the IoU of `table` (evaluation.coco.match_table) per category when image i
-    counts weights[b, i] times: (B, N_images) -> (B, K), NaN where a category has no regular GT.
-
-    Matching is per image, so a resampled image set only re-weights the rows: this equals
-    evaluate_coco on the resampled set (images repeated) up to the order of equal-score
-    detections. All weights 1 gives evaluate_coco's per-class AP50 exactly."""
-    from visionflow.evaluation.coco import REC_THRS
-
-    B, K = len(weights), len(table["categories"])
-    out = np.full((B, K), np.nan)
-    order = np.lexsort((table["rank"], table["img"], -table["score"], table["cat"]))  # COCO's accumulate order
-    bounds = np.searchsorted(table["cat"][order], np.arange(K + 1))
-    for k in range(K):
-        n_pos = weights[:, table["gt_img"][(table["gt_cat"] == k) & table["gt_regular"]]].sum(1)  # (B,)
-        idx = order[bounds[k]:bounds[k + 1]]
-        if not len(idx):  # ground truth but no detections
-            out[n_pos > 0, k] = 0.0
-            continue
-        w = weights[:, table["img"][idx]]  # (B, n)
-        tp = np.cumsum(w * table["tp"][idx], axis=1)
-        fp = np.cumsum(w * table["fp"][idx], axis=1)
-        pr = tp / (tp + fp + np.spacing(1))
-        envelope = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # monotone from the right
-        for b in np.flatnonzero(n_pos > 0):
-            at = np.searchsorted(tp[b] / n_pos[b], REC_THRS, side="left")
-            out[b, k] = np.where(at < len(idx), envelope[b, np.minimum(at, len(idx) - 1)], 0.0).mean()
-    return out
+    score = load_predictor(model_dir).score(test, root, categories)
+    if not math.isfinite(score.value) or score.value < 0:  # COCO says -1 when there is no GT
+        raise DataError("test split", f"nothing to score: {score.name} is undefined on these samples "
+                                      f"(no labelled objects or pixels)")
+    return score
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -270,13 +169,13 @@ def promote(params: PromoteParams, register: RegisterParams, paths: Paths) -> di
 
         cand_dir = fetch(candidate["version"])
         _require_classes(cand_dir, task, categories, f"candidate version {candidate['version']}")
-        cand = SCORERS[task](_predicted(cand_dir, test, paths.root), categories)
+        cand = score_model(cand_dir, test, paths.root, categories)
         champ, note = None, None
         if champion:
             champ_dir = fetch(champion["version"])
             note = _comparable(champ_dir, task, categories)
             if note is None:
-                champ = SCORERS[task](_predicted(champ_dir, test, paths.root), categories)
+                champ = score_model(champ_dir, test, paths.root, categories)
             else:
                 evidence["champion"]["not_compared"] = note
         evidence["export"], exported = export_parity(params, cand_dir, test, paths.root)
@@ -286,7 +185,7 @@ def promote(params: PromoteParams, register: RegisterParams, paths: Paths) -> di
             evidence["export"]["artifact_uri"] = tracking.log_exported(
                 name, candidate["version"], candidate["run_id"], [exported, sidecar_path(exported)], uri,
                 export_tags(exported, evidence["export"]))
-    evidence.update(data=data, per_class_metric=PER_CLASS[task], **_comparison(params, task, cand, champ, len(test)))
+    evidence.update(data=data, per_class_metric=cand.per_class_name, **_comparison(params, cand, champ, len(test)))
     _conclude(params, evidence)
     _record(params, register, paths, uri, evidence)
     return evidence
@@ -330,14 +229,14 @@ def _comparable(model_dir: Path, task: str, categories: list[Category]) -> str |
     return None
 
 
-def _comparison(params: PromoteParams, task: str, cand: Scored, champ: Scored | None, n: int) -> dict[str, Any]:
-    primary = {"metric": PRIMARY[task], "candidate": cand.primary, "champion": None, "delta": None,
+def _comparison(params: PromoteParams, cand: TestScore, champ: TestScore | None, n: int) -> dict[str, Any]:
+    primary = {"metric": cand.name, "candidate": cand.value, "champion": None, "delta": None,
                "ci_low": None, "ci_high": None}
     per_class = {c: {"candidate": v, "champion": None, "delta": None} for c, v in cand.per_class.items()}
     if champ is not None:
         diffs = bootstrap_diff(cand.resample, champ.resample, n, params.bootstrap, params.seed)
         low, high = confidence_interval(diffs)
-        primary.update(champion=champ.primary, delta=cand.primary - champ.primary, ci_low=low, ci_high=high,
+        primary.update(champion=champ.value, delta=cand.value - champ.value, ci_low=low, ci_high=high,
                        confidence=CONFIDENCE, resamples=params.bootstrap, seed=params.seed, unit="test image")
         for c in sorted(set(cand.per_class) | set(champ.per_class)):
             a, b = cand.per_class.get(c), champ.per_class.get(c)

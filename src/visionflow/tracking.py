@@ -42,6 +42,7 @@ from visionflow import pyfunc_model
 from visionflow.config import RegisterParams
 from visionflow.io import read_json
 from visionflow.paths import Paths
+from visionflow.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -128,35 +129,17 @@ def _history_metrics(history_csv: Path, now_ms: int) -> list[Metric]:
     return metrics
 
 
-def test_metric_values(eval_metrics: dict[str, Any]) -> dict[str, float]:
-    """metrics/<task>/evaluate.json -> the run's test_* metrics (task-specific)."""
-    task = eval_metrics.get("task", "classify")
-    values: dict[str, float] = {}
-    if task == "classify":
-        values.update(test_accuracy=eval_metrics["accuracy"], test_top_k_accuracy=eval_metrics["top_k_accuracy"],
-                      test_macro_f1=eval_metrics["macro_f1"])
-        for name, stats in eval_metrics.get("per_class", {}).items():
-            values[f"test_f1_{name}"] = stats["f1"]
-    elif task == "detect":
-        for prefix, block in (("test_", eval_metrics), ("test_mask_", eval_metrics.get("segm") or {})):
-            for stat in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"):
-                if stat in block and block[stat] is not None and block[stat] >= 0:  # -1: undefined
-                    values[f"{prefix}{stat}"] = block[stat]
-            for name, ap in block.get("per_class_AP", {}).items():
-                if ap is not None and ap >= 0:
-                    values[f"{prefix}AP_{name}"] = ap
-    elif task == "segment":
-        for key in ("miou", "dice", "pixel_accuracy", "mean_accuracy"):
-            if eval_metrics.get(key) is not None:
-                values[f"test_{key}"] = eval_metrics[key]
-        for name, stats in eval_metrics.get("per_class", {}).items():
-            if stats.get("IoU") is not None:
-                values[f"test_iou_{name}"] = stats["IoU"]
+def test_metric_values(eval_metrics: dict[str, Any], task: str) -> dict[str, float]:
+    """metrics/<task>/evaluate.json -> the run's test_* metrics (the task says which)."""
+    from visionflow.tasks import get_task
+
+    values = get_task(task).tracking_metrics(eval_metrics)
     return {_metric_key(k): float(v) for k, v in values.items()}
 
 
-def _summary_metrics(eval_metrics: dict[str, Any], train_metrics: dict[str, Any], now_ms: int) -> list[Metric]:
-    values = test_metric_values(eval_metrics)
+def _summary_metrics(eval_metrics: dict[str, Any], train_metrics: dict[str, Any], task: str,
+                     now_ms: int) -> list[Metric]:
+    values = test_metric_values(eval_metrics, task)
     for key in ("best_epoch", "epochs_run"):
         if isinstance(train_metrics.get(key), (int, float)):
             values[f"train_{key}"] = train_metrics[key]
@@ -230,11 +213,11 @@ def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dic
     for block, prefix in ((eval_metrics.get("evaluator"), "eval.bbox."), ((eval_metrics.get("segm") or {}).get("evaluator"), "eval.segm.")):
         if block:  # the reference evaluator's settings next to our numbers
             run_params.update({f"{prefix}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in block.items()})
-    run_tags = {"visionflow.task": str(meta.get("task", "classify")), "visionflow.version": visionflow.__version__,
+    run_tags = {"visionflow.task": task_of(meta), "visionflow.version": visionflow.__version__,
                 **({"train.device": str(train_metrics["device"])} if "device" in train_metrics else {}), **tags}
     _log_batch(
         client, run_id,
-        metrics=_history_metrics(paths.train_history, now_ms) + _summary_metrics(eval_metrics, train_metrics, now_ms),
+        metrics=_history_metrics(paths.train_history, now_ms) + _summary_metrics(eval_metrics, train_metrics, task_of(meta), now_ms),
         params=[Param(k, v) for k, v in run_params.items()],
         tags=[RunTag(k, v) for k, v in run_tags.items()],
     )
@@ -262,7 +245,7 @@ def _log_and_register_model(model_dir: Path, meta: dict[str, Any], model_name: s
             artifacts={"model_dir": str(model_dir.resolve())},
             # The package travels with the model, so it loads where visionflow is not installed.
             code_paths=[str(Path(visionflow.__file__).parent)],
-            signature=model_signature(meta.get("task", "classify")),
+            signature=model_signature(task_of(meta)),
             input_example=pyfunc_model.example_frame(meta),
             pip_requirements=_requirements(),
             registered_model_name=model_name,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -442,3 +443,40 @@ def match_table(gt: dict | str | Path, dt: list | str | Path, iou_type: str = "b
             "tp": matched[:, a, t] & ~ignore[:, a, t], "fp": ~matched[:, a, t] & ~ignore[:, a, t],
             "gt_img": g["img"], "gt_cat": g["cat"], "gt_regular": ~(g["ignore"] | g_out),
             "categories": _category_names(gt, cat_ids), "images": len(images)}
+
+
+def weighted_ap(table: dict, weights: np.ndarray) -> np.ndarray:
+    """COCO AP at the IoU of `table` (evaluation.coco.match_table) per category when image i
+    counts weights[b, i] times: (B, N_images) -> (B, K), NaN where a category has no regular GT.
+
+    Matching is per image, so a resampled image set only re-weights the rows: this equals
+    evaluate_coco on the resampled set (images repeated) up to the order of equal-score
+    detections. All weights 1 gives evaluate_coco's per-class AP50 exactly."""
+    B, K = len(weights), len(table["categories"])
+    out = np.full((B, K), np.nan)
+    order = np.lexsort((table["rank"], table["img"], -table["score"], table["cat"]))  # COCO's accumulate order
+    bounds = np.searchsorted(table["cat"][order], np.arange(K + 1))
+    for k in range(K):
+        n_pos = weights[:, table["gt_img"][(table["gt_cat"] == k) & table["gt_regular"]]].sum(1)  # (B,)
+        idx = order[bounds[k]:bounds[k + 1]]
+        if not len(idx):  # ground truth but no detections
+            out[n_pos > 0, k] = 0.0
+            continue
+        w = weights[:, table["img"][idx]]  # (B, n)
+        tp = np.cumsum(w * table["tp"][idx], axis=1)
+        fp = np.cumsum(w * table["fp"][idx], axis=1)
+        pr = tp / (tp + fp + np.spacing(1))
+        envelope = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # monotone from the right
+        for b in np.flatnonzero(n_pos > 0):
+            at = np.searchsorted(tp[b] / n_pos[b], REC_THRS, side="left")
+            out[b, k] = np.where(at < len(idx), envelope[b, np.minimum(at, len(idx) - 1)], 0.0).mean()
+    return out
+
+
+def coco_block(stats: dict[str, Any]) -> dict[str, Any]:
+    """evaluate_coco's numbers with the reference evaluator's settings (pycocotools COCOeval
+    defaults), as evaluate.json records them."""
+    return {**{k: stats[k] for k in STAT_NAMES}, "per_class_AP": stats["per_class"],
+            **({"per_class_AP50": stats["per_class_ap50"]} if "per_class_ap50" in stats else {}),
+            "evaluator": {"implementation": "visionflow.evaluation.coco (equals pycocotools COCOeval)",
+                          "reference": "pycocotools.cocoeval.COCOeval", **stats["settings"]}}

@@ -32,7 +32,6 @@ def _none(paths: Paths, params: Params) -> list[Path]:
 class Stage:
     name: str
     func: str  # "module:function"
-    code: tuple[str, ...]  # source files whose change should re-run the stage (DVC deps)
     deps: PathsFn = _none
     outs: PathsFn = _none
     metrics: PathsFn = _none
@@ -92,6 +91,17 @@ class BoundStage:
     def load(self) -> Callable[..., dict[str, Any]]:
         return self.stage.load()
 
+    @property
+    def code_roots(self) -> list[str]:
+        """The modules whose import closure is the stage's code (visionflow.codedeps): the stage
+        function's module and, on a branch, the task's module (tasks are found by name)."""
+        roots = [self.stage.func.partition(":")[0]]
+        if self.task:
+            from visionflow.tasks import task_module
+
+            roots.append(task_module(self.task))
+        return roots
+
     def run(self, params: Params, paths: Paths) -> dict[str, Any]:
         return self.load()(self.params_of(params), self.paths_of(paths))
 
@@ -112,10 +122,6 @@ class BoundStage:
         return self.stage.uncached(self.paths_of(paths), params)
 
 
-def _src(*mods: str) -> tuple[str, ...]:
-    return tuple(f"src/visionflow/{m}" for m in mods)
-
-
 def _project_paths(paths: Paths, names: list) -> list[Path]:
     """Paths given in params (project-relative unless absolute); None entries skipped."""
     return [paths.resolve(n) for n in names if n]
@@ -130,36 +136,31 @@ def _sources(paths: Paths, params: "Params") -> list[Path]:
     return deps
 
 
+def _task(p: Paths):
+    from visionflow.tasks import get_task  # torch: only when dvc.yaml is generated, not at CLI start
+
+    return get_task(p.task)
+
+
 def _eval_outs(p: Paths) -> list[Path]:
-    extra = {"detect": [p.coco_gt, p.coco_results], "segment": [p.pred_masks_dir]}.get(p.task, [])
-    return [p.predictions, *extra, p.figures_dir]
-
-
-def _eval_plots(p: Paths) -> list[Path]:
-    """DVC plots the evaluate stage writes for the task (see dvcgen.plot_templates)."""
-    if p.task == "classify":
-        return [p.confusion_csv, p.per_class_csv]
-    if p.task == "detect":
-        return [p.pr_curve_csv, p.per_class_csv]
-    return [p.per_class_csv]  # segment: per-class IoU (the pixel confusion matrix is a figure)
+    return [p.predictions, *_task(p).eval_outputs(p), p.figures_dir]
 
 
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "synth", "visionflow.stages.synth:synth", _src("data/synth.py", "stages/synth.py"),
+        "synth", "visionflow.stages.synth:synth",
         outs=lambda p, _: [p.synth_dir],
         doc="render the built-in shapes dataset (COCO annotations)",
     ),
     Stage(
         "ingest", "visionflow.stages.ingest:ingest",
-        _src("stages/ingest.py", "manifest.py", "formats"),
         deps=_sources,
         outs=lambda p, _: [p.manifest, p.categories],
         metrics=lambda p, _: [p.validation_report],
         doc="read every source into the canonical manifest and validate it",
     ),
     Stage(
-        "split", "visionflow.stages.split:split", _src("stages/split.py", "dedup.py"),
+        "split", "visionflow.stages.split:split",
         deps=lambda p, params: [p.manifest, p.categories, *_project_paths(p, [params.split.from_file])],
         outs=lambda p, _: [p.split_file],
         metrics=lambda p, _: [p.split_report],
@@ -167,7 +168,6 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train", "visionflow.stages.train:train",
-        _src("stages/train.py", "engine.py", "models.py", "augment.py", "tasks"),
         deps=lambda p, _: [p.manifest, p.categories, p.split_file],
         outs=lambda p, _: [p.model_dir],
         metrics=lambda p, _: [p.train_metrics],
@@ -176,16 +176,16 @@ STAGES: tuple[Stage, ...] = (
         doc="train the model on the shared engine",
     ),
     Stage(
-        "evaluate", "visionflow.stages.evaluate:evaluate", _src("stages/evaluate.py", "tasks", "evaluation"),
+        "evaluate", "visionflow.stages.evaluate:evaluate",
         deps=lambda p, _: [p.model_dir, p.manifest, p.split_file],
         outs=lambda p, _: _eval_outs(p),
         metrics=lambda p, _: [p.eval_metrics],
-        plots=lambda p, _: _eval_plots(p),
+        plots=lambda p, _: _task(p).eval_plots(p),
         branch=True,
         doc="test-split metrics, predictions and plots",
     ),
     Stage(
-        "register", "visionflow.stages.register:register", _src("stages/register.py", "tracking.py", "pyfunc_model.py", "tasks"),
+        "register", "visionflow.stages.register:register",
         deps=lambda p, _: [p.model_dir, p.eval_metrics, p.train_metrics, p.train_history, p.figures_dir,
                            p.manifest, p.split_file, p.validation_report, p.split_report],
         uncached=lambda p, _: [p.registration],
@@ -193,14 +193,14 @@ STAGES: tuple[Stage, ...] = (
         doc="log the run to MLflow and register the model with alias `candidate`",
     ),
     Stage(
-        "inspect", "visionflow.stages.inspect:inspect", _src("stages/inspect.py", "inspection.py"),
+        "inspect", "visionflow.stages.inspect:inspect",
         deps=lambda p, _: [p.predictions, p.manifest, p.split_file, p.categories],
         uncached=lambda p, _: [p.inspection],
         branch=True,
         doc="load the test split with predictions into FiftyOne",
     ),
     Stage(
-        "promote", "visionflow.promote:promote_branch", _src("promote.py"),
+        "promote", "visionflow.promote:promote_branch",
         deps=lambda p, _: [p.registration, p.manifest, p.split_file, p.categories],
         uncached=lambda p, _: [p.promotion],
         branch=True, sections=("promote", "register"),

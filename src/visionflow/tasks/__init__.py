@@ -8,7 +8,7 @@ A model directory (paths.model_dir) holds:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,14 +25,25 @@ _TASKS = {
 }
 
 
-def get_task(name: str, params=None):
-    """The task `name`; `params` (its TrainParams) configures its loss where it has settings."""
+def task_of(meta: dict[str, Any]) -> str:
+    """The task of a model folder's meta.json; models written before task branches existed were
+    classifiers and carry no task."""
+    return str(meta.get("task") or "classify")
+
+
+def task_module(name: str) -> str:
+    """The module that implements task `name` (what its branch stages' code depends on)."""
     if name not in _TASKS:
         raise KeyError(f"unknown task {name!r}; tasks are {', '.join(_TASKS)}")
+    return _TASKS[name].partition(":")[0]
+
+
+def get_task(name: str, params=None):
+    """The task `name`; `params` (its TrainParams) configures its loss where it has settings."""
     import importlib
 
-    module, _, cls = _TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(params)
+    module = task_module(name)
+    return getattr(importlib.import_module(module), _TASKS[name].partition(":")[2])(params)
 
 
 class ModelPredictor:
@@ -67,6 +78,25 @@ class ModelPredictor:
             if "labels" in pred:
                 pred["names"] = [classes[k] for k in pred["labels"]]
         return out
+
+
+    def score(self, samples: Sequence, root: Path, categories: Sequence, settings: Any = None,
+              batch_size: int = 32, each: Optional[Callable[[list, list[np.ndarray], list[dict]], None]] = None):
+        """The task's test metric (TestScore) of this model on labelled manifest samples, images
+        loaded one batch at a time; `each(samples, images, predictions)` sees every batch (the
+        evaluate stage writes predictions and picks grid images there). The one scoring path of
+        the evaluate stage and the promotion gate."""
+        from visionflow.formats.images import load_rgb
+
+        metric = self.task.test_metric(categories, settings)
+        for i in range(0, len(samples), batch_size):
+            chunk = list(samples[i:i + batch_size])
+            images = [load_rgb(s.image_path(root)) for s in chunk]
+            preds = self.predict(images, batch_size=batch_size)
+            metric.process(chunk, preds)
+            if each is not None:
+                each(chunk, images, preds)
+        return metric.compute()
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:

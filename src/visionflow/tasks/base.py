@@ -17,7 +17,9 @@ Predictions (Task.predict), in each input image's own pixel coordinates:
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import albumentations as A
 import numpy as np
@@ -26,9 +28,50 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visionflow.config import TrainParams
-from visionflow.manifest import Sample
+from visionflow.manifest import Category, Sample
 
 IGNORE_INDEX = 255  # segment targets: pixels that count for neither loss nor metrics
+
+
+@dataclass
+class TestScore:
+    """A model's score on labelled samples, from the task's one scoring path (Task.test_metric):
+    the evaluate stage, the promotion gate and export parity all take their numbers from here,
+    so they are equal by construction.
+
+    name        the primary test metric (accuracy, AP50, miou), a key of evaluate.json
+    value       its value on the samples
+    per_class   {class name: per-class value} for the classes where it is defined
+    per_class_name  what per_class holds (F1, AP50, IoU)
+    resample    (B, N) per-image weights (bootstrap counts) -> (B,) primary metric on each
+                re-weighted sample set; all ones gives `value`
+    metrics     everything evaluate.json records for the task
+    extras      what the evaluate stage writes beside the metrics (COCO files, curves)
+    """
+
+    name: str
+    value: float
+    per_class: dict[str, float]
+    per_class_name: str
+    resample: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class TestMetric(Protocol):
+    """Streaming: fed batch by batch (large predictions such as full-size masks are reduced as
+    they come), then computed once."""
+
+    def process(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> None: ...
+
+    def compute(self) -> TestScore: ...
+
+
+def nanmean_rows(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 1 ignoring NaN; an all-NaN row (a resample with nothing defined) is NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=1)
 
 
 class TaskBase:
@@ -37,6 +80,10 @@ class TaskBase:
 
     def __init__(self, params: Optional[TrainParams] = None):
         self.params = params
+
+    def eval_outputs(self, paths) -> list:
+        """What the evaluate stage writes besides predictions and figures (DVC outs)."""
+        return []
 
 
 class Task(Protocol):
@@ -62,6 +109,28 @@ class Task(Protocol):
     def predict(self, model: nn.Module, images: list[np.ndarray], transform: A.Compose,
                 device: torch.device) -> list[dict[str, Any]]:
         """RGB uint8 (H, W, 3) images of any size -> one prediction per image (see above)."""
+
+    def test_metric(self, categories: Sequence[Category], settings: Any = None) -> TestMetric:
+        """The test metric over (samples, predictions); `settings` is the branch's EvaluateParams
+        (top_k, thresholds) or None for the defaults."""
+
+    def report_test(self, params, paths, predictor, test: list[Sample], categories) -> dict[str, Any]:
+        """The evaluate stage: score the test split (test_metric) and write metrics/<task>/evaluate.json
+        (with `task` and `primary_metric`), the predictions JSONL, plots and figures; returns a summary."""
+
+    def eval_outputs(self, paths) -> list: ...
+
+    def eval_plots(self, paths) -> list:
+        """The evaluate stage's DVC plot files."""
+
+    def plot_templates(self, paths) -> list[tuple]:
+        """(plot file, DVC plot spec) for `dvc plots show`."""
+
+    def headline(self, eval_metrics: dict[str, Any]) -> str:
+        """One line of test metrics for the end-of-run summary."""
+
+    def tracking_metrics(self, eval_metrics: dict[str, Any]) -> dict[str, float]:
+        """evaluate.json -> the MLflow run's test_* metrics."""
 
 
 class Predictor(Protocol):

@@ -1,6 +1,7 @@
 """Image classification: one class per image (visionflow.manifest.image_label)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,10 +13,13 @@ from torch.utils.data import Dataset
 
 from visionflow.augment import build_eval_transform, build_train_transform
 from visionflow.config import TrainParams
+from visionflow.errors import DataError
 from visionflow.formats.images import load_rgb
-from visionflow.manifest import Sample, image_label
+from visionflow.manifest import Category, Sample, image_label
 from visionflow.models import build_classifier
-from visionflow.tasks.base import TaskBase
+from visionflow.tasks.base import TaskBase, TestScore
+
+log = logging.getLogger(__name__)
 
 
 class ClassificationDataset(Dataset):
@@ -35,9 +39,93 @@ class ClassificationDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
 
 
+class ClassifyMetric:
+    """Accuracy (primary), top-k accuracy, per-class precision/recall/F1 and the confusion
+    matrix; per image: correct or not (what the bootstrap resamples)."""
+
+    def __init__(self, categories: Sequence[Category], top_k: int = 1):
+        self.names, self.top_k = [c.name for c in categories], top_k
+        self.y_true: list[int] = []
+        self.probs: list[list[float]] = []
+
+    def process(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> None:
+        for s, p in zip(samples, predictions, strict=True):
+            label = image_label(s)
+            if label is None:
+                raise DataError("test split", "sample has no class (no image label, no instance)", record=s.id,
+                                hint="label it, or leave it out of the split")
+            self.y_true.append(label)
+            self.probs.append(list(p["probs"]))
+
+    def compute(self) -> TestScore:
+        y_true = np.asarray(self.y_true, dtype=np.int64)
+        probs = np.asarray(self.probs, dtype=np.float64).reshape(len(y_true), len(self.names))  # (N, K)
+        m = classification_metrics(y_true, probs, self.names, self.top_k)
+        correct = (probs.argmax(1) == y_true).astype(float) if len(y_true) else np.zeros(0)  # (N,)
+        per_class = {n: v["f1"] for n, v in m["per_class"].items() if v["support"] > 0}
+        return TestScore("accuracy", m["accuracy"], per_class, "F1",
+                         lambda w: w @ correct / max(len(correct), 1), metrics=m)
+
+
 class ClassifyTask(TaskBase):
     name = "classify"
     primary_metric = "val_accuracy"
+
+    def eval_plots(self, p) -> list[Path]:
+        return [p.confusion_csv, p.per_class_csv]
+
+    def plot_templates(self, p) -> list[tuple[Path, dict]]:
+        return [(p.confusion_csv, {"template": "confusion", "x": "actual", "y": "predicted"})]
+
+    def headline(self, ev: dict[str, Any]) -> str:
+        return (f"accuracy {ev.get('accuracy')}, top-k accuracy {ev.get('top_k_accuracy')}, "
+                f"macro F1 {ev.get('macro_f1')}")
+
+    def tracking_metrics(self, ev: dict[str, Any]) -> dict[str, float]:
+        values = {"test_accuracy": ev["accuracy"], "test_top_k_accuracy": ev["top_k_accuracy"],
+                  "test_macro_f1": ev["macro_f1"]}
+        values.update({f"test_f1_{name}": stats["f1"] for name, stats in ev.get("per_class", {}).items()})
+        return values
+
+    def test_metric(self, categories: Sequence[Category], settings: Any = None) -> ClassifyMetric:
+        return ClassifyMetric(categories, getattr(settings, "top_k", 1))
+
+    def report_test(self, params, paths, predictor, test: list[Sample], categories) -> dict[str, Any]:
+        """The evaluate stage's outputs: accuracy, top-k, per-class precision/recall/F1 and the
+        confusion matrix; one prediction per test image; the DVC confusion plot; figures."""
+        from visionflow.evaluation import figures
+        from visionflow.evaluation.report import write_csv, write_jsonl
+        from visionflow.io import write_dir, write_json
+
+        classes = predictor.meta["classes"]
+        preds: list[dict[str, Any]] = []
+        score = predictor.score(test, paths.root, categories, params, params.batch_size,
+                                each=lambda _s, _i, p: preds.extend(p))
+        metrics = score.metrics
+        y_true = [image_label(s) for s in test]
+        write_jsonl(paths.predictions, ({"id": s.id, "label": p["label"], "name": p["name"],
+                                         "confidence": p["confidence"], "probs": p["probs"], "true": int(t)}
+                                        for s, p, t in zip(test, preds, y_true)))
+        write_json(paths.eval_metrics, {"task": self.name, "primary_metric": score.name,
+                                        **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+        # One row per test image: the layout DVC's confusion template expects.
+        write_csv(paths.confusion_csv, ["actual", "predicted"], ([classes[t], p["name"]] for t, p in zip(y_true, preds)))
+        write_csv(paths.per_class_csv, ["class", "precision", "recall", "f1", "support"],
+                  ([n, f"{v['precision']:.6f}", f"{v['recall']:.6f}", f"{v['f1']:.6f}", v["support"]]
+                   for n, v in metrics["per_class"].items()))
+
+        def draw(out: Path) -> None:
+            figures.plot_confusion(np.array(metrics["confusion_matrix"]), classes, classes,
+                                   f"confusion matrix (test, n={metrics['n']}, accuracy {metrics['accuracy']:.3f})",
+                                   out / "confusion_matrix.png")
+            figures.plot_per_class(metrics["per_class"], ("precision", "recall", "f1"), "per-class metrics (test)",
+                                   out / "per_class.png")
+
+        write_dir(paths.figures_dir, draw)
+        log.info("test accuracy %.4f, top-%d %.4f, macro F1 %.4f on %d images",
+                 metrics["accuracy"], metrics["k"], metrics["top_k_accuracy"], metrics["macro_f1"], metrics["n"])
+        return {"task": self.name, "test_images": metrics["n"], "accuracy": round(metrics["accuracy"], 4),
+                "top_k_accuracy": round(metrics["top_k_accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4)}
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         m = params.model

@@ -13,6 +13,7 @@ without a mask head. The cost is rasterising a few masks per image, small beside
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,8 +29,10 @@ from visionflow.config import TrainParams
 from visionflow.detection_models import build_detector
 from visionflow.formats.images import load_rgb
 from visionflow.formats.masks import encode_rle, instance_mask
-from visionflow.manifest import Instance, Sample
-from visionflow.tasks.base import TaskBase
+from visionflow.manifest import Category, Instance, Sample
+from visionflow.tasks.base import TaskBase, TestScore, nanmean_rows
+
+log = logging.getLogger(__name__)
 
 NO_BOXES = {"bboxes": np.zeros((0, 4), dtype=np.float32), "labels": [], "instance_ids": []}
 
@@ -81,9 +84,132 @@ def instance_pixels(inst: Instance, height: int, width: int, where: str) -> np.n
     return mask
 
 
+class DetectMetric:
+    """COCO AP/AR for boxes (and masks when the predictions carry them) in each image's own
+    pixels; primary AP50 (bbox), per class AP50. Per image: the detections' match rows at
+    IoU 0.5, which the bootstrap re-weights (evaluation.coco.weighted_ap) instead of re-matching."""
+
+    def __init__(self, categories: Sequence[Category]):
+        self.categories = list(categories)
+        self.samples: list[Sample] = []
+        self.predictions: list[dict[str, Any]] = []
+
+    def process(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> None:
+        for s, p in zip(samples, predictions, strict=True):
+            self.samples.append(s)
+            self.predictions.append({k: p[k] for k in ("boxes", "labels", "scores", "masks") if k in p})
+
+    def compute(self) -> TestScore:
+        from visionflow.evaluation.coco import coco_block, evaluate_coco, match_table, weighted_ap
+        from visionflow.evaluation.detection import coco_ground_truth, coco_results
+
+        gt, results = coco_ground_truth(self.samples, self.categories), coco_results(self.predictions)
+        bbox = evaluate_coco(gt, results, "bbox", curves=True)
+        metrics: dict[str, Any] = {"n": len(self.samples), "detections": len(results), **coco_block(bbox)}
+        if self.predictions and "masks" in self.predictions[0]:  # Mask R-CNN
+            metrics["segm"] = coco_block(evaluate_coco(gt, results, "segm"))
+        table: dict[str, Any] = {}
+
+        def resample(w: np.ndarray) -> np.ndarray:  # matched once, on the first call
+            if not table:
+                table.update(match_table(gt, results, "bbox", 0.5))  # image i is samples[i]
+            return nanmean_rows(weighted_ap(table, w))
+
+        per_class = {n: v for n, v in bbox["per_class_ap50"].items() if v >= 0}
+        return TestScore("AP50", bbox["AP50"], per_class, "AP50", resample, metrics,
+                         extras={"coco_gt": gt, "coco_results": results, "bbox": bbox})
+
+
 class DetectTask(TaskBase):
     name = "detect"
     primary_metric = "val_map50"
+
+    def eval_outputs(self, p) -> list[Path]:
+        return [p.coco_gt, p.coco_results]
+
+    def eval_plots(self, p) -> list[Path]:
+        return [p.pr_curve_csv, p.per_class_csv]
+
+    def plot_templates(self, p) -> list[tuple[Path, dict]]:
+        return [(p.pr_curve_csv, {"template": "linear", "x": "recall", "y": "precision"}),
+                (p.per_class_csv, {"template": "bar_horizontal", "x": "ap", "y": "class"})]
+
+    def headline(self, ev: dict[str, Any]) -> str:
+        mask = f", mask AP {ev['mask_AP']}" if "mask_AP" in ev else ""
+        return f"mAP@0.5 {ev.get('AP50')}, mAP@[.5:.95] {ev.get('AP')}{mask}"
+
+    def tracking_metrics(self, ev: dict[str, Any]) -> dict[str, float]:
+        from visionflow.evaluation.coco import STAT_NAMES
+
+        values: dict[str, float] = {}
+        for prefix, block in (("test_", ev), ("test_mask_", ev.get("segm") or {})):
+            for stat in STAT_NAMES:
+                if stat in block and block[stat] is not None and block[stat] >= 0:  # -1: undefined
+                    values[f"{prefix}{stat}"] = block[stat]
+            for name, ap in block.get("per_class_AP", {}).items():
+                if ap is not None and ap >= 0:
+                    values[f"{prefix}AP_{name}"] = ap
+        return values
+
+    def test_metric(self, categories: Sequence[Category], settings: Any = None) -> DetectMetric:
+        return DetectMetric(categories)
+
+    def report_test(self, params, paths, predictor, test: list[Sample], categories) -> dict[str, Any]:
+        """The evaluate stage's outputs: COCO AP/AR (bbox, and segm for Mask R-CNN) with the
+        evaluator's settings, the test split and predictions as COCO files, per-class PR curves
+        and AP, a class confusion matrix and a grid of true and predicted boxes."""
+        from visionflow.evaluation import figures
+        from visionflow.evaluation.detection import match_confusion
+        from visionflow.evaluation.report import grid_pick, write_csv, write_jsonl
+        from visionflow.io import write_dir, write_json
+
+        classes = predictor.meta["classes"]
+        grid_at = grid_pick(len(test), params.grid_images)
+        preds: list[dict[str, Any]] = []
+        grid: list[tuple] = []
+
+        def each(samples, images, batch):
+            for s, image, p in zip(samples, images, batch):
+                if len(preds) in grid_at:
+                    shown = [j for j, sc in enumerate(p["scores"]) if sc >= params.score_threshold]
+                    truth = {"boxes": [k.bbox for k in s.instances], "labels": [k.category_id for k in s.instances]}
+                    grid.append((image, truth, {k: [p[k][j] for j in shown] for k in ("boxes", "labels", "scores")}))
+                preds.append(p)
+
+        score = predictor.score(test, paths.root, categories, params, params.batch_size, each=each)
+        bbox, metrics = score.extras["bbox"], {"task": self.name, "primary_metric": score.name, **score.metrics}
+        cm = match_confusion(test, preds, len(classes), params.iou_threshold, params.score_threshold)
+        metrics["confusion"] = {"iou_threshold": params.iou_threshold, "score_threshold": params.score_threshold,
+                                "labels": [*classes, "(none)"], "matrix": cm.tolist()}
+        write_json(paths.coco_gt, score.extras["coco_gt"])
+        write_json(paths.coco_results, score.extras["coco_results"])
+        write_jsonl(paths.predictions, ({"id": s.id, **{k: p[k] for k in ("boxes", "labels", "scores", "masks") if k in p}}
+                                        for s, p in zip(test, preds)))
+        write_json(paths.eval_metrics, metrics)
+        recall = bbox["recall_thresholds"]
+        write_csv(paths.pr_curve_csv, ["recall", *classes],
+                  ([r, *(max(bbox["pr_curves"][c][i], 0.0) for c in classes)] for i, r in enumerate(recall)))
+        write_csv(paths.per_class_csv, ["class", "ap", "ap50"],
+                  ([c, f"{bbox['per_class'][c]:.6f}", f"{bbox['per_class_ap50'][c]:.6f}"] for c in classes))
+
+        def draw(out: Path) -> None:
+            figures.plot_pr_curves(recall, bbox["pr_curves"], bbox["per_class_ap50"], out / "pr_curves.png")
+            figures.plot_per_class({c: {"AP": bbox["per_class"][c], "AP50": bbox["per_class_ap50"][c]} for c in classes},
+                                   ("AP", "AP50"), "per-class AP (test, bbox)", out / "per_class.png")
+            labels = [*classes, "(none)"]
+            figures.plot_confusion(cm, labels, labels, f"detections at IoU {params.iou_threshold}, score >= "
+                                   f"{params.score_threshold} (row (none): false positives; column: missed)",
+                                   out / "confusion_matrix.png")
+            figures.detection_grid(grid, classes, out / "test_predictions.png")
+
+        write_dir(paths.figures_dir, draw)
+        segm = metrics.get("segm")
+        log.info("test bbox AP %.4f, AP50 %.4f%s on %d images", bbox["AP"], bbox["AP50"],
+                 f", mask AP {segm['AP']:.4f}" if segm else "", len(test))
+        out = {"task": self.name, "test_images": len(test), "AP": round(bbox["AP"], 4), "AP50": round(bbox["AP50"], 4)}
+        if segm:
+            out["mask_AP"] = round(segm["AP"], 4)
+        return out
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         return build_detector(params.model, params.image_size, num_classes, pretrained)

@@ -6,6 +6,7 @@ return logits (B, K + 1, S, S); predictions are (H, W) uint8 masks at each image
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,9 +22,11 @@ from visionflow.errors import DataError
 from visionflow.evaluation.segmentation import ConfusionAccumulator
 from visionflow.formats.images import load_rgb
 from visionflow.formats.masks import semantic_mask
-from visionflow.manifest import Sample
+from visionflow.manifest import Category, Sample
 from visionflow.segmentation_models import build_segmenter
-from visionflow.tasks.base import IGNORE_INDEX, TaskBase
+from visionflow.tasks.base import IGNORE_INDEX, TaskBase, TestScore, nanmean_rows
+
+log = logging.getLogger(__name__)
 
 
 class SegmentationDataset(Dataset):
@@ -47,9 +50,119 @@ class SegmentationDataset(Dataset):
         return x, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()  # (S, S) int64
 
 
+class SegmentMetric:
+    """mIoU (primary), per-class IoU and Dice, pixel and mean accuracy and the pixel confusion
+    matrix over classes background + categories (the ignore value never counts). Per image: its
+    (K, K) confusion matrix (full-size masks are reduced as they come, never kept), which the
+    bootstrap re-weights."""
+
+    def __init__(self, categories: Sequence[Category]):
+        self.names = ["background", *(c.name for c in categories)]
+        self.per_image: list[np.ndarray] = []  # (K * K,) int64 each
+
+    def process(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> None:
+        for s, p in zip(samples, predictions, strict=True):
+            acc = ConfusionAccumulator(len(self.names), IGNORE_INDEX)
+            acc.update(p["mask"], semantic_mask(s))
+            self.per_image.append(acc.matrix.ravel())
+
+    def compute(self) -> TestScore:
+        k = len(self.names)
+        cms = np.stack(self.per_image).astype(float) if self.per_image else np.zeros((0, k * k))  # (N, K * K)
+        total = ConfusionAccumulator(k, IGNORE_INDEX)
+        total.matrix = cms.sum(0).astype(np.int64).reshape(k, k)
+        m = total.compute()
+        per_class = {n: v for n, v in zip(self.names, m["per_class_iou"]) if v is not None}
+        metrics = {"n": len(self.per_image), "classes": self.names,
+                   "mask_values": "0 background, c + 1 for category c", "ignore_index": IGNORE_INDEX,
+                   **{key: m[key] for key in ("miou", "dice", "pixel_accuracy", "mean_accuracy", "pixels",
+                                              "confusion_matrix")},
+                   "per_class": {n: {"IoU": m["per_class_iou"][j], "Dice": m["per_class_dice"][j]}
+                                 for j, n in enumerate(self.names)}}
+        miou = m["miou"] if m["miou"] is not None else float("nan")
+        return TestScore("miou", miou, per_class, "IoU", lambda w: mean_iou((w @ cms).reshape(-1, k, k)), metrics)
+
+
+def mean_iou(cm: np.ndarray) -> np.ndarray:
+    """(B, K, K) confusion matrices (rows true) -> (B,) mean IoU over the classes present
+    (union > 0), the ConfusionAccumulator convention."""
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    union = cm.sum(2) + cm.sum(1) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return nanmean_rows(np.where(union > 0, tp / union, np.nan))
+
+
 class SegmentTask(TaskBase):
     name = "segment"
     primary_metric = "val_miou"
+
+    def eval_outputs(self, p) -> list[Path]:
+        return [p.pred_masks_dir]
+
+    def eval_plots(self, p) -> list[Path]:
+        return [p.per_class_csv]  # per-class IoU (the pixel confusion matrix is a figure)
+
+    def plot_templates(self, p) -> list[tuple[Path, dict]]:
+        return [(p.per_class_csv, {"template": "bar_horizontal", "x": "iou", "y": "class"})]
+
+    def headline(self, ev: dict[str, Any]) -> str:
+        return f"mIoU {ev.get('miou')}, pixel accuracy {ev.get('pixel_accuracy')}"
+
+    def tracking_metrics(self, ev: dict[str, Any]) -> dict[str, float]:
+        values = {f"test_{k}": ev[k] for k in ("miou", "dice", "pixel_accuracy", "mean_accuracy")
+                  if ev.get(k) is not None}
+        values.update({f"test_iou_{name}": stats["IoU"] for name, stats in ev.get("per_class", {}).items()
+                       if stats.get("IoU") is not None})
+        return values
+
+    def test_metric(self, categories: Sequence[Category], settings: Any = None) -> SegmentMetric:
+        return SegmentMetric(categories)
+
+    def report_test(self, params, paths, predictor, test: list[Sample], categories) -> dict[str, Any]:
+        """The evaluate stage's outputs: mIoU, per-class IoU and Dice, pixel accuracy, the pixel
+        confusion matrix, one predicted mask PNG per test image and a grid of image / truth /
+        prediction."""
+        from PIL import Image
+
+        from visionflow.evaluation import figures
+        from visionflow.evaluation.report import fmt, grid_pick, write_csv, write_jsonl
+        from visionflow.io import write_dir, write_json
+
+        grid_at = grid_pick(len(test), params.grid_images)
+        grid, records, holder = [], [], {}
+
+        def fill(out: Path) -> None:
+            def each(samples, images, batch):
+                for s, image, p in zip(samples, images, batch):
+                    name = f"{len(records):06d}.png"
+                    if len(records) in grid_at:
+                        grid.append((image, semantic_mask(s), p["mask"]))
+                    Image.fromarray(p["mask"]).save(out / name)
+                    records.append({"id": s.id, "mask": f"{paths.pred_masks_dir.name}/{name}",
+                                    "classes_present": sorted(int(v) for v in np.unique(p["mask"]) if v)})
+
+            holder["score"] = predictor.score(test, paths.root, categories, params, params.batch_size, each=each)
+
+        write_dir(paths.pred_masks_dir, fill)
+        score = holder["score"]
+        m, names = score.metrics, score.metrics["classes"]
+        write_jsonl(paths.predictions, records)
+        write_json(paths.eval_metrics, {"task": self.name, "primary_metric": score.name, **m})
+        write_csv(paths.per_class_csv, ["class", "iou", "dice"],
+                  ([n, fmt(v["IoU"]), fmt(v["Dice"])] for n, v in m["per_class"].items()))
+
+        def draw(out: Path) -> None:
+
+            figures.plot_confusion(np.array(m["confusion_matrix"]), names, names,
+                                   f"pixel confusion (test, mIoU {m['miou'] or 0:.3f})", out / "confusion_matrix.png")
+            figures.plot_per_class(m["per_class"], ("IoU", "Dice"), "per-class IoU and Dice (test)", out / "per_class.png")
+            figures.segmentation_grid(grid, out / "test_predictions.png")
+
+        write_dir(paths.figures_dir, draw)
+        log.info("test mIoU %.4f, Dice %.4f, pixel accuracy %.4f on %d images",
+                 m["miou"] or 0, m["dice"] or 0, m["pixel_accuracy"] or 0, len(test))
+        return {"task": self.name, "test_images": len(test), "miou": round(m["miou"] or 0.0, 4),
+                "pixel_accuracy": round(m["pixel_accuracy"] or 0.0, 4)}
 
     @property
     def dice_weight(self) -> float:
