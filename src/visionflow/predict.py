@@ -47,21 +47,9 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 class BatchModel(Protocol):
     task: str
     classes: list[str]
+    contract: Any  # the task (visionflow.tasks): records, counts, output formats
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]: ...
-
-
-def _record(task: str, p: dict[str, Any]) -> dict[str, Any]:
-    """A predictor's output -> the plain record of the module docstring."""
-    if task == "classify":
-        return {"label": int(p["label"]), "name": str(p["name"]), "confidence": float(p["confidence"])}
-    if task == "detect":
-        rec = {"boxes": [[round(float(v), 2) for v in b] for b in p["boxes"]], "labels": [int(v) for v in p["labels"]],
-               "names": list(p["names"]), "scores": [round(float(v), 5) for v in p["scores"]]}
-        if "masks" in p:
-            rec["masks"] = p["masks"]
-        return rec
-    return {"mask": p["mask"]}
 
 
 class _LocalModel:
@@ -72,41 +60,32 @@ class _LocalModel:
 
         self.predictor = load_predictor(model_dir)
         self.task, self.classes = self.predictor.meta["task"], list(self.predictor.meta["classes"])
+        self.contract = self.predictor.task
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        return [_record(self.task, p) for p in self.predictor.predict(images, batch_size=max(1, len(images)))]
+        return [self.contract.record(p) for p in self.predictor.predict(images, batch_size=max(1, len(images)))]
 
 
 class _PyfuncModel:
     """A registered MLflow model: its input is the DataFrame column `image` (arrays accepted
-    in process, see pyfunc_model), its output the task's columns (pyfunc_model.OUTPUT_COLUMNS)."""
+    in process, see pyfunc_model), its output the task's columns (Task.pyfunc_columns)."""
 
     def __init__(self, pyfunc):
         from visionflow import tracking
+        from visionflow.tasks import get_task, task_of
 
         self.pyfunc = pyfunc
         meta = tracking.model_meta(pyfunc)
-        self.task, self.classes = meta.get("task", "classify"), list(meta.get("classes", []))
+        self.task, self.classes = task_of(meta), list(meta.get("classes", []))
+        self.contract = get_task(self.task)
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         import pandas as pd
 
-        from visionflow.pyfunc_model import INPUT_COLUMN, decode_mask
+        from visionflow.pyfunc_model import INPUT_COLUMN
 
         frame = self.pyfunc.predict(pd.DataFrame({INPUT_COLUMN: pd.Series(images, dtype=object)}))
-        rows = frame.to_dict("records")
-        if self.task == "classify":
-            return [{"label": int(r["label"]), "name": str(r["name"]), "confidence": float(r["confidence"])} for r in rows]
-        if self.task == "detect":
-            out = []
-            for r in rows:
-                rec = {k: json.loads(r[k]) for k in ("boxes", "labels", "names", "scores")}
-                masks = json.loads(r.get("masks") or "[]")
-                if masks:
-                    rec["masks"] = masks
-                out.append(rec)
-            return out
-        return [{"mask": decode_mask(r["mask_png"])} for r in rows]
+        return [self.contract.from_frame_row(r) for r in frame.to_dict("records")]
 
 
 def load_batch_model(spec: str, tracking_uri: Callable[[], str]) -> BatchModel:
@@ -264,53 +243,19 @@ class _Writer:
             self.fh.write("\n]\n" if self.n else "]\n")
 
 
-def check_output(out: Path | None, task: str | None = None) -> str | None:
+def check_output(out: Path | None, model: BatchModel | None = None) -> str | None:
     """The output format (".csv", ".json", ".jsonl") of `out`, None for no file."""
     fmt = out.suffix.lower() if out else None
     if out is not None and fmt not in OUTPUT_FORMATS:
         raise UserError(f"{out}: unknown output format {out.suffix!r} (use {', '.join(OUTPUT_FORMATS)})")
-    if fmt == ".csv" and task in ("detect", "segment"):
-        raise UserError(f"{out}: a {task} model writes COCO results (.json) or JSON lines (.jsonl), not CSV")
+    if fmt == ".csv" and model is not None and not model.contract.writes_csv:
+        raise UserError(f"{out}: a {model.task} model writes COCO results (.json) or JSON lines (.jsonl), not CSV")
     return fmt
 
 
-def json_record(task: str, rec: dict[str, Any]) -> dict[str, Any]:
-    """A record as JSON: a segment mask becomes one COCO RLE per class value present."""
-    if task != "segment":
-        return rec
-    from visionflow.formats.masks import encode_rle
-
-    mask = rec["mask"]
-    present = sorted(int(v) for v in np.unique(mask) if v)
-    return {"height": int(mask.shape[0]), "width": int(mask.shape[1]), "classes_present": present,
-            "mask_rle": {str(v): encode_rle(mask == v) for v in present}}
-
-
-def coco_entries(task: str, image_id: int, key: dict[str, Any], rec: dict[str, Any],
-                 classes: list[str]) -> list[dict[str, Any]]:
-    """One image's record as COCO results entries (category ids index `classes`)."""
-    where = {"file_name": key["path"]} if "path" in key else {"video": key["video"], "frame": key["frame"]}
-    if task == "detect":
-        out = []
-        for j, (b, label, score) in enumerate(zip(rec["boxes"], rec["labels"], rec["scores"])):
-            e = {"image_id": image_id, "category_id": label, "category_name": classes[label],
-                 "bbox": [b[0], b[1], round(b[2] - b[0], 2), round(b[3] - b[1], 2)], "score": score, **where}
-            if "masks" in rec:
-                e["segmentation"] = rec["masks"][j]
-            out.append(e)
-        return out
-    js = json_record(task, rec)
-    return [{"image_id": image_id, "category_id": v - 1, "category_name": classes[v - 1],
-             "segmentation": js["mask_rle"][str(v)], **where} for v in js["classes_present"]]
-
-
-def _count(task: str, rec: dict[str, Any], counts: Counter, min_score: float) -> None:
-    if task == "classify":
-        counts[rec["name"]] += 1
-    elif task == "detect":
-        counts.update(n for n, sc in zip(rec["names"], rec["scores"]) if sc >= min_score)
-    else:
-        counts.update(str(v) for v in np.unique(rec["mask"]) if v)
+def _where(key: dict[str, Any]) -> dict[str, Any]:
+    """Which input a COCO results entry is about: the file, or the video and frame."""
+    return {"file_name": key["path"]} if "path" in key else {"video": key["video"], "frame": key["frame"]}
 
 
 def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_size: int = 32,
@@ -325,8 +270,8 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
     previous `out` stays)."""
     from tqdm.auto import tqdm
 
-    task = getattr(model, "task", "classify")
-    fmt = check_output(out, task)
+    task, contract = model.task, model.contract
+    fmt = check_output(out, model)
     key_columns = ["path"] if source.kind == "images" else ["video", "frame"]
     skipped: list[tuple[str, str]] = []
     counts: Counter[str] = Counter()
@@ -339,18 +284,15 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
         for record in predict_items(model, iter(bar), batch_size, skipped):
             predicted += 1
             key = {k: record.pop(k) for k in key_columns}
-            if task == "segment":  # counts by class name, not mask value
-                counts.update(model.classes[int(v) - 1] for v in np.unique(record["mask"]) if v)
-            else:
-                _count(task, record, counts, min_score)
+            contract.count(record, counts, min_score, model.classes)
             if sink:
                 sink(key, record)
             if writer is None:
                 continue
-            if task == "classify" or fmt == ".jsonl":
-                writer.write({**key, **json_record(task, record)})
-            else:
-                for entry in coco_entries(task, predicted, key, record, model.classes):
+            if contract.writes_csv or fmt == ".jsonl":  # one row per image
+                writer.write({**key, **contract.json_record(record)})
+            else:  # COCO results
+                for entry in contract.coco_entries(predicted, _where(key), record, model.classes):
                     writer.write(entry)
         if writer:
             writer.close()
@@ -365,8 +307,9 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
                 consume(_Writer(fh, fmt, key_columns + ["label", "name", "confidence"]))
     finally:
         bar.close()
-    return {"task": task, "predicted": predicted, "counts": dict(sorted(counts.items())), "skipped": skipped,
-            "ignored": source.ignored, "out": str(out) if out else None}
+    return {"task": task, "count_unit": contract.count_unit, "predicted": predicted,
+            "counts": dict(sorted(counts.items())), "skipped": skipped, "ignored": source.ignored,
+            "out": str(out) if out else None}
 
 
 def _nothing_predicted(skipped: list[tuple[str, str]]) -> str:
@@ -380,7 +323,7 @@ def format_report(result: dict[str, Any]) -> str:
     """The summary printed at the end: counts per class, then what was skipped or ignored."""
     counts = result["counts"]
     width = max([len("class"), *map(len, counts)])
-    what = {"classify": "images", "detect": "detections", "segment": "images with"}.get(result.get("task"), "count")
+    what = result.get("count_unit", "count")
     lines = [f"{'class':<{width}}  {what}", *(f"{name:<{width}}  {n:>5}" for name, n in counts.items()),
              f"{'total':<{width}}  {result['predicted']:>5}"]
     if result["out"]:

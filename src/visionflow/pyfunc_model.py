@@ -3,7 +3,7 @@
 The served model takes a DataFrame with one column, `image`, each cell one image:
 base64 text of PNG/JPEG bytes (what a JSON request to `mlflow models serve` carries),
 raw PNG/JPEG bytes, or an RGB uint8 numpy array (H, W, 3) for in-process callers.
-It returns one row per image, with task-specific columns (OUTPUT_COLUMNS):
+It returns one row per image, with the task's columns (Task.pyfunc_columns, Task.frame_columns):
 
     classify  label (int class id), name (class name), confidence (softmax probability)
     detect    boxes (JSON [[x1, y1, x2, y2], ...] absolute pixels of the input image), labels
@@ -18,7 +18,6 @@ it travels with the model.
 from __future__ import annotations
 
 import base64
-import json
 import binascii
 import io
 from pathlib import Path
@@ -28,22 +27,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from visionflow.formats.images import decode_mask, encode_image  # noqa: F401  (part of this module's API)
+
 INPUT_COLUMN = "image"
-# Output column -> MLflow schema type, per task; the order is the DataFrame's.
-OUTPUT_COLUMNS = {
-    "classify": {"label": "long", "name": "string", "confidence": "double"},
-    "detect": {"boxes": "string", "labels": "string", "names": "string", "scores": "string", "masks": "string"},
-    "segment": {"mask_png": "string", "classes_present": "string"},
-}
 
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG
-
-
-def encode_image(image: np.ndarray, fmt: str = "PNG") -> str:
-    """RGB (H, W, 3) or single-channel (H, W) uint8 -> base64 text of the encoded image."""
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format=fmt)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def decode_image(value: Any) -> np.ndarray:
@@ -75,28 +63,8 @@ def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"input needs a column {INPUT_COLUMN!r}, got columns {list(frame.columns)}")
     images = [decode_image(v) for v in frame[INPUT_COLUMN].tolist()]
     preds = predictor.predict(images) if images else []
-    task = predictor.meta.get("task", "classify")
-    if task == "classify":
-        return pd.DataFrame({
-            "label": pd.Series([int(p["label"]) for p in preds], dtype="int64"),
-            "name": pd.Series([str(p["name"]) for p in preds], dtype=object),
-            "confidence": pd.Series([float(p["confidence"]) for p in preds], dtype="float64"),
-        })
-    if task == "detect":
-        cols = {k: [json.dumps(p.get(k, [])) for p in preds] for k in ("labels", "names", "scores", "masks")}
-        cols["boxes"] = [json.dumps([[round(float(v), 2) for v in b] for b in p["boxes"]]) for p in preds]
-        return pd.DataFrame({k: pd.Series(cols[k], dtype=object) for k in OUTPUT_COLUMNS["detect"]})
-    return pd.DataFrame({
-        "mask_png": pd.Series([encode_image(p["mask"]) for p in preds], dtype=object),
-        "classes_present": pd.Series([json.dumps(sorted(int(v) for v in np.unique(p["mask"]) if v)) for p in preds],
-                                     dtype=object),
-    })
-
-
-def decode_mask(mask_png: str) -> np.ndarray:
-    """A segment model's `mask_png` cell -> (H, W) uint8 class values."""
-    with Image.open(io.BytesIO(base64.b64decode(mask_png))) as im:
-        return np.asarray(im)
+    columns = predictor.task.frame_columns(preds)  # the task's output columns, in its order
+    return pd.DataFrame({name: pd.Series(values, dtype=dtype) for name, (values, dtype) in columns.items()})
 
 
 def example_frame(meta: dict[str, Any]) -> pd.DataFrame:

@@ -84,7 +84,7 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
     loaded = load_batch_model(model, lambda: tracking_uri)
 
     def predict(images: list[np.ndarray]) -> list[dict[str, Any]]:
-        return [_response_record(loaded.task, r) for r in loaded.predict(images)]
+        return [loaded.contract.served_record(r) for r in loaded.predict(images)]
 
     if not registered:
         from pathlib import Path
@@ -100,16 +100,6 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
                         f"{exc}") from None
     meta = tracking.model_meta(loaded.pyfunc)
     return ServedModel(predict, {**info, "model_uri": model, **_meta_fields(meta)})
-
-
-def _response_record(task: str, rec: dict[str, Any]) -> dict[str, Any]:
-    if task != "segment":
-        return rec
-    from visionflow.pyfunc_model import encode_image
-
-    mask = rec["mask"]
-    return {"mask_png": encode_image(mask), "classes_present": sorted(int(v) for v in np.unique(mask) if v),
-            "height": int(mask.shape[0]), "width": int(mask.shape[1])}
 
 
 def _meta_fields(meta: dict[str, Any]) -> dict[str, Any]:

@@ -157,10 +157,12 @@ def _log_batch(client: MlflowClient, run_id: str, metrics: list[Metric], params:
         client.log_batch(run_id, tags=tags[i:i + 100])
 
 
-def model_signature(task: str = "classify") -> ModelSignature:
+def model_signature(task: str) -> ModelSignature:
+    from visionflow.tasks import get_task
+
     return ModelSignature(
         inputs=Schema([ColSpec("string", pyfunc_model.INPUT_COLUMN)]),
-        outputs=Schema([ColSpec(t, name) for name, t in pyfunc_model.OUTPUT_COLUMNS[task].items()]),
+        outputs=Schema([ColSpec(t, name) for name, t in get_task(task).pyfunc_columns.items()]),
     )
 
 

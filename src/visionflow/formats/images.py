@@ -13,6 +13,7 @@ wildly out-of-frame coordinates) and `FRAME_POLICIES` (their counted kinds).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 from pathlib import Path
@@ -177,3 +178,18 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+# --- images as base64 PNG/JPEG text (pyfunc and HTTP payloads) ---
+
+def encode_image(image: np.ndarray, fmt: str = "PNG") -> str:
+    """RGB (H, W, 3) or single-channel (H, W) uint8 -> base64 text of the encoded image."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_mask(mask_png: str) -> np.ndarray:
+    """A segment model's `mask_png` cell -> (H, W) uint8 class values."""
+    with Image.open(io.BytesIO(base64.b64decode(mask_png))) as im:
+        return np.asarray(im)

@@ -85,6 +85,16 @@ class TaskBase:
         """What the evaluate stage writes besides predictions and figures (DVC outs)."""
         return []
 
+    # --- the deploy face: predictions as records (predict, serve, pyfunc) -------------------
+    writes_csv = False  # batch prediction to .csv (one row per image)
+    count_unit = "images"  # what the summary of `visionflow predict` counts per class
+
+    def json_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        return record
+
+    def served_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        return record
+
 
 class Task(Protocol):
     name: str
@@ -131,6 +141,34 @@ class Task(Protocol):
 
     def tracking_metrics(self, eval_metrics: dict[str, Any]) -> dict[str, float]:
         """evaluate.json -> the MLflow run's test_* metrics."""
+
+    # The deploy face. A record is a prediction (above) made plain for people and files: class
+    # names beside ids, rounded numbers; in each input image's own pixels.
+    pyfunc_columns: dict[str, str]  # the pyfunc output column -> MLflow schema type, in order
+    writes_csv: bool
+    count_unit: str
+
+    def record(self, prediction: dict[str, Any]) -> dict[str, Any]:
+        """A Predictor's output (with names) -> the plain record."""
+
+    def frame_columns(self, predictions: list[dict[str, Any]]) -> dict[str, tuple[list, Any]]:
+        """Predictions -> the pyfunc's output columns: {name: (values, pandas dtype)}."""
+
+    def from_frame_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One pyfunc output row -> the record."""
+
+    def json_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record as JSON (segment: the mask as one COCO RLE per class present)."""
+
+    def coco_entries(self, image_id: int, where: dict[str, Any], record: dict[str, Any],
+                     classes: list[str]) -> list[dict[str, Any]]:
+        """One image's record as COCO results entries (only for tasks that do not write CSV)."""
+
+    def count(self, record: dict[str, Any], counts, min_score: float, classes: list[str]) -> None:
+        """Add the record to the per-class counts of the predict summary."""
+
+    def served_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record as `visionflow serve` answers it."""
 
 
 class Predictor(Protocol):

@@ -74,6 +74,24 @@ class ClassifyTask(TaskBase):
     def eval_plots(self, p) -> list[Path]:
         return [p.confusion_csv, p.per_class_csv]
 
+    # --- the deploy face (records) ---
+    pyfunc_columns = {"label": "long", "name": "string", "confidence": "double"}
+    writes_csv = True
+
+    def record(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"label": int(p["label"]), "name": str(p["name"]), "confidence": float(p["confidence"])}
+
+    def frame_columns(self, preds: list[dict[str, Any]]) -> dict[str, tuple[list, Any]]:
+        rows = [self.record(p) for p in preds]
+        return {"label": ([r["label"] for r in rows], "int64"), "name": ([r["name"] for r in rows], object),
+                "confidence": ([r["confidence"] for r in rows], "float64")}
+
+    def from_frame_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.record(row)
+
+    def count(self, record, counts, min_score: float, classes: list[str]) -> None:
+        counts[record["name"]] += 1
+
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
         return [(p.confusion_csv, {"template": "confusion", "x": "actual", "y": "predicted"})]
 

@@ -13,6 +13,7 @@ without a mask head. The cost is rasterising a few masks per image, small beside
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +130,42 @@ class DetectTask(TaskBase):
 
     def eval_plots(self, p) -> list[Path]:
         return [p.pr_curve_csv, p.per_class_csv]
+
+    # --- the deploy face (records): boxes xyxy in the input's pixels, names beside labels ---
+    pyfunc_columns = {"boxes": "string", "labels": "string", "names": "string", "scores": "string", "masks": "string"}
+    count_unit = "detections"
+
+    def record(self, p: dict[str, Any]) -> dict[str, Any]:
+        rec = {"boxes": [[round(float(v), 2) for v in b] for b in p["boxes"]], "labels": [int(v) for v in p["labels"]],
+               "names": list(p["names"]), "scores": [round(float(v), 5) for v in p["scores"]]}
+        if "masks" in p:  # COCO RLE each (Mask R-CNN)
+            rec["masks"] = p["masks"]
+        return rec
+
+    def frame_columns(self, preds: list[dict[str, Any]]) -> dict[str, tuple[list, Any]]:
+        rows = [self.record(p) for p in preds]  # JSON text cells: MLflow schemas have no nested lists
+        return {k: ([json.dumps(r.get(k, [])) for r in rows], object) for k in self.pyfunc_columns}
+
+    def from_frame_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        rec = {k: json.loads(row[k]) for k in ("boxes", "labels", "names", "scores")}
+        masks = json.loads(row.get("masks") or "[]")
+        if masks:
+            rec["masks"] = masks
+        return rec
+
+    def coco_entries(self, image_id: int, where: dict[str, Any], rec: dict[str, Any],
+                     classes: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for j, (b, label, score) in enumerate(zip(rec["boxes"], rec["labels"], rec["scores"])):
+            e = {"image_id": image_id, "category_id": label, "category_name": classes[label],
+                 "bbox": [b[0], b[1], round(b[2] - b[0], 2), round(b[3] - b[1], 2)], "score": score, **where}
+            if "masks" in rec:
+                e["segmentation"] = rec["masks"][j]
+            out.append(e)
+        return out
+
+    def count(self, record, counts, min_score: float, classes: list[str]) -> None:
+        counts.update(n for n, sc in zip(record["names"], record["scores"]) if sc >= min_score)
 
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
         return [(p.pr_curve_csv, {"template": "linear", "x": "recall", "y": "precision"}),

@@ -6,6 +6,7 @@ return logits (B, K + 1, S, S); predictions are (H, W) uint8 masks at each image
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,6 +84,11 @@ class SegmentMetric:
         return TestScore("miou", miou, per_class, "IoU", lambda w: mean_iou((w @ cms).reshape(-1, k, k)), metrics)
 
 
+def _present(mask: np.ndarray) -> list[int]:
+    """The class values (c + 1) a mask shows, background left out."""
+    return sorted(int(v) for v in np.unique(mask) if v)
+
+
 def mean_iou(cm: np.ndarray) -> np.ndarray:
     """(B, K, K) confusion matrices (rows true) -> (B,) mean IoU over the classes present
     (union > 0), the ConfusionAccumulator convention."""
@@ -101,6 +107,49 @@ class SegmentTask(TaskBase):
 
     def eval_plots(self, p) -> list[Path]:
         return [p.per_class_csv]  # per-class IoU (the pixel confusion matrix is a figure)
+
+    # --- the deploy face (records): the mask at the input's size, 0 background, c + 1 class c ---
+    pyfunc_columns = {"mask_png": "string", "classes_present": "string"}
+    count_unit = "images with"
+
+    def record(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"mask": p["mask"]}
+
+    def frame_columns(self, preds: list[dict[str, Any]]) -> dict[str, tuple[list, Any]]:
+        from visionflow.formats.images import encode_image
+
+        return {"mask_png": ([encode_image(p["mask"]) for p in preds], object),
+                "classes_present": ([json.dumps(_present(p["mask"])) for p in preds], object)}
+
+    def from_frame_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        from visionflow.formats.images import decode_mask
+
+        # the PNG is kept: serving answers with it as it came, not decoded and encoded again
+        return {"mask": decode_mask(row["mask_png"]), "mask_png": row["mask_png"]}
+
+    def json_record(self, rec: dict[str, Any]) -> dict[str, Any]:
+        from visionflow.formats.masks import encode_rle
+
+        mask = rec["mask"]
+        present = _present(mask)
+        return {"height": int(mask.shape[0]), "width": int(mask.shape[1]), "classes_present": present,
+                "mask_rle": {str(v): encode_rle(mask == v) for v in present}}
+
+    def coco_entries(self, image_id: int, where: dict[str, Any], rec: dict[str, Any],
+                     classes: list[str]) -> list[dict[str, Any]]:
+        js = self.json_record(rec)
+        return [{"image_id": image_id, "category_id": v - 1, "category_name": classes[v - 1],
+                 "segmentation": js["mask_rle"][str(v)], **where} for v in js["classes_present"]]
+
+    def count(self, record, counts, min_score: float, classes: list[str]) -> None:
+        counts.update(classes[v - 1] for v in _present(record["mask"]))  # by class name, not mask value
+
+    def served_record(self, rec: dict[str, Any]) -> dict[str, Any]:
+        from visionflow.formats.images import encode_image
+
+        mask = rec["mask"]
+        return {"mask_png": rec.get("mask_png") or encode_image(mask), "classes_present": _present(mask),
+                "height": int(mask.shape[0]), "width": int(mask.shape[1])}
 
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
         return [(p.per_class_csv, {"template": "bar_horizontal", "x": "iou", "y": "class"})]
@@ -139,7 +188,7 @@ class SegmentTask(TaskBase):
                         grid.append((image, semantic_mask(s), p["mask"]))
                     Image.fromarray(p["mask"]).save(out / name)
                     records.append({"id": s.id, "mask": f"{paths.pred_masks_dir.name}/{name}",
-                                    "classes_present": sorted(int(v) for v in np.unique(p["mask"]) if v)})
+                                    "classes_present": _present(p["mask"])})
 
             holder["score"] = predictor.score(test, paths.root, categories, params, params.batch_size, each=each)
 
