@@ -5,15 +5,10 @@ Input of every exported graph (any task, any format):
     "images"  float32 (B, 3, S, S): RGB pixel values 0..255, already resized to S x S, S =
               meta["image_size"] (`preprocess`: bilinear, aspect ratio not kept, as the eval
               transform does). B is dynamic. Normalisation happens inside the graph.
-Outputs (ONNX output names; TorchScript returns the same tensors in this order):
-    classify  probs   (B, K) float32 softmax probabilities, K = len(classes)
-    segment   logits  (B, K + 1, S, S) float32, channel 0 background, c + 1 category c
-              mask    (B, S, S) uint8 argmax of logits (0 background, c + 1 category c)
-    detect    a list of B dicts (TorchScript only): boxes (N, 4) float32 xyxy in S x S pixels,
-              labels (N,) int64 0..K-1, scores (N,) float32 descending, and for Mask R-CNN masks
-              (N, 1, S, S) float32 probabilities
-Detectors go to TorchScript: torchvision's detectors return per-image lists of dicts of varying
-length, which torch.onnx exports for one fixed batch size at best.
+The graph, its outputs (ONNX output names; TorchScript returns the same tensors in this order),
+the formats it exports to and how parity compares it are the task's (the export face of
+visionflow.tasks.base): classify `probs` (B, K); segment `logits` (B, K + 1, S, S) and `mask`
+(B, S, S); detect a list of B dicts of boxes, labels, scores (+ masks), TorchScript only.
 
 A sidecar `<file>.json` next to the export says all of this for the file at hand (`_describe`),
 with the parity figures (`_self_check`, `check_parity`). docs/export.md has the user's view.
@@ -27,11 +22,10 @@ import math
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionflow.errors import UserError
@@ -40,18 +34,8 @@ from visionflow.io import atomic_path, file_digest, read_json, write_json
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript", "auto")
-TASK_FORMATS = {"classify": ("onnx", "torchscript"), "segment": ("onnx", "torchscript"),
-                "detect": ("torchscript",)}  # first = what "auto" picks
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
 INPUT_NAME = "images"
-OUTPUTS = {
-    "classify": {"probs": "(B, K) float32 softmax probabilities, column k = classes[k]"},
-    "segment": {"logits": "(B, K + 1, S, S) float32 logits; channel 0 background, c + 1 = classes[c]",
-                "mask": "(B, S, S) uint8 argmax of logits: 0 background, c + 1 = classes[c]"},
-    "detect": {"detections": "list of B dicts: boxes (N, 4) float32 xyxy in S x S input pixels, "
-                             "labels (N,) int64 0..K-1 (classes[label]), scores (N,) float32 sorted "
-                             "descending; Mask R-CNN adds masks (N, 1, S, S) float32 probabilities"},
-}
 # Parity passes when max |PyTorch - export| <= TOLERANCE, compared on probabilities (classify;
 # segment: per-pixel softmax of the logits) or on scores and box corners in pixels (detect), and
 # the test metric differs by at most METRIC_TOLERANCE.
@@ -63,74 +47,17 @@ class ExportError(UserError):
     pass
 
 
-# --- the graphs: model + the pre- and post-processing that travel inside the file -------------
+# --- the graph: the task's model + the pre- and post-processing that travel inside the file ---
 
-class _Normalize(nn.Module):
-    """0..255 RGB (B, 3, S, S) -> (x / 255 - mean) / std, as the eval transform's A.Normalize."""
+def _task(name: str):
+    from visionflow.tasks import get_task
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-
-class ClassifyGraph(nn.Module):
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.normalize, self.model = _Normalize(mean, std), model
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model(self.normalize(images)).softmax(dim=1)  # (B, K)
-
-
-class SegmentGraph(nn.Module):
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.normalize, self.model = _Normalize(mean, std), model
-
-    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
-        logits = self.model(self.normalize(images))  # (B, K + 1, S, S)
-        return logits, logits.argmax(dim=1).to(torch.uint8)
-
-
-class DetectGraph(nn.Module):
-    """A torchvision detector on a (B, 3, S, S) 0..255 batch; label 0 (background, which
-    RetinaNet, FCOS and SSD can emit) dropped, labels shifted to 0..K-1, sorted by score."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> List[Dict[str, Tensor]]:
-        batch = [im / 255.0 for im in images.unbind(0)]  # the detector normalises inside
-        if torch.jit.is_scripting():
-            outputs = self.model(batch)[1]  # scripted detectors return (losses, detections)
-        else:
-            outputs = self.model(batch)
-        result: List[Dict[str, Tensor]] = []
-        for o in outputs:
-            keep = torch.nonzero(o["labels"] > 0).flatten()
-            order = keep[torch.argsort(o["scores"][keep], descending=True)]
-            d = {"boxes": o["boxes"][order], "labels": o["labels"][order] - 1, "scores": o["scores"][order]}
-            if "masks" in o:
-                d["masks"] = o["masks"][order]
-            result.append(d)
-        return result
+    return get_task(name)
 
 
 def build_graph(predictor) -> nn.Module:
     """The exported module of a loaded model folder (visionflow.tasks.ModelPredictor), eval mode."""
-    meta, model = predictor.meta, predictor.model.cpu().eval()
-    task = meta["task"]
-    if task == "detect":
-        return DetectGraph(model).eval()
-    from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
-
-    mean, std = meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD)
-    return (ClassifyGraph if task == "classify" else SegmentGraph)(model, mean, std).eval()
+    return predictor.task.export_graph(predictor.model.cpu().eval(), predictor.meta)
 
 
 # --- the input contract ------------------------------------------------------------------
@@ -179,7 +106,7 @@ def load_model_folder(model_dir: str | Path):
 def resolve_format(task: str, fmt: str) -> str:
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    allowed = TASK_FORMATS[task]
+    allowed = _task(task).export_formats
     if fmt == "auto":
         return allowed[0]
     if fmt not in allowed:
@@ -206,6 +133,7 @@ class ExportedModel:
 
     def __init__(self, path: str | Path, task: str, fmt: str):
         self.path, self.task, self.fmt = Path(path), task, fmt
+        self.contract = _task(task)
         if fmt == "onnx":
             import onnxruntime as ort
 
@@ -225,7 +153,7 @@ class ExportedModel:
             return dict(zip(self.names, self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images)})))
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="RCNN always returns")  # torchvision, on every call
-            return outputs_to_numpy(self.task, self.module(torch.from_numpy(np.ascontiguousarray(images))))
+            return self.contract.outputs_to_numpy(self.module(torch.from_numpy(np.ascontiguousarray(images))))
 
 
 def load_exported(path: str | Path, task: Optional[str] = None) -> ExportedModel:
@@ -241,19 +169,10 @@ def load_exported(path: str | Path, task: Optional[str] = None) -> ExportedModel
     return ExportedModel(path, task, info.get("format", "onnx" if path.suffix == ".onnx" else "torchscript"))
 
 
-def outputs_to_numpy(task: str, out: Any) -> dict[str, Any]:
-    """A graph's eager / TorchScript output -> the ExportedModel layout."""
-    if task == "classify":
-        return {"probs": out.cpu().numpy()}
-    if task == "segment":
-        return {"logits": out[0].cpu().numpy(), "mask": out[1].cpu().numpy()}
-    return {"detections": [{k: v.cpu().numpy() for k, v in d.items()} for d in out]}
-
-
 # --- export --------------------------------------------------------------------------------
 
 def _write_onnx(graph: nn.Module, example: Tensor, path: Path, task: str) -> None:
-    names = list(OUTPUTS[task])
+    names = list(_task(task).export_outputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's warnings on torchvision internals are not ours
         program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=names,
@@ -271,47 +190,23 @@ def _write_torchscript(graph: nn.Module, example: Tensor, path: Path, task: str)
 _WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript}
 
 
-def max_output_diff(task: str, ref: dict[str, Any], got: dict[str, Any]) -> tuple[float, int]:
-    """(max |ref - got| of probabilities or detections (see TOLERANCE), images whose detection
-    count differs)."""
-    if task == "classify":
-        return float(np.abs(ref["probs"].astype(np.float64) - got["probs"]).max(initial=0.0)), 0
-    if task == "segment":
-        a, b = (torch.from_numpy(x["logits"]).double().softmax(dim=1) for x in (ref, got))
-        return float((a - b).abs().max()) if a.numel() else 0.0, 0
-    diff, mismatched = 0.0, 0
-    for a, b in zip(ref["detections"], got["detections"], strict=True):
-        if len(a["scores"]) != len(b["scores"]):
-            mismatched += 1
-            continue
-        oa, ob = _canonical(a), _canonical(b)  # equal scores may come in either order
-        for k in ("boxes", "scores"):
-            diff = max(diff, float(np.abs(a[k][oa].astype(np.float64) - b[k][ob]).max(initial=0.0)))
-    return diff, mismatched
-
-
-def _canonical(d: dict[str, np.ndarray]) -> np.ndarray:
-    """Order of detections by score (descending), then box corners."""
-    boxes = d["boxes"].reshape(-1, 4)
-    return np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], -d["scores"]))
-
-
 def _self_check(graph: nn.Module, exported: ExportedModel, task: str, size: int) -> dict[str, Any]:
     """Run the exported file at batch 1 and 3 on synthetic images against the eager graph."""
+    contract = _task(task)
     diff, mismatched = 0.0, 0
     for seed, batch in enumerate(SELF_CHECK_BATCHES):
         x = _synthetic(batch, size, seed + 1)
         with torch.no_grad():
-            ref = outputs_to_numpy(task, graph(torch.from_numpy(x)))
+            ref = contract.outputs_to_numpy(graph(torch.from_numpy(x)))
         got = exported(x)
-        n = len(got["detections"]) if task == "detect" else len(next(iter(got.values())))
+        n = len(next(iter(got.values())))  # first output: (B, ...) array or list of B
         if n != batch:
             raise ExportError(f"exported {exported.fmt} graph answered {n} results for a batch of {batch}")
-        d, m = max_output_diff(task, ref, got)
+        d, m = contract.output_diff(ref, got)
         diff, mismatched = max(diff, d), mismatched + m
     return {"inputs": f"synthetic noise images, batches of {' and '.join(map(str, SELF_CHECK_BATCHES))}",
             "reference": "the same graph run eagerly in PyTorch", "max_abs_diff": diff,
-            **({"mismatched_images": mismatched} if task == "detect" else {})}
+            **({"mismatched_images": mismatched} if contract.parity_counts_mismatches else {})}
 
 
 def _versions(fmt: str) -> dict[str, str]:
@@ -336,15 +231,11 @@ def _opset(path: Path) -> Optional[int]:
 
 def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> dict[str, Any]:
     """The sidecar's fixed part: what the file is, its input contract and outputs."""
-    from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
     from visionflow.tasks import MODEL_FILE
 
     task, size = meta["task"], int(meta["image_size"])
-    if task == "detect":
-        norm = {"normalization": "inside the graph: x / 255, then the detector's own transform"}
-    else:
-        norm = {"normalization": "inside the graph: (x / 255 - mean) / std",
-                "mean": list(meta.get("mean", IMAGENET_MEAN)), "std": list(meta.get("std", IMAGENET_STD))}
+    contract = _task(task)
+    norm = contract.input_normalization(meta)
     return {
         "format": fmt, "file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path),
         "task": task, "arch": meta.get("arch"), "classes": list(meta["classes"]),
@@ -353,7 +244,7 @@ def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> di
                   "layout": "NCHW, RGB channel order", "range": "0..255 (uint8 pixel values as float)",
                   "resize": f"bilinear to {size} x {size}, aspect ratio not kept (cv2.INTER_LINEAR)",
                   **norm, "dynamic_axes": {"0": "batch"}},
-        "outputs": [{"name": k, "meaning": v} for k, v in OUTPUTS[task].items()],
+        "outputs": [{"name": k, "meaning": v} for k, v in contract.export_outputs.items()],
         "opset": _opset(path) if fmt == "onnx" else None,
         "versions": _versions(fmt),
         "source": {"model_dir": str(model_dir), "model_sha256": file_digest(model_dir / MODEL_FILE)},
@@ -376,7 +267,7 @@ def _export(predictor, model_dir: Path, fmt: str, out: Path,
             raise
         except Exception as exc:  # the exporters and runtimes raise many types; all mean "no file"
             first = (str(exc).strip().splitlines() or [""])[0][:300]
-            other = [f for f in TASK_FORMATS[task] if f != fmt]
+            other = [f for f in _task(task).export_formats if f != fmt]
             hint = f"; try --format {other[0]}" if other else ""
             raise ExportError(f"{model_dir}: {fmt} export of {meta.get('arch')} failed "
                               f"({type(exc).__name__}: {first}){hint}") from exc
@@ -413,52 +304,6 @@ def _check_suffix(out: Path, fmt: str) -> None:
 
 # --- parity on labelled samples ------------------------------------------------------------
 
-def exported_predictions(task: str, outputs: dict[str, Any], sizes: Sequence[tuple[int, int]],
-                         image_size: int) -> list[dict[str, Any]]:
-    """ExportedModel outputs -> the task contract's predictions (tasks.base) at each image's
-    (H, W): what a deployment does after the graph."""
-    if task == "classify":
-        return [{"label": int(p.argmax()), "probs": p} for p in outputs["probs"]]
-    if task == "segment":
-        return [{"mask": _upsampled_mask(torch.from_numpy(lg), hw)} for lg, hw in zip(outputs["logits"], sizes)]
-    from visionflow.tasks.detect import to_prediction
-
-    preds = []
-    for d, hw in zip(outputs["detections"], sizes):
-        o = {k: torch.from_numpy(v) for k, v in d.items()}
-        o["labels"] = o["labels"] + 1  # to_prediction takes the detectors' 1..K labels
-        preds.append(to_prediction(o, hw, (image_size, image_size)))
-    return preds
-
-
-def _upsampled_mask(logits: Tensor, hw: tuple[int, int]) -> np.ndarray:
-    """(K + 1, S, S) logits -> (H, W) uint8 class values, as SegmentTask.predict (bilinear, argmax)."""
-    full = F.interpolate(logits.float()[None], size=tuple(hw), mode="bilinear", align_corners=False)
-    return full[0].argmax(0).to(torch.uint8).numpy()
-
-
-def _reference(predictor, images: list[np.ndarray]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """PyTorch outputs (ExportedModel layout) and predictions through the model folder's own
-    eval transform and task code."""
-    task = predictor.meta["task"]
-    if task == "segment":  # logits too, which SegmentTask.predict does not return
-        batch = np.stack([predictor.transform(image=im)["image"].transpose(2, 0, 1) for im in images])
-        with torch.no_grad():
-            logits = predictor.model(torch.from_numpy(batch)).float()
-        preds = [{"mask": _upsampled_mask(lg, im.shape[:2])} for lg, im in zip(logits, images)]
-        return {"logits": logits.numpy()}, preds
-    preds = predictor.predict(images, batch_size=max(1, len(images)))
-    if task == "classify":
-        return {"probs": np.asarray([p["probs"] for p in preds], dtype=np.float32)}, preds
-    return _detections_of(preds), preds
-
-
-def _detections_of(preds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Predictions -> the boxes and scores max_output_diff compares (input-image pixels)."""
-    return {"detections": [{"boxes": np.asarray(p["boxes"], np.float32).reshape(-1, 4),
-                            "scores": np.asarray(p["scores"], np.float32)} for p in preds]}
-
-
 def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root: Path, tolerance: float,
             metric_tolerance: float, batch_size: int) -> dict[str, Any]:
     from visionflow.formats.images import load_rgb
@@ -470,17 +315,20 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
     _check_samples(task, samples)
     # Both sides scored by the task's own test metric: the evaluate stage's and the gate's numbers.
     categories = [Category(i, name) for i, name in enumerate(meta["classes"])]
-    torch_score, export_score = predictor.task.test_metric(categories), predictor.task.test_metric(categories)
-    diff, mismatched, agree = 0.0, 0, 0
+    contract = predictor.task
+    torch_score, export_score = contract.test_metric(categories), contract.test_metric(categories)
+    diff, mismatched, agree = 0.0, 0, None
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         images = [load_rgb(s.image_path(project_root)) for s in chunk]
-        ref_out, ref = _reference(predictor, images)
+        ref_out, ref = contract.reference_outputs(predictor, images)
         out = exported(preprocess(images, size))
-        got = exported_predictions(task, out, [im.shape[:2] for im in images], size)
-        d, m = max_output_diff(task, ref_out, _detections_of(got) if task == "detect" else out)
+        got = contract.exported_predictions(out, [im.shape[:2] for im in images], size)
+        d, m = contract.output_diff(ref_out, contract.parity_view(out, got))
         diff, mismatched = max(diff, d), mismatched + m
-        agree += sum(int(a["label"] == b["label"]) for a, b in zip(ref, got)) if task == "classify" else 0
+        agreed = contract.agreement(ref, got)
+        if agreed is not None:
+            agree = (agree or 0) + agreed
         torch_score.process(chunk, ref)
         export_score.process(chunk, got)
     ref_score, got_score = torch_score.compute(), export_score.compute()
@@ -490,9 +338,9 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
     result = {"n": len(samples), "max_abs_diff": diff, "tolerance": tolerance, "metric": ref_score.name,
               "metric_torch": metric_torch, "metric_export": metric_export, "metric_tolerance": metric_tolerance,
               "within_tolerance": bool(diff <= tolerance and same_metric and mismatched == 0)}
-    if task == "classify":
+    if agree is not None:
         result["agreement"] = agree / len(samples)
-    if task == "detect":
+    if contract.parity_counts_mismatches:
         result["mismatched_images"] = mismatched
     return result
 
@@ -500,12 +348,9 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
 def _check_samples(task: str, samples: Sequence) -> None:
     if not samples:
         raise UserError("parity check: no labelled samples given (pass the test split's samples)")
-    if task == "classify":
-        from visionflow.manifest import image_label
-
-        unlabelled = [s.id for s in samples if image_label(s) is None]
-        if unlabelled:
-            raise UserError(f"parity check: {len(unlabelled)} samples have no class, e.g. {unlabelled[:3]}")
+    unlabelled = _task(task).unlabelled(samples)
+    if unlabelled:
+        raise UserError(f"parity check: {len(unlabelled)} samples have no label to score, e.g. {unlabelled[:3]}")
 
 
 def check_parity(model_dir: str | Path, exported_path: str | Path, samples: Sequence, project_root: str | Path = ".",

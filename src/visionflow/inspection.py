@@ -63,7 +63,7 @@ def _relative_box(box, w: float, h: float) -> list[float]:
     return [x1 / w, y1 / h, (x2 - x1) / w, (y2 - y1) / h]
 
 
-def _box_crop(full: "np.ndarray", box) -> "np.ndarray":
+def _box_crop(full, box):
     """A full-image boolean mask -> the part inside the box (FiftyOne's instance-mask layout)."""
     import numpy as np
 
@@ -128,18 +128,26 @@ def segmentation_prediction(pred: dict[str, Any], sample: Sample, names: list[st
 GroundTruthFn = Callable[[Sample, list[str]], dict[str, Any]]
 PredictionFn = Callable[[dict[str, Any], Sample, list[str]], dict[str, Any]]
 
+# By FiftyOne label kind (Task.fiftyone_label); "detections" with instance masks is its own kind
+# here because the ground truth then carries masks too.
 GROUND_TRUTH: dict[str, tuple[GroundTruthFn, ...]] = {
-    "classify": (classification_ground_truth, detection_ground_truth),
-    "detect": (lambda s, names: detection_ground_truth(s, names, "ground_truth"),),
-    "detect_masks": (lambda s, names: detection_ground_truth(s, names, "ground_truth", masks=True),),
-    "segment": (semantic_ground_truth,),
+    "classification": (classification_ground_truth, detection_ground_truth),
+    "detections": (lambda s, names: detection_ground_truth(s, names, "ground_truth"),),
+    "detections_masks": (lambda s, names: detection_ground_truth(s, names, "ground_truth", masks=True),),
+    "segmentation": (semantic_ground_truth,),
 }
 PREDICTIONS: dict[str, PredictionFn] = {
-    "classify": lambda pred, s, names: classification_prediction(pred, names),
-    "detect": detection_prediction,
-    "detect_masks": detection_prediction,
-    "segment": segmentation_prediction,
+    "classification": lambda pred, s, names: classification_prediction(pred, names),
+    "detections": detection_prediction,
+    "detections_masks": detection_prediction,
+    "segmentation": segmentation_prediction,
 }
+
+
+def label_kind(task: str) -> str:
+    from visionflow.tasks import get_task
+
+    return get_task(task).fiftyone_label
 
 
 def build_dataset(
@@ -149,7 +157,7 @@ def build_dataset(
     predictions: dict[str, dict[str, Any]],
     project_root: Path,
     split: str,
-    task: str = "classify",
+    task: str,
     iou_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """(Re)create the persistent FiftyOne dataset `name` from the samples of one split.
@@ -165,7 +173,9 @@ def build_dataset(
         raise DataError(first.image_path(project_root), f"image not found ({len(missing)} of {len(samples)} missing)",
                         record=first.id, hint="re-run ingest, or check the source image root in params.yaml")
 
-    kind = "detect_masks" if task == "detect" and any("masks" in p for p in predictions.values()) else task
+    kind = label_kind(task)
+    if kind == "detections" and any("masks" in p for p in predictions.values()):
+        kind = "detections_masks"
     gt_builders, pred_builder = GROUND_TRUTH[kind], PREDICTIONS[kind]
     fo_samples = []
     for s in samples:
@@ -183,18 +193,18 @@ def build_dataset(
 
     dataset = fo.Dataset(name, persistent=True, overwrite=True)
     dataset.default_classes = names
-    if task == "segment":  # mask value -> class name, so the App shows names
+    if kind == "segmentation":  # mask value -> class name, so the App shows names
         dataset.default_mask_targets = {0: "background", **{k + 1: n for k, n in enumerate(names)}}
     dataset.info = {"split": split, "task": task, "categories": names}
     dataset.add_samples(fo_samples, progress=False)  # one call; FiftyOne batches the inserts
-    _show_masks(dataset, task)
+    _show_masks(dataset, kind)
     dataset.save()
 
     summary = {"dataset": name, "task": task, "samples": len(dataset), "with_predictions": 0, "accuracy": None}
-    if task == "classify":
+    if kind == "classification":
         summary.update(_evaluate_classifications(dataset, names))
-    elif task == "detect":
-        summary.update(_evaluate_detections(dataset, names, iou_threshold, use_masks=kind == "detect_masks"))
+    elif kind.startswith("detections"):
+        summary.update(_evaluate_detections(dataset, names, iou_threshold, use_masks=kind == "detections_masks"))
     else:
         summary.update(_evaluate_segmentations(dataset, dataset.default_mask_targets))
     log.info("FiftyOne dataset %r: %d samples, %d with predictions", name, summary["samples"],
@@ -234,11 +244,11 @@ def _evaluate_detections(dataset: "fo.Dataset", names: list[str], iou: float, us
 CLASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
 
-def _show_masks(dataset: "fo.Dataset", task: str) -> None:
+def _show_masks(dataset: "fo.Dataset", kind: str) -> None:
     """The App starts with dense label fields (masks) unticked; ours are small, so the grid
     opens with the segment masks drawn, as it does with boxes, coloured by class (the default
     colours by field, which paints every class alike). Untick one field to compare the other."""
-    if task == "segment":
+    if kind == "segmentation":
         dataset.app_config.active_fields = fo.ActiveFields(
             paths=[f for f in ("ground_truth", "predictions") if dataset.has_field(f)])
         targets = sorted(k for k in (dataset.default_mask_targets or {}) if k)  # 0 (background) stays clear
@@ -266,11 +276,12 @@ def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], ta
     a `predictions` field: Classification, Detections (score >= min_score) or Segmentation."""
     from PIL import Image
 
+    kind = label_kind(task)
     samples = []
     for path, rec in records:
-        if task == "classify":
+        if kind == "classification":
             label = fo.Classification(label=rec["name"], confidence=rec["confidence"])
-        elif task == "detect":
+        elif kind == "detections":
             with Image.open(path) as im:  # header only: boxes are made relative to the image size
                 w, h = im.size
             keep = {k: [v for v, sc in zip(rec[k], rec["scores"]) if sc >= min_score]
@@ -282,11 +293,11 @@ def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], ta
         samples.append(fo.Sample(filepath=str(Path(path).resolve()), predictions=label))
     dataset = fo.Dataset(name, persistent=True, overwrite=True)
     dataset.default_classes = classes
-    if task == "segment":
+    if kind == "segmentation":
         dataset.default_mask_targets = {0: "background", **{k + 1: n for k, n in enumerate(classes)}}
     dataset.info = {"task": task, "categories": classes, "made_by": "visionflow predict"}
     dataset.add_samples(samples, progress=False)
-    _show_masks(dataset, task)
+    _show_masks(dataset, kind)
     dataset.save()
     return {"dataset": name, "samples": len(dataset)}
 

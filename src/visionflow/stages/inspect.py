@@ -17,24 +17,11 @@ from visionflow.io import write_json
 from visionflow.manifest import read_categories, read_manifest, samples_in_split
 from visionflow.paths import Paths
 
-# Keys every record of the evaluate stage's predictions JSONL has, per task.
-PREDICTION_KEYS = {
-    "classify": ("id", "label", "confidence"),  # + name, probs [K], true
-    "detect": ("id", "boxes", "labels", "scores"),  # xyxy absolute pixels; + masks [RLE] (Mask R-CNN)
-    "segment": ("id", "mask"),  # PNG path relative to the JSONL's folder
-}
+def read_predictions(path: Path, num_classes: int, task: str) -> dict[str, dict[str, Any]]:
+    """Predictions JSONL of the evaluate stage -> {sample id: record} (keys: the task's jsonl_keys)."""
+    from visionflow.tasks import get_task
 
-
-def _labels_of(rec: dict[str, Any], task: str) -> list[int]:
-    if task == "classify":
-        return [int(rec["label"])]
-    if task == "detect":
-        return [int(v) for v in rec["labels"]]
-    return []
-
-
-def read_predictions(path: Path, num_classes: int, task: str = "classify") -> dict[str, dict[str, Any]]:
-    """Predictions JSONL of the evaluate stage -> {sample id: record} (keys: PREDICTION_KEYS)."""
+    contract = get_task(task)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: predictions not found; run the evaluate stage first "
@@ -49,20 +36,19 @@ def read_predictions(path: Path, num_classes: int, task: str = "classify") -> di
             except json.JSONDecodeError as exc:
                 raise DataError(path, f"not JSON ({exc})", record=f"line {lineno}",
                                 hint="re-run the evaluate stage") from exc
-            missing = [k for k in PREDICTION_KEYS[task] if k not in rec]
+            missing = [k for k in contract.jsonl_keys if k not in rec]
             if missing:
                 raise DataError(path, f"missing keys {missing}", record=f"line {lineno}",
                                 hint="re-run the evaluate stage")
-            bad = [v for v in _labels_of(rec, task) if not 0 <= v < num_classes]
+            bad = [v for v in contract.predicted_labels(rec) if not 0 <= v < num_classes]
             if bad:
                 raise DataError(path, f"label {bad[0]} outside the {num_classes} categories",
                                 record=f"line {lineno}", hint="predictions and categories.json disagree; "
                                 "re-run train and evaluate")
-            if task == "segment":
-                rec["mask_path"] = (path.parent / rec["mask"]).resolve()
-                if not rec["mask_path"].is_file():
-                    raise DataError(path, f"predicted mask {rec['mask_path']} not found", record=f"line {lineno}",
-                                    hint="re-run the evaluate stage")
+            try:
+                contract.resolve_record(rec, path.parent)
+            except FileNotFoundError as exc:
+                raise DataError(path, str(exc), record=f"line {lineno}", hint="re-run the evaluate stage") from None
             preds[rec["id"]] = rec
     return preds
 
@@ -72,8 +58,10 @@ def inspect(params: InspectParams, paths: Paths) -> dict[str, Any]:
     categories = read_categories(paths.categories)
     split_samples = samples_in_split(samples, paths.split_file, params.split)
     predictions = read_predictions(paths.predictions, len(categories), paths.task)
-    if paths.task == "detect":  # the App shows what a user would act on; COCO AP used them all
-        predictions = {k: _above(v, params.min_confidence) for k, v in predictions.items()}
+    from visionflow.tasks import get_task
+
+    contract = get_task(paths.task)
+    predictions = {k: contract.shown_record(v, params.min_confidence) for k, v in predictions.items()}
 
     from visionflow.inspection import OPEN_COMMAND, build_dataset  # imports fiftyone
 
@@ -89,12 +77,3 @@ def inspect(params: InspectParams, paths: Paths) -> dict[str, Any]:
     })
     write_json(paths.inspection, summary)
     return summary
-
-
-def _above(rec: dict[str, Any], threshold: float) -> dict[str, Any]:
-    keep = [j for j, sc in enumerate(rec["scores"]) if sc >= threshold]
-    out = dict(rec)
-    for k in ("boxes", "labels", "scores", "masks"):
-        if k in rec:
-            out[k] = [rec[k][j] for j in keep]
-    return out

@@ -67,6 +67,26 @@ class TestMetric(Protocol):
     def compute(self) -> TestScore: ...
 
 
+class Normalize(nn.Module):
+    """0..255 RGB (B, 3, S, S) -> (x / 255 - mean) / std, as the eval transform's A.Normalize:
+    the exported graphs carry their normalisation inside."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def mean_std(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The normalisation a model folder was trained with (ImageNet's when meta.json predates it)."""
+    from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    return list(meta.get("mean", IMAGENET_MEAN)), list(meta.get("std", IMAGENET_STD))
+
+
 def nanmean_rows(x: np.ndarray) -> np.ndarray:
     """Mean over axis 1 ignoring NaN; an all-NaN row (a resample with nothing defined) is NaN."""
     with warnings.catch_warnings():
@@ -94,6 +114,33 @@ class TaskBase:
 
     def served_record(self, record: dict[str, Any]) -> dict[str, Any]:
         return record
+
+    # --- the FiftyOne face (visionflow.inspection renders each label kind) defaults ---
+    def predicted_labels(self, record: dict[str, Any]) -> list[int]:
+        return []
+
+    def resolve_record(self, record: dict[str, Any], folder) -> None:
+        pass
+
+    def shown_record(self, record: dict[str, Any], min_confidence: float) -> dict[str, Any]:
+        return record
+
+    def unlabelled(self, samples: Sequence[Sample]) -> list[str]:
+        """Ids of samples the test metric cannot score (checked before minutes of work)."""
+        return []
+
+    # --- the export face (visionflow.export) defaults ---
+    parity_counts_mismatches = False  # detect: images whose exported detection count differs
+
+    def input_normalization(self, meta: dict[str, Any]) -> dict[str, Any]:
+        mean, std = mean_std(meta)
+        return {"normalization": "inside the graph: (x / 255 - mean) / std", "mean": mean, "std": std}
+
+    def parity_view(self, outputs: dict[str, Any], predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        return outputs
+
+    def agreement(self, reference: list[dict[str, Any]], exported: list[dict[str, Any]]) -> Optional[int]:
+        return None
 
 
 class Task(Protocol):
@@ -169,6 +216,52 @@ class Task(Protocol):
 
     def served_record(self, record: dict[str, Any]) -> dict[str, Any]:
         """The record as `visionflow serve` answers it."""
+
+    # The FiftyOne face: which of FiftyOne's label kinds the task's ground truth and predictions
+    # are (visionflow.inspection, the only module that imports fiftyone, renders each kind), and
+    # how the evaluate stage's predictions JSONL reads back.
+    fiftyone_label: str  # "classification" | "detections" | "segmentation"
+    jsonl_keys: tuple[str, ...]  # the keys every predictions_test.jsonl record has
+
+    def predicted_labels(self, record: dict[str, Any]) -> list[int]:
+        """The category ids a JSONL record names (checked against categories.json)."""
+
+    def resolve_record(self, record: dict[str, Any], folder) -> None:
+        """Make a JSONL record's file references absolute (segment: the mask PNG), in place;
+        raise FileNotFoundError for a missing one."""
+
+    def shown_record(self, record: dict[str, Any], min_confidence: float) -> dict[str, Any]:
+        """The record as the App shows it (detect: boxes scoring >= min_confidence)."""
+
+    # The export face (visionflow.export). Every exported graph takes "images" float32
+    # (B, 3, S, S), RGB 0..255, already resized to S x S; normalisation happens inside.
+    export_formats: tuple[str, ...]  # the first is what --format auto picks
+    export_outputs: dict[str, str]  # output name -> meaning (the sidecar and docs say it)
+    parity_counts_mismatches: bool
+
+    def export_graph(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        """The module that is exported: model + pre- and post-processing, eval mode."""
+
+    def input_normalization(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """What the sidecar says of the graph's normalisation."""
+
+    def outputs_to_numpy(self, out: Any) -> dict[str, Any]:
+        """A graph's eager / TorchScript output -> {output name: ndarray} (detect: a list)."""
+
+    def output_diff(self, ref: dict[str, Any], got: dict[str, Any]) -> tuple[float, int]:
+        """(max |ref - got| on the compared quantity, images whose result count differs)."""
+
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
+        """An exported file's outputs -> predictions (as Task.predict) at each image's (H, W)."""
+
+    def reference_outputs(self, predictor, images: list[np.ndarray]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """PyTorch's outputs (the exported layout) and predictions through the model folder."""
+
+    def parity_view(self, outputs: dict[str, Any], predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        """What of an exported file's outputs parity compares with reference_outputs."""
+
+    def agreement(self, reference: list[dict[str, Any]], exported: list[dict[str, Any]]) -> Optional[int]:
+        """How many predictions agree exactly (classify: labels), or None."""
 
 
 class Predictor(Protocol):

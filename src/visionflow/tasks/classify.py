@@ -17,7 +17,7 @@ from visionflow.errors import DataError
 from visionflow.formats.images import load_rgb
 from visionflow.manifest import Category, Sample, image_label
 from visionflow.models import build_classifier
-from visionflow.tasks.base import TaskBase, TestScore
+from visionflow.tasks.base import Normalize, TaskBase, TestScore, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,13 @@ class ClassifyTask(TaskBase):
     def eval_plots(self, p) -> list[Path]:
         return [p.confusion_csv, p.per_class_csv]
 
+    # --- the FiftyOne face ---
+    fiftyone_label = "classification"
+    jsonl_keys = ("id", "label", "confidence")  # + name, probs [K], true
+
+    def predicted_labels(self, record: dict[str, Any]) -> list[int]:
+        return [int(record["label"])]
+
     # --- the deploy face (records) ---
     pyfunc_columns = {"label": "long", "name": "string", "confidence": "double"}
     writes_csv = True
@@ -92,6 +99,29 @@ class ClassifyTask(TaskBase):
     def count(self, record, counts, min_score: float, classes: list[str]) -> None:
         counts[record["name"]] += 1
 
+    # --- the export face ---
+    export_formats = ("onnx", "torchscript")
+    export_outputs = {"probs": "(B, K) float32 softmax probabilities, column k = classes[k]"}
+
+    def export_graph(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        return ProbabilitiesGraph(model, *mean_std(meta)).eval()
+
+    def outputs_to_numpy(self, out: Any) -> dict[str, Any]:
+        return {"probs": out.cpu().numpy()}
+
+    def output_diff(self, ref: dict[str, Any], got: dict[str, Any]) -> tuple[float, int]:
+        return float(np.abs(ref["probs"].astype(np.float64) - got["probs"]).max(initial=0.0)), 0
+
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
+        return [{"label": int(p.argmax()), "probs": p} for p in outputs["probs"]]
+
+    def reference_outputs(self, predictor, images: list[np.ndarray]):
+        preds = predictor.predict(images, batch_size=max(1, len(images)))
+        return {"probs": np.asarray([p["probs"] for p in preds], dtype=np.float32)}, preds
+
+    def agreement(self, reference: list[dict[str, Any]], exported: list[dict[str, Any]]) -> int:
+        return sum(int(a["label"] == b["label"]) for a, b in zip(reference, exported))
+
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
         return [(p.confusion_csv, {"template": "confusion", "x": "actual", "y": "predicted"})]
 
@@ -104,6 +134,9 @@ class ClassifyTask(TaskBase):
                   "test_macro_f1": ev["macro_f1"]}
         values.update({f"test_f1_{name}": stats["f1"] for name, stats in ev.get("per_class", {}).items()})
         return values
+
+    def unlabelled(self, samples: Sequence[Sample]) -> list[str]:
+        return [s.id for s in samples if image_label(s) is None]
 
     def test_metric(self, categories: Sequence[Category], settings: Any = None) -> ClassifyMetric:
         return ClassifyMetric(categories, getattr(settings, "top_k", 1))
@@ -218,3 +251,14 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
+
+
+class ProbabilitiesGraph(nn.Module):
+    """The exported classifier: 0..255 images -> (B, K) softmax probabilities."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.normalize, self.model = Normalize(mean, std), model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(images)).softmax(dim=1)  # (B, K)

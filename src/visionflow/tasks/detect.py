@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -131,6 +131,19 @@ class DetectTask(TaskBase):
     def eval_plots(self, p) -> list[Path]:
         return [p.pr_curve_csv, p.per_class_csv]
 
+    # --- the FiftyOne face ---
+    fiftyone_label = "detections"
+    jsonl_keys = ("id", "boxes", "labels", "scores")  # xyxy absolute pixels; + masks [RLE] (Mask R-CNN)
+
+    def predicted_labels(self, record: dict[str, Any]) -> list[int]:
+        return [int(v) for v in record["labels"]]
+
+    def shown_record(self, record: dict[str, Any], min_confidence: float) -> dict[str, Any]:
+        """The App shows what a user would act on; COCO AP used them all."""
+        keep = [j for j, sc in enumerate(record["scores"]) if sc >= min_confidence]
+        return {**record, **{k: [record[k][j] for j in keep] for k in ("boxes", "labels", "scores", "masks")
+                             if k in record}}
+
     # --- the deploy face (records): boxes xyxy in the input's pixels, names beside labels ---
     pyfunc_columns = {"boxes": "string", "labels": "string", "names": "string", "scores": "string", "masks": "string"}
     count_unit = "detections"
@@ -166,6 +179,50 @@ class DetectTask(TaskBase):
 
     def count(self, record, counts, min_score: float, classes: list[str]) -> None:
         counts.update(n for n, sc in zip(record["names"], record["scores"]) if sc >= min_score)
+
+    # --- the export face: TorchScript only (torchvision's detectors return per-image lists of
+    # varying length, which torch.onnx exports for one fixed batch size at best) ---
+    export_formats = ("torchscript",)
+    export_outputs = {"detections": "list of B dicts: boxes (N, 4) float32 xyxy in S x S input pixels, "
+                                    "labels (N,) int64 0..K-1 (classes[label]), scores (N,) float32 sorted "
+                                    "descending; Mask R-CNN adds masks (N, 1, S, S) float32 probabilities"}
+    parity_counts_mismatches = True
+
+    def export_graph(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        return DetectionsGraph(model).eval()
+
+    def input_normalization(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {"normalization": "inside the graph: x / 255, then the detector's own transform"}
+
+    def outputs_to_numpy(self, out: Any) -> dict[str, Any]:
+        return {"detections": [{k: v.cpu().numpy() for k, v in d.items()} for d in out]}
+
+    def output_diff(self, ref: dict[str, Any], got: dict[str, Any]) -> tuple[float, int]:
+        """Scores and box corners (pixels) of images with as many detections on both sides."""
+        diff, mismatched = 0.0, 0
+        for a, b in zip(ref["detections"], got["detections"], strict=True):
+            if len(a["scores"]) != len(b["scores"]):
+                mismatched += 1
+                continue
+            oa, ob = _canonical(a), _canonical(b)  # equal scores may come in either order
+            for k in ("boxes", "scores"):
+                diff = max(diff, float(np.abs(a[k][oa].astype(np.float64) - b[k][ob]).max(initial=0.0)))
+        return diff, mismatched
+
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
+        preds = []
+        for d, hw in zip(outputs["detections"], sizes):
+            o = {k: torch.from_numpy(v) for k, v in d.items()}
+            o["labels"] = o["labels"] + 1  # to_prediction takes the detectors' 1..K labels
+            preds.append(to_prediction(o, hw, (image_size, image_size)))
+        return preds
+
+    def reference_outputs(self, predictor, images: list[np.ndarray]):
+        preds = predictor.predict(images, batch_size=max(1, len(images)))
+        return _detections_of(preds), preds
+
+    def parity_view(self, outputs: dict[str, Any], predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        return _detections_of(predictions)  # in input-image pixels, as the reference
 
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
         return [(p.pr_curve_csv, {"template": "linear", "x": "recall", "y": "precision"}),
@@ -365,3 +422,40 @@ def coco_ground_truth(sizes: list[tuple[int, int]], annotations: list[dict], det
     return {"images": [{"id": n + 1, "height": int(h), "width": int(w)} for n, (h, w) in enumerate(sizes)],
             "annotations": [{**a, "id": n + 1} for n, a in enumerate(annotations)],
             "categories": [{"id": c, "name": str(c)} for c in categories]}
+
+
+def _detections_of(preds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Predictions -> the boxes and scores that export parity compares (input-image pixels)."""
+    return {"detections": [{"boxes": np.asarray(p["boxes"], np.float32).reshape(-1, 4),
+                            "scores": np.asarray(p["scores"], np.float32)} for p in preds]}
+
+
+def _canonical(d: dict[str, np.ndarray]) -> np.ndarray:
+    """Order of detections by score (descending), then box corners."""
+    boxes = d["boxes"].reshape(-1, 4)
+    return np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], -d["scores"]))
+
+
+class DetectionsGraph(nn.Module):
+    """A torchvision detector on a (B, 3, S, S) 0..255 batch; label 0 (background, which
+    RetinaNet, FCOS and SSD can emit) dropped, labels shifted to 0..K-1, sorted by score."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+        batch = [im / 255.0 for im in images.unbind(0)]  # the detector normalises inside
+        if torch.jit.is_scripting():
+            outputs = self.model(batch)[1]  # scripted detectors return (losses, detections)
+        else:
+            outputs = self.model(batch)
+        result: List[Dict[str, torch.Tensor]] = []
+        for o in outputs:
+            keep = torch.nonzero(o["labels"] > 0).flatten()
+            order = keep[torch.argsort(o["scores"][keep], descending=True)]
+            d = {"boxes": o["boxes"][order], "labels": o["labels"][order] - 1, "scores": o["scores"][order]}
+            if "masks" in o:
+                d["masks"] = o["masks"][order]
+            result.append(d)
+        return result

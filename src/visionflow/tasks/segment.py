@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from visionflow.formats.images import load_rgb
 from visionflow.formats.masks import semantic_mask
 from visionflow.manifest import Category, Sample
 from visionflow.segmentation_models import build_segmenter
-from visionflow.tasks.base import IGNORE_INDEX, TaskBase, TestScore, nanmean_rows
+from visionflow.tasks.base import IGNORE_INDEX, Normalize, TaskBase, TestScore, mean_std, nanmean_rows
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,15 @@ class SegmentTask(TaskBase):
     def eval_plots(self, p) -> list[Path]:
         return [p.per_class_csv]  # per-class IoU (the pixel confusion matrix is a figure)
 
+    # --- the FiftyOne face ---
+    fiftyone_label = "segmentation"
+    jsonl_keys = ("id", "mask")  # PNG path relative to the JSONL's folder
+
+    def resolve_record(self, record: dict[str, Any], folder) -> None:
+        record["mask_path"] = (Path(folder) / record["mask"]).resolve()
+        if not record["mask_path"].is_file():
+            raise FileNotFoundError(f"predicted mask {record['mask_path']} not found")
+
     # --- the deploy face (records): the mask at the input's size, 0 background, c + 1 class c ---
     pyfunc_columns = {"mask_png": "string", "classes_present": "string"}
     count_unit = "images with"
@@ -150,6 +159,32 @@ class SegmentTask(TaskBase):
         mask = rec["mask"]
         return {"mask_png": rec.get("mask_png") or encode_image(mask), "classes_present": _present(mask),
                 "height": int(mask.shape[0]), "width": int(mask.shape[1])}
+
+    # --- the export face ---
+    export_formats = ("onnx", "torchscript")
+    export_outputs = {"logits": "(B, K + 1, S, S) float32 logits; channel 0 background, c + 1 = classes[c]",
+                      "mask": "(B, S, S) uint8 argmax of logits: 0 background, c + 1 = classes[c]"}
+
+    def export_graph(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        return LogitsMaskGraph(model, *mean_std(meta)).eval()
+
+    def outputs_to_numpy(self, out: Any) -> dict[str, Any]:
+        return {"logits": out[0].cpu().numpy(), "mask": out[1].cpu().numpy()}
+
+    def output_diff(self, ref: dict[str, Any], got: dict[str, Any]) -> tuple[float, int]:
+        """Compared on per-pixel softmax probabilities of the logits."""
+        a, b = (torch.from_numpy(x["logits"]).double().softmax(dim=1) for x in (ref, got))
+        return (float((a - b).abs().max()) if a.numel() else 0.0), 0
+
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
+        return [{"mask": upsampled_mask(torch.from_numpy(lg), hw)} for lg, hw in zip(outputs["logits"], sizes)]
+
+    def reference_outputs(self, predictor, images: list[np.ndarray]):
+        # logits too, which predict does not return; the masks as predict makes them
+        batch = np.stack([predictor.transform(image=im)["image"].transpose(2, 0, 1) for im in images])
+        with torch.no_grad():
+            logits = predictor.model(torch.from_numpy(batch)).float()  # (B, K + 1, S, S)
+        return {"logits": logits.numpy()}, [{"mask": upsampled_mask(lg, im.shape[:2])} for lg, im in zip(logits, images)]
 
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
         return [(p.per_class_csv, {"template": "bar_horizontal", "x": "iou", "y": "class"})]
@@ -263,11 +298,8 @@ class SegmentTask(TaskBase):
     def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
         batch = np.stack([transform(image=im)["image"].transpose(2, 0, 1) for im in images])  # (B, 3, S, S)
         logits = model(torch.from_numpy(batch).to(device)).float()  # (B, K + 1, S, S)
-        out = []
-        for im, lg in zip(images, logits):  # one at a time: full-size logits of a big image are large
-            full = F.interpolate(lg[None], size=im.shape[:2], mode="bilinear", align_corners=False)
-            out.append({"mask": full[0].argmax(0).to(torch.uint8).cpu().numpy()})  # (H, W)
-        return out
+        # one at a time: full-size logits of a big image are large
+        return [{"mask": upsampled_mask(lg, im.shape[:2])} for im, lg in zip(images, logits)]
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -291,3 +323,21 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 
         return logits.sum() * 0.0
     dice = (2 * inter + smooth) / (denom + smooth)
     return 1.0 - dice[present].mean()
+
+
+def upsampled_mask(logits: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
+    """(K + 1, S, S) logits -> (H, W) uint8 class values: bilinear to the image's size, argmax."""
+    full = F.interpolate(logits.float()[None], size=tuple(hw), mode="bilinear", align_corners=False)
+    return full[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+class LogitsMaskGraph(nn.Module):
+    """The exported segmenter: 0..255 images -> (logits (B, K + 1, S, S), mask (B, S, S) uint8)."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.normalize, self.model = Normalize(mean, std), model
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(self.normalize(images))  # (B, K + 1, S, S)
+        return logits, logits.argmax(dim=1).to(torch.uint8)
