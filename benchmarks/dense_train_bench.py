@@ -1,7 +1,7 @@
 """Dense-task training throughput on a CUDA GPU: AMP against fp32, channels_last against not.
 
 For Faster R-CNN R50-FPN v2 (detect) and DeepLabV3-R50 (segment) at 512 px, it times the
-engine's own training step (visionflow.engine.train_one_epoch: autocast, GradScaler,
+engine's own training step (visionflow.training.engine.train_one_epoch: autocast, GradScaler,
 gradient clipping, AdamW, the LR schedule) on synthetic batches held in GPU memory, so the
 figure is the model's step rate, not the data loader's. Four variants per model, in the same
 run: fp32, fp32 + channels_last, AMP, AMP + channels_last. Printed and written as JSON:
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from visionflow.config import ModelParams, TrainParams
-from visionflow.engine import FitConfig, build_optimizer, build_scheduler, train_one_epoch
+from visionflow.core.config import ModelParams, TrainParams
+from visionflow.training.engine import FitConfig, build_optimizer, build_scheduler, train_one_epoch
 from visionflow.tasks import get_task
 
 MODELS = {"detect": "fasterrcnn_resnet50_fpn_v2", "segment": "deeplabv3_resnet50"}

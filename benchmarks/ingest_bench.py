@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from visionflow.config import IngestParams, SourceParams
-from visionflow.paths import Paths
+from visionflow.core.config import IngestParams, SourceParams
+from visionflow.core.paths import Paths
 from visionflow.stages.ingest import ingest
 
 SIZE = 64

@@ -2,7 +2,7 @@
 
 It starts `visionflow serve --model MODEL` (a subprocess in its own process group, on a free
 port), waits for /health, loads the same MODEL in this process through the loader the server
-uses (`visionflow.predict.load_batch_model`), and then, in the same run:
+uses (`visionflow.deploy.predict.load_batch_model`), and then, in the same run:
 
 1. warm-up: every test image once, served and in process (not counted);
 2. paired: `--sequential` rounds of one served request (raw body, image/png or image/jpeg) and
@@ -56,7 +56,7 @@ REQUEST_TIMEOUT_S = 120
 
 def load_images(folder: str | None, n: int, size: int) -> list[tuple[bytes, str]]:
     """(encoded bytes, Content-Type) of up to `n` PNG/JPEG files of `folder` (sorted), or of
-    `n` synthetic shape images (visionflow.data.synth) encoded as PNG."""
+    `n` synthetic shape images (visionflow.datasets.synth) encoded as PNG."""
     if folder:
         files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
         if not files:
@@ -64,7 +64,7 @@ def load_images(folder: str | None, n: int, size: int) -> list[tuple[bytes, str]
         return [(p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()]) for p in files]
     import io
 
-    from visionflow.data.synth import render_image
+    from visionflow.datasets.synth import render_image
 
     out = []
     for i in range(n):
@@ -292,7 +292,7 @@ def print_table(r: dict) -> None:
 def run(args) -> dict:
     import torch
 
-    from visionflow.predict import load_batch_model
+    from visionflow.deploy.predict import load_batch_model
 
     if args.threads:
         torch.set_num_threads(args.threads)  # the same as the server's

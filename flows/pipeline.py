@@ -14,8 +14,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from visionflow.config import load_params
-from visionflow.paths import Paths
+from visionflow.core.config import load_params
+from visionflow.core.paths import Paths
 from visionflow.stages import pipeline_stages
 
 

@@ -2,8 +2,8 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from visionflow.augment import PRESETS, build_eval_transform, build_train_transform
-from visionflow.errors import UserError
+from visionflow.training.augment import PRESETS, build_eval_transform, build_train_transform
+from visionflow.core.errors import UserError
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

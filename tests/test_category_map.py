@@ -7,11 +7,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_ingest import ann, write_source  # noqa: E402
 
-from visionflow.config import IngestParams, SourceParams  # noqa: E402
-from visionflow.errors import DataError  # noqa: E402
-from visionflow.io import read_json  # noqa: E402
+from visionflow.core.config import IngestParams, SourceParams  # noqa: E402
+from visionflow.core.errors import DataError  # noqa: E402
+from visionflow.core.files import read_json  # noqa: E402
 from visionflow.manifest import read_categories, read_manifest  # noqa: E402
-from visionflow.paths import Paths  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.stages.ingest import ingest  # noqa: E402
 
 

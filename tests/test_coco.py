@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 import visionflow.formats.coco as coco_module
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import COMMON_POLICIES, READERS, WRITERS, read_source, write_format
 from visionflow.formats.coco import read_coco, write_coco
-from visionflow.formats.images import ImageReadError, load_rgb, probe_image, sha256_file
+from visionflow.manifest.images import ImageReadError, load_rgb, probe_image, sha256_file
 
 RLE_COMPRESSED = {"size": [64, 64], "counts": "X`0a0o1000000O1"}
 RLE_UNCOMPRESSED = {"size": [48, 64], "counts": [100, 20, 44, 20, 2888]}

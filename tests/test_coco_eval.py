@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.evaluation.coco import STAT_NAMES, evaluate_coco
 
 H, W = 160, 200

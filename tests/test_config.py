@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visionflow.config import ConfigError, Params, TrainParams, has_key, leaf_keys, load_params
-from visionflow.paths import Paths
+from visionflow.core.config import ConfigError, Params, TrainParams, has_key, leaf_keys, load_params
+from visionflow.core.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from project import make_project  # noqa: E402
 
-from visionflow.data.synth import render_dataset  # noqa: E402
+from visionflow.datasets.synth import render_dataset  # noqa: E402
 from visionflow.formats import read_source  # noqa: E402
 from visionflow.manifest import read_manifest, read_split  # noqa: E402
-from visionflow.paths import Paths  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
 
 
 def _cli(*args, cwd):
@@ -36,9 +36,10 @@ def test_ingest_command_builds_the_manifest(ingested):
     assert len(samples) == 10 and all(s.id.startswith("ext/images/") for s in samples)
 
 
-def test_export_round_trip_of_one_split(ingested):
+@pytest.mark.parametrize("command", ["export-annotations", "export"])  # the old name stays an alias
+def test_export_round_trip_of_one_split(ingested, command):
     paths = Paths(ingested)
-    out = _cli("export", "--format", "coco", "--out", "exported", "--split", "test", cwd=ingested)
+    out = _cli(command, "--format", "coco", "--out", "exported", "--split", "test", cwd=ingested)
     assert "losses: none" in out
     test_ids = set(read_split(paths.split_file)["test"])
     before = {s.path: s for s in read_manifest(paths.manifest) if s.id in test_ids}

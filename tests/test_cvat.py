@@ -16,10 +16,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import visionflow.formats.cvat as cvat_module
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import COMMON_POLICIES, ConversionReport
 from visionflow.formats.cvat import READ_POLICIES, WRITE_POLICIES, read_cvat, write_cvat
-from visionflow.formats.images import sha256_file
+from visionflow.manifest.images import sha256_file
 from visionflow.manifest import Category, Instance, Sample
 
 # A 6x4 mask region placed at left=10, top=20 of image id 1 (row-major, as CVAT counts).

@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from project import make_project  # noqa: E402
 
-from visionflow.config import load_params  # noqa: E402
-from visionflow.paths import Paths  # noqa: E402
+from visionflow.core.config import load_params  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.stages import get_stage  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_torchrun_two_gloo_processes_train_one_model(tmp_path):
 def _mean_worker(rank: int, init: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from visionflow.distributed import DistInfo, mean_over_ranks, shutdown
+    from visionflow.training.distributed import DistInfo, mean_over_ranks, shutdown
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     info = DistInfo(rank=rank, world_size=2)
@@ -73,6 +73,6 @@ def test_train_losses_are_averaged_over_the_ranks(tmp_path):
     mp.spawn(_mean_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"train_loss": 2.0, "train_dice": 6.0}
-    from visionflow.distributed import SINGLE, mean_over_ranks
+    from visionflow.training.distributed import SINGLE, mean_over_ranks
 
     assert mean_over_ranks({"train_loss": 1.5}, SINGLE) == {"train_loss": 1.5}  # one process: unchanged

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from visionflow.dedup import UnionFind, find_duplicates, near_pairs, phash
+from visionflow.manifest.dedup import UnionFind, find_duplicates, near_pairs, phash
 from visionflow.manifest import Sample
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from visionflow.config import ARCHS, AugmentParams, ModelParams, TrainParams
-from visionflow.detection_models import FAMILIES, build_detector, is_mask_arch
-from visionflow.errors import UserError
+from visionflow.core.config import ARCHS, AugmentParams, ModelParams, TrainParams
+from visionflow.models.detectors import FAMILIES, build_detector, is_mask_arch
+from visionflow.core.errors import UserError
 from visionflow.evaluation.coco import evaluate_coco
-from visionflow.formats.masks import decode_rle, encode_rle
+from visionflow.manifest.masks import decode_rle, encode_rle
 from visionflow.manifest import Instance, Sample
 from visionflow.tasks.detect import (DetectTask, coco_ground_truth, detection_results, gt_annotations,
                                      has_masks)
@@ -203,9 +203,9 @@ def test_whole_model_weights_from_a_file_round_trip(samples, tmp_path, caplog):
     path = tmp_path / "detector.pt"
     torch.save(trained.state_dict(), path)
 
-    with caplog.at_level(logging.INFO, logger="visionflow.detection_models"):
+    with caplog.at_level(logging.INFO, logger="visionflow.models.detectors"):
         loaded = build_detector(p.model.model_copy(update={"weights": str(path)}), S, 2)
-    [line] = [r.getMessage() for r in caplog.records if r.name == "visionflow.detection_models"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "visionflow.models.detectors"]
     assert str(path) in line
     a, b = _outputs(trained, images[:1]), _outputs(loaded, images[:1])
     assert len(a[0]["boxes"]) > 0
@@ -214,7 +214,7 @@ def test_whole_model_weights_from_a_file_round_trip(samples, tmp_path, caplog):
 
     # Another number of classes (as COCO weights are for 91): all but the class head is loaded.
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="visionflow.detection_models"):
+    with caplog.at_level(logging.INFO, logger="visionflow.models.detectors"):
         wider = build_detector(p.model.model_copy(update={"weights": str(path)}), S, 4)
     assert "class heads re-initialised" in caplog.records[-1].getMessage()
     saved = torch.load(path, weights_only=True)
@@ -227,9 +227,9 @@ def test_whole_model_weights_from_a_file_round_trip(samples, tmp_path, caplog):
 
 def test_pretrained_false_ignores_weights_and_says_so_at_debug_level(caplog):
     p = params(weights="missing.pt", backbone_weights="IMAGENET1K_V1")
-    with caplog.at_level(logging.DEBUG, logger="visionflow.detection_models"):
+    with caplog.at_level(logging.DEBUG, logger="visionflow.models.detectors"):
         task.build_model(p, num_classes=2, pretrained=False)
-    [record] = [r for r in caplog.records if r.name == "visionflow.detection_models"]
+    [record] = [r for r in caplog.records if r.name == "visionflow.models.detectors"]
     # rebuilding a trained model is not "random initialisation": that line would mislead at INFO
     assert "architecture only" in record.getMessage() and record.levelno == logging.DEBUG
 
@@ -249,7 +249,7 @@ def test_backbone_weights_from_a_file_are_loaded(tmp_path, caplog):
     reference = torchvision.models.mobilenet_v2(width_mult=0.5)
     path = tmp_path / "mnv2.pth"
     torch.save(reference.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="visionflow.detection_models"):
+    with caplog.at_level(logging.INFO, logger="visionflow.models.detectors"):
         model = task.build_model(params(backbone_weights=str(path), trainable_backbone_layers=2), num_classes=2)
     assert str(path) in caplog.records[-1].getMessage()
     body = model.backbone.body

@@ -12,8 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from project import REPO, TASKS, make_project  # noqa: E402
 
-from visionflow.config import load_params  # noqa: E402
-from visionflow.paths import Paths  # noqa: E402
+from visionflow.core.config import load_params  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.stages import pipeline_stages  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -56,11 +56,11 @@ def test_dvc_repro_twice(tmp_path):
 
     # Code deps are derived from imports: editing a module that only the segmenter's code
     # imports makes exactly the segment branch stale, nothing else.
-    models = root / "src/visionflow/segmentation_models.py"
+    models = root / "src/visionflow/models/segmenters.py"
     models.write_text(models.read_text() + "\n# edited by the test\n")
     out = subprocess.run([*dvc, "status", "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     stale = json.loads(out.stdout)
     assert set(stale) == {f"{s}-segment" for s in ("train", "evaluate", "register", "inspect", "promote")}, stale
     for stage, changes in stale.items():
-        assert changes == [{"changed deps": {"src/visionflow/segmentation_models.py": "modified"}}], (stage, changes)
+        assert changes == [{"changed deps": {"src/visionflow/models/segmenters.py": "modified"}}], (stage, changes)

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from project import TASKS, make_project  # noqa: E402
 
-from visionflow.paths import Paths  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.stages import pipeline_stages  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def flow_run(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
-    from visionflow.orchestration import run_pipeline
+    from visionflow.integrations.prefect import run_pipeline
 
     root = tmp_path_factory.mktemp("flowproj")
     params_file = make_project(root, name="e2eflow", tasks=TASKS)
@@ -41,7 +41,7 @@ async def _task_run_names():
 
 def test_flow_ran_every_stage_in_dag_order(flow_run):
     _, results, (names, states) = flow_run
-    from visionflow.config import load_params
+    from visionflow.core.config import load_params
 
     root = flow_run[0]
     expected = tuple(s.name for s in pipeline_stages(load_params(root / "params.yaml")))

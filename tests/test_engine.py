@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from visionflow.engine import BEST, LAST, FitConfig, fit, select_device
+from visionflow.training.engine import BEST, LAST, FitConfig, fit, select_device
 from visionflow.tasks.classify import ClassifyTask
 
 
@@ -98,7 +98,7 @@ def test_device_selection():
 def test_amp_code_path_runs_on_the_cpu():
     # The CUDA path autocasts (bf16/fp16); the same function under CPU bf16 autocast must
     # produce finite, decreasing losses so the GPU branch is exercised in CI too.
-    from visionflow.engine import build_scheduler, train_one_epoch
+    from visionflow.training.engine import build_scheduler, train_one_epoch
 
     task = ClassifyTask()
     train, _, gen = _loaders(task)

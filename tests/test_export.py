@@ -15,13 +15,15 @@ import torch
 import yaml
 from PIL import Image
 
-from visionflow import cli, export
-from visionflow.config import AugmentParams, ModelParams, TrainParams
-from visionflow.errors import UserError
-from visionflow.formats.masks import encode_rle
-from visionflow.io import file_digest, write_json
+from visionflow import cli
+from visionflow.deploy import export
+from visionflow.core.config import AugmentParams, ModelParams, TrainParams
+from visionflow.core.errors import UserError
+from visionflow.manifest.masks import encode_rle
+from visionflow.core.files import file_digest, write_json
 from visionflow.manifest import Instance, Sample
-from visionflow.tasks import get_task, load_predictor
+from visionflow.tasks import get_task
+from visionflow.deploy.predictor import load_predictor
 
 CLASSES = ["circle", "square", "triangle"]
 SIZE = 64
@@ -154,7 +156,7 @@ def test_cli_checks_parity_on_the_projects_test_split(classify_onnx, samples, tm
     """With a project (params.yaml, manifest, split, categories), the CLI checks the metric on
     the first --samples test samples and records it in the sidecar."""
     from visionflow.manifest import Category, write_categories, write_manifest, write_split
-    from visionflow.paths import Paths
+    from visionflow.core.paths import Paths
 
     _, model_dir, _ = classify_onnx
     items, _ = samples
@@ -290,7 +292,7 @@ def test_registered_model_uri_exports_its_model_folder(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_register import make_project
 
-    from visionflow.config import RegisterParams
+    from visionflow.core.config import RegisterParams
     from visionflow.stages.register import register
 
     paths = make_project(tmp_path / "project")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.data.fashion_mnist import CLASSES, SOURCE_DIR, read_idx, write_fashion_mnist
-from visionflow.errors import DataError
+from visionflow.datasets.fashion_mnist import CLASSES, SOURCE_DIR, read_idx, write_fashion_mnist
+from visionflow.core.errors import DataError
 from visionflow.formats.imagefolder import read_imagefolder
 
 

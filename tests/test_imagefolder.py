@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import ConversionReport
-from visionflow.formats.images import sha256_file
+from visionflow.manifest.images import sha256_file
 from visionflow.formats.imagefolder import READ_POLICIES, WRITE_POLICIES, read_imagefolder, write_imagefolder
 from visionflow.manifest import Category, Instance, Sample
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visionflow.config import IngestParams, SourceParams
-from visionflow.errors import DataError
-from visionflow.io import read_json
+from visionflow.core.config import IngestParams, SourceParams
+from visionflow.core.errors import DataError
+from visionflow.core.files import read_json
 from visionflow.manifest import read_categories, read_manifest
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 from visionflow.stages.ingest import ingest
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fiftyone as fo  # tests read FiftyOne's database directly; src/ goes through visionflow.inspection
+import fiftyone as fo  # tests read FiftyOne's database directly; src/ goes through visionflow.integrations.fiftyone
 import pytest
 from PIL import Image, ImageDraw
 
-from visionflow.config import InspectParams
-from visionflow.io import read_json
+from visionflow.core.config import InspectParams
+from visionflow.core.files import read_json
 from visionflow.manifest import Category, Instance, Sample, write_categories, write_manifest, write_split
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 from visionflow.stages.inspect import inspect
 
 NAMES = ["circle", "square", "triangle"]
@@ -129,7 +129,7 @@ def test_summary_file_and_rerun_overwrites(built):
     assert len(fo.load_dataset(params.dataset_name)) == len(TEST_IDS)
     assert fo.list_datasets().count(params.dataset_name) == 1
 
-    from visionflow.inspection import dataset_summary
+    from visionflow.integrations.fiftyone import dataset_summary
 
     info = dataset_summary(params.dataset_name)
     assert info["persistent"] and info["samples"] == len(TEST_IDS)
@@ -150,8 +150,8 @@ def test_missing_predictions_names_the_file(built, tmp_path):
 
 
 def test_launch_app_names_missing_dataset():
-    from visionflow.errors import UserError
-    from visionflow.inspection import launch_app
+    from visionflow.core.errors import UserError
+    from visionflow.integrations.fiftyone import launch_app
 
     with pytest.raises(UserError, match=r"visionflow-no-such-dataset.*visionflow stage inspect"):
         launch_app("visionflow-no-such-dataset")

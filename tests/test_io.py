@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from visionflow.io import atomic_path, file_digest, write_dir, write_json, write_text
+from visionflow.core.files import atomic_path, file_digest, write_dir, write_json, write_text
 
 
 def test_atomic_write_replaces_and_keeps_the_umask_mode(tmp_path):

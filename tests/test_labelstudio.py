@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import visionflow.formats.labelstudio as ls_module
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import ConversionReport
 from visionflow.formats.labelstudio import (POLICIES, WRITE_POLICIES, decode_brush_rle, encode_brush_rle,
                                             read_labelstudio, write_labelstudio)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import ConversionReport
-from visionflow.formats.images import sha256_file
+from visionflow.manifest.images import sha256_file
 from visionflow.formats.masks import PALETTE, decode_rle, encode_rle, read_masks, write_masks
 from visionflow.manifest import Category, Instance, Sample
 

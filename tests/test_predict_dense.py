@@ -11,9 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from project import make_project  # noqa: E402
 
-from visionflow.config import load_params  # noqa: E402
-from visionflow.formats.masks import decode_rle  # noqa: E402
-from visionflow.paths import Paths  # noqa: E402
+from visionflow.core.config import load_params  # noqa: E402
+from visionflow.manifest.masks import decode_rle  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.stages import get_stage  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -18,19 +18,20 @@ import torch
 import yaml
 from PIL import Image
 
-from visionflow import cli, tracking
-from visionflow.config import BranchParams, RegisterParams, TrainParams
-from visionflow.errors import UserError
+from visionflow import cli
+from visionflow.integrations import mlflow as tracking
+from visionflow.core.config import BranchParams, RegisterParams, TrainParams
+from visionflow.core.errors import UserError
 from visionflow.evaluation.coco import evaluate_coco, match_table
 from visionflow.evaluation.segmentation import ConfusionAccumulator
-from visionflow.formats.images import load_rgb
-from visionflow.io import file_digest, read_json, write_json
+from visionflow.manifest.images import load_rgb
+from visionflow.core.files import file_digest, read_json, write_json
 from visionflow.manifest import (Category, Sample, read_manifest, samples_in_split, write_categories,
                                  write_manifest, write_split)
-from visionflow.paths import Paths
-from visionflow import promote as promote_module
+from visionflow.core.paths import Paths
+from visionflow.stages import promote as promote_module
 from visionflow.evaluation.coco import weighted_ap
-from visionflow.promote import PromoteParams, bootstrap_diff, confidence_interval, promote, report_path
+from visionflow.stages.promote import PromoteParams, bootstrap_diff, confidence_interval, promote, report_path
 from visionflow.tasks.segment import mean_iou
 from visionflow.stages.register import register
 from visionflow.tasks.classify import ClassifyTask
@@ -83,7 +84,7 @@ def make_project(root: Path) -> tuple[Paths, RegisterParams]:
 
 def fitted_weights(paths: Paths) -> dict[str, dict[str, torch.Tensor]]:
     """{"good": the head fitted to the 12 train images, "bad": its rows rotated} state dicts."""
-    from visionflow.models import build_classifier
+    from visionflow.models.classifiers import build_classifier
 
     torch.manual_seed(0)
     model = build_classifier("resnet18", len(CLASSES), None, "full", 2).eval()
@@ -235,7 +236,7 @@ def test_export_parity_is_a_check_when_required(registry):
     names = aliases(reg, "export", v["good"])
     result = promote(PromoteParams(**names), reg, paths)
     export = result["export"]
-    if importlib.util.find_spec("visionflow.export") is None:  # the gate must work with or without it
+    if importlib.util.find_spec("visionflow.deploy.export") is None:  # the gate must work with or without it
         assert export["status"] == "not available" and not export["passed"]
         assert result["decision"] == "refused" and "export (export parity: not available" in result["reason"]
     else:  # the candidate as exported predicts what PyTorch predicts on the test split
@@ -338,7 +339,7 @@ DENSE = {"detect": {"model": {"arch": "fasterrcnn", "backbone": "mobilenet_v2", 
 
 @pytest.mark.parametrize("task", ["detect", "segment"])
 def test_dense_scorers_give_their_point_estimate_at_unit_weights(task, tmp_path):
-    from visionflow.data.synth import render_dataset
+    from visionflow.datasets.synth import render_dataset
     from visionflow.formats.coco import read_coco
     from visionflow.tasks import get_task
 

@@ -20,11 +20,11 @@ import torch
 from mlflow.tracking import MlflowClient  # tests read the registry directly; src/ goes through tracking
 from PIL import Image
 
-from visionflow.config import EvaluateParams, ModelParams, RegisterParams, TrainParams
-from visionflow.io import read_json
+from visionflow.core.config import EvaluateParams, ModelParams, RegisterParams, TrainParams
+from visionflow.core.files import read_json
 from visionflow.manifest import Category, Instance, Sample, write_categories, write_manifest, write_split
-from visionflow.paths import Paths
-from visionflow.promote import PromoteParams, promote
+from visionflow.core.paths import Paths
+from visionflow.stages.promote import PromoteParams, promote
 from visionflow.stages.evaluate import evaluate
 from visionflow.stages.register import register
 from visionflow.stages.train import train

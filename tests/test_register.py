@@ -29,14 +29,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from visionflow import tracking
-from visionflow.config import RegisterParams, TrainParams
-from visionflow.errors import UserError
-from visionflow.io import read_json, write_json
-from visionflow.paths import Paths
-from visionflow.pyfunc_model import decode_image, encode_image
+from visionflow.integrations import mlflow as tracking
+from visionflow.core.config import RegisterParams, TrainParams
+from visionflow.core.errors import UserError
+from visionflow.core.files import read_json, write_json
+from visionflow.core.paths import Paths
+from visionflow.deploy.pyfunc import decode_image, encode_image
 from visionflow.stages.register import file_md5, provenance_tags, register
-from visionflow.tasks import load_predictor
+from visionflow.deploy.predictor import load_predictor
 
 CLASSES = ["circle", "square", "triangle"]
 EPOCHS = 2

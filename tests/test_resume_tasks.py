@@ -13,9 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from project import make_project  # noqa: E402
 
-import visionflow.engine as engine  # noqa: E402
-from visionflow.config import load_params  # noqa: E402
-from visionflow.paths import Paths  # noqa: E402
+import visionflow.training.engine as engine  # noqa: E402
+from visionflow.core.config import load_params  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.stages import get_stage  # noqa: E402
 
 EPOCHS = 2

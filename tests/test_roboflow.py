@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import read_source
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visionflow.orchestration import build_deployment, load_flow
+from visionflow.integrations.prefect import build_deployment, load_flow
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,17 +12,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from visionflow.config import ARCHS, AugmentParams, ModelParams, TrainParams
-from visionflow.errors import DataError, UserError
-from visionflow.formats.masks import encode_rle, semantic_mask
+from visionflow.core.config import ARCHS, AugmentParams, ModelParams, TrainParams
+from visionflow.core.errors import DataError, UserError
+from visionflow.manifest.masks import encode_rle, semantic_mask
 from visionflow.manifest import Instance, Sample
-from visionflow.models import torch_cache_dir
-from visionflow.segmentation_models import build_segmenter
-from visionflow.tasks import META_FILE, MODEL_FILE, get_task, load_predictor
+from visionflow.models.classifiers import torch_cache_dir
+from visionflow.models.segmenters import build_segmenter
+from visionflow.tasks import get_task
+from visionflow.deploy.predictor import META_FILE, MODEL_FILE, load_predictor
 from visionflow.tasks.segment import SegmentTask, soft_dice_loss
 
 K = 3  # categories; models predict K + 1 channels
-LOGGER = "visionflow.segmentation_models"
+LOGGER = "visionflow.models.segmenters"
 
 
 @pytest.fixture(autouse=True)

@@ -28,8 +28,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from visionflow.io import write_json
-from visionflow.tasks import load_predictor
+from visionflow.core.files import write_json
+from visionflow.deploy.predictor import load_predictor
 
 CLASSES = ["circle", "square", "triangle"]
 MAX_BODY = 1024 * 1024  # --max-body-mb 1
@@ -285,8 +285,8 @@ def test_registered_model_is_served_by_alias(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_register import make_project  # a plain function: the project register needs
 
-    from visionflow.config import RegisterParams
-    from visionflow.serve import Limits, build_app, load_served_model
+    from visionflow.core.config import RegisterParams
+    from visionflow.deploy.serve import Limits, build_app, load_served_model
     from visionflow.stages.register import register
 
     paths = make_project(tmp_path / "project")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from visionflow.config import SplitParams
-from visionflow.dedup import DuplicatePair
-from visionflow.errors import DataError
-from visionflow.io import read_json
+from visionflow.core.config import SplitParams
+from visionflow.manifest.dedup import DuplicatePair
+from visionflow.core.errors import DataError
+from visionflow.core.files import read_json
 from visionflow.manifest import (SPLITS, Category, Instance, Sample, image_label, read_split, write_categories,
                                  write_manifest)
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 from visionflow.stages.split import assign_splits, check_leakage, split
 
 NAMES = ["circle", "square", "triangle", "rare"]

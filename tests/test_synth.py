@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.config import SynthParams
-from visionflow.data.synth import CATEGORIES, render_dataset
-from visionflow.paths import Paths
+from visionflow.core.config import SynthParams
+from visionflow.datasets.synth import CATEGORIES, render_dataset
+from visionflow.core.paths import Paths
 from visionflow.stages.synth import synth
 
 N, SIZE = 18, 64
@@ -195,7 +195,7 @@ def test_failed_render_keeps_previous_output(tmp_path: Path, monkeypatch: pytest
     render_dataset(out, n=3, size=SIZE, seed=0)
     before = _digests(out)
 
-    import visionflow.data.synth as synth_mod
+    import visionflow.datasets.synth as synth_mod
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats.coco import read_coco, write_coco
-from visionflow.formats.images import ImageReadError, load_rgb, probe_image, raw_to_displayed
+from visionflow.manifest.images import ImageReadError, load_rgb, probe_image, raw_to_displayed
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CATS = [{"id": 1, "name": "thing"}]

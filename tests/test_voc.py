@@ -10,9 +10,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import visionflow.formats.voc as voc_module
-from visionflow.errors import DataError
+from visionflow.manifest.masks import PALETTE, instance_mask
+from visionflow.core.errors import DataError
 from visionflow.formats import COMMON_POLICIES, ConversionReport
-from visionflow.formats.images import sha256_file
+from visionflow.manifest.images import sha256_file
 from visionflow.formats.voc import read_voc, write_voc
 from visionflow.manifest import Category, Instance, Sample
 
@@ -99,7 +100,7 @@ def object_png() -> np.ndarray:
 def save_palette(path: Path, idx: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(idx, mode="P")
-    img.putpalette(voc_module._palette())
+    img.putpalette(PALETTE)
     img.save(path)
 
 
@@ -451,7 +452,7 @@ def test_split_line_without_annotation_is_counted(tmp_path):
 
 def test_writer_decodes_uncompressed_rle_and_refuses_unknown_category(tmp_path):
     rle = {"size": [48, 64], "counts": [100, 20, 44, 20, 2888]}
-    mask = voc_module._decode(Instance(bbox=[0, 0, 1, 1], category_id=0, rle=rle), 48, 64)
+    mask = instance_mask(Instance(bbox=[0, 0, 1, 1], category_id=0, rle=rle), 48, 64, "uncompressed")  # what the writer decodes with
     assert (mask == mask_utils.decode(mask_utils.frPyObjects(rle, 48, 64)).astype(bool)).all() and mask.sum() == 40
     samples, cats = manifest_samples(tmp_path)
     with pytest.raises(ValueError, match="coco/a.png object #2: category id 1"):

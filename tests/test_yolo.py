@@ -10,9 +10,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import visionflow.formats.yolo as yolo_module
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import ConversionReport
-from visionflow.formats.images import sha256_file
+from visionflow.manifest.images import sha256_file
 from visionflow.formats.yolo import READ_POLICIES, label_relpath, merge_rings, output_relpath, read_yolo, write_yolo
 from visionflow.manifest import Category, Instance, Sample
 

@@ -1,11 +1,11 @@
 """One rank of gpu_bench.py's DDP figure, started by `torchrun --standalone --nproc-per-node N`.
 
-Trains a randomly initialised classifier with visionflow.engine.fit on a manifest of JPEGs,
+Trains a randomly initialised classifier with visionflow.training.engine.fit on a manifest of JPEGs,
 with the train stage's data path: the classify task's dataset, training transform and collate,
 a DistributedSampler and a DataLoader with `--workers` workers. Rank 0 writes the per-epoch
 images/s (the epoch's images over all ranks / the epoch's training seconds) to `--out`.
 
-The process group is NCCL on CUDA and gloo on the CPU. visionflow.distributed.init_from_env
+The process group is NCCL on CUDA and gloo on the CPU. visionflow.training.distributed.init_from_env
 treats WORLD_SIZE 1 as a plain single process (no process group, no DDP wrapper), so with one
 process this script joins the group itself and wraps the model in DistributedDataParallel
 before fit (which then sees a single rank and does not wrap it again): the run still goes
@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from visionflow.config import ModelParams, TrainParams
-from visionflow.distributed import DistInfo, init_from_env, shutdown
-from visionflow.engine import FitConfig, fit, select_device
+from visionflow.core.config import ModelParams, TrainParams
+from visionflow.training.distributed import DistInfo, init_from_env, shutdown
+from visionflow.training.engine import FitConfig, fit, select_device
 from visionflow.manifest import image_label, read_manifest
 from visionflow.tasks import get_task
 

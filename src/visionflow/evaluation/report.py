@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from visionflow.io import atomic_path, write_with
+from visionflow.core.files import atomic_path, write_with
 
 
 def grid_pick(n: int, k: int) -> set[int]:

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Optional, Protocol
 
-from visionflow.errors import DataError
-from visionflow.formats.images import ImageReadError, probe_image, sha256_file
+from visionflow.core.errors import DataError
+from visionflow.manifest.images import ImageReadError, probe_image, sha256_file
 from visionflow.manifest import Category, Sample
 
 MAX_EXAMPLES = 5

@@ -65,11 +65,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, copy_image, load_json, probe, safe_relpath)
-from visionflow.formats.images import (FRAME_POLICIES, coords_absurd, exif_orientation, raw_to_displayed)
-from visionflow.io import write_json
+from visionflow.manifest.images import (FRAME_POLICIES, coords_absurd, exif_orientation, raw_to_displayed)
+from visionflow.core.files import write_json
 from visionflow.manifest import SPLIT_FOLDERS, Category, Instance, Sample
 
 ANNOTATION_FILE = "annotations.json"

@@ -96,11 +96,12 @@ from typing import Any, Iterable, Optional
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, probe, safe_relpath)
-from visionflow.io import atomic_path
+from visionflow.core.files import atomic_path
 from visionflow.manifest import Category, Instance, Sample
+from visionflow.manifest.masks import decode_rle
 
 ANNOTATION_FILE = "annotations.xml"
 IMAGES_DIR = "images"
@@ -535,7 +536,8 @@ def _box_shape(box: list[float], head: dict[str, str]) -> ET.Element:
 
 
 def _mask_shape(inst: Instance, head: dict[str, str], report: ConversionReport, where: str) -> list[ET.Element]:
-    mask = _decode_rle(inst.rle)  # (h, w) uint8
+    h, w = inst.rle["size"]
+    mask = decode_rle(inst.rle, h, w, where).astype(np.uint8)  # (h, w)
     ys, xs = np.nonzero(mask)
     if not len(xs):
         report.add("mask_empty", where)
@@ -547,14 +549,6 @@ def _mask_shape(inst: Instance, head: dict[str, str], report: ConversionReport, 
     runs = ([0] if flat[0] else []) + np.diff(bounds).tolist()  # CVAT starts with a background run
     return [ET.Element("mask", {**head, "rle": ", ".join(map(str, runs)), "left": str(x0), "top": str(y0),
                                 "width": str(x1 - x0), "height": str(y1 - y0)})]
-
-
-def _decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    h, w = rle["size"]
-    counts = rle["counts"]
-    coco = mask_utils.frPyObjects(rle, h, w) if isinstance(counts, list) else \
-        {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return np.asarray(mask_utils.decode(coco), dtype=np.uint8)
 
 
 def _check_box(box: list[float], extent: list[float], report: ConversionReport, where: str) -> None:

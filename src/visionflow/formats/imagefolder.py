@@ -50,9 +50,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import COMMON_POLICIES, copy_file, ConversionReport, FormatResult, check_inside, probe
-from visionflow.io import write_text
+from visionflow.core.files import write_text
 from visionflow.manifest import SPLIT_FOLDERS, Category, Sample, image_label
 
 CLASSES_FILE = "classes.txt"

@@ -74,11 +74,12 @@ from urllib.parse import quote, unquote
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, copy_image, load_json, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, probe, safe_relpath)
-from visionflow.io import write_json
+from visionflow.core.files import write_json
 from visionflow.manifest import Category, Instance, Sample
+from visionflow.manifest.masks import decode_rle
 
 ANNOTATION_FILE = "tasks.json"
 CONFIG_FILE = "label_config.xml"
@@ -476,7 +477,7 @@ def _regions(inst: Instance, s: Sample, name: str, report: ConversionReport, whe
         report.add("attributes_dropped", f"{where}: {sorted(inst.attributes)}")
     px, py = 100.0 / s.width, 100.0 / s.height
     if inst.rle is not None:
-        mask = _decode_coco_rle(inst.rle, s)  # (H, W) uint8
+        mask = decode_rle(inst.rle, s.height, s.width, f"sample {s.id}").astype(np.uint8)  # (H, W)
         if inst.area is not None and inst.area != float(mask.sum()):
             report.add("area_dropped", f"{where}: area {inst.area} reads back as the mask's {int(mask.sum())}")
         if inst.polygons:
@@ -504,16 +505,6 @@ def _regions(inst: Instance, s: Sample, name: str, report: ConversionReport, whe
     if inst.area is not None and inst.rle is None:
         report.add("area_dropped", where)
     return regions
-
-
-def _decode_coco_rle(rle: dict, s: Sample) -> np.ndarray:
-    h, w = rle["size"]
-    if (h, w) != (s.height, s.width):
-        raise ValueError(f"sample {s.id}: RLE size {h}x{w} is not the image's {s.height}x{s.width}")
-    counts = rle["counts"]
-    coded = {"size": [h, w], "counts": counts.encode("ascii")} if isinstance(counts, str) \
-        else mask_utils.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)
-    return mask_utils.decode(coded)
 
 
 def _label_config(names: list[str]) -> str:

@@ -59,15 +59,15 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import yaml
 from PIL import Image
-from pycocotools import mask as mask_util
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clip_box, copy_image,
                                 probe, safe_relpath)
-from visionflow.io import write_json, write_text, write_with
+from visionflow.core.files import write_json, write_text, write_with
 from visionflow.manifest import Category, Instance, Sample
+from visionflow.manifest.masks import (IGNORE, PALETTE, decode_rle, encode_rle, instance_mask,  # noqa: F401
+                                       paint, semantic_mask)
 
-IGNORE = 255
 IMAGES_DIR, MASKS_DIR = "images", "masks"
 CLASS_FILES = ("classes.txt", "classes.json", "classes.yaml", "classes.yml")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -332,23 +332,6 @@ def _instances(values: np.ndarray, report: ConversionReport, where: str) -> tupl
     return instances, ignore
 
 
-def encode_rle(pixels: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a boolean (H, W) mask; counts as str so the manifest stays JSON."""
-    rle = mask_util.encode(np.asfortranarray(pixels.astype(np.uint8)))
-    return {"size": [int(pixels.shape[0]), int(pixels.shape[1])], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_rle(rle: dict[str, Any], height: int, width: int, where: str) -> np.ndarray:
-    if list(rle.get("size", [])) != [height, width]:
-        raise ValueError(f"{where}: RLE size {rle.get('size')} is not the image's [h, w] [{height}, {width}]")
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE
-        coded = mask_util.frPyObjects(rle, height, width)
-    else:
-        coded = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_util.decode(coded).astype(bool)
-
-
 # --- writing ---------------------------------------------------------------------------------
 
 def write_masks(samples: Iterable[Sample], categories: list[Category], out_dir: Path,
@@ -371,7 +354,7 @@ def write_masks(samples: Iterable[Sample], categories: list[Category], out_dir: 
             raise ValueError(f"samples {used[mask_rel]} and {s.id} would share the mask {mask_rel!r}")
         used[mask_rel] = s.id
         _count_sample_losses(s, losses)
-        canvas = _paint(s, ids, background, losses)
+        canvas = paint(s, ids, background, losses)
         if canvas is not None:
             write_with(out_dir / MASKS_DIR / mask_rel, lambda tmp, c=canvas: _palette_png(c).save(tmp, format="PNG"))
         if copy_images:
@@ -413,86 +396,10 @@ def _count_sample_losses(s: Sample, losses: ConversionReport) -> None:
             losses.add("instance_identity_lost", f"{s.id}: {n} instances of category {cid}")
 
 
-def _paint(s: Sample, ids: set[int], background: int, losses: ConversionReport) -> Optional[np.ndarray]:
-    """(H, W) uint8 class values; instances in manifest order (later on top), the ignore region last."""
-    ignore_rle = s.attributes.get("ignore_rle")
-    if not s.instances and ignore_rle is None:
-        return None
-    h, w = s.height, s.width
-    canvas = np.full((h, w), background, dtype=np.uint8)
-    owner = np.full((h, w), -1, dtype=np.int32)  # index of the instance that painted each pixel
-    cats = [inst.category_id for inst in s.instances]
-    flattened: set[int] = set()
-    for i, inst in enumerate(s.instances):
-        where = f"{s.id} instance #{i}"
-        if inst.category_id not in ids:
-            raise ValueError(f"{where}: category id {inst.category_id} is not in the category table")
-        pixels = instance_mask(inst, h, w, where)
-        if pixels is None:
-            losses.add("box_only_dropped", f"{where}: box {inst.bbox}")
-            continue
-        if inst.rle is None:
-            losses.add("polygon_rasterised", where)
-        flattened.update(j for j in np.unique(owner[pixels]).tolist() if j >= 0 and cats[j] != inst.category_id)
-        canvas[pixels], owner[pixels] = inst.category_id, i
-    if ignore_rle is not None:
-        pixels = decode_rle(ignore_rle, h, w, f"{s.id} ignore_rle")
-        flattened.update(j for j in np.unique(owner[pixels]).tolist() if j >= 0)
-        canvas[pixels], owner[pixels] = IGNORE, len(cats)
-    for j in sorted(flattened):
-        losses.add("instance_overlap_flattened", f"{s.id} instance #{j} (category {cats[j]})")
-    if background == IGNORE and (owner < 0).any():
-        losses.add("unlabelled_as_ignore", f"{s.id}: {int((owner < 0).sum())} px")
-    return canvas
-
-
-def semantic_mask(s: Sample) -> np.ndarray:
-    """Training target (H, W) uint8 of a sample: 0 background, c + 1 for category c, IGNORE for
-    Sample.attributes["ignore_rle"]. Painted like the writer: manifest order (later on top), crowd
-    regions as their class, box-only instances skipped, the ignore region last."""
-    bad = sorted({i.category_id for i in s.instances if not 0 <= i.category_id < IGNORE - 1})
-    if bad:
-        raise ValueError(f"{s.id}: category ids {bad} do not fit a uint8 target (0..253, 255 = ignore)")
-    shifted = [Instance(**{**vars(i), "category_id": i.category_id + 1}) for i in s.instances]
-    canvas = _paint(Sample(**{**vars(s), "instances": shifted}), {i.category_id for i in shifted}, 0,
-                    ConversionReport(WRITE_POLICIES))  # the losses a mask file would report do not apply
-    return np.zeros((s.height, s.width), dtype=np.uint8) if canvas is None else canvas
-
-
-def instance_mask(inst: Instance, height: int, width: int, where: str) -> Optional[np.ndarray]:
-    """Boolean (H, W) pixels of an instance's RLE, else of its polygons; None when it has only a box.
-
-    Polygons go through pycocotools, not ImageDraw: the rasterisation COCO tools and evaluation use."""
-    if inst.rle is not None:
-        return decode_rle(inst.rle, height, width, where)
-    if inst.polygons:
-        return mask_util.decode(mask_util.merge(mask_util.frPyObjects(inst.polygons, height, width))).astype(bool)
-    return None
-
-
 def _palette_png(values: np.ndarray) -> Image.Image:
     img = Image.frombytes("P", (values.shape[1], values.shape[0]), values.tobytes())
     img.putpalette(PALETTE)
     return img
-
-
-def _voc_palette() -> list[int]:
-    """Pascal VOC's colour map (bits of the index spread over R, G, B); 255 = VOC's void colour."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette += [r, g, b]
-    palette[3 * IGNORE:] = [224, 224, 192]
-    return palette
-
-
-PALETTE = _voc_palette()
 
 
 def _write_class_table(categories: list[Category], out_dir: Path) -> None:

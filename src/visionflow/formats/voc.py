@@ -63,10 +63,11 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clip_box, probe,
                                 safe_relpath)
 from visionflow.manifest import Category, Instance, Sample
+from visionflow.manifest.masks import IGNORE, PALETTE, encode_rle, instance_mask
 
 VOC_POLICIES: dict[str, str] = {
     "mask_object_unmatched": "pixels of a SegmentationObject index without a matching <object> ignored (background)",
@@ -86,7 +87,6 @@ VOC_LOSSES: dict[str, str] = {
     "path_flattened": "image in a subfolder written as a flat name, '/' -> '__' (VOC names are flat)",
 }
 SPLITS = ("train", "val", "test")
-IGNORE = 255
 LABEL_FILES = ("labelmap.txt", "labels.txt")
 _FLAGS = ("truncated", "difficult", "occluded")
 _OBJECT_KEYS = {"name", "pose", "bndbox", *_FLAGS}
@@ -251,7 +251,7 @@ def _attach_masks(voc_root: Path, path: Path, instances: list[Optional[Instance]
     if index is None:
         return
     if (index == IGNORE).any():
-        attributes["ignore_rle"] = _encode(index == IGNORE)
+        attributes["ignore_rle"] = encode_rle(index == IGNORE)
     if objects is None:
         return
     for k in sorted(set(np.unique(objects).tolist()) - {0, IGNORE}):
@@ -259,7 +259,7 @@ def _attach_masks(voc_root: Path, path: Path, instances: list[Optional[Instance]
             report.add("mask_object_unmatched", f"{path}: SegmentationObject index {k}, "
                                                 f"but the XML has {len(instances)} objects")
         elif instances[k - 1] is not None:  # None: the object's box was dropped (counted there)
-            instances[k - 1].rle = _encode(objects == k)
+            instances[k - 1].rle = encode_rle(objects == k)
 
 
 def _load_png(path: Path, width: int, height: int, report: ConversionReport) -> Optional[np.ndarray]:
@@ -274,11 +274,6 @@ def _load_png(path: Path, width: int, height: int, report: ConversionReport) -> 
         report.add("mask_size_mismatch", f"{path}: {index.shape[1]}x{index.shape[0]}, image is {width}x{height}")
         return None
     return index
-
-
-def _encode(mask: np.ndarray) -> dict[str, Any]:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def _element_value(el: ET.Element) -> Any:
@@ -429,24 +424,10 @@ def _sample_masks(s: Sample, report: ConversionReport) -> Optional[list[Optional
     for k, inst in enumerate(s.instances, 1):
         if inst.polygons:
             report.add("polygons_rasterised", f"{s.id} object #{k}")
-        masks.append(_decode(inst, s.height, s.width))
+        masks.append(instance_mask(inst, s.height, s.width, f"{s.id} instance #{len(masks)}"))
     if all(m is None for m in masks) and "ignore_rle" not in s.attributes:
         return None
     return masks
-
-
-def _decode(inst: Instance, height: int, width: int) -> Optional[np.ndarray]:
-    if inst.rle is not None:
-        rle = dict(inst.rle)
-        if list(rle["size"]) != [height, width]:
-            raise ValueError(f"RLE size {rle['size']} differs from the image {height}x{width}")
-        rle = mask_utils.frPyObjects(rle, height, width) if isinstance(rle["counts"], list) else \
-            {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    elif inst.polygons:
-        rle = mask_utils.merge(mask_utils.frPyObjects([list(r) for r in inst.polygons], height, width))
-    else:
-        return None
-    return mask_utils.decode(rle).astype(bool)
 
 
 def _write_masks(out_dir: Path, stem: str, s: Sample, masks: list[Optional[np.ndarray]],
@@ -466,23 +447,8 @@ def _write_masks(out_dir: Path, stem: str, s: Sample, masks: list[Optional[np.nd
     for folder, index in (("SegmentationObject", objects), ("SegmentationClass", classes)):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
         img = Image.fromarray(index, mode="P")
-        img.putpalette(_palette())
+        img.putpalette(PALETTE)
         img.save(out_dir / folder / f"{stem}.png")
-
-
-def _palette() -> list[int]:
-    """The devkit's colour map (VOClabelcolormap.m): bits of the index spread over R, G, B."""
-    out = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out += [r, g, b]
-    return out
 
 
 def _write_splits(out_dir: Path, splits: dict[str, list[str]]) -> None:
@@ -499,7 +465,7 @@ def _write_splits(out_dir: Path, splits: dict[str, list[str]]) -> None:
 
 def _write_labelmap(out_dir: Path, categories: list[Category]) -> None:
     """CVAT/Datumaro `labelmap.txt`: line index = SegmentationClass index, background first."""
-    pal = _palette()
+    pal = PALETTE
     lines = ["# label:color_rgb:parts:actions"]
     for i, name in enumerate(["background"] + [c.name for c in categories]):
         lines.append(f"{name}:{pal[3 * i]},{pal[3 * i + 1]},{pal[3 * i + 2]}::")

@@ -84,10 +84,10 @@ from typing import Any, Iterable, NamedTuple, Optional
 import numpy as np
 import yaml
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, probe, safe_relpath)
-from visionflow.io import write_text
+from visionflow.core.files import write_text
 from visionflow.manifest import SPLITS, Category, Instance, Sample
 
 YOLO_POLICIES: dict[str, str] = {

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 
 if TYPE_CHECKING:  # keep pydantic off the CLI's start-up path
-    from visionflow.config import Params
+    from visionflow.core.config import Params
 
 PathsFn = Callable[[Paths, "Params"], list[Path]]
 
@@ -93,7 +93,7 @@ class BoundStage:
 
     @property
     def code_roots(self) -> list[str]:
-        """The modules whose import closure is the stage's code (visionflow.codedeps): the stage
+        """The modules whose import closure is the stage's code (visionflow.integrations.codedeps): the stage
         function's module and, on a branch, the task's module (tasks are found by name)."""
         roots = [self.stage.func.partition(":")[0]]
         if self.task:
@@ -200,7 +200,7 @@ STAGES: tuple[Stage, ...] = (
         doc="load the test split with predictions into FiftyOne",
     ),
     Stage(
-        "promote", "visionflow.promote:promote_branch",
+        "promote", "visionflow.stages.promote:promote_branch",
         deps=lambda p, _: [p.registration, p.manifest, p.split_file, p.categories],
         uncached=lambda p, _: [p.promotion],
         branch=True, sections=("promote", "register"),

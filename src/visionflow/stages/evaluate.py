@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from visionflow.config import EvaluateParams
+from visionflow.core.config import EvaluateParams
 from visionflow.manifest import read_categories, read_manifest, samples_in_split
-from visionflow.paths import Paths
-from visionflow.tasks import load_predictor
+from visionflow.core.paths import Paths
+from visionflow.deploy.predictor import load_predictor
 
 
 def evaluate(params: EvaluateParams, paths: Paths) -> dict[str, Any]:

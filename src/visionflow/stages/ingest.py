@@ -14,12 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import IngestParams, SourceParams
-from visionflow.errors import DataError
+from visionflow.core.config import IngestParams, SourceParams
+from visionflow.core.errors import DataError
 from visionflow.formats import ConversionReport, FormatResult, read_source
-from visionflow.io import atomic_path, write_json
+from visionflow.core.files import atomic_path, write_json
 from visionflow.manifest import Category, Sample, write_categories, write_manifest
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 
 log = logging.getLogger(__name__)
 

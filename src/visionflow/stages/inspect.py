@@ -3,7 +3,7 @@
 Inputs: the manifest and category table (ingest), the split assignment (split) and the
 test predictions (evaluate). Output: a persistent FiftyOne dataset named
 `inspect.dataset_name` and a JSON summary at `paths.inspection`. FiftyOne itself is only
-touched through visionflow.inspection.
+touched through visionflow.integrations.fiftyone.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import InspectParams, dataset_name
-from visionflow.errors import DataError
-from visionflow.io import write_json
+from visionflow.core.config import InspectParams, dataset_name
+from visionflow.core.errors import DataError
+from visionflow.core.files import write_json
 from visionflow.manifest import read_categories, read_manifest, samples_in_split
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 
 def read_predictions(path: Path, num_classes: int, task: str) -> dict[str, dict[str, Any]]:
     """Predictions JSONL of the evaluate stage -> {sample id: record} (keys: the task's jsonl_keys)."""
@@ -63,7 +63,7 @@ def inspect(params: InspectParams, paths: Paths) -> dict[str, Any]:
     contract = get_task(paths.task)
     predictions = {k: contract.shown_record(v, params.min_confidence) for k, v in predictions.items()}
 
-    from visionflow.inspection import OPEN_COMMAND, build_dataset  # imports fiftyone
+    from visionflow.integrations.fiftyone import OPEN_COMMAND, build_dataset  # imports fiftyone
 
     name = dataset_name(paths.task, params)
     summary = build_dataset(name, split_samples, categories, predictions, project_root=paths.root,

@@ -1,7 +1,7 @@
 """Register stage: log the trained model's run to MLflow and register it with an alias.
 
 Provenance tags (git commit, data hashes) are computed here; everything MLflow is in
-visionflow.tracking. The result is also written to `paths.registration`.
+visionflow.integrations.mlflow. The result is also written to `paths.registration`.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
-from visionflow.config import RegisterParams, model_name
-from visionflow.errors import UserError
-from visionflow.io import file_digest, write_json
-from visionflow.paths import Paths
+from visionflow.core.config import RegisterParams, model_name
+from visionflow.core.errors import UserError
+from visionflow.core.files import file_digest, write_json
+from visionflow.core.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def provenance_tags(paths: Paths) -> dict[str, str]:
 
 def register(params: RegisterParams, paths: Paths) -> dict[str, Any]:
     check_inputs(paths)
-    from visionflow import tracking  # mlflow is slow to import; only when the stage runs
+    from visionflow.integrations import mlflow as tracking  # mlflow is slow to import; only when the stage runs
 
     params = params.model_copy(update={"model_name": model_name(paths.task, params)})
     result = tracking.log_and_register(params, paths, provenance_tags(paths))

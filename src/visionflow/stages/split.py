@@ -5,7 +5,7 @@ duplicate images, so frames of one clip, images of one patient and copies of one
 never leak from train into test. The group key is `Sample.group` (default the sample id), or,
 with `split.group_by`, `{regex: ...}` on `Sample.path` (first capture group, else the whole
 match) or `{attribute: name}` from `Sample.attributes`. Duplicates: equal sha256 always, and
-perceptual-hash neighbours within `split.near_duplicate_threshold` bits (visionflow.dedup).
+perceptual-hash neighbours within `split.near_duplicate_threshold` bits (visionflow.manifest.dedup).
 
 Samples whose split is fixed (`split.from_file`, else `Sample.attributes["split"]` with
 `split.keep_existing`) keep it; an unfixed sample of a unit with fixed members follows them.
@@ -46,12 +46,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from visionflow.config import SplitParams
-from visionflow.dedup import DuplicatePair, Duplicates, UnionFind, find_duplicates
-from visionflow.errors import DataError
-from visionflow.io import atomic_path, write_json
+from visionflow.core.config import SplitParams
+from visionflow.manifest.dedup import DuplicatePair, Duplicates, UnionFind, find_duplicates
+from visionflow.core.errors import DataError
+from visionflow.core.files import atomic_path, write_json
 from visionflow.manifest import SPLITS, Sample, image_label, read_categories, read_manifest, write_split
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 
 log = logging.getLogger(__name__)
 UNLABELLED = "(unlabelled)"

@@ -1,9 +1,9 @@
 """Stage `synth`: render the built-in shapes dataset into data/shapes (COCO annotations)."""
 from __future__ import annotations
 
-from visionflow.config import SynthParams
-from visionflow.data.synth import render_dataset
-from visionflow.paths import Paths
+from visionflow.core.config import SynthParams
+from visionflow.datasets.synth import render_dataset
+from visionflow.core.paths import Paths
 
 
 def synth(params: SynthParams, paths: Paths) -> dict[str, int]:

@@ -11,14 +11,15 @@ import albumentations as A
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
-from visionflow.config import TrainParams
-from visionflow.distributed import gather_digests, init_from_env, shutdown
-from visionflow.engine import FitConfig, fit, select_device, seed_everything, write_history_csv
-from visionflow.io import write_dir, write_json
+from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD
+from visionflow.core.config import TrainParams
+from visionflow.training.distributed import gather_digests, init_from_env, shutdown
+from visionflow.training.engine import FitConfig, fit, select_device, seed_everything, write_history_csv
+from visionflow.core.files import write_dir, write_json
 from visionflow.manifest import read_categories, read_manifest, read_split
-from visionflow.paths import Paths
-from visionflow.tasks import AUGMENT_FILE, META_FILE, MODEL_FILE, get_task
+from visionflow.core.paths import Paths
+from visionflow.tasks import get_task
+from visionflow.deploy.predictor import AUGMENT_FILE, META_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 

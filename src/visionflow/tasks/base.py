@@ -1,5 +1,5 @@
 """The task contract: classify, detect and segment each provide these pieces and the one
-engine (visionflow.engine) trains and evaluates them all.
+engine (visionflow.training.engine) trains and evaluates them all.
 
 Data crossing the boundary (category ids index `categories.json`, 0..K-1):
     images   Tensor (B, 3, H, W) float on the engine's device: normalised for classify and
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.config import TrainParams
+from visionflow.core.config import TrainParams
 from visionflow.manifest import Category, Sample
 
 IGNORE_INDEX = 255  # segment targets: pixels that count for neither loss nor metrics
@@ -82,7 +82,7 @@ class Normalize(nn.Module):
 
 def mean_std(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
     """The normalisation a model folder was trained with (ImageNet's when meta.json predates it)."""
-    from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
+    from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD
 
     return list(meta.get("mean", IMAGENET_MEAN)), list(meta.get("std", IMAGENET_STD))
 
@@ -115,7 +115,7 @@ class TaskBase:
     def served_record(self, record: dict[str, Any]) -> dict[str, Any]:
         return record
 
-    # --- the FiftyOne face (visionflow.inspection renders each label kind) defaults ---
+    # --- the FiftyOne face (visionflow.integrations.fiftyone renders each label kind) defaults ---
     def predicted_labels(self, record: dict[str, Any]) -> list[int]:
         return []
 
@@ -129,7 +129,7 @@ class TaskBase:
         """Ids of samples the test metric cannot score (checked before minutes of work)."""
         return []
 
-    # --- the export face (visionflow.export) defaults ---
+    # --- the export face (visionflow.deploy.export) defaults ---
     parity_counts_mismatches = False  # detect: images whose exported detection count differs
 
     def input_normalization(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +218,7 @@ class Task(Protocol):
         """The record as `visionflow serve` answers it."""
 
     # The FiftyOne face: which of FiftyOne's label kinds the task's ground truth and predictions
-    # are (visionflow.inspection, the only module that imports fiftyone, renders each kind), and
+    # are (visionflow.integrations.fiftyone, the only module that imports fiftyone, renders each kind), and
     # how the evaluate stage's predictions JSONL reads back.
     fiftyone_label: str  # "classification" | "detections" | "segmentation"
     jsonl_keys: tuple[str, ...]  # the keys every predictions_test.jsonl record has
@@ -233,7 +233,7 @@ class Task(Protocol):
     def shown_record(self, record: dict[str, Any], min_confidence: float) -> dict[str, Any]:
         """The record as the App shows it (detect: boxes scoring >= min_confidence)."""
 
-    # The export face (visionflow.export). Every exported graph takes "images" float32
+    # The export face (visionflow.deploy.export). Every exported graph takes "images" float32
     # (B, 3, S, S), RGB 0..255, already resized to S x S; normalisation happens inside.
     export_formats: tuple[str, ...]  # the first is what --format auto picks
     export_outputs: dict[str, str]  # output name -> meaning (the sidecar and docs say it)

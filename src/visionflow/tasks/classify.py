@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.augment import build_eval_transform, build_train_transform
-from visionflow.config import TrainParams
-from visionflow.errors import DataError
-from visionflow.formats.images import load_rgb
+from visionflow.training.augment import build_eval_transform, build_train_transform
+from visionflow.core.config import TrainParams
+from visionflow.core.errors import DataError
+from visionflow.manifest.images import load_rgb
 from visionflow.manifest import Category, Sample, image_label
-from visionflow.models import build_classifier
+from visionflow.models.classifiers import build_classifier
 from visionflow.tasks.base import Normalize, TaskBase, TestScore, mean_std
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class ClassifyTask(TaskBase):
         confusion matrix; one prediction per test image; the DVC confusion plot; figures."""
         from visionflow.evaluation import figures
         from visionflow.evaluation.report import write_csv, write_jsonl
-        from visionflow.io import write_dir, write_json
+        from visionflow.core.files import write_dir, write_json
 
         classes = predictor.meta["classes"]
         preds: list[dict[str, Any]] = []

@@ -1,7 +1,7 @@
 """Object detection and instance segmentation (Faster/Mask R-CNN, RetinaNet, FCOS, SSDlite).
 
 Data: every image is resized to S x S (S = image_size) with its boxes by the Albumentations
-pipeline; the model's own transform then only normalises (see visionflow.detection_models).
+pipeline; the model's own transform then only normalises (see visionflow.models.detectors).
 Targets (per image, resized pixels): boxes (N, 4) float32 xyxy, labels (N,) int64 = category + 1,
 masks (N, S, S) uint8. Crowd instances are left out of training targets.
 
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.augment import build_eval_transform, build_train_transform
-from visionflow.config import TrainParams
-from visionflow.detection_models import build_detector
-from visionflow.formats.images import load_rgb
-from visionflow.formats.masks import encode_rle, instance_mask
+from visionflow.training.augment import build_eval_transform, build_train_transform
+from visionflow.core.config import TrainParams
+from visionflow.models.detectors import build_detector
+from visionflow.manifest.images import load_rgb
+from visionflow.manifest.masks import encode_rle, instance_mask
 from visionflow.manifest import Category, Instance, Sample
 from visionflow.tasks.base import TaskBase, TestScore, nanmean_rows
 
@@ -255,7 +255,7 @@ class DetectTask(TaskBase):
         from visionflow.evaluation import figures
         from visionflow.evaluation.detection import match_confusion
         from visionflow.evaluation.report import grid_pick, write_csv, write_jsonl
-        from visionflow.io import write_dir, write_json
+        from visionflow.core.files import write_dir, write_json
 
         classes = predictor.meta["classes"]
         grid_at = grid_pick(len(test), params.grid_images)

@@ -1,7 +1,7 @@
 """Semantic segmentation: one class per pixel, painted from the samples' instances.
 
 Targets (B, S, S) int64: 0 background, c + 1 for category c, 255 (IGNORE_INDEX) for the sample's
-ignore region (see visionflow.formats.masks.semantic_mask). Models (visionflow.segmentation_models)
+ignore region (see visionflow.manifest.masks.semantic_mask). Models (visionflow.models.segmenters)
 return logits (B, K + 1, S, S); predictions are (H, W) uint8 masks at each image's own size.
 """
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.augment import build_eval_transform, build_train_transform
-from visionflow.config import TrainParams
-from visionflow.errors import DataError
+from visionflow.training.augment import build_eval_transform, build_train_transform
+from visionflow.core.config import TrainParams
+from visionflow.core.errors import DataError
 from visionflow.evaluation.segmentation import ConfusionAccumulator
-from visionflow.formats.images import load_rgb
-from visionflow.formats.masks import semantic_mask
+from visionflow.manifest.images import load_rgb
+from visionflow.manifest.masks import semantic_mask
 from visionflow.manifest import Category, Sample
-from visionflow.segmentation_models import build_segmenter
+from visionflow.models.segmenters import build_segmenter
 from visionflow.tasks.base import IGNORE_INDEX, Normalize, TaskBase, TestScore, mean_std, nanmean_rows
 
 log = logging.getLogger(__name__)
@@ -125,19 +125,19 @@ class SegmentTask(TaskBase):
         return {"mask": p["mask"]}
 
     def frame_columns(self, preds: list[dict[str, Any]]) -> dict[str, tuple[list, Any]]:
-        from visionflow.formats.images import encode_image
+        from visionflow.manifest.images import encode_image
 
         return {"mask_png": ([encode_image(p["mask"]) for p in preds], object),
                 "classes_present": ([json.dumps(_present(p["mask"])) for p in preds], object)}
 
     def from_frame_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        from visionflow.formats.images import decode_mask
+        from visionflow.manifest.images import decode_mask
 
         # the PNG is kept: serving answers with it as it came, not decoded and encoded again
         return {"mask": decode_mask(row["mask_png"]), "mask_png": row["mask_png"]}
 
     def json_record(self, rec: dict[str, Any]) -> dict[str, Any]:
-        from visionflow.formats.masks import encode_rle
+        from visionflow.manifest.masks import encode_rle
 
         mask = rec["mask"]
         present = _present(mask)
@@ -154,7 +154,7 @@ class SegmentTask(TaskBase):
         counts.update(classes[v - 1] for v in _present(record["mask"]))  # by class name, not mask value
 
     def served_record(self, rec: dict[str, Any]) -> dict[str, Any]:
-        from visionflow.formats.images import encode_image
+        from visionflow.manifest.images import encode_image
 
         mask = rec["mask"]
         return {"mask_png": rec.get("mask_png") or encode_image(mask), "classes_present": _present(mask),
@@ -210,7 +210,7 @@ class SegmentTask(TaskBase):
 
         from visionflow.evaluation import figures
         from visionflow.evaluation.report import fmt, grid_pick, write_csv, write_jsonl
-        from visionflow.io import write_dir, write_json
+        from visionflow.core.files import write_dir, write_json
 
         grid_at = grid_pick(len(test), params.grid_images)
         grid, records, holder = [], [], {}

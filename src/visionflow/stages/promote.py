@@ -9,7 +9,7 @@ check passes:
     per_class        no per-class metric drops by more than `per_class_margin`
     floor            the candidate's primary metric >= `floor` (with no champion, this and
                      export parity alone decide)
-    export           the exported model (visionflow.export) agrees with PyTorch within tolerance
+    export           the exported model (visionflow.deploy.export) agrees with PyTorch within tolerance
 A tie (identical predictions: delta 0, CI [0, 0]) passes non_inferiority, so it is promoted
 exactly when the other checks pass. The rule, the statistics and where the evidence lives:
 docs/promotion.md.
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from visionflow.config import BranchParams, PromoteParams, RegisterParams, model_name
-from visionflow.errors import DataError, UserError
-from visionflow.io import file_digest, read_json, write_json
+from visionflow.core.config import BranchParams, PromoteParams, RegisterParams, model_name
+from visionflow.core.errors import DataError, UserError
+from visionflow.core.files import file_digest, read_json, write_json
 from visionflow.manifest import Category, Sample, read_categories, read_manifest, samples_in_split
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 
 if TYPE_CHECKING:  # torch and albumentations stay off the CLI's start-up path
     from visionflow.tasks.base import TestScore
@@ -54,7 +54,7 @@ def report_path(paths: Paths) -> Path:
 def score_model(model_dir: Path, test: list[Sample], root: Path, categories: list[Category]) -> TestScore:
     """The model folder on the test split through the task's one scoring path (the evaluate
     stage's numbers, with per-image values for the bootstrap)."""
-    from visionflow.tasks import load_predictor
+    from visionflow.deploy.predictor import load_predictor
 
     score = load_predictor(model_dir).score(test, root, categories)
     if not math.isfinite(score.value) or score.value < 0:  # COCO says -1 when there is no GT
@@ -114,7 +114,7 @@ def export_parity(params: PromoteParams, model_dir: Path, test: list[Sample],
     if not params.require_export:
         return {"status": "skipped", "passed": True, "detail": "skipped (promote.require_export: false)"}, None
     try:
-        from visionflow.export import export_and_check
+        from visionflow.deploy.export import export_and_check
     except ImportError as exc:
         return {"status": "not available", "passed": False, "detail": f"export parity: not available ({exc})"}, None
     try:
@@ -139,7 +139,7 @@ def export_parity(params: PromoteParams, model_dir: Path, test: list[Sample],
 def promote(params: PromoteParams, register: RegisterParams, paths: Paths) -> dict[str, Any]:
     """Compare alias_from with alias_to on the test split, record the evidence, move alias_to
     when every check passes. Returns the evidence (also written to reports/<task>/promotion.json)."""
-    from visionflow import tracking  # mlflow is slow to import; only when the stage runs
+    from visionflow.integrations import mlflow as tracking  # mlflow is slow to import; only when the stage runs
 
     task, name = paths.task, model_name(paths.task, register)
     uri = tracking.resolve_tracking_uri(register, paths)
@@ -180,7 +180,7 @@ def promote(params: PromoteParams, register: RegisterParams, paths: Paths) -> di
                 evidence["champion"]["not_compared"] = note
         evidence["export"], exported = export_parity(params, cand_dir, test, paths.root)
         if exported:  # the checked file, kept with the version it was made from (passed or not)
-            from visionflow.export import export_tags, sidecar_path
+            from visionflow.deploy.export import export_tags, sidecar_path
 
             evidence["export"]["artifact_uri"] = tracking.log_exported(
                 name, candidate["version"], candidate["run_id"], [exported, sidecar_path(exported)], uri,
@@ -247,7 +247,7 @@ def _comparison(params: PromoteParams, cand: TestScore, champ: TestScore | None,
 # --- the record: registry, run, report -------------------------------------------------------
 
 def _record(params: PromoteParams, register: RegisterParams, paths: Paths, uri: str, evidence: dict[str, Any]) -> None:
-    from visionflow import tracking
+    from visionflow.integrations import mlflow as tracking
 
     name, version = evidence["model_name"], evidence["candidate"]["version"]
     champion = evidence["champion"]

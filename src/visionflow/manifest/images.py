@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
-from visionflow.io import file_digest
+from visionflow.core.files import file_digest
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}

@@ -40,7 +40,7 @@ if "FIFTYONE_DATABASE_URI" not in os.environ:
 
 import fiftyone as fo  # noqa: E402
 
-from visionflow.errors import DataError, UserError
+from visionflow.core.errors import DataError, UserError
 from visionflow.manifest import Category, Sample, image_label
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def detection_ground_truth(sample: Sample, names: list[str], field: str = "groun
         det = fo.Detection(label=names[inst.category_id], bounding_box=_relative_box(inst.bbox, w, h),
                            iscrowd=bool(inst.iscrowd))
         if masks and (inst.polygons or inst.rle is not None):
-            from visionflow.formats.masks import instance_mask
+            from visionflow.manifest.masks import instance_mask
 
             det.mask = _box_crop(instance_mask(inst, sample.height, sample.width, f"{sample.id} instance #{i}"), inst.bbox)
         dets.append(det)
@@ -89,7 +89,7 @@ def detection_ground_truth(sample: Sample, names: list[str], field: str = "groun
 
 
 def semantic_ground_truth(sample: Sample, names: list[str]) -> dict[str, Any]:
-    from visionflow.formats.masks import semantic_mask
+    from visionflow.manifest.masks import semantic_mask
 
     return {"ground_truth": fo.Segmentation(mask=semantic_mask(sample))}
 
@@ -108,7 +108,7 @@ def classification_prediction(pred: dict[str, Any], names: list[str]) -> dict[st
 
 
 def detection_prediction(pred: dict[str, Any], sample: Sample, names: list[str]) -> dict[str, Any]:
-    from visionflow.formats.masks import decode_rle
+    from visionflow.manifest.masks import decode_rle
 
     w, h = float(sample.width), float(sample.height)
     masks = pred.get("masks")
@@ -272,7 +272,7 @@ def _evaluate_segmentations(dataset: "fo.Dataset", targets: dict[int, str]) -> d
 def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], task: str, classes: list[str],
                         min_score: float = 0.5) -> dict[str, Any]:
     """`visionflow predict --fiftyone NAME`: (image path, prediction record) pairs (see
-    visionflow.predict) -> the persistent dataset NAME (overwritten), one sample per image with
+    visionflow.deploy.predict) -> the persistent dataset NAME (overwritten), one sample per image with
     a `predictions` field: Classification, Detections (score >= min_score) or Segmentation."""
     from PIL import Image
 

@@ -74,8 +74,8 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
     """`models:/NAME@ALIAS` (or models:/NAME/VERSION) from the registry at `tracking_uri`,
     else a local model folder (models/classify/). Loading is batch prediction's
     (`predict.load_batch_model`); serving adds what /metadata reports."""
-    from visionflow.errors import UserError
-    from visionflow.predict import load_batch_model
+    from visionflow.core.errors import UserError
+    from visionflow.deploy.predict import load_batch_model
 
     registered = model.startswith("models:/")
     if registered and not tracking_uri:
@@ -91,7 +91,7 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
 
         meta = loaded.predictor.meta
         return ServedModel(predict, {"source": str(Path(model).resolve()), **_meta_fields(meta)})
-    from visionflow import tracking
+    from visionflow.integrations import mlflow as tracking
 
     try:
         info = tracking.describe_model_uri(model, tracking_uri)

@@ -2,7 +2,7 @@
 
 Device selection, AMP and channels_last on CUDA, AdamW or SGD, warmup then cosine or step LR
 (per step), gradient clipping, per-epoch atomic checkpoints, exact resume, early stopping,
-progress bars, and DDP under torchrun (see visionflow.distributed).
+progress bars, and DDP under torchrun (see visionflow.training.distributed).
 
 Exact resume: every epoch reseeds torch, numpy, python, the loader's shuffling generator and
 the augmentation pipeline from (seed, epoch), so epoch e does the same work whether the run
@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from visionflow.distributed import SINGLE, DistInfo, barrier, broadcast, mean_over_ranks, sync_buffers
-from visionflow.io import write_with
+from visionflow.training.distributed import SINGLE, DistInfo, barrier, broadcast, mean_over_ranks, sync_buffers
+from visionflow.core.files import write_with
 
 log = logging.getLogger(__name__)
 

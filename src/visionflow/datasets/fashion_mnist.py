@@ -36,8 +36,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from visionflow.errors import DataError
-from visionflow.io import write_dir
+from visionflow.core.errors import DataError
+from visionflow.core.files import write_dir
 
 SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "install the Debian package: apt-get install dataset-fashion-mnist"

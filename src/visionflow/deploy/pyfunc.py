@@ -1,4 +1,4 @@
-"""What the registered MLflow model does, free of MLflow (visionflow.tracking wraps it).
+"""What the registered MLflow model does, free of MLflow (visionflow.integrations.mlflow wraps it).
 
 The served model takes a DataFrame with one column, `image`, each cell one image:
 base64 text of PNG/JPEG bytes (what a JSON request to `mlflow models serve` carries),
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from visionflow.formats.images import decode_mask, encode_image  # noqa: F401  (part of this module's API)
+from visionflow.manifest.images import decode_mask, encode_image  # noqa: F401  (part of this module's API)
 
 INPUT_COLUMN = "image"
 
@@ -58,7 +58,7 @@ def decode_image(value: Any) -> np.ndarray:
 
 
 def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
-    """Apply `predictor` (visionflow.tasks Predictor) to the `image` column of `frame`."""
+    """Apply `predictor` (visionflow.deploy.predictor.ModelPredictor) to the `image` column of `frame`."""
     if INPUT_COLUMN not in frame.columns:
         raise ValueError(f"input needs a column {INPUT_COLUMN!r}, got columns {list(frame.columns)}")
     images = [decode_image(v) for v in frame[INPUT_COLUMN].tolist()]
@@ -80,7 +80,7 @@ class VisionModel:
         self.predictor = None
 
     def load(self, model_dir: str | Path) -> None:
-        from visionflow.tasks import load_predictor
+        from visionflow.deploy.predictor import load_predictor
 
         self.predictor = load_predictor(Path(model_dir))
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from visionflow.io import write_text, write_with
+from visionflow.core.files import write_text, write_with
 
 CATEGORIES = ("circle", "square", "triangle", "star", "hexagon")  # COCO ids 1..5
 VERSION = "1"

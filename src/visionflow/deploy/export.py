@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visionflow.errors import UserError
-from visionflow.io import atomic_path, file_digest, read_json, write_json
+from visionflow.core.errors import UserError
+from visionflow.core.files import atomic_path, file_digest, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _task(name: str):
 
 
 def build_graph(predictor) -> nn.Module:
-    """The exported module of a loaded model folder (visionflow.tasks.ModelPredictor), eval mode."""
+    """The exported module of a loaded model folder (visionflow.deploy.predictor.ModelPredictor), eval mode."""
     return predictor.task.export_graph(predictor.model.cpu().eval(), predictor.meta)
 
 
@@ -66,7 +66,7 @@ def preprocess(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
     """RGB uint8 (H, W, 3) images of any size -> the exported graph's input, float32 (B, 3, S, S)."""
     import cv2
 
-    from visionflow.tasks import as_rgb
+    from visionflow.deploy.predictor import as_rgb
 
     return np.stack([cv2.resize(as_rgb(im), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
                      .transpose(2, 0, 1) for im in images]).astype(np.float32)
@@ -84,7 +84,7 @@ def _synthetic(batch: int, size: int, seed: int = 0) -> np.ndarray:
 
 def load_model_folder(model_dir: str | Path):
     """A model folder as a ModelPredictor (model in eval mode on the CPU); UserError if it is not one."""
-    from visionflow.tasks import META_FILE, MODEL_FILE, load_predictor
+    from visionflow.deploy.predictor import META_FILE, MODEL_FILE, load_predictor
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -231,7 +231,7 @@ def _opset(path: Path) -> Optional[int]:
 
 def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> dict[str, Any]:
     """The sidecar's fixed part: what the file is, its input contract and outputs."""
-    from visionflow.tasks import MODEL_FILE
+    from visionflow.deploy.predictor import MODEL_FILE
 
     task, size = meta["task"], int(meta["image_size"])
     contract = _task(task)
@@ -306,7 +306,7 @@ def _check_suffix(out: Path, fmt: str) -> None:
 
 def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root: Path, tolerance: float,
             metric_tolerance: float, batch_size: int) -> dict[str, Any]:
-    from visionflow.formats.images import load_rgb
+    from visionflow.manifest.images import load_rgb
 
     from visionflow.manifest import Category
 
@@ -411,10 +411,10 @@ def parity_line(parity: dict[str, Any]) -> str:
 def local_model_dir(spec: str, tracking_uri: Callable[[], str]) -> Iterator[Path]:
     """A model folder, or an MLflow model URI whose model folder is downloaded to a temporary
     folder for the duration (`tracking_uri` is called only for a URI)."""
-    from visionflow.predict import MLFLOW_SCHEMES
+    from visionflow.deploy.predict import MLFLOW_SCHEMES
 
     if spec.startswith(MLFLOW_SCHEMES):
-        from visionflow import tracking
+        from visionflow.integrations import mlflow as tracking
 
         with tempfile.TemporaryDirectory(prefix="visionflow-export-") as tmp:
             yield tracking.download_model_dir(spec, tracking_uri(), tmp)
@@ -429,7 +429,7 @@ def project_test_samples(params_file: Optional[Path], meta: dict[str, Any], limi
     """(the first `limit` test samples of the project of `params_file`, its root, a note saying
     which samples or why none): the labelled samples for the CLI's parity check."""
     from visionflow.manifest import read_categories, read_manifest, samples_in_split
-    from visionflow.paths import Paths
+    from visionflow.core.paths import Paths
 
     if limit <= 0:
         return [], None, "--samples 0: parity checked on synthetic images only"
@@ -471,7 +471,7 @@ def run_export(spec: str, fmt: str, out: str | Path, tracking_uri: Callable[[], 
             write_json(sidecar_path(out), {k: v for k, v in info.items() if k != "path"})
     logged = None
     if spec.startswith("models:/") and log_to_version:  # a registered version: attach the file to it
-        from visionflow import tracking
+        from visionflow.integrations import mlflow as tracking
 
         uri = tracking_uri()
         ref = tracking.describe_model_uri(spec, uri)

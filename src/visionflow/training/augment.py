@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import albumentations as A
 
-from visionflow.errors import UserError
+from visionflow.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from visionflow.format_names import FORMATS
+from visionflow.core.format_names import FORMATS
 
 
 class Section(BaseModel):
@@ -21,7 +21,7 @@ class Section(BaseModel):
 
 
 class SynthParams(Section):
-    """The built-in "shapes" dataset (see visionflow.data.synth)."""
+    """The built-in "shapes" dataset (see visionflow.datasets.synth)."""
 
     n: int = Field(1000, ge=1, description="number of images")
     size: int = Field(96, ge=32, le=2048, description="image side in pixels")
@@ -89,7 +89,7 @@ class SplitParams(Section):
 
 
 # Architectures per task (torchvision builder names, plus our own `unet`). Names only: the
-# builders live in visionflow.models / visionflow.tasks, imported when a stage runs.
+# builders live in visionflow.models.classifiers / visionflow.tasks, imported when a stage runs.
 TASKS = ("classify", "detect", "segment")
 ARCHS: dict[str, tuple[str, ...]] = {
     "classify": ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
@@ -130,7 +130,7 @@ class ModelParams(Section):
 
 
 class AugmentParams(Section):
-    # A preset name (see visionflow.augment.PRESETS) or an explicit list of Albumentations
+    # A preset name (see visionflow.training.augment.PRESETS) or an explicit list of Albumentations
     # transforms, each {name: <class name>, <kwarg>: value, ...}; explicit list wins.
     preset: Literal["none", "light", "medium"] = "light"
     transforms: Optional[list[dict[str, Any]]] = None
@@ -183,7 +183,7 @@ class EvaluateParams(Section):
 
 
 class RegisterParams(Section):
-    # None: $MLFLOW_TRACKING_URI if set, else a sqlite file in the project (see visionflow.paths).
+    # None: $MLFLOW_TRACKING_URI if set, else a sqlite file in the project (see visionflow.core.paths).
     tracking_uri: Optional[str] = None
     experiment: str = "visionflow"
     model_name: Optional[str] = None  # None: visionflow-<task>
@@ -200,14 +200,14 @@ class InspectParams(Section):
 
 
 class PromoteParams(Section):
-    """The promotion gate (visionflow.promote, docs/promotion.md)."""
+    """The promotion gate (visionflow.stages.promote, docs/promotion.md)."""
 
     # Non-inferiority margin on the primary metric: the 95% CI's lower bound of
     # (candidate - champion) must be >= -margin.
     margin: float = Field(0.02, ge=0, le=1)
     per_class_margin: float = Field(0.05, ge=0, le=1)  # largest allowed drop of any per-class metric
     floor: float = Field(0.0, ge=0, le=1)  # minimum primary metric; alone decides (with export) without a champion
-    export_tolerance: float = Field(1e-3, gt=0)  # passed to visionflow.export.export_and_check
+    export_tolerance: float = Field(1e-3, gt=0)  # passed to visionflow.deploy.export.export_and_check
     require_export: bool = True  # false: the export parity check is skipped (recorded as skipped)
     bootstrap: int = Field(1000, ge=100)  # resamples of the test images
     seed: int = 0  # of the bootstrap resampling

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 PACKAGE = "visionflow"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/visionflow
 
 
 def module_file(name: str) -> Optional[Path]:

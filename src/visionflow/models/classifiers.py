@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from visionflow.errors import UserError
-from visionflow.io import file_digest
+from visionflow.core.errors import UserError
+from visionflow.core.files import file_digest
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ input resolution, as a plain tensor (torchvision's {"out": ...} dict is unwrappe
 `PlainLogits`, so ONNX / TorchScript export sees one output). Channel 0 is background, channel
 c + 1 is category c (the segment task's target convention).
 
-Weights (never downloaded; see visionflow.models._load_state_dict):
+Weights (never downloaded; see visionflow.models.classifiers._load_state_dict):
     ModelParams.weights           the whole model: a torchvision enum name (e.g.
                                   COCO_WITH_VOC_LABELS_V1) found in the torchvision cache, or a
                                   state-dict file (torchvision's keys or ours). The classifier's
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionflow.config import BACKBONES, ModelParams
-from visionflow.errors import UserError
-from visionflow.models import _load_state_dict
+from visionflow.core.config import BACKBONES, ModelParams
+from visionflow.core.errors import UserError
+from visionflow.models.classifiers import _load_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ Model input: a list of (3, S, S) float tensors in [0, 1], S = image_size. The in
 normalises (ImageNet mean/std; SSDlite keeps torchvision's [-1, 1] scaling, which its COCO weights
 expect) and never resizes (min_size = max_size = S). Outputs are in those S x S pixels.
 
-Weights (never downloaded; enum names come from torchvision's cache, see visionflow.models):
+Weights (never downloaded; enum names come from torchvision's cache, see visionflow.models.classifiers):
     weights           whole model (e.g. COCO_V1, or a state-dict file). Every tensor is loaded;
                       class-specific head tensors whose shape differs (COCO's 91 classes vs our
                       K + 1) keep their fresh initialisation, which is what loading into the
@@ -33,8 +33,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from visionflow.config import ARCHS, ModelParams
-from visionflow.errors import UserError
+from visionflow.core.config import ARCHS, ModelParams
+from visionflow.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _dense_kwargs(params: ModelParams, image_size: int) -> dict[str, Any]:
 
 
 def _transform_kwargs(image_size: int) -> dict[str, Any]:
-    from visionflow.augment import IMAGENET_MEAN, IMAGENET_STD
+    from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD
 
     # Images arrive resized to S x S by the data pipeline: min_size = max_size = S keeps them so.
     return {"min_size": image_size, "max_size": image_size, "image_mean": list(IMAGENET_MEAN),
@@ -222,7 +222,7 @@ def _ssdlite(params: ModelParams, image_size: int, num_labels: int, frozen_bn: b
 # --- weights ---------------------------------------------------------------------------------
 
 def _read_weights(arch: str, weights: str, key: str) -> tuple[dict, str]:
-    from visionflow.models import _load_state_dict
+    from visionflow.models.classifiers import _load_state_dict
 
     try:
         return _load_state_dict(arch, weights)

@@ -1,4 +1,4 @@
-"""Writing the canonical manifest back out in any format (`visionflow export`)."""
+"""Writing the canonical manifest back out in any format (`visionflow export-annotations`, alias `export`)."""
 from __future__ import annotations
 
 import logging
@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from visionflow.formats import ConversionReport, write_format
-from visionflow.io import write_json
+from visionflow.core.files import write_json
 from visionflow.manifest import read_categories, read_manifest, samples_in_split
-from visionflow.paths import Paths
+from visionflow.core.paths import Paths
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from visionflow.io import atomic_path, read_json, write_json
+from visionflow.core.files import atomic_path, read_json, write_json
 
 SCHEMA_VERSION = 1
 

@@ -1,8 +1,8 @@
 """Batch prediction: a classify, detect or segment model over a folder, a glob or a video.
 
 The model is either a local model folder (paths.model_dir layout, loaded with
-tasks.load_predictor, no MLflow) or an MLflow model URI (`models:/NAME@ALIAS`,
-`models:/NAME/VERSION`, `runs:/RUN/model`) loaded as a pyfunc through visionflow.tracking.
+deploy.predictor.load_predictor, no MLflow) or an MLflow model URI (`models:/NAME@ALIAS`,
+`models:/NAME/VERSION`, `runs:/RUN/model`) loaded as a pyfunc through visionflow.integrations.mlflow.
 Both are wrapped as a `BatchModel`: RGB uint8 (H, W, 3) arrays in, one record out per image:
 
     classify  {"label", "name", "confidence"}
@@ -32,15 +32,15 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 from PIL import Image
 
-from visionflow.errors import UserError
-from visionflow.formats.images import load_rgb
-from visionflow.io import atomic_path
+from visionflow.core.errors import UserError
+from visionflow.manifest.images import load_rgb
+from visionflow.core.files import atomic_path
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
-# Pillow reports bad files as any of these, depending on the codec (see formats.images).
+# Pillow reports bad files as any of these, depending on the codec (see manifest.images).
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -56,7 +56,7 @@ class _LocalModel:
     """A model folder through the Predictor: the fast path, no MLflow."""
 
     def __init__(self, model_dir: Path):
-        from visionflow.tasks import load_predictor
+        from visionflow.deploy.predictor import load_predictor
 
         self.predictor = load_predictor(model_dir)
         self.task, self.classes = self.predictor.meta["task"], list(self.predictor.meta["classes"])
@@ -71,7 +71,7 @@ class _PyfuncModel:
     in process, see pyfunc_model), its output the task's columns (Task.pyfunc_columns)."""
 
     def __init__(self, pyfunc):
-        from visionflow import tracking
+        from visionflow.integrations import mlflow as tracking
         from visionflow.tasks import get_task, task_of
 
         self.pyfunc = pyfunc
@@ -82,7 +82,7 @@ class _PyfuncModel:
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         import pandas as pd
 
-        from visionflow.pyfunc_model import INPUT_COLUMN
+        from visionflow.deploy.pyfunc import INPUT_COLUMN
 
         frame = self.pyfunc.predict(pd.DataFrame({INPUT_COLUMN: pd.Series(images, dtype=object)}))
         return [self.contract.from_frame_row(r) for r in frame.to_dict("records")]
@@ -93,7 +93,7 @@ def load_batch_model(spec: str, tracking_uri: Callable[[], str]) -> BatchModel:
 
     `tracking_uri` is called only for an MLflow URI (resolving it may need params.yaml)."""
     if spec.startswith(MLFLOW_SCHEMES):
-        from visionflow import tracking
+        from visionflow.integrations import mlflow as tracking
 
         return _PyfuncModel(tracking.load_model_checked(spec, tracking_uri()))
     if "://" in spec or spec.startswith(("models:", "runs:")):

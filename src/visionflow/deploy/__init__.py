@@ -1,0 +1,2 @@
+"""From a trained model to its users: the model folder as a predictor, export with parity,
+batch prediction, serving and the MLflow pyfunc model."""

@@ -1,0 +1,87 @@
+"""A trained model folder as a predictor: the weights with their pre- and post-processing.
+
+A model folder (paths.model_dir) holds:
+    model.pt      state_dict (load with weights_only=True)
+    meta.json     {"task", "arch", "num_classes", "classes", "image_size", "mean", "std", "params"}
+    augment.json  the training Albumentations pipeline (albumentations.to_dict)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from visionflow.core.files import read_json
+from visionflow.tasks import get_task
+
+MODEL_FILE, META_FILE, AUGMENT_FILE = "model.pt", "meta.json", "augment.json"
+
+
+class ModelPredictor:
+    """A trained model directory as a predictor: pre-processing (resize, normalisation) and
+    post-processing travel with the weights, so callers pass plain RGB images of any size."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+        from visionflow.core.config import TrainParams
+
+        model_dir = Path(model_dir)
+        self.meta: dict[str, Any] = read_json(model_dir / META_FILE)
+        self.task = get_task(self.meta["task"])
+        self.device = torch.device(device)
+        # Models trained before task branches carry the task inside their params: it moved to meta.
+        legacy = {k: v for k, v in self.meta["params"].items() if k != "task"}
+        train_params = TrainParams.model_validate(legacy)
+        self.model = self.task.build_model(train_params, self.meta["num_classes"], pretrained=False)
+        self.model.load_state_dict(torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True))
+        self.model.eval().to(self.device)
+        self.transform = self.task.build_transforms(train_params)[1]
+
+    @torch.no_grad()
+    def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(images), batch_size):
+            batch = [as_rgb(im) for im in images[i:i + batch_size]]
+            out += self.task.predict(self.model, batch, self.transform, self.device)
+        classes = self.meta["classes"]
+        for pred in out:  # names next to ids, for people reading the output
+            if "label" in pred:
+                pred["name"] = classes[pred["label"]]
+            if "labels" in pred:
+                pred["names"] = [classes[k] for k in pred["labels"]]
+        return out
+
+
+    def score(self, samples: Sequence, root: Path, categories: Sequence, settings: Any = None,
+              batch_size: int = 32, each: Optional[Callable[[list, list[np.ndarray], list[dict]], None]] = None):
+        """The task's test metric (TestScore) of this model on labelled manifest samples, images
+        loaded one batch at a time; `each(samples, images, predictions)` sees every batch (the
+        evaluate stage writes predictions and picks grid images there). The one scoring path of
+        the evaluate stage and the promotion gate."""
+        from visionflow.manifest.images import load_rgb
+
+        metric = self.task.test_metric(categories, settings)
+        for i in range(0, len(samples), batch_size):
+            chunk = list(samples[i:i + batch_size])
+            images = [load_rgb(s.image_path(root)) for s in chunk]
+            preds = self.predict(images, batch_size=batch_size)
+            metric.process(chunk, preds)
+            if each is not None:
+                each(chunk, images, preds)
+        return metric.compute()
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB images, got {image.dtype}")
+    return np.ascontiguousarray(image)
+
+
+def load_predictor(model_dir: str | Path, device: str = "cpu") -> ModelPredictor:
+    return ModelPredictor(model_dir, device)

@@ -1,0 +1,498 @@
+"""MLflow: experiment tracking, the model registry and the UI. The only module that imports mlflow.
+
+One call of `log_and_register` makes one run holding the training parameters, the
+per-epoch history, the test metrics, the figures and the augmentation pipeline, then logs
+the model as a pyfunc (visionflow.deploy.pyfunc behind `VisionflowPyfunc`), registers it and
+points an alias (default `candidate`) at the new version.
+
+Where things go: `RegisterParams.tracking_uri`, else $MLFLOW_TRACKING_URI, else the sqlite
+file `paths.mlflow_db`. With a sqlite store, artifacts go to `paths.mlflow_artifacts`
+(set as the experiment's artifact location when the experiment is created).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+# A progress bar per artifact download (a model is ~70 files with its code) drowns stage logs.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.models.signature import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, Schema
+
+import visionflow
+from visionflow.deploy import pyfunc as pyfunc_model
+from visionflow.core.config import RegisterParams
+from visionflow.core.files import read_json
+from visionflow.core.paths import Paths
+from visionflow.tasks import task_of
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"  # name of the logged pyfunc model inside the run
+# Tells the MLflow 3 UI to show the experiment as model training, not GenAI.
+_EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# What the served model needs beside visionflow's own code (shipped as code_paths).
+_MODEL_REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow",
+                       "albumentations", "pydantic", "pyyaml")
+
+
+class VisionflowPyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow face of visionflow.deploy.pyfunc.VisionModel (see there for the I/O contract)."""
+
+    def load_context(self, context) -> None:
+        self._model = pyfunc_model.VisionModel()
+        self._model.load(context.artifacts["model_dir"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return self._model.predict(model_input)
+
+
+def resolve_tracking_uri(params: RegisterParams, paths: Paths) -> str:
+    if params.tracking_uri:
+        return params.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{paths.mlflow_db.resolve()}"
+
+
+def _is_local_db(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _ensure_experiment(client: MlflowClient, name: str, uri: str, paths: Paths) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if _is_local_db(uri):
+            folder = paths.mlflow_artifacts / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+            folder.mkdir(parents=True, exist_ok=True)
+            location = folder.resolve().as_uri()
+        exp_id = client.create_experiment(name, artifact_location=location)
+        exp = client.get_experiment(exp_id)
+    elif exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if _EXPERIMENT_KIND[0] not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, *_EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b.c": str(value)}; lists and None kept whole as JSON."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v if isinstance(v, str) else json.dumps(v)
+    return out
+
+
+def _metric_key(name: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . / and spaces; class names may hold anything.
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def _history_metrics(history_csv: Path, now_ms: int) -> list[Metric]:
+    """plots/train_history.csv (epoch,train_loss,val_loss,val_accuracy,lr,seconds) -> one
+    metric per column and epoch, step = epoch."""
+    metrics = []
+    with open(history_csv, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            step = int(float(row["epoch"]))
+            for key, value in row.items():
+                if key == "epoch" or value in (None, ""):
+                    continue
+                metrics.append(Metric(_metric_key(key), float(value), now_ms, step))
+    return metrics
+
+
+def test_metric_values(eval_metrics: dict[str, Any], task: str) -> dict[str, float]:
+    """metrics/<task>/evaluate.json -> the run's test_* metrics (the task says which)."""
+    from visionflow.tasks import get_task
+
+    values = get_task(task).tracking_metrics(eval_metrics)
+    return {_metric_key(k): float(v) for k, v in values.items()}
+
+
+def _summary_metrics(eval_metrics: dict[str, Any], train_metrics: dict[str, Any], task: str,
+                     now_ms: int) -> list[Metric]:
+    values = test_metric_values(eval_metrics, task)
+    for key in ("best_epoch", "epochs_run"):
+        if isinstance(train_metrics.get(key), (int, float)):
+            values[f"train_{key}"] = train_metrics[key]
+    return [Metric(k, float(v), now_ms, 0) for k, v in values.items()]
+
+
+def _log_batch(client: MlflowClient, run_id: str, metrics: list[Metric], params: list[Param],
+               tags: list[RunTag]) -> None:
+    # MLflow caps one batch at 1000 metrics, 100 params, 100 tags.
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    for i in range(0, len(tags), 100):
+        client.log_batch(run_id, tags=tags[i:i + 100])
+
+
+def model_signature(task: str) -> ModelSignature:
+    from visionflow.tasks import get_task
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", pyfunc_model.INPUT_COLUMN)]),
+        outputs=Schema([ColSpec(t, name) for name, t in get_task(task).pyfunc_columns.items()]),
+    )
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for dist in _MODEL_REQUIREMENTS:
+        try:
+            version = importlib.metadata.version(dist).split("+")[0]  # drop local tags (+cpu)
+            reqs.append(f"{dist}=={version}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def log_and_register(params: RegisterParams, paths: Paths, tags: dict[str, str]) -> dict[str, Any]:
+    """Log the trained model's run to MLflow, register the model and set the alias.
+
+    `tags` are provenance tags computed by the register stage (git commit, data hashes).
+    Returns {"run_id", "model_name", "version", "alias", "tracking_uri", "experiment_id"}."""
+    uri = resolve_tracking_uri(params, paths)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = _client(uri)
+    experiment_id = _ensure_experiment(client, params.experiment, uri, paths)
+    meta = read_json(paths.model_dir / "meta.json")
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{meta.get('task')}-{meta.get('arch')}") as run:
+        run_id = run.info.run_id
+        _log_run_contents(client, run_id, paths, meta, tags)
+        version = _log_and_register_model(paths.model_dir, meta, params.model_name)
+
+    client.set_registered_model_alias(params.model_name, params.alias, version)
+    client.set_model_version_tag(params.model_name, version, "run_id", run_id)
+    log.info("registered %s version %s (alias %s), run %s", params.model_name, version, params.alias, run_id)
+    return {"run_id": run_id, "model_name": params.model_name, "version": version, "alias": params.alias,
+            "tracking_uri": uri, "experiment_id": experiment_id}
+
+
+def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dict[str, Any],
+                      tags: dict[str, str]) -> None:
+    """Params, per-epoch and test metrics, tags and file artifacts of the active run."""
+    eval_metrics = read_json(paths.eval_metrics)
+    train_metrics = read_json(paths.train_metrics)
+    now_ms = int(time.time() * 1000)
+    run_params = {f"train.{k}": v for k, v in flatten(meta.get("params", {})).items()}
+    run_params.update({"model.arch": str(meta.get("arch")), "model.num_classes": str(meta.get("num_classes")),
+                       "model.image_size": str(meta.get("image_size")), "test.n": str(eval_metrics.get("n"))})
+    if "k" in eval_metrics:
+        run_params["test.k"] = str(eval_metrics["k"])
+    for block, prefix in ((eval_metrics.get("evaluator"), "eval.bbox."), ((eval_metrics.get("segm") or {}).get("evaluator"), "eval.segm.")):
+        if block:  # the reference evaluator's settings next to our numbers
+            run_params.update({f"{prefix}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in block.items()})
+    run_tags = {"visionflow.task": task_of(meta), "visionflow.version": visionflow.__version__,
+                **({"train.device": str(train_metrics["device"])} if "device" in train_metrics else {}), **tags}
+    _log_batch(
+        client, run_id,
+        metrics=_history_metrics(paths.train_history, now_ms) + _summary_metrics(eval_metrics, train_metrics, task_of(meta), now_ms),
+        params=[Param(k, v) for k, v in run_params.items()],
+        tags=[RunTag(k, v) for k, v in run_tags.items()],
+    )
+    if paths.figures_dir.is_dir():
+        mlflow.log_artifacts(str(paths.figures_dir), "figures")
+    for f in (paths.eval_metrics, paths.train_metrics, paths.train_history):
+        mlflow.log_artifact(str(f), "metrics")
+    for f in (paths.predictions, paths.coco_gt, paths.coco_results, paths.pr_curve_csv, paths.per_class_csv):
+        if f.exists():  # COCO files: re-check the numbers with any COCO tool
+            mlflow.log_artifact(str(f), "predictions" if f.suffix in (".json", ".jsonl") else "plots")
+    for f in (paths.validation_report, paths.split_report):  # what ingest found, how the data was split
+        if f.exists():
+            mlflow.log_artifact(str(f), "data")
+    mlflow.log_artifact(str(paths.model_dir / "meta.json"))
+    mlflow.log_artifact(str(paths.model_dir / "augment.json"), "augmentation")
+
+
+def _log_and_register_model(model_dir: Path, meta: dict[str, Any], model_name: str) -> str:
+    """Log the pyfunc model in the active run and register it; returns the new version."""
+    saved_sys_path = list(sys.path)  # validating the input example loads the model, prepending code/
+    try:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=VisionflowPyfunc(),
+            artifacts={"model_dir": str(model_dir.resolve())},
+            # The package travels with the model, so it loads where visionflow is not installed.
+            code_paths=[str(Path(visionflow.__file__).parent)],
+            signature=model_signature(task_of(meta)),
+            input_example=pyfunc_model.example_frame(meta),
+            pip_requirements=_requirements(),
+            registered_model_name=model_name,
+        )
+    finally:
+        sys.path[:] = saved_sys_path
+    return str(info.registered_model_version)
+
+
+# --- read-back helpers (tests, scripts) ---
+
+def get_model_version_by_alias(name: str, alias: str, uri: str) -> dict[str, Any]:
+    mv = _client(uri).get_model_version_by_alias(name, alias)
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source,
+            "aliases": list(mv.aliases), "tags": dict(mv.tags)}
+
+
+def get_run(run_id: str, uri: str) -> dict[str, Any]:
+    run = _client(uri).get_run(run_id)
+    return {"params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
+            "experiment_id": run.info.experiment_id, "artifact_uri": run.info.artifact_uri}
+
+
+def get_metric_history(run_id: str, key: str, uri: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def download_artifacts(run_id: str, path: str, uri: str, dst: str | Path) -> Path:
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
+
+
+def load_model(model_uri: str, uri: str):
+    """A registered model (e.g. "models:/NAME@candidate") as an MLflow pyfunc: .predict(DataFrame)."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def _require_store(uri: str, what: str = "") -> None:
+    """A UserError when `uri` is a local sqlite store whose file does not exist, before MLflow
+    would create an empty one."""
+    from visionflow.core.errors import UserError
+
+    if _is_local_db(uri):
+        db = uri.split(":///", 1)[-1]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise UserError(f"{what}no MLflow store at {uri}: register a model first (visionflow stage "
+                            f"register-<task>), or set register.tracking_uri / $MLFLOW_TRACKING_URI")
+
+
+def load_model_checked(model_uri: str, uri: str):
+    """`load_model` for user-given URIs: a missing store, model, alias or run is a UserError
+    naming the URI and the store, not an MLflow traceback (and no empty sqlite file appears)."""
+    from mlflow.exceptions import MlflowException
+
+    from visionflow.core.errors import UserError
+
+    _require_store(uri, f"{model_uri}: ")
+    try:
+        return load_model(model_uri, uri)
+    except MlflowException as exc:
+        raise UserError(f"{model_uri}: cannot load it from {uri}: {exc.message}") from None
+
+
+def describe_model_uri(model_uri: str, uri: str) -> dict[str, Any]:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> {"model_name", "version", "alias", "run_id"}."""
+    ref = model_uri[len("models:/"):]
+    name, alias, version = ref, None, None
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        mv = _client(uri).get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        mv = _client(uri).get_model_version(name, version)
+    else:
+        return {"model_name": name, "version": None, "alias": None, "run_id": None}
+    return {"model_name": name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id}
+
+
+def model_meta(pyfunc) -> dict[str, Any]:
+    """meta.json of the model folder inside a loaded visionflow pyfunc (classes, image_size, ...)."""
+    # Duck-typed: the class may come from the model's own code/ copy of visionflow.
+    predictor = getattr(getattr(pyfunc.unwrap_python_model(), "_model", None), "predictor", None)
+    return dict(getattr(predictor, "meta", {}))
+
+
+# --- the UI ---
+
+def serve_ui(params: RegisterParams, paths: Paths, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run `mlflow server` on the project's store until Ctrl-C (a remote server: print its URL)."""
+    uri = resolve_tracking_uri(params, paths)
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow tracking server: {uri}")
+        return 0
+    paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--artifacts-destination", str(paths.mlflow_artifacts.resolve()),
+           "--host", host, "--port", str(port), "--workers", "1"]
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the MLflow UI listens on {host}, reachable from other machines (no authentication)")
+    print(f"starting MLflow UI for {uri} at {url} (Ctrl-C to stop)", flush=True)
+    # Own process group: `mlflow server` runs uvicorn and a job runner as children, and
+    # stopping the group stops them all.
+    # The job runner (huey workers) serves GenAI features only; it slows start and stop.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    try:
+        if wait_for_http(f"{url}/health", timeout=120, proc=proc):
+            print(f"MLflow UI ready: {url}", flush=True)
+        code = proc.wait()
+        print(f"error: mlflow server exited with code {code} (is port {port} in use?)", file=sys.stderr)
+        return code or 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        _stop_group(proc)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the server's whole process group as Ctrl-C in a terminal would, then harder."""
+    for sig, grace in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        deadline = time.monotonic() + grace
+        try:
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                proc.poll()  # reap the leader so it stops counting as a member
+                os.killpg(proc.pid, 0)  # raises once no process of the group is left
+                time.sleep(0.2)
+        except ProcessLookupError:
+            return
+
+
+def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> bool:
+    """Poll `url` until it answers 200; False on timeout or when `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+# --- promotion support ---
+# visionflow.stages.promote compares the `candidate` version with the `champion` version and records the
+# decision; these are its registry reads and writes (version tags, description, alias, a run).
+
+def find_version_by_alias(name: str, alias: str, uri: str) -> dict[str, Any] | None:
+    """The version `alias` points at, or None when the model has no such alias. A missing store
+    or registered model is a UserError (nothing was registered yet)."""
+    from mlflow.exceptions import MlflowException
+
+    from visionflow.core.errors import UserError
+
+    _require_store(uri)
+    client = _client(uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        raise UserError(f"registered model {name!r} not found in {uri} ({exc.message}); "
+                        f"register one first (visionflow stage register-<task>)") from None
+    if alias not in model.aliases:
+        return None
+    mv = client.get_model_version(name, str(model.aliases[alias]))
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "aliases": list(mv.aliases),
+            "tags": dict(mv.tags), "description": mv.description or ""}
+
+
+def log_promotion_run(params: RegisterParams, paths: Paths, run_name: str, metrics: dict[str, float],
+                      run_params: dict[str, str], tags: dict[str, str], evidence: Path) -> str:
+    """One run in the branch's experiment holding a promotion decision; returns its id."""
+    uri = resolve_tracking_uri(params, paths)
+    client = _client(uri)
+    experiment_id = _ensure_experiment(client, params.experiment, uri, paths)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    now_ms = int(time.time() * 1000)
+    _log_batch(client, run_id, metrics=[Metric(_metric_key(k), float(v), now_ms, 0) for k, v in metrics.items()],
+               params=[Param(k, v) for k, v in run_params.items()], tags=[])
+    client.log_artifact(run_id, str(evidence))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def annotate_version(name: str, version: str, uri: str, tags: dict[str, str], description: str | None = None) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if description is not None:
+        client.update_model_version(name, version, description=description)
+
+
+def log_exported(name: str, version: str, run_id: str, files: list[Path], uri: str, tags: dict[str, str]) -> str:
+    """Attach an exported model to registered version (name, version): `files` (the exported
+    file first, then its sidecar) go under `exported/` in `run_id`, the run that made the
+    version, next to its `model/`; the version gets `tags` plus `export.uri`. Returns that
+    artifact URI."""
+    client = _client(uri)
+    for f in files:
+        client.log_artifact(run_id, str(f), "exported")
+    artifact = f"runs:/{run_id}/exported/{Path(files[0]).name}"
+    for key, value in {**tags, "export.uri": artifact}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return artifact
+
+
+def set_alias(name: str, alias: str, version: str, uri: str) -> None:
+    _client(uri).set_registered_model_alias(name, alias, version)
+
+
+# --- export support ---
+
+def download_model_dir(model_uri: str, uri: str, dst: str | Path) -> Path:
+    """The visionflow model folder (meta.json, model.pt, augment.json) inside a logged pyfunc
+    (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model), downloaded under `dst`.
+    A missing store, model, alias or run is a UserError naming the URI and the store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from visionflow.core.errors import UserError
+
+    _require_store(uri, f"{model_uri}: ")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise UserError(f"{model_uri}: cannot download it from {uri}: {exc.message}") from None
+    artifacts = Model.load(str(local / "MLmodel")).flavors.get("python_function", {}).get("artifacts") or {}
+    rel = (artifacts.get("model_dir") or {}).get("path")
+    if not rel or not (local / rel / "meta.json").is_file():
+        raise UserError(f"{model_uri}: not a visionflow model (its pyfunc has no model_dir artifact with meta.json)")
+    return local / rel
