@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from project import make_project  # noqa: E402
 
+from visionflow.core.service import stop_group, wait_for_http  # noqa: E402
 from visionflow.integrations import mlflow as tracking  # noqa: E402
 from visionflow.core.config import load_params  # noqa: E402
 from visionflow.manifest.images import load_rgb  # noqa: E402
@@ -83,27 +82,13 @@ def mlflow_server(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        if not tracking.wait_for_http(f"{base}/ping", timeout=START_TIMEOUT_S, proc=proc):
+        if not wait_for_http(f"{base}/ping", timeout=START_TIMEOUT_S, proc=proc):
             pytest.fail(f"mlflow models serve did not start:\n{log.read_text()[-3000:]}")
         yield base
     finally:
-        _stop_group(proc)
+        stop_group(proc)
     with socket.socket() as s:  # the server and its uvicorn child are gone
         assert s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader so it stops counting as a member of the group
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
 
 
 def invocations(base: str, cells: list[str]) -> tuple[int, dict]:

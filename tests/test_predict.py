@@ -187,7 +187,7 @@ def test_without_out_prints_counts_and_writes_nothing(model, images, tmp_path, c
 
 
 @pytest.mark.parametrize("model_arg, needle", [
-    ("{tmp}/no-such-model", "no-such-model: model folder not found"),
+    ("{tmp}/no-such-model", "no-such-model: model folder not found (train one with `visionflow stage train-<task>`"),
     ("{tmp}", "not a model folder"),
     ("s3://bucket/model", "s3://bucket/model: not a model URI"),
     ("models:/no-such-model@candidate", "models:/no-such-model@candidate: cannot load it"),

@@ -29,6 +29,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from visionflow.core.service import wait_for_http
 from visionflow.integrations import mlflow as tracking
 from visionflow.core.config import RegisterParams, TrainParams
 from visionflow.core.errors import UserError
@@ -195,7 +196,7 @@ def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered
     reader.start()
     try:
         base = f"http://127.0.0.1:{port}"
-        assert tracking.wait_for_http(f"{base}/health", timeout=90, proc=ui), "MLflow UI did not start"
+        assert wait_for_http(f"{base}/health", timeout=90, proc=ui), "MLflow UI did not start"
         with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/registered-models/get?name=test-classifier") as r:
             model = json.load(r)["registered_model"]
         assert {"alias": "candidate", "version": result["version"]} in model["aliases"]

@@ -82,25 +82,26 @@ def _synthetic(batch: int, size: int, seed: int = 0) -> np.ndarray:
 
 # --- loading ------------------------------------------------------------------------------
 
+def meta_task(model_dir: Path) -> str:
+    from visionflow.tasks import task_of
+
+    return task_of(read_json(model_dir / "meta.json"))
+
+
 def load_model_folder(model_dir: str | Path):
     """A model folder as a ModelPredictor (model in eval mode on the CPU); UserError if it is not one."""
-    from visionflow.deploy.predictor import META_FILE, MODEL_FILE, load_predictor
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: model folder not found (train one with `visionflow stage train`, "
-                        f"or pass models:/NAME@ALIAS)")
-    if not (model_dir / META_FILE).is_file() or not (model_dir / MODEL_FILE).is_file():
-        raise UserError(f"{model_dir}: not a model folder (needs {META_FILE} and {MODEL_FILE}, as written by "
-                        f"the train stage)")
     from pydantic import ValidationError
 
+    from visionflow.deploy.predictor import META_FILE, load_predictor
+    from visionflow.deploy.references import model_folder
+
+    model_dir = model_folder(model_dir)
     try:
         return load_predictor(model_dir, "cpu")
     except ValidationError as exc:  # a folder written by an older visionflow
         err = exc.errors()[0]
         raise UserError(f"{model_dir / META_FILE}: params.{'.'.join(map(str, err['loc']))}: {err['msg']}; this "
-                        f"visionflow cannot rebuild the model, retrain it (visionflow stage train)") from None
+                        f"visionflow cannot rebuild the model, retrain it (visionflow stage train-{meta_task(model_dir)})") from None
 
 
 def resolve_format(task: str, fmt: str) -> str:
@@ -411,16 +412,13 @@ def parity_line(parity: dict[str, Any]) -> str:
 def local_model_dir(spec: str, tracking_uri: Callable[[], str]) -> Iterator[Path]:
     """A model folder, or an MLflow model URI whose model folder is downloaded to a temporary
     folder for the duration (`tracking_uri` is called only for a URI)."""
-    from visionflow.deploy.predict import MLFLOW_SCHEMES
+    from visionflow.deploy.references import is_registry_uri
 
-    if spec.startswith(MLFLOW_SCHEMES):
+    if is_registry_uri(spec):
         from visionflow.integrations import mlflow as tracking
 
         with tempfile.TemporaryDirectory(prefix="visionflow-export-") as tmp:
             yield tracking.download_model_dir(spec, tracking_uri(), tmp)
-    elif "://" in spec or spec.startswith(("models:", "runs:")):
-        raise UserError(f"{spec}: not a model URI this command reads (use models:/NAME@ALIAS, "
-                        f"models:/NAME/VERSION, runs:/RUN_ID/model or a local model folder)")
     else:
         yield Path(spec)
 

@@ -33,12 +33,12 @@ import numpy as np
 from PIL import Image
 
 from visionflow.core.errors import UserError
+from visionflow.deploy.references import is_registry_uri, model_folder
 from visionflow.manifest.images import load_rgb
 from visionflow.core.files import atomic_path
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
-MLFLOW_SCHEMES = ("models:/", "runs:/")
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
 # Pillow reports bad files as any of these, depending on the codec (see manifest.images).
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -92,21 +92,11 @@ def load_batch_model(spec: str, tracking_uri: Callable[[], str]) -> BatchModel:
     """`spec`: an MLflow URI (models:/..., runs:/...) or a local model folder.
 
     `tracking_uri` is called only for an MLflow URI (resolving it may need params.yaml)."""
-    if spec.startswith(MLFLOW_SCHEMES):
+    if is_registry_uri(spec):
         from visionflow.integrations import mlflow as tracking
 
         return _PyfuncModel(tracking.load_model_checked(spec, tracking_uri()))
-    if "://" in spec or spec.startswith(("models:", "runs:")):
-        raise UserError(f"{spec}: not a model URI this command reads (use models:/NAME@ALIAS, "
-                        f"models:/NAME/VERSION, runs:/RUN_ID/model or a local model folder)")
-    model_dir = Path(spec)
-    if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: model folder not found (train one with `visionflow stage train`, "
-                        f"or pass models:/NAME@ALIAS)")
-    if not (model_dir / "meta.json").is_file() or not (model_dir / "model.pt").is_file():
-        raise UserError(f"{model_dir}: not a model folder (needs meta.json and model.pt, as written by the "
-                        f"train stage)")
-    return _LocalModel(model_dir)
+    return _LocalModel(model_folder(spec))
 
 
 # --- inputs ---

@@ -29,14 +29,14 @@ import io
 import json
 import logging
 import re
-import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
+
+from visionflow.core.service import sigterm_as_ctrl_c, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +323,7 @@ def serve(model: ServedModel, limits: Limits, host: str = "127.0.0.1", port: int
     """Run the server until Ctrl-C / SIGTERM (uvicorn stops gracefully on both)."""
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: the model server listens on {host}, reachable from other machines (no authentication)")
+    warn_if_exposed(host, "the model server")
     config = uvicorn.Config(build_app(model, limits), host=host, port=port, log_level="info",
                             timeout_keep_alive=5, server_header=False)
     print(f"serving {model.metadata.get('model_uri') or model.metadata.get('source')} at http://{host}:{port} "
@@ -332,17 +331,9 @@ def serve(model: ServedModel, limits: Limits, host: str = "127.0.0.1", port: int
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found: make SIGTERM, like Ctrl-C, end in KeyboardInterrupt and exit 0.
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
-        server.run()
+        with sigterm_as_ctrl_c():
+            server.run()
     except KeyboardInterrupt:
         pass
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 1
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt

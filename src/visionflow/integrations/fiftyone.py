@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import quote
@@ -41,6 +40,7 @@ if "FIFTYONE_DATABASE_URI" not in os.environ:
 import fiftyone as fo  # noqa: E402
 
 from visionflow.core.errors import DataError, UserError
+from visionflow.core.service import sigterm_as_ctrl_c
 from visionflow.manifest import Category, Sample, image_label
 
 log = logging.getLogger(__name__)
@@ -346,16 +346,11 @@ def launch_app(name: str, host: str = "127.0.0.1", port: int = 5151) -> int:
     print(f"FiftyOne App for dataset {name!r} ({len(dataset)} samples): {url}  "
           f"(Ctrl-C to stop)", flush=True)
     # A plain SIGTERM would skip interpreter shutdown and orphan FiftyOne's server process.
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        session.wait(-1)  # negative: serve until interrupted, whether or not a browser is connected
+        with sigterm_as_ctrl_c():
+            session.wait(-1)  # negative: serve until interrupted, whether or not a browser is connected
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         session.close()
     return 0
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -17,12 +17,9 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,7 @@ from mlflow.types.schema import ColSpec, Schema
 import visionflow
 from visionflow.deploy import pyfunc as pyfunc_model
 from visionflow.core.config import RegisterParams
+from visionflow.core.service import sigterm_as_ctrl_c, stop_group, wait_for_http, warn_if_exposed
 from visionflow.core.files import read_json
 from visionflow.core.paths import Paths
 from visionflow.tasks import task_of
@@ -348,62 +346,24 @@ def serve_ui(params: RegisterParams, paths: Paths, host: str = "127.0.0.1", port
            "--artifacts-destination", str(paths.mlflow_artifacts.resolve()),
            "--host", host, "--port", str(port), "--workers", "1"]
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: the MLflow UI listens on {host}, reachable from other machines (no authentication)")
+    warn_if_exposed(host, "the MLflow UI")
     print(f"starting MLflow UI for {uri} at {url} (Ctrl-C to stop)", flush=True)
     # Own process group: `mlflow server` runs uvicorn and a job runner as children, and
     # stopping the group stops them all.
     # The job runner (huey workers) serves GenAI features only; it slows start and stop.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
-        if wait_for_http(f"{url}/health", timeout=120, proc=proc):
-            print(f"MLflow UI ready: {url}", flush=True)
-        code = proc.wait()
+        with sigterm_as_ctrl_c():
+            if wait_for_http(f"{url}/health", timeout=120, proc=proc):
+                print(f"MLflow UI ready: {url}", flush=True)
+            code = proc.wait()
         print(f"error: mlflow server exited with code {code} (is port {port} in use?)", file=sys.stderr)
         return code or 1
     except KeyboardInterrupt:
         return 0
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-        _stop_group(proc)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the server's whole process group as Ctrl-C in a terminal would, then harder."""
-    for sig, grace in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        deadline = time.monotonic() + grace
-        try:
-            os.killpg(proc.pid, sig)
-            while time.monotonic() < deadline:
-                proc.poll()  # reap the leader so it stops counting as a member
-                os.killpg(proc.pid, 0)  # raises once no process of the group is left
-                time.sleep(0.2)
-        except ProcessLookupError:
-            return
-
-
-def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> bool:
-    """Poll `url` until it answers 200; False on timeout or when `proc` exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.5)
-    return False
+        stop_group(proc)
 
 
 # --- promotion support ---
