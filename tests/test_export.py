@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from visionflow import cli
-from visionflow.deploy import export
+from visionflow.deploy import export, parity
 from visionflow.core.config import AugmentParams, ModelParams, TrainParams
 from visionflow.core.errors import UserError
 from visionflow.manifest.masks import encode_rle
@@ -144,11 +144,11 @@ def test_sidecar_describes_the_file(classify_onnx):
 def test_classify_parity_on_labelled_samples(classify_onnx, samples):
     _, model_dir, out = classify_onnx
     items, root = samples
-    result = export.check_parity(model_dir, out, items, root)
+    result = parity.check_parity(model_dir, out, items, root)
     assert result["n"] == len(items) and result["metric"] == "accuracy"
     assert result["metric_torch"] == result["metric_export"] and result["agreement"] == 1.0
     assert result["max_abs_diff"] < 1e-4 and result["within_tolerance"] is True
-    strict = export.check_parity(model_dir, out, items, root, tolerance=0.0)  # the gate does fail
+    strict = parity.check_parity(model_dir, out, items, root, tolerance=0.0)  # the gate does fail
     assert strict["within_tolerance"] is (strict["max_abs_diff"] == 0.0)
 
 
@@ -192,7 +192,7 @@ def test_segment_onnx_logits_and_mask_batch_1_and_3(tmp_path, samples):
         assert logits.shape == (len(batch), len(CLASSES) + 1, SIZE, SIZE) and mask.shape == (len(batch), SIZE, SIZE)
         assert np.abs(logits - expected).max() < 1e-4
         assert mask.dtype == np.uint8 and (mask == logits.argmax(1)).all()
-    result = export.check_parity(model_dir, out, *samples)
+    result = parity.check_parity(model_dir, out, *samples)
     assert result["metric"] == "miou" and result["within_tolerance"]
     assert abs(result["metric_torch"] - result["metric_export"]) < 1e-6
 
@@ -209,7 +209,7 @@ def test_detector_torchscript_gives_pytorchs_boxes(detector, samples, tmp_path):
     items, root = samples
     out = tmp_path / "detect.torchscript"
     items = items[:4]
-    result = export.export_and_check(detector, items, root, fmt="auto", out_path=out)
+    result = parity.export_and_check(detector, items, root, fmt="auto", out_path=out)
     assert result["format"] == "torchscript" and result["path"] == str(out)
     assert result["metric"] == "AP50" and result["metric_torch"] == result["metric_export"]
     assert result["mismatched_images"] == 0 and result["within_tolerance"]

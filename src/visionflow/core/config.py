@@ -207,7 +207,7 @@ class PromoteParams(Section):
     margin: float = Field(0.02, ge=0, le=1)
     per_class_margin: float = Field(0.05, ge=0, le=1)  # largest allowed drop of any per-class metric
     floor: float = Field(0.0, ge=0, le=1)  # minimum primary metric; alone decides (with export) without a champion
-    export_tolerance: float = Field(1e-3, gt=0)  # passed to visionflow.deploy.export.export_and_check
+    export_tolerance: float = Field(1e-3, gt=0)  # passed to visionflow.deploy.parity.export_and_check
     require_export: bool = True  # false: the export parity check is skipped (recorded as skipped)
     bootstrap: int = Field(1000, ge=100)  # resamples of the test images
     seed: int = 0  # of the bootstrap resampling

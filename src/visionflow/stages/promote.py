@@ -114,7 +114,7 @@ def export_parity(params: PromoteParams, model_dir: Path, test: list[Sample],
     if not params.require_export:
         return {"status": "skipped", "passed": True, "detail": "skipped (promote.require_export: false)"}, None
     try:
-        from visionflow.deploy.export import export_and_check
+        from visionflow.deploy.parity import export_and_check
     except ImportError as exc:
         return {"status": "not available", "passed": False, "detail": f"export parity: not available ({exc})"}, None
     try:
