@@ -23,8 +23,13 @@ TINY: dict[str, Any] = {
     "segment": {"train": {"model": {"arch": "unet", "backbone": None, "backbone_weights": None, "width": 0.25},
                           "image_size": 64, "epochs": 1, "batch_size": 8, "warmup_epochs": 0},
                 "evaluate": {"batch_size": 16, "grid_images": 4}},
+    "multilabel": {"train": {"model": {"arch": "resnet18", "weights": None, "mode": "full"},
+                             "image_size": 64, "epochs": 1, "batch_size": 16, "warmup_epochs": 0},
+                   "evaluate": {"batch_size": 32},
+                   # a 1-epoch model from random init: the gate still runs (with its ONNX parity)
+                   "promote": {"floor": 0.0}},
 }
-TASKS = ("classify", "detect", "segment")
+TASKS = ("classify", "detect", "segment", "multilabel")
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -52,11 +52,11 @@ def test_bad_values_are_rejected(tmp_path):
 
 def test_branches(tmp_path):
     params = load_params(REPO / "params.yaml")
-    assert params.tasks == ("classify", "detect", "segment")
+    assert params.tasks == ("classify", "detect", "segment", "multilabel")
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     del data["detect"]
-    assert load_params(_write(tmp_path, data)).tasks == ("classify", "segment")
-    for task in ("classify", "segment"):
+    assert load_params(_write(tmp_path, data)).tasks == ("classify", "segment", "multilabel")
+    for task in ("classify", "segment", "multilabel"):
         del data[task]
     with pytest.raises(ConfigError, match="at least one task branch"):
         load_params(_write(tmp_path, data))

@@ -160,3 +160,33 @@ def test_evaluate_gate_and_export_parity_report_the_same_test_metric(flow_run):
         export = gate["export"]
         assert export["status"] == "checked" and export["metric"] == name, (task, export)
         assert export["metric_torch"] == pytest.approx(ev[name], abs=1e-6), task
+
+
+def test_multilabel_branch_end_to_end(flow_run):
+    """The fourth task, added as one module: metrics, FiftyOne Classifications with per-image
+    TP/FP/FN, and the registered pyfunc answering the task's columns."""
+    import fiftyone as fo
+    import mlflow
+    import pandas as pd
+
+    from visionflow.deploy.pyfunc import encode_image
+    from visionflow.manifest.images import load_rgb
+    from visionflow.tasks.multilabel import image_classes
+
+    root, results, _ = flow_run
+    paths = Paths(root, "multilabel")
+    metrics = json.loads(paths.eval_metrics.read_text())
+    assert metrics["primary_metric"] == "map" and 0 <= metrics["map"] <= 1
+    assert set(metrics["per_class"]) == set(metrics["thresholds"]) and 0 <= metrics["micro_f1"] <= 1
+    test = _test_samples(root)
+    truth = [image_classes(s) for s in test]
+    assert any(len(t) > 1 for t in truth)  # several classes per image: real multi-label data
+    ds = fo.load_dataset("e2eflow-multilabel-test")
+    assert len(ds) == len(test) and ds.get_field("ground_truth").document_type is fo.Classifications
+    assert sum(ds.values("eval_tp")) + sum(ds.values("eval_fn")) == sum(len(t) for t in truth)
+    reg = results["register-multilabel"]
+    model = mlflow.pyfunc.load_model(f"models:/{reg['model_name']}/{reg['version']}")
+    frame = model.predict(pd.DataFrame({"image": [encode_image(load_rgb(test[0].image_path(root)))]}))
+    assert list(frame.columns) == ["labels", "names", "scores"]
+    preds = [json.loads(line) for line in paths.predictions.read_text().splitlines()]
+    assert json.loads(frame.loc[0, "labels"]) == preds[0]["labels"]  # the registry answers as evaluate saw it

@@ -27,7 +27,7 @@ def test_dvc_yaml_and_stage_table_name_the_same_stages_in_order():
     names = [s.name for s in pipeline_stages(load_params(REPO / "params.yaml"))]
     assert list(_dvc()["stages"]) == names
     assert names[:3] == ["synth", "ingest", "split"]
-    for task in ("classify", "detect", "segment"):  # each task is its own branch
+    for task in load_params(REPO / "params.yaml").tasks:  # each task is its own branch
         assert [n for n in names if n.endswith(f"-{task}")] == \
             [f"{s}-{task}" for s in ("train", "evaluate", "register", "inspect", "promote")]
     for name, entry in _dvc()["stages"].items():
@@ -43,8 +43,10 @@ def test_branches_write_disjoint_outputs_and_models():
                 assert path not in outs, f"{path} written by {outs.get(path)} and {name}"
                 outs[path] = name
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    names = [raw[t]["register"]["model_name"] for t in ("classify", "detect", "segment")]
-    assert len(set(names)) == 3
+    tasks = load_params(REPO / "params.yaml").tasks
+    assert set(tasks) == {"classify", "detect", "segment", "multilabel"}  # the demo runs every task
+    names = [raw[t]["register"]["model_name"] for t in tasks]
+    assert len(set(names)) == len(tasks)
 
 
 def test_every_dvc_param_key_exists_in_the_typed_config():

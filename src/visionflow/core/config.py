@@ -90,7 +90,7 @@ class SplitParams(Section):
 
 # Architectures per task (torchvision builder names, plus our own `unet`). Names only: the
 # builders live in visionflow.models.classifiers / visionflow.tasks, imported when a stage runs.
-TASKS = ("classify", "detect", "segment")
+TASKS = ("classify", "detect", "segment", "multilabel")
 ARCHS: dict[str, tuple[str, ...]] = {
     "classify": ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
                  "mobilenet_v3_large", "vgg11", "vgg16", "efficientnet_b0"),
@@ -101,6 +101,7 @@ ARCHS: dict[str, tuple[str, ...]] = {
     "segment": ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
                 "lraspp_mobilenet_v3_large", "unet"),
 }
+ARCHS["multilabel"] = ARCHS["classify"]  # the same classifiers, with a sigmoid per class
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
 
 
@@ -246,6 +247,7 @@ class Params(Section):
     classify: Optional[BranchParams] = None
     detect: Optional[BranchParams] = None
     segment: Optional[BranchParams] = None
+    multilabel: Optional[BranchParams] = None  # several classes per image (tasks/multilabel.py)
 
     @model_validator(mode="after")
     def _branches(self) -> "Params":

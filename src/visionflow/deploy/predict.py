@@ -294,7 +294,7 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
             consume(None)
         else:
             with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-                consume(_Writer(fh, fmt, key_columns + ["label", "name", "confidence"]))
+                consume(_Writer(fh, fmt, key_columns + list(contract.csv_columns)))
     finally:
         bar.close()
     return {"task": task, "count_unit": contract.count_unit, "predicted": predicted,

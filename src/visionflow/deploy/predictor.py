@@ -37,6 +37,7 @@ class ModelPredictor:
         self.model.load_state_dict(torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True))
         self.model.eval().to(self.device)
         self.transform = self.task.build_transforms(train_params)[1]
+        self.task.configure(self.meta)  # settings the train stage chose (multilabel: per-class thresholds)
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[dict[str, Any]]:
@@ -51,7 +52,6 @@ class ModelPredictor:
             if "labels" in pred:
                 pred["names"] = [classes[k] for k in pred["labels"]]
         return out
-
 
     def score(self, samples: Sequence, root: Path, categories: Sequence, settings: Any = None,
               batch_size: int = 32, each: Optional[Callable[[list, list[np.ndarray], list[dict]], None]] = None):

@@ -20,8 +20,13 @@ Fields of a sample in the FiftyOne dataset (one sample per manifest sample of th
     segment   ground_truth             fo.Segmentation (painted from the instances)
               predictions              fo.Segmentation(mask_path=the evaluate stage's PNG)
               eval_accuracy / eval_precision / eval_recall, from evaluate_segmentations
+    multilabel ground_truth            fo.Classifications (the image's classes)
+              predictions              fo.Classifications(label, confidence) of the classes predicted
+              eval_tp / eval_fp / eval_fn classes per image (FiftyOne has no multi-label evaluation)
 
-Labels are built by small per-task functions (`GROUND_TRUTH`, `PREDICTIONS`).
+Each task says which of FiftyOne's label kinds it is (Task.fiftyone_label: classification,
+classifications, detections, segmentation); the labels of each kind are built by small
+functions (`GROUND_TRUTH`, `PREDICTIONS`), so a new task of a known kind touches nothing here.
 """
 from __future__ import annotations
 
@@ -54,6 +59,12 @@ OPEN_COMMAND = "visionflow ui fiftyone"
 def classification_ground_truth(sample: Sample, names: list[str]) -> dict[str, Any]:
     cid = image_label(sample)
     return {"ground_truth": None if cid is None else fo.Classification(label=names[cid])}
+
+
+def classifications_ground_truth(sample: Sample, names: list[str], truth) -> dict[str, Any]:
+    """Several classes per image: `truth(sample)` is the task's list of class ids."""
+    return {"ground_truth": fo.Classifications(classifications=[fo.Classification(label=names[k])
+                                                                for k in truth(sample)])}
 
 
 def _relative_box(box, w: float, h: float) -> list[float]:
@@ -107,6 +118,12 @@ def classification_prediction(pred: dict[str, Any], names: list[str]) -> dict[st
     )}
 
 
+def classifications_prediction(pred: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The classes predicted (at the model's thresholds), each with its score."""
+    return {"predictions": fo.Classifications(classifications=[
+        fo.Classification(label=names[int(k)], confidence=float(sc)) for k, sc in zip(pred["labels"], pred["scores"])])}
+
+
 def detection_prediction(pred: dict[str, Any], sample: Sample, names: list[str]) -> dict[str, Any]:
     from visionflow.manifest.masks import decode_rle
 
@@ -141,6 +158,7 @@ PREDICTIONS: dict[str, PredictionFn] = {
     "detections": detection_prediction,
     "detections_masks": detection_prediction,
     "segmentation": segmentation_prediction,
+    "classifications": lambda pred, s, names: classifications_prediction(pred, names),
 }
 
 
@@ -173,10 +191,17 @@ def build_dataset(
         raise DataError(first.image_path(project_root), f"image not found ({len(missing)} of {len(samples)} missing)",
                         record=first.id, hint="re-run ingest, or check the source image root in params.yaml")
 
-    kind = label_kind(task)
+    from visionflow.tasks import get_task
+
+    contract = get_task(task)
+    kind = contract.fiftyone_label
     if kind == "detections" and any("masks" in p for p in predictions.values()):
         kind = "detections_masks"
-    gt_builders, pred_builder = GROUND_TRUTH[kind], PREDICTIONS[kind]
+    if kind == "classifications":  # the task knows an image's classes
+        gt_builders = (lambda s, names: classifications_ground_truth(s, names, contract.image_classes),)
+    else:
+        gt_builders = GROUND_TRUTH[kind]
+    pred_builder = PREDICTIONS[kind]
     fo_samples = []
     for s in samples:
         fields: dict[str, Any] = {
@@ -203,6 +228,8 @@ def build_dataset(
     summary = {"dataset": name, "task": task, "samples": len(dataset), "with_predictions": 0, "accuracy": None}
     if kind == "classification":
         summary.update(_evaluate_classifications(dataset, names))
+    elif kind == "classifications":
+        summary.update(_evaluate_multilabel(dataset))
     elif kind.startswith("detections"):
         summary.update(_evaluate_detections(dataset, names, iou_threshold, use_masks=kind == "detections_masks"))
     else:
@@ -225,6 +252,28 @@ def _evaluate_classifications(dataset: "fo.Dataset", names: list[str]) -> dict[s
         "predictions", gt_field="ground_truth", eval_key=EVAL_KEY, classes=names, progress=False,
     )
     return {"with_predictions": with_predictions, "accuracy": float(results.metrics()["accuracy"])}
+
+
+def _evaluate_multilabel(dataset: "fo.Dataset") -> dict[str, Any]:
+    """FiftyOne evaluates single-label Classification fields only: per image, the classes
+    predicted and true (eval_tp), predicted only (eval_fp) and true only (eval_fn), so the App
+    can filter the mistakes (e.g. match(F("eval_fn") > 0))."""
+    view = dataset.exists("predictions")
+    if len(view) == 0:
+        return {"with_predictions": 0}
+    true = view.values("ground_truth.classifications.label")
+    pred = view.values("predictions.classifications.label")
+    counts = {"tp": [], "fp": [], "fn": []}
+    for t, p in zip(true, pred):
+        t, p = set(t or []), set(p or [])
+        counts["tp"].append(len(t & p))
+        counts["fp"].append(len(p - t))
+        counts["fn"].append(len(t - p))
+    for k, values in counts.items():
+        view.set_values(f"{EVAL_KEY}_{k}", values)
+    tp, fp, fn = (sum(counts[k]) for k in ("tp", "fp", "fn"))
+    return {"with_predictions": len(view), "eval_key": EVAL_KEY, "tp": tp, "fp": fp, "fn": fn,
+            "micro_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None}
 
 
 def _evaluate_detections(dataset: "fo.Dataset", names: list[str], iou: float, use_masks: bool) -> dict[str, Any]:
@@ -281,6 +330,9 @@ def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], ta
     for path, rec in records:
         if kind == "classification":
             label = fo.Classification(label=rec["name"], confidence=rec["confidence"])
+        elif kind == "classifications":
+            label = fo.Classifications(classifications=[fo.Classification(label=n, confidence=sc) for n, sc in
+                                                        zip(rec["names"], rec["scores"])])
         elif kind == "detections":
             with Image.open(path) as im:  # header only: boxes are made relative to the image size
                 w, h = im.size

@@ -97,6 +97,8 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
         "image_size": params.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "params": params.model_dump(mode="json"),
     }
+    model.load_state_dict(result.best_state)  # what is saved is what the task calibrates on
+    meta.update(task.calibrate(model.to(device).eval(), val_loader if len(val_ds) else None, device))
     _write_model_dir(paths.model_dir, result.best_state, meta, A.to_dict(train_tf))
     write_history_csv(paths.train_history, result.history)
     summary = {

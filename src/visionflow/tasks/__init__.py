@@ -11,6 +11,7 @@ _TASKS = {
     "classify": "visionflow.tasks.classify:ClassifyTask",
     "detect": "visionflow.tasks.detect:DetectTask",
     "segment": "visionflow.tasks.segment:SegmentTask",
+    "multilabel": "visionflow.tasks.multilabel:MultilabelTask",
 }
 
 

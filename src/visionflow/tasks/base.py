@@ -105,8 +105,17 @@ class TaskBase:
         """What the evaluate stage writes besides predictions and figures (DVC outs)."""
         return []
 
+    def calibrate(self, model: nn.Module, val_loader, device: torch.device) -> dict[str, Any]:
+        """After training, on the best weights: settings chosen on the val split that travel in
+        meta.json (multilabel: per-class thresholds). Default: none."""
+        return {}
+
+    def configure(self, meta: dict[str, Any]) -> None:
+        """Take the settings calibrate() chose, from a model folder's meta.json."""
+
     # --- the deploy face: predictions as records (predict, serve, pyfunc) -------------------
-    writes_csv = False  # batch prediction to .csv (one row per image)
+    writes_csv = False  # batch prediction to .csv (one row per image, csv_columns)
+    csv_columns: tuple[str, ...] = ()
     count_unit = "images"  # what the summary of `visionflow predict` counts per class
 
     def json_record(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -83,7 +83,7 @@ class ClassifyTask(TaskBase):
 
     # --- the deploy face (records) ---
     pyfunc_columns = {"label": "long", "name": "string", "confidence": "double"}
-    writes_csv = True
+    writes_csv, csv_columns = True, ("label", "name", "confidence")
 
     def record(self, p: dict[str, Any]) -> dict[str, Any]:
         return {"label": int(p["label"]), "name": str(p["name"]), "confidence": float(p["confidence"])}
