@@ -1,7 +1,7 @@
 """The visionflow pipeline as a Prefect flow.
 
 Each stage of the pipeline (visionflow.stages.pipeline_stages: synth, ingest, split, then
-train -> evaluate -> register -> inspect for each task branch in params.yaml) runs as a
+train -> evaluate -> register -> inspect -> promote for each task branch in params.yaml) runs as a
 Prefect task named like its dvc.yaml stage, in DAG order, calling the same plain function
 that `dvc repro` calls through `visionflow stage`. This file holds wiring only; the logic
 lives in the stage functions.

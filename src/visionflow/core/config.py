@@ -222,7 +222,7 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 
 class BranchParams(Section):
-    """One task's train -> evaluate -> register -> inspect branch."""
+    """One task's train -> evaluate -> register -> inspect -> promote branch."""
 
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()

@@ -54,7 +54,7 @@ class Paths:
     def split_report(self) -> Path:
         return self._p("metrics/split.json")
 
-    # --- one task branch (train -> evaluate -> register -> inspect), under paths.task ---
+    # --- one task branch (train -> evaluate -> register -> inspect -> promote), under paths.task ---
     def for_task(self, task: str) -> "Paths":
         return replace(self, task=task)
 

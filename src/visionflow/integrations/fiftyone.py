@@ -168,7 +168,7 @@ def label_kind(task: str) -> str:
     return get_task(task).fiftyone_label
 
 
-def build_dataset(
+def write_split_dataset(
     name: str,
     samples: list[Sample],
     categories: list[Category],

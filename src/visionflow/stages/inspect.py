@@ -63,10 +63,10 @@ def inspect(params: InspectParams, paths: Paths) -> dict[str, Any]:
     contract = get_task(paths.task)
     predictions = {k: contract.shown_record(v, params.min_confidence) for k, v in predictions.items()}
 
-    from visionflow.integrations.fiftyone import OPEN_COMMAND, build_dataset  # imports fiftyone
+    from visionflow.integrations.fiftyone import OPEN_COMMAND, write_split_dataset  # imports fiftyone
 
     name = dataset_name(paths.task, params)
-    summary = build_dataset(name, split_samples, categories, predictions, project_root=paths.root,
+    summary = write_split_dataset(name, split_samples, categories, predictions, project_root=paths.root,
                             split=params.split, task=paths.task, iou_threshold=params.iou_threshold)
     known = {s.id for s in split_samples}
     summary.update({
