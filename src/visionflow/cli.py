@@ -192,7 +192,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export_model(args) -> int:
-    from visionflow.deploy.export import format_report, run_export
+    from visionflow.deploy.parity import format_report, run_export
 
     params_file = Path(args.params or "params.yaml")
     result = run_export(args.model, args.format, Path(args.out), lambda: _model_store(args),

@@ -15,13 +15,11 @@ with the parity figures (`_self_check`, `check_parity`). docs/export.md has the 
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import logging
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -300,109 +298,3 @@ def _check_suffix(out: Path, fmt: str) -> None:
     other = {"onnx": (".pt", ".pth", ".ts", ".torchscript"), "torchscript": (".onnx",)}[fmt]
     if out.suffix.lower() in other:
         raise UserError(f"{out}: a {out.suffix} name for a {fmt} export; name it *{SUFFIXES[fmt]}")
-
-
-# --- the command line (visionflow export-model) ---------------------------------------------
-
-@contextlib.contextmanager
-def local_model_dir(spec: str, tracking_uri: Callable[[], str]) -> Iterator[Path]:
-    """A model folder, or an MLflow model URI whose model folder is downloaded to a temporary
-    folder for the duration (`tracking_uri` is called only for a URI)."""
-    from visionflow.deploy.references import is_registry_uri
-
-    if is_registry_uri(spec):
-        from visionflow.integrations import mlflow as tracking
-
-        with tempfile.TemporaryDirectory(prefix="visionflow-export-") as tmp:
-            yield tracking.download_model_dir(spec, tracking_uri(), tmp)
-    else:
-        yield Path(spec)
-
-
-def project_test_samples(params_file: Optional[Path], meta: dict[str, Any], limit: int) -> tuple[list, Optional[Path], str]:
-    """(the first `limit` test samples of the project of `params_file`, its root, a note saying
-    which samples or why none): the labelled samples for the CLI's parity check."""
-    from visionflow.manifest import read_categories, read_manifest, samples_in_split
-    from visionflow.core.paths import Paths
-
-    if limit <= 0:
-        return [], None, "--samples 0: parity checked on synthetic images only"
-    if params_file is None or not params_file.is_file():
-        return [], None, ("no params.yaml here: parity checked on synthetic images only (pass --params of "
-                          "the project to check the metric on its test split)")
-    paths = Paths(params_file.resolve().parent)
-    if not all(p.is_file() for p in (paths.manifest, paths.split_file, paths.categories)):
-        return [], None, f"{paths.root} has no ingested, split data: parity checked on synthetic images only"
-    names = [c.name for c in read_categories(paths.categories)]
-    if names != list(meta["classes"]):
-        return [], None, (f"{paths.categories} names other classes than the model ({names} vs {meta['classes']}): "
-                          f"parity checked on synthetic images only")
-    test = samples_in_split(read_manifest(paths.manifest), paths.split_file, "test")[:limit]
-    if not test:
-        return [], None, f"{paths.split_file}: the test split is empty: parity checked on synthetic images only"
-    return test, paths.root, f"labelled samples: the first {len(test)} of {paths.split_file}'s test split"
-
-
-def run_export(spec: str, fmt: str, out: str | Path, tracking_uri: Callable[[], str],
-               params_file: Optional[Path] = None, max_samples: int = 64,
-               tolerance: float = TOLERANCE, metric_tolerance: float = METRIC_TOLERANCE,
-               log_to_version: bool = True) -> dict[str, Any]:
-    """`visionflow export-model`: export `spec` (a model folder or an MLflow model URI) to `out`
-    and check parity on the project's test split when there is one. A registered version
-    (models:/NAME@ALIAS or models:/NAME/VERSION) also gets the file and its sidecar logged
-    to it (tracking.log_exported) unless `log_to_version` is false. Returns the sidecar's
-    contents plus "path", "note" and "logged" (the artifact URI, or None)."""
-    out = Path(out)
-    with local_model_dir(spec, tracking_uri) as model_dir:
-        predictor = load_model_folder(model_dir)
-        meta = predictor.meta
-        fmt = resolve_format(meta["task"], fmt)
-        _check_suffix(out, fmt)
-        samples, root, note = project_test_samples(params_file, meta, max_samples)
-        info, exported = _export(predictor, model_dir, fmt, out, source=spec)
-        if samples:
-            from visionflow.deploy.parity import _parity
-
-            info["parity"]["samples"] = _parity(predictor, exported, samples, root, tolerance, metric_tolerance, 16)
-            write_json(sidecar_path(out), {k: v for k, v in info.items() if k != "path"})
-    logged = None
-    if spec.startswith("models:/") and log_to_version:  # a registered version: attach the file to it
-        from visionflow.integrations import mlflow as tracking
-
-        uri = tracking_uri()
-        ref = tracking.describe_model_uri(spec, uri)
-        if ref["version"] is not None:
-            parity = info["parity"].get("samples") or info["parity"]["self_check"]
-            logged = tracking.log_exported(ref["model_name"], ref["version"], ref["run_id"], [out, sidecar_path(out)],
-                                           uri, export_tags(out, parity))
-    return {**info, "note": note, "logged": logged}
-
-
-def export_tags(path: str | Path, parity: dict[str, Any]) -> dict[str, str]:
-    """Model version tags describing an exported file (format and sha256 from its sidecar, which
-    the export wrote) and its parity check."""
-    side = read_json(sidecar_path(path))
-    on = f"{parity['n']} test images" if "n" in parity else "synthetic images (self-check)"
-    within = parity.get("within_tolerance", True)  # the self-check raises ExportError when it is not
-    return {"export.format": side["format"], "export.sha256": side["sha256"],
-            "export.max_abs_diff": f"{parity['max_abs_diff']:.3g}", "export.parity_on": on,
-            "export.within_tolerance": str(bool(within)).lower()}
-
-
-def format_report(result: dict[str, Any]) -> str:
-    from visionflow.deploy.parity import parity_line
-
-    size = result["image_size"]
-    what = f"{result['format']}" + (f" opset {result['opset']}" if result.get("opset") else "")
-    lines = [f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB, {what}, {result['task']}; input "
-             f"{INPUT_NAME}: float32 (B, 3, {size}, {size}) RGB 0..255; outputs: "
-             f"{', '.join(o['name'] for o in result['outputs'])})",
-             f"details in {sidecar_path(result['path'])}",
-             parity_line(result["parity"]["self_check"])]
-    if "samples" in result["parity"]:
-        lines.append(parity_line(result["parity"]["samples"]))
-    if result.get("note"):
-        lines.append(f"note: {result['note']}")
-    if result.get("logged"):
-        lines.append(f"logged to the model version: {result['logged']} (tags export.*)")
-    return "\n".join(lines)

@@ -180,7 +180,8 @@ def promote(params: PromoteParams, register: RegisterParams, paths: Paths) -> di
                 evidence["champion"]["not_compared"] = note
         evidence["export"], exported = export_parity(params, cand_dir, test, paths.root)
         if exported:  # the checked file, kept with the version it was made from (passed or not)
-            from visionflow.deploy.export import export_tags, sidecar_path
+            from visionflow.deploy.export import sidecar_path
+            from visionflow.deploy.parity import export_tags
 
             evidence["export"]["artifact_uri"] = tracking.log_exported(
                 name, candidate["version"], candidate["run_id"], [exported, sidecar_path(exported)], uri,
