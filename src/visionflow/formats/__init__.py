@@ -235,6 +235,7 @@ def _fmt(box: list[float]) -> str:
 from visionflow.formats.coco import read_coco, write_coco  # noqa: E402
 from visionflow.formats.cvat import read_cvat, write_cvat  # noqa: E402
 from visionflow.formats.imagefolder import read_imagefolder, write_imagefolder  # noqa: E402
+from visionflow.formats.labels_csv import read_labels_csv, write_labels_csv  # noqa: E402
 from visionflow.formats.labelstudio import read_labelstudio, write_labelstudio  # noqa: E402
 from visionflow.formats.masks import read_masks, write_masks  # noqa: E402
 from visionflow.formats.voc import read_voc, write_voc  # noqa: E402
@@ -242,11 +243,11 @@ from visionflow.formats.yolo import read_yolo, write_yolo  # noqa: E402
 
 READERS: dict[str, Reader] = {
     "coco": read_coco, "yolo": read_yolo, "voc": read_voc, "imagefolder": read_imagefolder, "masks": read_masks,
-    "cvat": read_cvat, "labelstudio": read_labelstudio,
+    "cvat": read_cvat, "labelstudio": read_labelstudio, "csv": read_labels_csv,
 }
 WRITERS: dict[str, Writer] = {
     "coco": write_coco, "yolo": write_yolo, "voc": write_voc, "imagefolder": write_imagefolder, "masks": write_masks,
-    "cvat": write_cvat, "labelstudio": write_labelstudio,
+    "cvat": write_cvat, "labelstudio": write_labelstudio, "csv": write_labels_csv,
 }
 
 

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.core.errors import DataError
 from visionflow.manifest import Category, Sample
 from visionflow.manifest.images import load_rgb
 from visionflow.tasks.base import Normalize, TestScore, mean_std, nanmean_rows
@@ -124,10 +123,7 @@ class MultilabelMetric:
     def process(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> None:
         k = len(self.names)
         for s, p in zip(samples, predictions, strict=True):
-            classes = image_classes(s)
-            if not classes:
-                raise DataError("test split", "sample has no class (no image label, no object)", record=s.id,
-                                hint="label it, or leave it out of the split")
+            classes = image_classes(s)  # none: an image that shows no class, a negative for every class
             truth, chosen = np.zeros(k, np.int8), np.zeros(k, np.int8)
             truth[classes] = 1
             chosen[list(p["labels"])] = 1
@@ -234,7 +230,7 @@ class MultilabelTask(ClassifyTask):
 
     # --- the test metric and the evaluate stage ---
     def unlabelled(self, samples: Sequence[Sample]) -> list[str]:
-        return [s.id for s in samples if not image_classes(s)]
+        return []  # an image that shows no class is a negative for every class, not a gap
 
     def test_metric(self, categories: Sequence[Category], settings: Any = None) -> MultilabelMetric:
         return MultilabelMetric(categories)
