@@ -377,3 +377,18 @@ def test_rotated_image_flagged(tmp_path):
     res, ann = _single(tmp_path, [r])
     assert len(res.samples[0].instances) == 1
     _one_problem(res, ann, "image_rotated", "result id r1")
+
+
+def test_several_choices_round_trip_as_multi_label(tmp_path):
+    """Multi-label images (the multilabel task's labels) go out as one `choices` result with
+    several values, as a Choices control with choice="multiple" saves them, and come back."""
+    images, ann = write_export(tmp_path / "in")
+    res = read_labelstudio(images, ann, "ls")
+    ids = [c.id for c in res.categories]
+    res.samples[0].labels = ids[:2]
+    out = write_labelstudio(res.samples, res.categories, tmp_path / "out", tmp_path, copy_images=False)
+    choice = json.loads(out.read_text())[0]["annotations"][0]["result"][0]
+    assert choice["type"] == "choices" and len(choice["value"]["choices"]) == 2
+    assert 'choice="multiple"' in (out.parent / "label_config.xml").read_text()
+    again = read_labelstudio(images, out, "ls")
+    assert again.samples[0].labels == ids[:2]
