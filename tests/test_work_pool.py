@@ -1,0 +1,80 @@
+"""Prefect work pools for real: a Prefect server of the test's own on loopback, a process work
+pool, the pipeline deployed to it from a project folder, and a worker that picks the flow run up
+and completes it. This is the test that chose the fastapi pin in pyproject.toml: with fastapi
+0.151-0.154, `prefect work-pool ls` and `prefect worker start` get 422 from the server."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import make_project  # noqa: E402
+
+from visionflow.core.paths import Paths  # noqa: E402
+from visionflow.core.service import stop_group, wait_for_http  # noqa: E402
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = home / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        if not wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=120, proc=proc):
+            pytest.fail(f"prefect server did not start:\n{log.read_text()[-3000:]}")
+        yield {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    finally:
+        stop_group(proc)
+
+
+def _prefect(env, *args, timeout=300, cwd=None):
+    out = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def test_work_pool_worker_runs_the_deployed_pipeline(server, tmp_path):
+    root = tmp_path / "proj"
+    make_project(root, name="pool", tasks=("classify",))
+    _prefect(server, "work-pool", "create", "vf-pool", "--type", "process")
+    assert "vf-pool" in _prefect(server, "work-pool", "ls")  # 422 here with fastapi 0.151-0.154
+    deploy = (f"from pathlib import Path\nfrom prefect import flow\n"
+              f"f = flow.from_source(source={str(root)!r}, entrypoint='flows/pipeline.py:pipeline')\n"
+              f"print(f.deploy(name='pool-test', work_pool_name='vf-pool', "
+              f"parameters={{'params_file': {str(root / 'params.yaml')!r}}}, print_next_steps=False))")
+    out = subprocess.run([sys.executable, "-c", deploy], env=server, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = _prefect(server, "deployment", "run", "visionflow-pipeline/pool-test")
+    assert "Created flow run" in run
+    # the worker takes the scheduled run, runs the pipeline in a subprocess and exits
+    _prefect(server, "worker", "start", "--pool", "vf-pool", "--run-once", timeout=900, cwd=root)
+    read = ("import asyncio\nfrom prefect.client.orchestration import get_client\n"
+            "async def main():\n    async with get_client() as client:\n"
+            "        for r in await client.read_flow_runs():\n"
+            "            print(r.deployment_id is not None, r.state_type.value)\n"
+            "asyncio.run(main())")
+    out = subprocess.run([sys.executable, "-c", read], env=server, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "COMPLETED"], out.stdout + out.stderr[-2000:]  # the deployment's run
+    evaluated = json.loads(Paths(root, "classify").eval_metrics.read_text())
+    assert evaluated["primary_metric"] == "accuracy" and Paths(root, "classify").promotion.exists()
