@@ -20,6 +20,7 @@ from PIL import Image
 
 from visionflow import cli
 from visionflow.integrations import mlflow as tracking
+import mlflow_readback as readback  # noqa: E402  (tests/)
 from visionflow.core.config import BranchParams, RegisterParams, TrainParams
 from visionflow.core.errors import UserError
 from visionflow.evaluation.coco import evaluate_coco, match_table
@@ -190,12 +191,12 @@ def test_worse_candidate_is_refused_with_the_evidence_recorded(registry):
     assert mv.description.startswith("**Promotion decision: refused**")
     assert "| accuracy | 1.0000 | 0.0000 | -1.0000 | [-1.0000, -1.0000] | FAIL |" in mv.description
 
-    run = tracking.get_run(tags["promotion.run_id"], reg.tracking_uri)
+    run = readback.get_run(tags["promotion.run_id"], reg.tracking_uri)
     assert run["tags"]["mlflow.runName"] == f"promote-classify-v{v['bad']}"
     assert run["metrics"]["delta"] == -1.0 and run["metrics"]["promoted"] == 0.0
     assert run["metrics"]["candidate_accuracy"] == 0.0 and run["metrics"]["champion_accuracy"] == 1.0
     assert run["params"]["margin"] == "0.02" and run["params"]["champion_version"] == v["good"]
-    artifact = tracking.download_artifacts(tags["promotion.run_id"], "promotion.json", reg.tracking_uri,
+    artifact = readback.download_artifacts(tags["promotion.run_id"], "promotion.json", reg.tracking_uri,
                                            paths.root / "downloaded")
     assert read_json(artifact)["reason"] == result["reason"]
 

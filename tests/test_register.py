@@ -31,6 +31,7 @@ from PIL import Image
 
 from visionflow.core.service import wait_for_http
 from visionflow.integrations import mlflow as tracking
+import mlflow_readback as readback  # noqa: E402  (tests/)
 from visionflow.core.config import RegisterParams, TrainParams
 from visionflow.core.errors import UserError
 from visionflow.core.files import read_json, write_json
@@ -111,10 +112,10 @@ def test_run_holds_params_history_metrics_tags_and_artifacts(registered, tmp_pat
     assert result["version"] == "1" and result["alias"] == "candidate" and result["tracking_uri"] == uri
     assert read_json(paths.registration) == {**result, "model_uri": "models:/test-classifier@candidate",
                                              "ui": "visionflow ui mlflow"}
-    mv = tracking.get_model_version_by_alias("test-classifier", "candidate", uri)
+    mv = readback.get_model_version_by_alias("test-classifier", "candidate", uri)
     assert mv["version"] == result["version"] and mv["run_id"] == result["run_id"]
 
-    run = tracking.get_run(result["run_id"], uri)
+    run = readback.get_run(result["run_id"], uri)
     assert run["experiment_id"] == result["experiment_id"]
     # artifacts of a sqlite store live in the project's mlartifacts folder, not the cwd
     assert run["artifact_uri"].startswith(paths.mlflow_artifacts.resolve().as_uri())
@@ -122,8 +123,8 @@ def test_run_holds_params_history_metrics_tags_and_artifacts(registered, tmp_pat
     assert run["params"]["train.model.arch"] == "resnet18"
     assert run["params"]["train.augment.preset"] == "light"
     assert run["params"]["train.early_stopping.patience"] == "5"
-    assert tracking.get_metric_history(result["run_id"], "val_accuracy", uri) == [(1, 0.4), (2, 0.6)]
-    assert [s for s, _ in tracking.get_metric_history(result["run_id"], "lr", uri)] == [1, 2]
+    assert readback.get_metric_history(result["run_id"], "val_accuracy", uri) == [(1, 0.4), (2, 0.6)]
+    assert [s for s, _ in readback.get_metric_history(result["run_id"], "lr", uri)] == [1, 2]
     m = run["metrics"]
     assert m["test_accuracy"] == 0.55 and m["test_top_k_accuracy"] == 0.9 and m["test_macro_f1"] == 0.5
     assert {m[f"test_f1_{c}"] for c in CLASSES} == {0.4, 0.5, 0.6}
@@ -133,7 +134,7 @@ def test_run_holds_params_history_metrics_tags_and_artifacts(registered, tmp_pat
     assert tags["data.split_file_md5"] == file_md5(paths.split_file)
     assert tags["visionflow.task"] == "classify"
 
-    local = tracking.download_artifacts(result["run_id"], "", uri, tmp_path / "art")
+    local = readback.download_artifacts(result["run_id"], "", uri, tmp_path / "art")
     assert (local / "figures" / "confusion.png").read_bytes() == (paths.figures_dir / "confusion.png").read_bytes()
     assert read_json(local / "metrics" / "evaluate.json") == read_json(paths.eval_metrics)
     assert read_json(local / "meta.json")["classes"] == CLASSES
@@ -244,11 +245,11 @@ def test_registering_again_makes_version_2_and_moves_the_alias(tmp_path):
     second = register(params, paths)
     assert (first["version"], second["version"]) == ("1", "2")
     assert second["run_id"] != first["run_id"]
-    mv = tracking.get_model_version_by_alias("test-classifier", "candidate", params.tracking_uri)
+    mv = readback.get_model_version_by_alias("test-classifier", "candidate", params.tracking_uri)
     assert mv["version"] == "2" and mv["run_id"] == second["run_id"]
     assert read_json(paths.registration)["version"] == "2"
     # not a git repository
-    assert tracking.get_run(second["run_id"], params.tracking_uri)["tags"]["git_commit"] == "unknown"
+    assert readback.get_run(second["run_id"], params.tracking_uri)["tags"]["git_commit"] == "unknown"
 
 
 def test_missing_eval_metrics_is_named_with_the_stage_that_makes_it(tmp_path):

@@ -100,7 +100,7 @@ def cmd_ui(args) -> int:
 
         raise UserError(str(exc).strip('"')) from None
     if args.app == "mlflow":
-        from visionflow.integrations.mlflow import serve_ui
+        from visionflow.integrations.mlflow_ui import serve_ui
 
         return serve_ui(branch.register, paths, host=args.host, port=args.port or 5000)
     from visionflow.integrations.fiftyone import launch_app

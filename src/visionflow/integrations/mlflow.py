@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from mlflow.types.schema import ColSpec, Schema
 import visionflow
 from visionflow.deploy import pyfunc as pyfunc_model
 from visionflow.core.config import RegisterParams
-from visionflow.core.service import sigterm_as_ctrl_c, stop_group, wait_for_http, warn_if_exposed
 from visionflow.core.files import read_json
 from visionflow.core.paths import Paths
 from visionflow.tasks import task_of
@@ -255,29 +253,6 @@ def _log_and_register_model(model_dir: Path, meta: dict[str, Any], model_name: s
     return str(info.registered_model_version)
 
 
-# --- read-back helpers (tests, scripts) ---
-
-def get_model_version_by_alias(name: str, alias: str, uri: str) -> dict[str, Any]:
-    mv = _client(uri).get_model_version_by_alias(name, alias)
-    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source,
-            "aliases": list(mv.aliases), "tags": dict(mv.tags)}
-
-
-def get_run(run_id: str, uri: str) -> dict[str, Any]:
-    run = _client(uri).get_run(run_id)
-    return {"params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
-            "experiment_id": run.info.experiment_id, "artifact_uri": run.info.artifact_uri}
-
-
-def get_metric_history(run_id: str, key: str, uri: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
-
-
-def download_artifacts(run_id: str, path: str, uri: str, dst: str | Path) -> Path:
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
-
-
 def load_model(model_uri: str, uri: str):
     """A registered model (e.g. "models:/NAME@candidate") as an MLflow pyfunc: .predict(DataFrame)."""
     mlflow.set_tracking_uri(uri)
@@ -331,39 +306,6 @@ def model_meta(pyfunc) -> dict[str, Any]:
     # Duck-typed: the class may come from the model's own code/ copy of visionflow.
     predictor = getattr(getattr(pyfunc.unwrap_python_model(), "_model", None), "predictor", None)
     return dict(getattr(predictor, "meta", {}))
-
-
-# --- the UI ---
-
-def serve_ui(params: RegisterParams, paths: Paths, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run `mlflow server` on the project's store until Ctrl-C (a remote server: print its URL)."""
-    uri = resolve_tracking_uri(params, paths)
-    if uri.startswith(("http://", "https://")):
-        print(f"MLflow tracking server: {uri}")
-        return 0
-    paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--artifacts-destination", str(paths.mlflow_artifacts.resolve()),
-           "--host", host, "--port", str(port), "--workers", "1"]
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    warn_if_exposed(host, "the MLflow UI")
-    print(f"starting MLflow UI for {uri} at {url} (Ctrl-C to stop)", flush=True)
-    # Own process group: `mlflow server` runs uvicorn and a job runner as children, and
-    # stopping the group stops them all.
-    # The job runner (huey workers) serves GenAI features only; it slows start and stop.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        with sigterm_as_ctrl_c():
-            if wait_for_http(f"{url}/health", timeout=120, proc=proc):
-                print(f"MLflow UI ready: {url}", flush=True)
-            code = proc.wait()
-        print(f"error: mlflow server exited with code {code} (is port {port} in use?)", file=sys.stderr)
-        return code or 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop_group(proc)
 
 
 # --- promotion support ---
