@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from project import REPO, TASKS, make_project  # noqa: E402
@@ -47,6 +48,16 @@ def test_dvc_repro_twice(tmp_path):
     for task in TASKS:
         paths = Paths(root, task)
         assert paths.registration.exists() and paths.inspection.exists(), task
+
+    # every plot definition names fields its file has (else `dvc plots show` warns and draws nothing)
+    for plot in yaml.safe_load((root / "dvc.yaml").read_text())["plots"]:
+        (path, spec), = plot.items()
+        header = (root / path).read_text().splitlines()[0].split(",")
+        fields = [spec["x"], *(spec["y"] if isinstance(spec["y"], list) else [spec["y"]])]
+        missing = [f for f in fields if f not in header]
+        if path.endswith("pr_curve.csv"):  # wide: one column per class, a known gap (issue 15)
+            continue
+        assert not missing, f"{path}: plot fields {missing} not in its columns {header}"
 
     second = _run([*dvc, "repro"], root, env)
     assert "Running stage" not in second, second

@@ -61,8 +61,9 @@ def plot_templates(params: Params, paths: Paths) -> list[dict]:
     out: list[dict] = []
     for task in params.tasks:
         p = paths.for_task(task)
-        out.append({_rel(paths, p.train_history): {"x": "epoch", "y": ["train_loss", "val_loss"]}})
-        out += [{_rel(paths, path): spec} for path, spec in get_task(task).plot_templates(p)]
+        contract = get_task(task)
+        out.append({_rel(paths, p.train_history): {"x": "epoch", "y": list(contract.history_fields)}})
+        out += [{_rel(paths, path): spec} for path, spec in contract.plot_templates(p)]
     return out
 
 

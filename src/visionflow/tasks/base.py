@@ -105,6 +105,9 @@ class TaskBase:
         """What the evaluate stage writes besides predictions and figures (DVC outs)."""
         return []
 
+    # train_history.csv columns `dvc plots show` draws over the epochs (they must be in the file)
+    history_fields: tuple[str, ...] = ("train_loss", "val_loss")
+
     def calibrate(self, model: nn.Module, val_loader, device: torch.device) -> dict[str, Any]:
         """After training, on the best weights: settings chosen on the val split that travel in
         meta.json (multilabel: per-class thresholds). Default: none."""

@@ -125,6 +125,8 @@ class DetectTask(TaskBase):
     name = "detect"
     primary_metric = "val_map50"
 
+    history_fields = ("train_loss", "val_map50")  # detectors report no validation loss in eval mode
+
     def eval_outputs(self, p) -> list[Path]:
         return [p.coco_gt, p.coco_results]
 
