@@ -54,3 +54,11 @@ def test_data_synth_writes_a_coco_dataset(tmp_path):
     assert "wrote 6 images" in out.stdout
     coco = yaml.safe_load((tmp_path / "shapes" / "annotations.json").read_text())  # JSON is YAML
     assert len(coco["images"]) == 6 and len(coco["categories"]) == 5
+
+
+def test_stage_help_names_every_stage_of_the_table():
+    from visionflow.stages import STAGES
+
+    out = subprocess.run([sys.executable, "-m", "visionflow.cli", "stage", "--help"], capture_output=True, text=True)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and all(s.name in text for s in STAGES) and "promote" in text

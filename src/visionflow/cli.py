@@ -286,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-copy-images", action="store_true", help="write annotations only")
     exp.set_defaults(fn=cmd_export)
 
+    from visionflow.stages import STAGES  # the stage table itself (light: no torch, no pydantic)
+
+    shared, per_branch = (", ".join(s.name for s in STAGES if s.branch is b) for b in (False, True))
     stage = with_params(sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)"))
-    stage.add_argument("name", help="synth, ingest, split, or <stage>-<task> for a task branch, e.g. "
-                       "train-detect (stages: train, evaluate, register, inspect; tasks: the branches in params.yaml)")
+    stage.add_argument("name", help=f"{shared}, or <stage>-<task> for a task branch, e.g. train-detect "
+                       f"(stages: {per_branch}; tasks: the branches in params.yaml)")
     stage.set_defaults(fn=cmd_stage)
 
     run = with_params(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
