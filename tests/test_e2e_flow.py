@@ -126,12 +126,22 @@ def test_segment_branch_metrics_masks_and_fiftyone_eval(flow_run):
     assert results["register-segment"]["model_name"] == "e2eflow-segment"
 
 
-def test_promote_step_ran_for_every_branch(flow_run):
+def test_promote_step_ran_for_every_branch(flow_run, capsys):
+    from visionflow.integrations.prefect import print_report
+
     root, results, _ = flow_run
     for task in TASKS:
         decision = results[f"promote-{task}"]
         assert decision["decision"] in ("promoted", "refused")
         assert json.loads(Paths(root, task).promotion.read_text())["decision"] == decision["decision"]
+        assert decision["aliases"] == ["candidate", "champion"] if decision["promoted"] else ["candidate"]
+    # the end-of-run summary says what the gate did, not only the alias register gave
+    print_report(results, root / "params.yaml")
+    summary = capsys.readouterr().out
+    for task in TASKS:
+        gate = results[f"promote-{task}"]
+        expected = "@candidate @champion (promoted by the gate)" if gate["promoted"] else "@candidate (gate: refused"
+        assert f"version {results[f'register-{task}']['version']} aliases {expected}" in summary, summary
 
 
 def _test_samples(root):

@@ -54,16 +54,26 @@ def _headline(task: str, ev: dict[str, Any]) -> str:
     return get_task(task).headline(ev)
 
 
+def _aliases(reg: dict[str, Any], gate: dict[str, Any]) -> str:
+    """The version's aliases after the gate (the register stage gave it the first), and why."""
+    if not gate:
+        return f"alias @{reg.get('alias')}"
+    aliases = " ".join(f"@{a}" for a in gate.get("aliases", [reg.get("alias")]))
+    verdict = "promoted by the gate" if gate.get("promoted") else f"gate: {gate.get('decision')} ({gate.get('reason')})"
+    return f"aliases {aliases} ({verdict})"
+
+
 def print_report(results: dict[str, Any], params_file: Path) -> None:
     p = f" --params {params_file}" if params_file != Path("params.yaml").resolve() else ""
     tasks = [name.split("-", 1)[1] for name in results if name.startswith("train-")]
     lines = ["", "visionflow pipeline finished"]
     for task in tasks:
-        ev, reg, ins = (results.get(f"{stage}-{task}", {}) for stage in ("evaluate", "register", "inspect"))
+        ev, reg, ins, gate = (results.get(f"{stage}-{task}", {})
+                              for stage in ("evaluate", "register", "inspect", "promote"))
         lines += [
             f"  {task}:",
             f"    test split:  {ev.get('test_images')} images, {_headline(task, ev)}",
-            f"    model:       {reg.get('model_name')} version {reg.get('version')} alias @{reg.get('alias')}",
+            f"    model:       {reg.get('model_name')} version {reg.get('version')} {_aliases(reg, gate)}",
             f"    FiftyOne:    dataset {ins.get('dataset')!r} ({ins.get('samples')} samples)",
         ]
     tracking = {results.get(f"register-{t}", {}).get("tracking_uri") for t in tasks} - {None}

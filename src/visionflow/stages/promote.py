@@ -382,5 +382,7 @@ def promote_branch(branch: BranchParams, paths: Paths) -> dict[str, Any]:
     """The pipeline's promote-<task> stage: the gate on this branch's candidate. A refusal is a
     result, not a failure (the evidence says why); only a missing candidate or store raises."""
     evidence = promote(branch.promote, branch.register, paths)
+    aliases = [branch.promote.alias_from] + ([branch.promote.alias_to] if evidence["promoted"] else [])
     return {"decision": evidence["decision"], "promoted": evidence["promoted"], "reason": evidence.get("reason"),
-            "candidate_version": evidence["candidate"]["version"], "report": str(paths.promotion)}
+            "candidate_version": evidence["candidate"]["version"], "aliases": aliases,
+            "report": str(paths.promotion)}
