@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -62,3 +63,16 @@ def test_stage_help_names_every_stage_of_the_table():
     out = subprocess.run([sys.executable, "-m", "visionflow.cli", "stage", "--help"], capture_output=True, text=True)
     text = " ".join(out.stdout.split())
     assert out.returncode == 0 and all(s.name in text for s in STAGES) and "promote" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "synth", "--out", "x", "--n", "-5"], "argument --n: -5 is not a number at least 1"),
+    (["data", "synth", "--out", "x", "--size", "4096"], "argument --size: 4096 is not a number from 32 to 2048"),
+    (["predict", "--model", "m", "--images", "i", "--batch-size", "0"], "argument --batch-size: 0 is not a number"),
+    (["serve", "--model", "m", "--port", "70000"], "argument --port: 70000 is not a TCP port from 1 to 65535"),
+    (["data", "synth", "--out", "x", "--n", "ten"], "argument --n: 'ten' is not a whole number"),
+])
+def test_absurd_numbers_are_refused_before_anything_runs(tmp_path, args, message):
+    out = subprocess.run([sys.executable, "-m", "visionflow.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written

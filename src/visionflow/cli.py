@@ -240,6 +240,25 @@ def _print_summary(name: str, result: dict) -> None:
     print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (dict, list))))
 
 
+def _at_least(low: int, high: int | None = None, what: str = ""):
+    """argparse type: an integer in [low, high], refused with a message that says so (not
+    "wrote -5 images" and exit 0)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is not {what or 'a number'} {bounds}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_port = _at_least(1, 65535, "a TCP port")
+
 def build_parser() -> argparse.ArgumentParser:
     from visionflow import __version__
 
@@ -257,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True)
     synth = dsub.add_parser("synth", help="render the deterministic 'shapes' dataset (COCO annotations)")
     synth.add_argument("--out", required=True)
-    synth.add_argument("--n", type=int, default=600)
-    synth.add_argument("--size", type=int, default=96)
+    synth.add_argument("--n", type=_at_least(1), default=600, help="images to render (>= 1)")
+    synth.add_argument("--size", type=_at_least(32, 2048), default=96, help="image side in pixels (32-2048)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(fn=cmd_data_synth)
     fm = dsub.add_parser("fashion-mnist", help="Debian's Fashion-MNIST files as an ImageFolder tree (apt-get install dataset-fashion-mnist)")
     fm.add_argument("--out", required=True)
     fm.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="folder with the *-ubyte.gz files")
-    fm.add_argument("--limit-per-class", type=int, default=None)
+    fm.add_argument("--limit-per-class", type=_at_least(1), default=None)
     fm.set_defaults(fn=cmd_data_fashion_mnist)
 
     from visionflow.core.format_names import FORMATS
@@ -305,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = with_params(sub.add_parser("ui", help="open the MLflow UI or the FiftyOne App"))
     ui.add_argument("app", choices=["mlflow", "fiftyone"])
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    ui.add_argument("--port", type=int, default=None)
+    ui.add_argument("--port", type=_port, default=None)
     ui.add_argument("--task", default=None, help="which branch's MLflow store / FiftyOne dataset (default: the first)")
     ui.add_argument("--dataset", default=None, help="fiftyone: open this dataset instead (e.g. one `predict --fiftyone` made)")
     ui.set_defaults(fn=cmd_ui)
@@ -335,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(.mp4, .avi, .mov, .mkv)")
     pr.add_argument("--out", default=None, help="write predictions to FILE.csv, .json or .jsonl (default: "
                     "print counts per class only)")
-    pr.add_argument("--batch-size", type=int, default=32)
-    pr.add_argument("--every-nth-frame", type=int, default=1, help="videos: predict frames 0, K, 2K, ...")
+    pr.add_argument("--batch-size", type=_at_least(1), default=32)
+    pr.add_argument("--every-nth-frame", type=_at_least(1), default=1, help="videos: predict frames 0, K, 2K, ...")
     pr.add_argument("--min-score", type=float, default=0.5, help="detect: detections counted in the summary and "
                     "sent to FiftyOne score at least this (the output file keeps all)")
     pr.add_argument("--fiftyone", default=None, metavar="DATASET", help="also load the images and their "
@@ -353,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: ONNX for classify and segment, TorchScript for detect")
     xm.add_argument("--out", required=True, help="the file to write (e.g. classify.onnx); a sidecar "
                     "OUT.json describes its input and outputs")
-    xm.add_argument("--samples", type=int, default=64, help="test-split samples of the project for the "
+    xm.add_argument("--samples", type=_at_least(0), default=64, help="test-split samples of the project for the "
                     "metric parity check (0: synthetic images only)")
     xm.add_argument("--params", default=None, help="params file of the project (test split; the MLflow store "
                     "of models:/ URIs) (default: ./params.yaml if present)")
@@ -365,11 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve a registered or local model over HTTP (POST /predict)")
     sv.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a local model folder")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000)
     sv.add_argument("--max-body-mb", type=float, default=10.0, help="larger request bodies get 413")
-    sv.add_argument("--max-pixels", type=int, default=40_000_000,
+    sv.add_argument("--max-pixels", type=_at_least(1), default=40_000_000,
                     help="pixels of one request's images in total, read from their headers (over: 413)")
-    sv.add_argument("--max-concurrency", type=int, default=4,
+    sv.add_argument("--max-concurrency", type=_at_least(1), default=4,
                     help="/predict requests in flight; more get an immediate 503 with Retry-After")
     sv.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ URIs (default: as `predict`)")
     sv.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
