@@ -1,5 +1,7 @@
-"""The task contract: classify, detect and segment each provide these pieces and the one
-engine (visionflow.training.engine) trains and evaluates them all.
+"""The task contract: classify, detect, segment and multilabel each provide these pieces, from
+training to serving (docs/tasks.md); the one engine (visionflow.training.engine) trains them all,
+and evaluate, the promotion gate, export parity, predict, serve, the pyfunc and FiftyOne call
+the same pieces, never a task's name.
 
 Data crossing the boundary (category ids index `categories.json`, 0..K-1):
     images   Tensor (B, 3, H, W) float on the engine's device: normalised for classify and
@@ -9,11 +11,14 @@ Data crossing the boundary (category ids index `categories.json`, 0..K-1):
                        resized image, "labels": (N,) int64 in 1..K (0 is the detectors'
                        background), "masks": (N, H, W) uint8 (Mask R-CNN only)}
              segment:  (B, H, W) int64, 0 background, c + 1 for category c, 255 ignored
+             multilabel: list of B lists of class ids (multi-hot (B, K) built in the loss)
 Predictions (Task.predict), in each input image's own pixel coordinates:
     classify {"label": int, "confidence": float, "probs": [float] * K}
     detect   {"boxes": [[x1, y1, x2, y2]], "labels": [int 0..K-1], "scores": [float],
               "masks": [COCO RLE] (Mask R-CNN only)}
     segment  {"mask": (H, W) uint8 ndarray, 0 background, c + 1 for category c}
+    multilabel {"labels": [int] the classes at or above their thresholds, "scores": [float],
+              "probs": [float] * K}
 """
 from __future__ import annotations
 
