@@ -109,6 +109,7 @@ def registry(tmp_path_factory):
     """One store, one registered model with four versions; each test points its own aliases at
     them (PromoteParams.alias_from / alias_to), so tests do not see each other's decisions."""
     paths, reg = make_project(tmp_path_factory.mktemp("promote") / "project")
+    reg = reg.model_copy(update={"reuse_identical": False})  # good_copy: the same weights as a version of its own
     weights = fitted_weights(paths)
     versions = {}
     for key, state in (("good", "good"), ("bad", "bad"), ("good_copy", "good"), ("bad_copy", "bad")):

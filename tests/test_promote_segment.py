@@ -72,7 +72,8 @@ def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("promote-segment") / "project"
     make_data(root)
     paths = Paths(root, task="segment")
-    reg = RegisterParams(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", model_name="promo-seg")
+    # good_copy: the same weights registered as a version of its own (for the tie)
+    reg = RegisterParams(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", model_name="promo-seg", reuse_identical=False)
     train(TRAIN, paths)
     good = torch.load(paths.model_dir / "model.pt", weights_only=True)
     bad = dict(good)

@@ -32,6 +32,7 @@ from PIL import Image
 from visionflow.core.service import wait_for_http
 from visionflow.integrations import mlflow as tracking
 import mlflow_readback as readback  # noqa: E402  (tests/)
+from mlflow import MlflowClient
 from visionflow.core.config import RegisterParams, TrainParams
 from visionflow.core.errors import UserError
 from visionflow.core.files import read_json, write_json
@@ -238,9 +239,32 @@ def _rendered_dom(url: str) -> str | None:
     return out.stdout
 
 
-def test_registering_again_makes_version_2_and_moves_the_alias(tmp_path):
+def test_the_same_model_is_not_registered_twice(tmp_path):
+    """A rerun with nothing changed reports the version that holds these weights: no new version,
+    no new run (issue 15: a few runs had left 9 versions of the classifier, 4 of them equal)."""
     paths = make_project(tmp_path / "project")
     params = _params(tmp_path)
+    first = register(params, paths)
+    again = register(params, paths)
+    assert again == {**first, "reused": True} and first["reused"] is False
+    client = MlflowClient(tracking_uri=params.tracking_uri)
+    assert [str(v.version) for v in client.search_model_versions("name = 'test-classifier'")] == ["1"]
+    assert len(client.search_runs([first["experiment_id"]])) == 1
+    assert read_json(paths.registration)["reused"] is True
+    # other weights are another model: version 2, and the alias moves to it
+    state = torch.load(paths.model_dir / "model.pt", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, paths.model_dir / "model.pt")
+    other = register(params, paths)
+    assert other["version"] == "2" and other["reused"] is False
+    # back to the first weights: version 1 again, and the alias follows
+    torch.save(state, paths.model_dir / "model.pt")
+    assert register(params, paths)["version"] == "1"
+    assert readback.get_model_version_by_alias("test-classifier", "candidate", params.tracking_uri)["version"] == "1"
+
+
+def test_registering_again_makes_version_2_and_moves_the_alias(tmp_path):
+    paths = make_project(tmp_path / "project")
+    params = _params(tmp_path).model_copy(update={"reuse_identical": False})  # a copy on purpose
     first = register(params, paths)
     second = register(params, paths)
     assert (first["version"], second["version"]) == ("1", "2")

@@ -189,6 +189,9 @@ class RegisterParams(Section):
     experiment: str = "visionflow"
     model_name: Optional[str] = None  # None: visionflow-<task>
     alias: str = "candidate"
+    # A model whose weights and meta.json equal a registered version's is not registered again:
+    # the stage reports that version (and moves the alias to it). false: always a new version.
+    reuse_identical: bool = True
 
 
 class InspectParams(Section):

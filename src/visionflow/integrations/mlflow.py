@@ -12,6 +12,7 @@ file `paths.mlflow_db`. With a sqlite store, artifacts go to `paths.mlflow_artif
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -184,17 +185,47 @@ def log_and_register(params: RegisterParams, paths: Paths, tags: dict[str, str])
     client = _client(uri)
     experiment_id = _ensure_experiment(client, params.experiment, uri, paths)
     meta = read_json(paths.model_dir / "meta.json")
+    digest = model_digest(paths.model_dir)
+    same = _version_with_digest(client, params.model_name, digest) if params.reuse_identical else None
+    if same is not None:  # the same model again (a rerun with nothing changed): no new version
+        version, run_id = str(same.version), same.run_id
+        client.set_registered_model_alias(params.model_name, params.alias, version)
+        log.info("%s version %s already holds these weights (sha256 %s...): not registered again; alias %s -> %s",
+                 params.model_name, version, digest[:12], params.alias, version)
+        return {"run_id": run_id, "model_name": params.model_name, "version": version, "alias": params.alias,
+                "tracking_uri": uri, "experiment_id": client.get_run(run_id).info.experiment_id, "reused": True}
 
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{meta.get('task')}-{meta.get('arch')}") as run:
         run_id = run.info.run_id
-        _log_run_contents(client, run_id, paths, meta, tags)
+        _log_run_contents(client, run_id, paths, meta, {**tags, DIGEST_TAG: digest})
         version = _log_and_register_model(paths.model_dir, meta, params.model_name)
 
     client.set_registered_model_alias(params.model_name, params.alias, version)
     client.set_model_version_tag(params.model_name, version, "run_id", run_id)
+    client.set_model_version_tag(params.model_name, version, DIGEST_TAG, digest)
     log.info("registered %s version %s (alias %s), run %s", params.model_name, version, params.alias, run_id)
     return {"run_id": run_id, "model_name": params.model_name, "version": version, "alias": params.alias,
-            "tracking_uri": uri, "experiment_id": experiment_id}
+            "tracking_uri": uri, "experiment_id": experiment_id, "reused": False}
+
+
+DIGEST_TAG = "visionflow.model_sha256"  # on the version and its run: sha256 of model.pt + meta.json
+
+
+def model_digest(model_dir: Path) -> str:
+    """What makes two model folders the same model: the weights and meta.json (classes, input
+    size, thresholds); augment.json describes training and does not change predictions."""
+    h = hashlib.sha256()
+    for name in ("model.pt", "meta.json"):
+        with open(model_dir / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _version_with_digest(client: MlflowClient, name: str, digest: str):
+    """The newest version of `name` tagged with `digest`, or None (also when `name` is new)."""
+    versions = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(DIGEST_TAG) == digest]
+    return max(versions, key=lambda v: int(v.version), default=None)
 
 
 def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dict[str, Any],
