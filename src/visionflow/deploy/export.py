@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from visionflow.core.errors import UserError
 from visionflow.core.files import atomic_path, file_digest, read_json, write_json
+from visionflow.deploy.references import META_FILE, MODEL_FILE, model_folder
+from visionflow.tasks import get_task, task_of
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,6 @@ class ExportError(UserError):
 
 
 # --- the graph: the task's model + the pre- and post-processing that travel inside the file ---
-
-def _task(name: str):
-    from visionflow.tasks import get_task
-
-    return get_task(name)
-
 
 def build_graph(predictor) -> nn.Module:
     """The exported module of a loaded model folder (visionflow.deploy.predictor.ModelPredictor), eval mode."""
@@ -79,32 +75,25 @@ def _synthetic(batch: int, size: int, seed: int = 0) -> np.ndarray:
 
 # --- loading ------------------------------------------------------------------------------
 
-def meta_task(model_dir: Path) -> str:
-    from visionflow.tasks import task_of
-
-    return task_of(read_json(model_dir / "meta.json"))
-
-
 def load_model_folder(model_dir: str | Path):
     """A model folder as a ModelPredictor (model in eval mode on the CPU); UserError if it is not one."""
     from pydantic import ValidationError
 
-    from visionflow.deploy.predictor import META_FILE, load_predictor
-    from visionflow.deploy.references import model_folder
+    from visionflow.deploy.predictor import load_predictor
 
     model_dir = model_folder(model_dir)
     try:
         return load_predictor(model_dir, "cpu")
     except ValidationError as exc:  # a folder written by an older visionflow
-        err = exc.errors()[0]
+        err, task = exc.errors()[0], task_of(read_json(model_dir / META_FILE))
         raise UserError(f"{model_dir / META_FILE}: params.{'.'.join(map(str, err['loc']))}: {err['msg']}; this "
-                        f"visionflow cannot rebuild the model, retrain it (visionflow stage train-{meta_task(model_dir)})") from None
+                        f"visionflow cannot rebuild the model, retrain it (visionflow stage train-{task})") from None
 
 
 def resolve_format(task: str, fmt: str) -> str:
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    allowed = _task(task).export_formats
+    allowed = get_task(task).export_formats
     if fmt == "auto":
         return allowed[0]
     if fmt not in allowed:
@@ -131,7 +120,7 @@ class ExportedModel:
 
     def __init__(self, path: str | Path, task: str, fmt: str):
         self.path, self.task, self.fmt = Path(path), task, fmt
-        self.contract = _task(task)
+        self.contract = get_task(task)
         if fmt == "onnx":
             import onnxruntime as ort
 
@@ -170,7 +159,7 @@ def load_exported(path: str | Path, task: Optional[str] = None) -> ExportedModel
 # --- export --------------------------------------------------------------------------------
 
 def _write_onnx(graph: nn.Module, example: Tensor, path: Path, task: str) -> None:
-    names = list(_task(task).export_outputs)
+    names = list(get_task(task).export_outputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's warnings on torchvision internals are not ours
         program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=names,
@@ -190,7 +179,7 @@ _WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript}
 
 def _self_check(graph: nn.Module, exported: ExportedModel, task: str, size: int) -> dict[str, Any]:
     """Run the exported file at batch 1 and 3 on synthetic images against the eager graph."""
-    contract = _task(task)
+    contract = get_task(task)
     diff, mismatched = 0.0, 0
     for seed, batch in enumerate(SELF_CHECK_BATCHES):
         x = _synthetic(batch, size, seed + 1)
@@ -229,10 +218,8 @@ def _opset(path: Path) -> Optional[int]:
 
 def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> dict[str, Any]:
     """The sidecar's fixed part: what the file is, its input contract and outputs."""
-    from visionflow.deploy.predictor import MODEL_FILE
-
     task, size = meta["task"], int(meta["image_size"])
-    contract = _task(task)
+    contract = get_task(task)
     norm = contract.input_normalization(meta)
     return {
         "format": fmt, "file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path),
@@ -249,7 +236,7 @@ def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> di
     }
 
 
-def _export(predictor, model_dir: Path, fmt: str, out: Path,
+def write_export(predictor, model_dir: Path, fmt: str, out: Path,
             source: Optional[str] = None) -> tuple[dict[str, Any], ExportedModel]:
     """Write `out` and its sidecar; returns (sidecar + "path", the file loaded for inference)."""
     meta = predictor.meta
@@ -265,7 +252,7 @@ def _export(predictor, model_dir: Path, fmt: str, out: Path,
             raise
         except Exception as exc:  # the exporters and runtimes raise many types; all mean "no file"
             first = (str(exc).strip().splitlines() or [""])[0][:300]
-            other = [f for f in _task(task).export_formats if f != fmt]
+            other = [f for f in get_task(task).export_formats if f != fmt]
             hint = f"; try --format {other[0]}" if other else ""
             raise ExportError(f"{model_dir}: {fmt} export of {meta.get('arch')} failed "
                               f"({type(exc).__name__}: {first}){hint}") from exc
@@ -290,11 +277,11 @@ def export_model(model_dir: str | Path, fmt: str = "auto", out_path: str | Path 
     predictor = load_model_folder(model_dir)
     fmt = resolve_format(predictor.meta["task"], fmt)
     out = Path(out_path) if out_path is not None else default_export_path(model_dir, fmt)
-    _check_suffix(out, fmt)
-    return _export(predictor, model_dir, fmt, out)[0]
+    check_suffix(out, fmt)
+    return write_export(predictor, model_dir, fmt, out)[0]
 
 
-def _check_suffix(out: Path, fmt: str) -> None:
+def check_suffix(out: Path, fmt: str) -> None:
     other = {"onnx": (".pt", ".pth", ".ts", ".torchscript"), "torchscript": (".onnx",)}[fmt]
     if out.suffix.lower() in other:
         raise UserError(f"{out}: a {out.suffix} name for a {fmt} export; name it *{SUFFIXES[fmt]}")

@@ -16,9 +16,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from visionflow.core.errors import UserError
 from visionflow.core.files import read_json, write_json
-from visionflow.deploy.export import (INPUT_NAME, METRIC_TOLERANCE, TOLERANCE, ExportedModel, _check_suffix, _export,
-                                      _task, default_export_path, load_exported, load_model_folder, preprocess,
-                                      resolve_format, sidecar_path)
+from visionflow.deploy.export import (INPUT_NAME, METRIC_TOLERANCE, TOLERANCE, ExportedModel, check_suffix,
+                                      default_export_path, load_exported, load_model_folder, preprocess,
+                                      resolve_format, sidecar_path, write_export)
+from visionflow.tasks import get_task
 
 
 def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root: Path, tolerance: float,
@@ -65,7 +66,7 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
 def _check_samples(task: str, samples: Sequence) -> None:
     if not samples:
         raise UserError("parity check: no labelled samples given (pass the test split's samples)")
-    unlabelled = _task(task).unlabelled(samples)
+    unlabelled = get_task(task).unlabelled(samples)
     if unlabelled:
         raise UserError(f"parity check: {len(unlabelled)} samples have no label to score, e.g. {unlabelled[:3]}")
 
@@ -101,8 +102,8 @@ def export_and_check(model_dir: str | Path, test_samples: Sequence, project_root
     fmt = resolve_format(task, fmt)
     _check_samples(task, test_samples)  # before the minutes an export can take
     out = Path(out_path) if out_path is not None else default_export_path(model_dir, fmt)
-    _check_suffix(out, fmt)
-    info, exported = _export(predictor, model_dir, fmt, out)
+    check_suffix(out, fmt)
+    info, exported = write_export(predictor, model_dir, fmt, out)
     parity = _parity(predictor, exported, list(test_samples), Path(project_root), tolerance,
                      metric_tolerance, batch_size=16)
     info["parity"]["samples"] = parity
@@ -177,9 +178,9 @@ def run_export(spec: str, fmt: str, out: str | Path, tracking_uri: Callable[[], 
         predictor = load_model_folder(model_dir)
         meta = predictor.meta
         fmt = resolve_format(meta["task"], fmt)
-        _check_suffix(out, fmt)
+        check_suffix(out, fmt)
         samples, root, note = project_test_samples(params_file, meta, max_samples)
-        info, exported = _export(predictor, model_dir, fmt, out, source=spec)
+        info, exported = write_export(predictor, model_dir, fmt, out, source=spec)
         if samples:
             info["parity"]["samples"] = _parity(predictor, exported, samples, root, tolerance, metric_tolerance, 16)
             write_json(sidecar_path(out), {k: v for k, v in info.items() if k != "path"})

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from visionflow.core.files import read_json
+from visionflow.deploy.references import META_FILE, MODEL_FILE  # noqa: F401  (the model folder's names)
 from visionflow.tasks import get_task
 
-MODEL_FILE, META_FILE, AUGMENT_FILE = "model.pt", "meta.json", "augment.json"
+AUGMENT_FILE = "augment.json"
 
 
 class ModelPredictor:
