@@ -47,13 +47,14 @@ import fiftyone as fo  # noqa: E402
 from visionflow.core.errors import DataError, UserError
 from visionflow.core.service import sigterm_as_ctrl_c
 from visionflow.manifest import Category, Sample, image_label
+from visionflow.tasks import get_task  # the registry only: light
 
 log = logging.getLogger(__name__)
 
 EVAL_KEY = "eval"
 OPEN_COMMAND = "visionflow ui fiftyone"
 
-# --- ground truth, per task: (sample, class names) -> {field: label or None} ---
+# --- ground truth, per label kind: (sample, class names) -> {field: label or None} ---
 
 
 def classification_ground_truth(sample: Sample, names: list[str]) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def semantic_ground_truth(sample: Sample, names: list[str]) -> dict[str, Any]:
     return {"ground_truth": fo.Segmentation(mask=semantic_mask(sample))}
 
 
-# --- predictions, per task: (prediction record, class names) -> {field: label} ---
+# --- predictions, per label kind: (prediction record, class names) -> {field: label} ---
 
 
 def classification_prediction(pred: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -162,12 +163,6 @@ PREDICTIONS: dict[str, PredictionFn] = {
 }
 
 
-def label_kind(task: str) -> str:
-    from visionflow.tasks import get_task
-
-    return get_task(task).fiftyone_label
-
-
 def write_split_dataset(
     name: str,
     samples: list[Sample],
@@ -190,8 +185,6 @@ def write_split_dataset(
         first = missing[0]
         raise DataError(first.image_path(project_root), f"image not found ({len(missing)} of {len(samples)} missing)",
                         record=first.id, hint="re-run ingest, or check the source image root in params.yaml")
-
-    from visionflow.tasks import get_task
 
     contract = get_task(task)
     kind = contract.fiftyone_label
@@ -325,7 +318,7 @@ def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], ta
     a `predictions` field: Classification, Detections (score >= min_score) or Segmentation."""
     from PIL import Image
 
-    kind = label_kind(task)
+    kind = get_task(task).fiftyone_label
     samples = []
     for path, rec in records:
         if kind == "classification":
