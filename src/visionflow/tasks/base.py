@@ -85,6 +85,11 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def eval_batch(images: Sequence[np.ndarray], transform: A.Compose) -> torch.Tensor:
+    """RGB uint8 images of any size through the eval transform -> (B, 3, S, S) float32."""
+    return torch.from_numpy(np.stack([transform(image=im)["image"].transpose(2, 0, 1) for im in images]))
+
+
 def mean_std(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
     """The normalisation a model folder was trained with (ImageNet's when meta.json predates it)."""
     from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD

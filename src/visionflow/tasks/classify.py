@@ -17,7 +17,7 @@ from visionflow.core.errors import DataError
 from visionflow.manifest.images import load_rgb
 from visionflow.manifest import Category, Sample, image_label
 from visionflow.models.classifiers import build_classifier
-from visionflow.tasks.base import Normalize, TaskBase, TestScore, mean_std
+from visionflow.tasks.base import Normalize, TaskBase, TestScore, eval_batch, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,7 @@ class ClassifyTask(TaskBase):
 
     @torch.no_grad()
     def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
-        batch = np.stack([transform(image=im)["image"].transpose(2, 0, 1) for im in images])  # (B, 3, S, S)
-        return self.postprocess(model(torch.from_numpy(batch).to(device)))
+        return self.postprocess(model(eval_batch(images, transform).to(device)))
 
     def postprocess(self, logits: torch.Tensor) -> list[dict[str, Any]]:
         probs = logits.float().softmax(dim=1)  # (B, K)

@@ -219,10 +219,9 @@ class MultilabelTask(ClassifyTask):
         thresholds = np.asarray(self.thresholds or [DEFAULT_THRESHOLD] * probs.shape[1])
         return [np.flatnonzero(p >= thresholds).tolist() for p in probs]
 
-    @torch.no_grad()
-    def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
-        batch = np.stack([transform(image=im)["image"].transpose(2, 0, 1) for im in images])  # (B, 3, S, S)
-        return self._predictions(model(torch.from_numpy(batch).to(device)).float().sigmoid().cpu().numpy())
+    def postprocess(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        """(B, K) logits -> predictions (ClassifyTask.predict batches the images)."""
+        return self._predictions(logits.float().sigmoid().cpu().numpy())
 
     def _predictions(self, probs: np.ndarray) -> list[dict[str, Any]]:
         return [{"labels": chosen, "scores": [float(p[k]) for k in chosen], "probs": p.tolist()}

@@ -25,7 +25,7 @@ from visionflow.manifest.images import load_rgb
 from visionflow.manifest.masks import semantic_mask
 from visionflow.manifest import Category, Sample
 from visionflow.models.segmenters import build_segmenter
-from visionflow.tasks.base import IGNORE_INDEX, Normalize, TaskBase, TestScore, mean_std, nanmean_rows
+from visionflow.tasks.base import IGNORE_INDEX, Normalize, TaskBase, TestScore, eval_batch, mean_std, nanmean_rows
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,8 @@ class SegmentTask(TaskBase):
 
     def reference_outputs(self, predictor, images: list[np.ndarray]):
         # logits too, which predict does not return; the masks as predict makes them
-        batch = np.stack([predictor.transform(image=im)["image"].transpose(2, 0, 1) for im in images])
         with torch.no_grad():
-            logits = predictor.model(torch.from_numpy(batch)).float()  # (B, K + 1, S, S)
+            logits = predictor.model(eval_batch(images, predictor.transform)).float()  # (B, K + 1, S, S)
         return {"logits": logits.numpy()}, [{"mask": upsampled_mask(lg, im.shape[:2])} for lg, im in zip(logits, images)]
 
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
@@ -296,8 +295,7 @@ class SegmentTask(TaskBase):
 
     @torch.no_grad()
     def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
-        batch = np.stack([transform(image=im)["image"].transpose(2, 0, 1) for im in images])  # (B, 3, S, S)
-        logits = model(torch.from_numpy(batch).to(device)).float()  # (B, K + 1, S, S)
+        logits = model(eval_batch(images, transform).to(device)).float()  # (B, K + 1, S, S)
         # one at a time: full-size logits of a big image are large
         return [{"mask": upsampled_mask(lg, im.shape[:2])} for im, lg in zip(images, logits)]
 
