@@ -151,3 +151,23 @@ def test_split_from_file_becomes_a_dvc_dependency(tmp_path):
     params = params.model_copy(update={"split": params.split.model_copy(update={"from_file": "splits/mine.csv"})})
     deps = build_dvc_yaml(params, Paths(tmp_path))["stages"]["split"]["deps"]
     assert "splits/mine.csv" in deps
+
+
+def test_gitignore_keeps_what_dvc_caches_out_of_git_and_commits_the_small_outputs():
+    """DVC's recommended layout: cached outputs are ignored by git (DVC versions them); metrics,
+    plots and uncached reports are committed with dvc.lock, so experiments and commits compare."""
+    cached, committed = [], []
+    for name, entry in _dvc()["stages"].items():
+        for out in entry.get("outs", []):
+            (committed if isinstance(out, dict) and out[next(iter(out))].get("cache") is False else cached).append(
+                next(iter(out)) if isinstance(out, dict) else out)
+        for key in ("metrics", "plots"):
+            committed += [next(iter(m)) for m in entry.get(key, [])]
+    # a folder output is ignored when a file inside it is
+    probe = [p + "/x" if not Path(p).suffix else p for p in cached + committed]
+    res = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=REPO, input="\n".join(probe),
+                         capture_output=True, text=True)
+    ignored = set(res.stdout.split())
+    assert not [p for p, q in zip(cached, probe) if q not in ignored], "cached DVC outputs git does not ignore"
+    assert not [p for p, q in zip(committed, probe[len(cached):]) if q in ignored], "metrics/plots git ignores"
+    assert any(p.startswith("metrics/") for p in committed) and any(p.startswith("plots/") for p in committed)

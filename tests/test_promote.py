@@ -459,3 +459,26 @@ def test_weighted_miou_equals_the_accumulator_on_the_resampled_images():
         acc.update(*masks[i])
     weights = np.bincount(pick, minlength=6)[None].astype(float)
     assert mean_iou((weights @ np.stack(cms)).reshape(-1, K, K))[0] == pytest.approx(acc.compute()["miou"], abs=1e-12)
+
+
+def test_a_rerun_with_nothing_changed_keeps_the_decision_on_record(registry):
+    """promotion.json is a DVC output: asking the same question again (same candidate, champion,
+    gate params and test data) leaves the file and the registry as they were, whether the
+    answer was a refusal or a promotion; a changed question is decided again."""
+    paths, reg, v = registry
+    names = aliases(reg, "rerun", v["bad"], champion=v["good"])
+    first = promote(PromoteParams(**names, **NO_EXPORT), reg, paths)
+    recorded = paths.promotion.read_bytes()
+    again = promote(PromoteParams(**names, **NO_EXPORT), reg, paths)
+    assert again["decision"] == first["decision"] == "refused" and again["run"]["id"] == first["run"]["id"]
+    assert paths.promotion.read_bytes() == recorded
+    changed = promote(PromoteParams(margin=0.5, **names, **NO_EXPORT), reg, paths)  # another question
+    assert changed["run"]["id"] != first["run"]["id"] and paths.promotion.read_bytes() != recorded
+
+    names = aliases(reg, "rerun-ok", v["good"])
+    promoted = promote(PromoteParams(**names, **NO_EXPORT), reg, paths)
+    recorded = paths.promotion.read_bytes()
+    assert promoted["decision"] == "promoted"
+    again = promote(PromoteParams(**names, **NO_EXPORT), reg, paths)  # now candidate == champion
+    assert again["decision"] == "already_champion" and again["promoted"]
+    assert paths.promotion.read_bytes() == recorded

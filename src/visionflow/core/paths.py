@@ -44,7 +44,7 @@ class Paths:
 
     @property
     def validation_report(self) -> Path:
-        return self._p("data/processed/validation.json")
+        return self._p("metrics/validation.json")
 
     @property
     def split_file(self) -> Path:
@@ -69,6 +69,12 @@ class Paths:
     def checkpoint_dir(self) -> Path:
         # Not a DVC output: a scratch area that lets an interrupted train stage resume.
         return self.root / "models" / "checkpoints" / self.task
+
+    @property
+    def train_run(self) -> Path:
+        """How the last training run went (per-epoch wall times, resumed or not): beside the
+        checkpoints, not a DVC output, so reruns with equal inputs leave DVC's outputs equal."""
+        return self.checkpoint_dir / "run.json"
 
     @property
     def train_metrics(self) -> Path:

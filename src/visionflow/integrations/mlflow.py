@@ -112,10 +112,15 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
-def _history_metrics(history_csv: Path, now_ms: int) -> list[Metric]:
-    """plots/train_history.csv (epoch,train_loss,val_loss,val_accuracy,lr,seconds) -> one
-    metric per column and epoch, step = epoch."""
+def _history_metrics(history_csv: Path, run_file: Path, now_ms: int) -> list[Metric]:
+    """plots/train_history.csv (epoch,train_loss,val_loss,val_accuracy,lr) and the run's
+    per-epoch wall times (models/checkpoints/<task>/run.json: not DVC-tracked) -> one metric per
+    column and epoch, step = epoch."""
     metrics = []
+    run = read_json(run_file) if run_file.exists() else {}
+    for row in run.get("epochs", []):
+        metrics += [Metric(_metric_key(k), float(v), now_ms, int(row["epoch"]))
+                    for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))]
     with open(history_csv, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             step = int(float(row["epoch"]))
@@ -246,14 +251,15 @@ def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dic
                 **({"train.device": str(train_metrics["device"])} if "device" in train_metrics else {}), **tags}
     _log_batch(
         client, run_id,
-        metrics=_history_metrics(paths.train_history, now_ms) + _summary_metrics(eval_metrics, train_metrics, task_of(meta), now_ms),
+        metrics=_history_metrics(paths.train_history, paths.train_run, now_ms) + _summary_metrics(eval_metrics, train_metrics, task_of(meta), now_ms),
         params=[Param(k, v) for k, v in run_params.items()],
         tags=[RunTag(k, v) for k, v in run_tags.items()],
     )
     if paths.figures_dir.is_dir():
         mlflow.log_artifacts(str(paths.figures_dir), "figures")
-    for f in (paths.eval_metrics, paths.train_metrics, paths.train_history):
-        mlflow.log_artifact(str(f), "metrics")
+    for f in (paths.eval_metrics, paths.train_metrics, paths.train_history, paths.train_run):
+        if f.exists():
+            mlflow.log_artifact(str(f), "metrics")
     for f in (paths.predictions, paths.coco_gt, paths.coco_results, paths.pr_curve_csv, paths.per_class_csv):
         if f.exists():  # COCO files: re-check the numbers with any COCO tool
             mlflow.log_artifact(str(f), "predictions" if f.suffix in (".json", ".jsonl") else "plots")

@@ -157,12 +157,18 @@ def promote(params: PromoteParams, register: RegisterParams, paths: Paths) -> di
                                   "run_id": champion["run_id"]},
     }
     if champion and champion["version"] == candidate["version"]:
+        standing = _standing(paths, evidence, promoted=True)
+        if standing:
+            return {**standing, "decision": "already_champion"}
         evidence.update(decision="already_champion", promoted=True, checks=[],
                         reason=f"version {candidate['version']} already holds both {params.alias_from!r} and "
                                f"{params.alias_to!r}; nothing to compare")
         write_json(report_path(paths), evidence)
         return evidence
     test, categories, data = _test_split(paths)
+    standing = _standing(paths, {**evidence, "data": data}, promoted=False)
+    if standing:
+        return standing
     with tempfile.TemporaryDirectory(prefix="visionflow-promote-") as tmp:
         def fetch(version: str) -> Path:
             return tracking.download_model_dir(f"models:/{name}/{version}", uri, Path(tmp) / f"v{version}")
@@ -211,6 +217,27 @@ def _test_split(paths: Paths) -> tuple[list[Sample], list[Category], dict[str, A
     data = {"manifest_md5": file_digest(paths.manifest, "md5"), "split_md5": file_digest(paths.split_file, "md5"),
             "test_images": len(test)}
     return test, read_categories(paths.categories), data
+
+
+def _standing(paths: Paths, evidence: dict[str, Any], promoted: bool) -> dict[str, Any] | None:
+    """The decision already on record for this very question, if any: the same model, store,
+    gate params and candidate version, and (for a refusal) the same champion and test data.
+    A rerun with nothing changed then leaves promotion.json (a DVC output) as it was instead of
+    recording a new decision: the file is a function of the stage's inputs."""
+    try:
+        prev = read_json(report_path(paths))
+    except (OSError, ValueError):
+        return None
+    same = all(prev.get(k) == evidence.get(k) for k in ("model_name", "tracking_uri", "params")) and \
+        (prev.get("candidate") or {}).get("version") == evidence["candidate"]["version"]
+    if not same or bool(prev.get("promoted")) != promoted or "checks" not in prev:
+        return None
+    if not promoted and ((prev.get("champion") or {}).get("version") != (evidence.get("champion") or {}).get("version")
+                         or prev.get("data") != evidence.get("data")):
+        return None
+    log.info("%s v%s: the decision on record stands (%s, %s); %s unchanged", evidence["model_name"],
+             evidence["candidate"]["version"], prev.get("decision"), prev.get("timestamp"), report_path(paths))
+    return prev
 
 
 def _require_classes(model_dir: Path, task: str, categories: list[Category], what: str) -> None:

@@ -40,7 +40,9 @@ def _inputs(paths: Paths) -> list[tuple[Path, str]]:
 def check_inputs(paths: Paths) -> None:
     missing = [(p, stage) for p, stage in _inputs(paths) if not p.exists()]
     if missing:
-        lines = [f"  {p} (made by the {stage} stage: visionflow stage {stage})" for p, stage in missing]
+        from visionflow.stages import stage_command
+
+        lines = [f"  {p} (made by the {stage} stage: {stage_command(stage, paths.task)})" for p, stage in missing]
         raise UserError("register: missing inputs:\n" + "\n".join(lines))
 
 
@@ -98,5 +100,7 @@ def register(params: RegisterParams, paths: Paths) -> dict[str, Any]:
     result = tracking.log_and_register(params, paths, provenance_tags(paths))
     result["model_uri"] = f"models:/{result['model_name']}@{result['alias']}"
     result["ui"] = UI_COMMAND
-    write_json(paths.registration, result)
+    # The file is DVC's record of the stage: the same model gives the same file whether it was
+    # registered now or found already registered (`reused`, reported by the stage, not kept).
+    write_json(paths.registration, {k: v for k, v in result.items() if k != "reused"})
     return result

@@ -100,17 +100,25 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     model.load_state_dict(result.best_state)  # what is saved is what the task calibrates on
     meta.update(task.calibrate(model.to(device).eval(), val_loader if len(val_ds) else None, device))
     _write_model_dir(paths.model_dir, result.best_state, meta, A.to_dict(train_tf))
-    write_history_csv(paths.train_history, result.history)
+    # DVC-tracked outputs are a function of code, params and data: the wall times and how this
+    # run got there (resumed or not) go to an untracked side file that the register stage logs.
+    write_history_csv(paths.train_history, [{k: v for k, v in row.items() if k not in RUN_FACTS} for row in result.history])
     summary = {
         "task": paths.task, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-        "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "device": result.device,
-        "best": {k: v for k, v in result.best.items() if k != "epoch"},
+        "stopped_early": result.stopped_early, "device": result.device,
+        "best": {k: v for k, v in result.best.items() if k != "epoch" and k not in RUN_FACTS},
         "train_images": len(train_ds), "val_images": len(val_ds),
         "world_size": dist_info.world_size, "rank_weight_digests": digests,
     }
     write_json(paths.train_metrics, summary)
+    run = {"resumed_from_epoch": result.resumed_from,
+           "epochs": [{"epoch": row["epoch"], **{k: row[k] for k in RUN_FACTS if k in row}} for row in result.history]}
+    write_json(paths.train_run, run)
     shutdown(dist_info)
-    return summary
+    return {**summary, "resumed_from_epoch": result.resumed_from}
+
+
+RUN_FACTS = ("seconds",)  # per-epoch facts of one run, not of its inputs: kept out of DVC's outputs
 
 
 def _known_metrics(task) -> tuple[str, ...]:
