@@ -118,22 +118,18 @@ def cmd_weights(args) -> int:
 
 
 def cmd_dvc_yaml(args) -> int:
-    from visionflow.integrations.dvc import render
+    from visionflow.integrations.dvc import check_generated, write_generated
 
     params, paths = _params_and_paths(args)
-    text = render(params, paths)
-    target = paths.root / "dvc.yaml"
-    if args.check:
-        current = target.read_text() if target.exists() else ""
-        if current != text:
-            print(f"{target} is out of date with the stage table; run `visionflow dvc-yaml`", file=sys.stderr)
-            return 1
-        print(f"{target} matches the stage table")
-        return 0
-    from visionflow.core.files import write_text
-
-    write_text(target, text)
-    print(f"wrote {target}")
+    if args.check:  # dvc.yaml, and in a DVC repository the plot templates and page under .dvc/
+        stale = check_generated(params, paths)
+        for line in stale:
+            print(line, file=sys.stderr)
+        if not stale:
+            print(f"{paths.root / 'dvc.yaml'} matches the stage table")
+        return 1 if stale else 0
+    for path in write_generated(params, paths):
+        print(f"wrote {path}")
     return 0
 
 

@@ -123,7 +123,8 @@ class ClassifyTask(TaskBase):
         return sum(int(a["label"] == b["label"]) for a, b in zip(reference, exported))
 
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
-        return [(p.confusion_csv, {"template": "confusion", "x": "actual", "y": "predicted"})]
+        return [(p.confusion_csv, {"template": "confusion", "x": "actual", "y": "predicted"}),
+                (p.per_class_csv, {"template": "bar_horizontal", "x": "f1", "y": "class"})]
 
     def headline(self, ev: dict[str, Any]) -> str:
         return (f"accuracy {ev.get('accuracy')}, top-k accuracy {ev.get('top_k_accuracy')}, "

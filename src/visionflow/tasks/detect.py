@@ -227,7 +227,8 @@ class DetectTask(TaskBase):
         return _detections_of(predictions)  # in input-image pixels, as the reference
 
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
-        return [(p.pr_curve_csv, {"template": "linear", "x": "recall", "y": "precision"}),
+        # one line per class (the template colours by the `class` column: .dvc/plots/linear_by_class.json)
+        return [(p.pr_curve_csv, {"template": "linear_by_class", "x": "recall", "y": "precision"}),
                 (p.per_class_csv, {"template": "bar_horizontal", "x": "ap", "y": "class"})]
 
     def headline(self, ev: dict[str, Any]) -> str:
@@ -283,8 +284,7 @@ class DetectTask(TaskBase):
                                         for s, p in zip(test, preds)))
         write_json(paths.eval_metrics, metrics)
         recall = bbox["recall_thresholds"]
-        write_csv(paths.pr_curve_csv, ["recall", *classes],
-                  ([r, *(max(bbox["pr_curves"][c][i], 0.0) for c in classes)] for i, r in enumerate(recall)))
+        write_pr_curves(paths.pr_curve_csv, recall, {c: bbox["pr_curves"][c] for c in classes})
         write_csv(paths.per_class_csv, ["class", "ap", "ap50"],
                   ([c, f"{bbox['per_class'][c]:.6f}", f"{bbox['per_class_ap50'][c]:.6f}"] for c in classes))
 
@@ -360,6 +360,16 @@ class DetectTask(TaskBase):
         outputs = model(list(torch.from_numpy(batch).to(device)))
         model.train(was_training)
         return [to_prediction(o, im.shape[:2], batch.shape[-2:]) for o, im in zip(outputs, images)]
+
+
+def write_pr_curves(path: Path, recall: Sequence[float], curves: dict[str, Sequence[float]]) -> None:
+    """plots/pr_curve.csv as a long table, one row per class and recall threshold:
+    class,recall,precision. Long, so that `dvc plots show` draws one line per class from a
+    template that needs no class names; COCO's -1 (no ground truth of a class) is written as 0."""
+    from visionflow.evaluation.report import write_csv
+
+    write_csv(path, ["class", "recall", "precision"],
+              ([c, r, max(curve[i], 0.0)] for c, curve in curves.items() for i, r in enumerate(recall)))
 
 
 def has_masks(model: nn.Module) -> bool:
