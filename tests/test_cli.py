@@ -76,3 +76,58 @@ def test_absurd_numbers_are_refused_before_anything_runs(tmp_path, args, message
     out = subprocess.run([sys.executable, "-m", "visionflow.cli", *args], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("command", [["predict", "--images", "."], ["serve"], ["export-model", "--out", "m.onnx"]])
+def test_a_registered_name_without_alias_or_version_says_to_add_one(tmp_path, command):
+    """MLflow reads models:/NAME as a logged model id ("Logged model with ID ... not found");
+    every command that takes --model says what is missing before it opens a store."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    out = _cli(*command, "--model", "models:/shapes-classifier", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert ("models:/shapes-classifier: which version? Add an alias or a version number: "
+            "models:/shapes-classifier@champion (or @candidate) or models:/shapes-classifier/1") in out.stderr
+
+
+def test_every_stage_a_message_names_exists():
+    """Hints name runnable stages: `visionflow stage train` does not exist (train-classify does)."""
+    import re
+
+    from visionflow.stages import STAGES
+
+    shared = {s.name for s in STAGES if not s.branch}
+    branch = {s.name for s in STAGES if s.branch}
+    named = {(path.name, m) for path in (REPO / "src").rglob("*.py")
+             for m in re.findall(r"visionflow stage ([a-z<][\w<>{}.-]*)", path.read_text())}
+    wrong = sorted((f, m) for f, m in named
+                   if m not in shared and not ("-" in m and m.split("-")[0] in branch) and not m.startswith("{"))
+    assert not wrong, wrong
+    assert named  # the pattern matches what the messages look like
+
+
+def test_ctrl_c_stops_the_mlflow_ui_quietly(tmp_path):
+    """Ctrl-C (SIGINT to the command) stops `ui mlflow` and its server without a traceback
+    (uvicorn answered the SIGINT it was sent with a KeyboardInterrupt / CancelledError one)."""
+    import signal
+    import socket
+
+    from visionflow.core.service import wait_for_http
+
+    make_project(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "visionflow.cli", "ui", "mlflow", "--port", str(port)],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=ui), "MLflow UI did not start"
+        ui.send_signal(signal.SIGINT)
+        out, _ = ui.communicate(timeout=60)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+    assert ui.returncode in (0, 130) and "Traceback" not in out and "CancelledError" not in out, out
+    with socket.socket() as s:  # the server and its workers are gone
+        assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -10,6 +10,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from project import TASKS, make_project  # noqa: E402
 
 from visionflow.core.paths import Paths  # noqa: E402
+from visionflow.evaluation.report import read_evaluation  # noqa: E402
 from visionflow.stages import pipeline_stages  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -90,7 +91,7 @@ def test_detect_branch_writes_coco_files_equal_to_its_metrics_and_fiftyone_eval(
 
     root, results, _ = flow_run
     paths = Paths(root, "detect")
-    metrics = json.loads(paths.eval_metrics.read_text())
+    metrics = read_evaluation(paths)  # evaluate.json and its details (the evaluator's settings)
     # The COCO files next to the metrics reproduce them with any COCO tool (here: ours).
     again = evaluate_coco(paths.coco_gt, paths.coco_results, "bbox")
     assert again["AP50"] == metrics["AP50"] and again["AP"] == metrics["AP"]
@@ -112,7 +113,7 @@ def test_segment_branch_metrics_masks_and_fiftyone_eval(flow_run):
 
     root, results, _ = flow_run
     paths = Paths(root, "segment")
-    metrics = json.loads(paths.eval_metrics.read_text())
+    metrics = read_evaluation(paths)
     assert 0 <= metrics["miou"] <= 1 and metrics["classes"][0] == "background"
     assert len(list(paths.pred_masks_dir.glob("*.png"))) == metrics["n"]
     ds = fo.load_dataset("e2eflow-segment-test")
@@ -185,7 +186,7 @@ def test_multilabel_branch_end_to_end(flow_run):
 
     root, results, _ = flow_run
     paths = Paths(root, "multilabel")
-    metrics = json.loads(paths.eval_metrics.read_text())
+    metrics = read_evaluation(paths)
     assert metrics["primary_metric"] == "map" and 0 <= metrics["map"] <= 1
     assert set(metrics["per_class"]) == set(metrics["thresholds"]) and 0 <= metrics["micro_f1"] <= 1
     test = _test_samples(root)

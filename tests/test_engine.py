@@ -66,14 +66,18 @@ def test_checkpoint_from_other_config_is_not_resumed(tmp_path):
     assert result.resumed_from == 0 and len(result.history) == 2
 
 
-def test_early_stopping_and_best_state(tmp_path):
+def test_early_stopping_and_best_state(tmp_path, caplog):
     # lr=0 -> nothing improves after epoch 1, so patience=2 stops after epoch 3
     task = ClassifyTask()
     train, val, gen = _loaders(task)
     model = _model()
     cfg = FitConfig(epochs=10, lr=1e-12, early_metric="val_loss", early_mode="min", patience=2, min_delta=1e-3)
-    result = fit(task, model, train, val, cfg, tmp_path, torch.device("cpu"), gen.manual_seed)
+    with caplog.at_level("INFO", logger="visionflow.training.engine"):
+        result = fit(task, model, train, val, cfg, tmp_path, torch.device("cpu"), gen.manual_seed)
     assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
+    # the epoch's own line comes before the decision it led to
+    lines = [r.getMessage() for r in caplog.records if r.name == "visionflow.training.engine"]
+    assert [m.split()[:2] for m in lines[-2:]] == [["epoch", "3/10"], ["early", "stopping"]], lines
     assert (tmp_path / LAST).exists() and (tmp_path / BEST).exists()
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
     # the finished checkpoint loads with weights_only=True (no pickled objects)

@@ -191,6 +191,10 @@ def test_without_out_prints_counts_and_writes_nothing(model, images, tmp_path, c
     ("{tmp}", "not a model folder"),
     ("s3://bucket/model", "s3://bucket/model: not a model URI"),
     ("models:/no-such-model@candidate", "models:/no-such-model@candidate: cannot load it"),
+    # a registered name without @alias or /version (MLflow: "Logged model with ID ... not found")
+    (f"models:/{MODEL_NAME}", f"models:/{MODEL_NAME}: which version? Add an alias or a version number: "
+                              f"models:/{MODEL_NAME}@champion (or @candidate) or models:/{MODEL_NAME}/1"),
+    ("runs:/0123abcd", "runs:/0123abcd: name the model's path in the run, e.g. runs:/0123abcd/model"),
 ])
 def test_bad_model_exits_2_naming_it(model, images, tmp_path, capsys, model_arg, needle):
     _, params_file, _ = model
@@ -255,3 +259,52 @@ def test_help_stays_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
     assert "--every-nth-frame" in proc.stdout and "models:/NAME@ALIAS" in proc.stdout
+
+
+def test_detector_summary_counts_what_it_wrote_and_names_the_threshold(tmp_path):
+    """A detector's summary counts detections, not images, and says which threshold left nothing:
+    the model's own score_threshold (the file is `[]`), or --min-score (the file has them all)."""
+    from test_export import make_model_dir
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    model = make_model_dir(tmp_path / "detector", "detect")  # random init: low scores
+    meta = json.loads((model / "meta.json").read_text())
+
+    def predict(score_threshold: float, out: str, *args: str) -> tuple[str, list]:
+        meta["params"]["model"]["score_threshold"] = score_threshold
+        (model / "meta.json").write_text(json.dumps(meta))
+        proc = subprocess.run([sys.executable, "-m", "visionflow.cli", "predict", "--model", str(model),
+                               "--images", str(images), "--out", str(tmp_path / out), *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        text = (tmp_path / out).read_text()
+        return proc.stdout, json.loads(text) if out.endswith(".json") else text.splitlines()
+
+    stdout, written = predict(0.99, "none.json")  # nothing scores 0.99: the file is []
+    assert written == []
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["class", "detections", "scoring", ">=", "0.5"] and ["total", "0"] in map(str.split, lines)
+    assert "predicted 3 images: 0 detections in all" in lines
+    assert f"wrote 0 detections (COCO results entries) for 3 images to {tmp_path / 'none.json'}" in lines
+    assert lines[-1] == ("nothing counted: the model returned no detection: it keeps only those scoring >= 0.99 "
+                         "(its model.score_threshold, from detect.train.model.score_threshold when it was trained). "
+                         "Lower that in params.yaml and retrain, or train longer (an undertrained detector scores low)")
+
+    stdout, written = predict(0.0, "all.json", "--min-score", "0.999")  # all kept, none counted
+    assert len(written) > 0 and max(d["score"] for d in written) < 0.999
+    lines = stdout.splitlines()
+    assert f"predicted 3 images: {len(written)} detections in all" in lines
+    assert f"wrote {len(written)} detections (COCO results entries) for 3 images to {tmp_path / 'all.json'}" in lines
+    assert lines[-1].startswith(f"nothing counted: none of the {len(written)} detections scores >= --min-score "
+                                "0.999") and lines[-1].endswith("Lower it, e.g. --min-score 0.1")
+
+    stdout, rows = predict(0.0, "all.jsonl", "--min-score", "0")  # one row per image, every detection counted
+    assert len(rows) == 3
+    total = sum(len(json.loads(r)["scores"]) for r in rows)
+    assert ["total", str(total)] in map(str.split, stdout.splitlines())
+    assert f"wrote 3 rows (one per image) for 3 images to {tmp_path / 'all.jsonl'}" in stdout
+    assert "nothing counted" not in stdout

@@ -38,6 +38,7 @@ from visionflow.core.errors import UserError
 from visionflow.core.files import read_json, write_json
 from visionflow.core.paths import Paths
 from visionflow.deploy.pyfunc import decode_image, encode_image
+from visionflow.evaluation.report import write_evaluation
 from visionflow.stages.register import file_md5, provenance_tags, register
 from visionflow.deploy.predictor import load_predictor
 
@@ -70,7 +71,7 @@ def make_project(root: Path) -> Paths:
     paths.train_history.parent.mkdir(parents=True, exist_ok=True)
     paths.train_history.write_text("epoch,train_loss,val_loss,val_accuracy,lr,seconds\n"
                                    "1,1.10,1.05,0.4,0.001,3.2\n2,0.90,0.95,0.6,0.0005,3.1\n")
-    write_json(paths.eval_metrics, {
+    write_evaluation(paths, {  # evaluate.json (scalars) and its details (the per-class table)
         "accuracy": 0.55, "top_k_accuracy": 0.9, "k": 2, "macro_f1": 0.5, "n": 20,
         "per_class": {c: {"precision": 0.5, "recall": 0.5, "f1": f, "support": 7}
                       for c, f in zip(CLASSES, (0.4, 0.5, 0.6))},
@@ -138,6 +139,7 @@ def test_run_holds_params_history_metrics_tags_and_artifacts(registered, tmp_pat
     local = readback.download_artifacts(result["run_id"], "", uri, tmp_path / "art")
     assert (local / "figures" / "confusion.png").read_bytes() == (paths.figures_dir / "confusion.png").read_bytes()
     assert read_json(local / "metrics" / "evaluate.json") == read_json(paths.eval_metrics)
+    assert read_json(local / "metrics" / "evaluate_details.json") == read_json(paths.eval_details)
     assert read_json(local / "meta.json")["classes"] == CLASSES
     # the logged augmentation rebuilds into the same pipeline, giving the same outputs
     logged = read_json(local / "augmentation" / "augment.json")
@@ -281,7 +283,7 @@ def test_missing_eval_metrics_is_named_with_the_stage_that_makes_it(tmp_path):
     paths.eval_metrics.unlink()
     with pytest.raises(UserError) as err:
         register(_params(tmp_path), paths)
-    assert str(paths.eval_metrics) in str(err.value) and "evaluate" in str(err.value)
+    assert str(paths.eval_metrics) in str(err.value) and "visionflow stage evaluate-classify" in str(err.value)
     assert not paths.registration.exists()
     assert not (tmp_path / "mlflow.db").exists()  # failed before touching MLflow
 

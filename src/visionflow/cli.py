@@ -4,7 +4,6 @@ Heavy libraries are imported inside the commands so that `visionflow --help` sta
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -39,10 +38,21 @@ def cmd_ingest(args) -> int:
     from visionflow.core.config import IngestParams, SourceParams
     from visionflow.stages.ingest import ingest
 
+    from visionflow.core.errors import UserError
+
     params, paths = _params_and_paths(args)
+    out = Path(args.out).resolve() if args.out else None
+    if out == paths.manifest.parent.resolve():
+        out = None  # the pipeline's own folder: the pipeline's paths
+    if out is None and paths.manifest.exists() and not args.force:
+        raise UserError(f"{paths.manifest} exists (the pipeline's manifest): write this source elsewhere with "
+                        f"--out DIR, or replace the manifest with --force")
     source = SourceParams(name=args.name, format=args.format, images=args.images, annotations=args.annotations)
-    result = ingest(IngestParams(sources=[source], strict=args.strict or params.ingest.strict), paths)
+    result = ingest(IngestParams(sources=[source], strict=args.strict or params.ingest.strict), paths, out_dir=out)
     _print_summary("ingest", result)
+    manifest = out / paths.manifest.name if out else paths.manifest
+    print(f"wrote {manifest} (and {paths.categories.name}, {paths.validation_report.name} beside it; "
+          f"image paths relative to {paths.root.resolve()})" if out else f"wrote {manifest}")
     return 0
 
 
@@ -53,7 +63,8 @@ def cmd_export(args) -> int:
     summary = export_annotations(args.format, Path(args.out), paths, split=args.split,
                                  copy_images=not args.no_copy_images)
     losses = ", ".join(f"{k}: {v['count']}" for k, v in summary["losses"].items()) or "none"
-    print(f"wrote {summary['samples']} samples as {args.format} to {args.out} (losses: {losses}; "
+    splits = ", ".join(f"{k} {n}" for k, n in summary["splits"].items())
+    print(f"wrote {summary['samples']} samples as {args.format} to {args.out} (splits: {splits}; losses: {losses}; "
           f"details in {Path(args.out) / REPORT_FILE})")
     return 0
 
@@ -261,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionflow", description="visionflow: annotated images to a registered, "
                                 "inspectable vision model, as a DAG run by Prefect or DVC.")
     p.add_argument("--version", action="version", version=f"visionflow {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logs: -v adds other libraries' "
+                   "INFO lines (MLflow, ONNX export, ...) and visionflow's DEBUG ones; -vv everything")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_params(sp):
@@ -290,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--annotations", required=True, help="annotation file or folder")
     ing.add_argument("--name", default="source", help="source name (prefix of sample ids)")
     ing.add_argument("--strict", action="store_true", help="any validation problem fails")
+    ing.add_argument("--out", default=None, metavar="DIR", help="write manifest.jsonl, categories.json and "
+                     "validation.json into DIR (default: the pipeline's data/processed/, see --force)")
+    ing.add_argument("--force", action="store_true", help="replace the pipeline's manifest when it exists")
     ing.set_defaults(fn=cmd_ingest)
 
     # `export` was the first name; it stays an alias next to export-model (models), which it was mistaken for.
@@ -401,13 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("httpx", "httpcore", "alembic", "urllib3"):  # per-request logs drown the stage output
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from visionflow.core.logs import setup_logging
+
+    setup_logging(args.verbose)  # quiet by default: other libraries' warnings only
     from visionflow.core.errors import UserError
     from visionflow.core.config import ConfigError
 

@@ -86,7 +86,13 @@ class Paths:
 
     @property
     def eval_metrics(self) -> Path:
+        # flat scalars only, one column each in `dvc metrics show` / `dvc exp show`
         return self._t("metrics", "evaluate.json")
+
+    @property
+    def eval_details(self) -> Path:
+        # the rest of the evaluation: per-class tables, confusion matrices, evaluator settings
+        return self._t("reports", "evaluate_details.json")
 
     @property
     def predictions(self) -> Path:

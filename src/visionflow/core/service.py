@@ -56,15 +56,30 @@ def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None =
 
 
 def stop_group(proc: subprocess.Popen) -> None:
-    """Stop a server's whole process group (started with start_new_session=True) as Ctrl-C in a
-    terminal would, then harder."""
-    for sig, grace in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        deadline = time.monotonic() + grace
-        try:
-            os.killpg(proc.pid, sig)
-            while time.monotonic() < deadline:
-                proc.poll()  # reap the leader so it stops counting as a member
-                os.killpg(proc.pid, 0)  # raises once no process of the group is left
-                time.sleep(0.2)
-        except ProcessLookupError:
-            return
+    """Stop a server's whole process group (started with start_new_session=True): SIGTERM, then
+    SIGKILL. Not SIGINT: uvicorn (the MLflow and Prefect servers) shuts down on it too, but then
+    re-raises it, and asyncio prints a KeyboardInterrupt / CancelledError traceback; SIGTERM is
+    its quiet shutdown. A second Ctrl-C while the server stops is ignored, not a traceback."""
+    with _ignoring_ctrl_c():
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            deadline = time.monotonic() + grace
+            try:
+                os.killpg(proc.pid, sig)
+                while time.monotonic() < deadline:
+                    proc.poll()  # reap the leader so it stops counting as a member
+                    os.killpg(proc.pid, 0)  # raises once no process of the group is left
+                    time.sleep(0.2)
+            except ProcessLookupError:
+                return
+
+
+@contextlib.contextmanager
+def _ignoring_ctrl_c() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

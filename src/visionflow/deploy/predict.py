@@ -47,6 +47,7 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 class BatchModel(Protocol):
     task: str
     classes: list[str]
+    meta: dict[str, Any]  # the model folder's meta.json (thresholds the summary names)
     contract: Any  # the task (visionflow.tasks): records, counts, output formats
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]: ...
@@ -59,7 +60,8 @@ class _LocalModel:
         from visionflow.deploy.predictor import load_predictor
 
         self.predictor = load_predictor(model_dir)
-        self.task, self.classes = self.predictor.meta["task"], list(self.predictor.meta["classes"])
+        self.meta = self.predictor.meta
+        self.task, self.classes = self.meta["task"], list(self.meta["classes"])
         self.contract = self.predictor.task
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -75,7 +77,7 @@ class _PyfuncModel:
         from visionflow.tasks import get_task, task_of
 
         self.pyfunc = pyfunc
-        meta = tracking.model_meta(pyfunc)
+        self.meta = meta = tracking.model_meta(pyfunc)
         self.task, self.classes = task_of(meta), list(meta.get("classes", []))
         self.contract = get_task(self.task)
 
@@ -254,10 +256,12 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
     """Predict every item of `source`; write the records to `out` (atomically) when given.
 
     `sink(key, record)` also receives every prediction (e.g. for a FiftyOne dataset).
-    Returns {"task", "predicted", "counts" (class name -> images (classify), detections scoring
-    >= min_score (detect) or images showing the class (segment)), "skipped" [(path, reason)],
-    "ignored" [path], "out"}. Raises UserError when not one image could be predicted (the
-    previous `out` stays)."""
+    Returns {"task", "predicted" (images), "counts" (class name -> images (classify), detections
+    scoring >= min_score (detect) or images showing the class (segment)), "objects" (what the
+    records hold in all, whatever their score: detections, class regions, labels), "written"
+    (entries in the file: rows, or COCO results entries), "hint" (why nothing was counted, if
+    so), "skipped" [(path, reason)], "ignored" [path], "out"}. Raises UserError when not one
+    image could be predicted (the previous `out` stays)."""
     from tqdm.auto import tqdm
 
     task, contract = model.task, model.contract
@@ -265,16 +269,17 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
     key_columns = ["path"] if source.kind == "images" else ["video", "frame"]
     skipped: list[tuple[str, str]] = []
     counts: Counter[str] = Counter()
-    predicted = 0
+    predicted = objects = written = 0
     bar = tqdm(source.items(), total=source.total, unit="img" if source.kind == "images" else "frame",
                desc="predict", file=sys.stderr, disable=not progress or None)
 
     def consume(writer: _Writer | None) -> None:
-        nonlocal predicted
+        nonlocal predicted, objects, written
         for record in predict_items(model, iter(bar), batch_size, skipped):
             predicted += 1
             key = {k: record.pop(k) for k in key_columns}
             contract.count(record, counts, min_score, model.classes)
+            objects += contract.objects(record)
             if sink:
                 sink(key, record)
             if writer is None:
@@ -286,6 +291,7 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
                     writer.write(entry)
         if writer:
             writer.close()
+            written = writer.n
         if not predicted:
             raise UserError(_nothing_predicted(skipped))
 
@@ -297,9 +303,13 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
                 consume(_Writer(fh, fmt, key_columns + list(contract.csv_columns)))
     finally:
         bar.close()
-    return {"task": task, "count_unit": contract.count_unit, "predicted": predicted,
-            "counts": dict(sorted(counts.items())), "skipped": skipped, "ignored": source.ignored,
-            "out": str(out) if out else None}
+    rows = fmt is not None and (contract.writes_csv or fmt == ".jsonl")
+    return {"task": task, "count_unit": contract.count_unit.format(min_score=min_score), "predicted": predicted,
+            "counts": dict(sorted(counts.items())), "objects": objects, "object_unit": contract.object_unit,
+            "written": written, "written_unit": "rows (one per image)" if rows else
+            f"{contract.object_unit or 'entries'} (COCO results entries)",
+            "hint": "" if sum(counts.values()) else contract.nothing_found(model.meta, min_score, objects),
+            "skipped": skipped, "ignored": source.ignored, "out": str(out) if out else None}
 
 
 def _nothing_predicted(skipped: list[tuple[str, str]]) -> str:
@@ -315,9 +325,14 @@ def format_report(result: dict[str, Any]) -> str:
     width = max([len("class"), *map(len, counts)])
     what = result.get("count_unit", "count")
     lines = [f"{'class':<{width}}  {what}", *(f"{name:<{width}}  {n:>5}" for name, n in counts.items()),
-             f"{'total':<{width}}  {result['predicted']:>5}"]
+             f"{'total':<{width}}  {sum(counts.values()):>5}"]
+    unit = result.get("object_unit")
+    images = f"{result['predicted']} image{'s' if result['predicted'] != 1 else ''}"
+    lines.append(f"predicted {images}" + (f": {result['objects']} {unit} in all" if unit else ""))
     if result["out"]:
-        lines.append(f"wrote {result['predicted']} predictions to {result['out']}")
+        lines.append(f"wrote {result['written']} {result['written_unit']} for {images} to {result['out']}")
+    if result.get("hint"):
+        lines.append(f"nothing counted: {result['hint']}")
     if result["skipped"]:
         lines.append(f"skipped {len(result['skipped'])} unreadable image(s):")
         lines += [f"  {path}: {why}" for path, why in result["skipped"]]

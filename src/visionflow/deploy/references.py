@@ -12,8 +12,17 @@ META_FILE, MODEL_FILE = "meta.json", "model.pt"
 
 
 def is_registry_uri(spec: str) -> bool:
-    """True for an MLflow model URI; UserError for another URI; False for a path."""
-    if spec.startswith(MLFLOW_SCHEMES):
+    """True for an MLflow model URI; UserError for another URI, or for one that names no version
+    (MLflow would look `models:/NAME` up as a logged model id and say "not found"); False for a path."""
+    if spec.startswith("models:/"):
+        name = spec[len("models:/"):].rstrip("/")
+        if not name or ("@" not in name and "/" not in name):
+            raise UserError(f"{spec}: which version? Add an alias or a version number: "
+                            f"models:/{name or 'NAME'}@champion (or @candidate) or models:/{name or 'NAME'}/1")
+        return True
+    if spec.startswith("runs:/"):
+        if "/" not in spec[len("runs:/"):].strip("/"):
+            raise UserError(f"{spec}: name the model's path in the run, e.g. {spec.rstrip('/')}/model")
         return True
     if "://" in spec or spec.startswith(("models:", "runs:")):
         raise UserError(f"{spec}: not a model URI this command reads (use models:/NAME@ALIAS, "

@@ -475,7 +475,8 @@ def weighted_ap(table: dict, weights: np.ndarray) -> np.ndarray:
 
 def coco_block(stats: dict[str, Any]) -> dict[str, Any]:
     """evaluate_coco's numbers with the reference evaluator's settings (pycocotools COCOeval
-    defaults), as evaluate.json records them."""
+    defaults), as the evaluate stage records them (the numbers in evaluate.json, the rest in its
+    details file)."""
     return {**{k: stats[k] for k in STAT_NAMES}, "per_class_AP": stats["per_class"],
             **({"per_class_AP50": stats["per_class_ap50"]} if "per_class_ap50" in stats else {}),
             "evaluator": {"implementation": "visionflow.evaluation.coco (equals pycocotools COCOeval)",

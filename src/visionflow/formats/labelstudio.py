@@ -17,6 +17,8 @@ Reading maps (coordinates in Label Studio are PERCENT of the image size; x right
     data.image `/data/local-files/?d=<rel>`     -> `<rel>` (URL-decoded; images root = the document root)
     data.image relative path                    -> as is
     data.group                                  -> Sample.group (default: the sample id)
+    data.split                                  -> Sample.attributes["split"] (train, val/valid/validation,
+        test; another value kept as written, which split.keep_existing refuses by name)
     `rectanglelabels` x, y, width, height       -> bbox [x, y, x + w, y + h] * size / 100; a `rotation`
         (degrees, clockwise about the top-left corner) becomes the rotated rectangle's axis-aligned box
     `polygonlabels` points [[x, y], ...]        -> one polygon ring; bbox = the ring's extent
@@ -60,7 +62,8 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | polygon_invalid: polygon with < 3 points             | ring dropped, counted                          |
 
 Writing (`write_labelstudio`) gives tasks 1..N in sample order with data.image
-`/data/local-files/?d=<path>`, one annotation each and result ids "<task>-<n>", plus a
+`/data/local-files/?d=<path>`, data.split (train/val/test) and data.group when the sample has
+them, one annotation each and result ids "<task>-<n>", plus a
 `label_config.xml` to paste into the project; losses are counted (WRITE_POLICIES).
 """
 from __future__ import annotations
@@ -78,7 +81,7 @@ from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, copy_image, load_json, ConversionReport, FormatResult, check_inside, clean_polygons,
                                 clip_box, probe, safe_relpath)
 from visionflow.core.files import write_json
-from visionflow.manifest import Category, Instance, Sample
+from visionflow.manifest import SPLIT_FOLDERS, SPLITS, Category, Instance, Sample
 from visionflow.manifest.masks import decode_rle
 
 ANNOTATION_FILE = "tasks.json"
@@ -101,7 +104,7 @@ POLICIES: dict[str, str] = {
 
 WRITE_POLICIES: dict[str, str] = {
     "crowd_dropped": "crowd region written as an ordinary region (Label Studio has no crowd flag)",
-    "attributes_dropped": "sample/instance attributes are not written",
+    "attributes_dropped": "sample/instance attributes (other than a train/val/test split) are not written",
     "area_dropped": "area not written (Label Studio stores none; brush masks are re-measured on reading)",
     "box_not_kept": "polygon/brush regions have no box in Label Studio; the reader derives a different one",
     "polygon_split": "instance with several rings written as one polygon region per ring",
@@ -279,9 +282,10 @@ def _to_sample(task: dict, rel: str, ann: Any, images_root: Path, root: str, sou
         else:
             report.add("result_unsupported", f"{rwhere}: type {r.get('type')!r}")
     sid = f"{source}/{rel}"
-    group = task["data"].get("group")
+    group, split = task["data"].get("group"), task["data"].get("split")
+    attributes = {"split": SPLIT_FOLDERS.get(str(split).lower(), str(split))} if split else {}
     return Sample(id=sid, root=root, path=rel, width=width, height=height, sha256=sha, labels=labels,
-                  instances=instances, group=str(group) if group else sid)
+                  instances=instances, group=str(group) if group else sid, attributes=attributes)
 
 
 def _to_instance(r: dict, width: int, height: int, cat_ids: dict[str, int], path: Path, task: str, where: str,
@@ -452,8 +456,10 @@ def write_labelstudio(samples: Iterable[Sample], categories: list[Category], out
 
 def _task(s: Sample, task_id: int, names: dict[int, str], report: ConversionReport) -> dict[str, Any]:
     where = f"sample {s.id}"
-    if s.attributes:
-        report.add("attributes_dropped", f"{where}: {sorted(s.attributes)}")
+    split = s.attributes.get("split")
+    dropped = sorted(k for k in s.attributes if not (k == "split" and split in SPLITS))
+    if dropped:
+        report.add("attributes_dropped", f"{where}: {dropped}")
     size = {"original_width": s.width, "original_height": s.height, "image_rotation": 0}
     result = []
     if s.labels:
@@ -465,6 +471,8 @@ def _task(s: Sample, task_id: int, names: dict[int, str], report: ConversionRepo
     data: dict[str, Any] = {"image": "/data/local-files/?d=" + quote(s.path, safe="/")}
     if s.group and s.group != s.id:
         data["group"] = s.group
+    if split in SPLITS:  # a task's data holds any field: the split travels there (and reads back)
+        data["split"] = split
     return {"id": task_id, "data": data, "predictions": [],
             "annotations": [{"id": task_id, "result": result, "was_cancelled": False, "ground_truth": False}]}
 

@@ -5,6 +5,10 @@ Layout (`annotations` is the masks folder):
     images_root/a/x.jpg          an image (.jpg .jpeg .png .bmp .tif .tiff .webp)
     masks/a/x.png                its mask: same relative path, extension .png
     classes.txt | classes.json | classes.yaml   next to the masks folder, or inside it
+    masks/train/a/x.png, masks/val/...           split layout: when every top-level folder of the
+                                                 masks folder is a split folder (train, val, valid,
+                                                 validation, test), it becomes the sample's
+                                                 attributes["split"] (the path keeps the folder)
 
 Class table (pixel value -> class; 255 is always "ignore"):
     classes.txt     one name per line; the line index (from 0) is the pixel value
@@ -44,8 +48,9 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 |   EXIF orientation)                                   |   files and sizes named)                    |
 | image_unreadable (COMMON_POLICIES)                    | image skipped with its mask, counted        |
 
-Writer: `out_dir/images/<path>`, `out_dir/masks/<path without ext>.png` as palette PNGs (a
-fixed VOC-style palette, index = category id, 255 = ignore) and `out_dir/classes.txt` (or
+Writer: `out_dir/images/[split/]<path>`, `out_dir/masks/[split/]<path without ext>.png` as
+palette PNGs (a fixed VOC-style palette, index = category id, 255 = ignore; the split folder when
+every sample has a train/val/test split) and `out_dir/classes.txt` (or
 `classes.json` when the ids are not 0..K-1). Instances are painted in manifest order (later on
 top), the ignore region last; see WRITE_POLICIES for what a mask cannot hold.
 """
@@ -64,7 +69,7 @@ from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clip_box, copy_image,
                                 probe, safe_relpath)
 from visionflow.core.files import write_json, write_text, write_with
-from visionflow.manifest import Category, Instance, Sample
+from visionflow.manifest import SPLIT_FOLDERS, SPLITS, Category, Instance, Sample
 from visionflow.manifest.masks import (IGNORE, PALETTE, decode_rle, encode_rle, instance_mask,  # noqa: F401
                                        paint, semantic_mask)
 
@@ -88,6 +93,7 @@ WRITE_POLICIES: dict[str, str] = {
     "polygon_rasterised": "polygon painted as pixels (COCO rasterisation); read back as a pixel RLE",
     "crowd_flag_dropped": "crowd region painted as its class; the iscrowd flag is not kept",
     "attributes_dropped": "sample/instance attributes are not written",
+    "split_dropped": "split not written: not every sample has a train/val/test split, so the tree is flat",
     "image_labels_dropped": "image-level labels are not written",
     "group_dropped": "sample group is not written",
     "unlabelled_as_ignore": "pixels covered by no instance written as 255 (no 'background' category)",
@@ -113,13 +119,22 @@ def read_masks(images_root: Path, annotations: Path, source: str, root: Optional
     masks = _list_masks(masks_dir, table.path, report)
     root = images_root.as_posix() if root is None else root
     samples = []
+    by_split = _split_layout(masks_dir, table.path)
     for key, rel in _list_images(images_root, masks_dir).items():
         sample = _to_sample(images_root, rel, masks.pop(key, None), masks_dir, table, source, root, report)
         if sample is not None:
+            if by_split and SPLIT_FOLDERS.get(PurePosixPath(rel).parts[0].lower()) and "/" in rel:
+                sample.attributes["split"] = SPLIT_FOLDERS[PurePosixPath(rel).parts[0].lower()]
             samples.append(sample)
     for rel in masks.values():
         report.add("mask_orphan", f"{masks_dir / rel}: no image {_key(rel)}.* in {images_root}")
     return FormatResult(categories, samples, report)
+
+
+def _split_layout(masks_dir: Path, table_path: Path) -> bool:
+    """True when the masks folder holds split folders only (masks/train/..., masks/val/...)."""
+    top = [p for p in masks_dir.iterdir() if p != table_path and not p.name.startswith(".")]
+    return bool(top) and all(p.is_dir() and p.name.lower() in SPLIT_FOLDERS for p in top)
 
 
 def find_class_table(masks_dir: Path) -> Path:
@@ -348,17 +363,20 @@ def write_masks(samples: Iterable[Sample], categories: list[Category], out_dir: 
     background = next((c.id for c in categories if c.name.lower() == "background"), IGNORE)
     losses = ConversionReport(WRITE_POLICIES)
     used: dict[str, str] = {}
+    samples = list(samples)
+    by_split = bool(samples) and all(s.attributes.get("split") in SPLITS for s in samples)
     for s in samples:
-        mask_rel = _key(s.path) + ".png"
+        rel = _split_relpath(s.path, s.attributes["split"]) if by_split else s.path
+        mask_rel = _key(rel) + ".png"
         if mask_rel in used:
             raise ValueError(f"samples {used[mask_rel]} and {s.id} would share the mask {mask_rel!r}")
         used[mask_rel] = s.id
-        _count_sample_losses(s, losses)
+        _count_sample_losses(s, losses, by_split)
         canvas = paint(s, ids, background, losses)
         if canvas is not None:
             write_with(out_dir / MASKS_DIR / mask_rel, lambda tmp, c=canvas: _palette_png(c).save(tmp, format="PNG"))
         if copy_images:
-            copy_image(s, out_dir / IMAGES_DIR / s.path, project_root)
+            copy_image(s, out_dir / IMAGES_DIR / rel, project_root)
     _write_class_table(categories, out_dir)
     if report is not None:
         report.merge(losses)
@@ -375,12 +393,20 @@ def _check_categories(categories: list[Category]) -> set[int]:
     return ids
 
 
-def _count_sample_losses(s: Sample, losses: ConversionReport) -> None:
+def _split_relpath(path: str, split: str) -> str:
+    """`<split>/<path>`; a path read from a split export already starts with its split folder."""
+    first = PurePosixPath(path).parts[0]
+    return path if "/" in path and SPLIT_FOLDERS.get(first.lower()) == split else f"{split}/{path}"
+
+
+def _count_sample_losses(s: Sample, losses: ConversionReport, by_split: bool) -> None:
     if s.labels:
         losses.add("image_labels_dropped", f"{s.id}: labels {s.labels}")
     if s.group and s.group != s.id:
         losses.add("group_dropped", f"{s.id}: group {s.group!r}")
-    extra = sorted(k for k in s.attributes if k != "ignore_rle")
+    if s.attributes.get("split") and not by_split:
+        losses.add("split_dropped", f"{s.id}: split {s.attributes['split']!r}")
+    extra = sorted(k for k in s.attributes if k not in ("ignore_rle", "split"))
     if extra:
         losses.add("attributes_dropped", f"{s.id}: sample attributes {extra}")
     per_class: dict[int, int] = {}

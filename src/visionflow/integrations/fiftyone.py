@@ -369,7 +369,7 @@ def dataset_summary(name: str) -> Optional[dict[str, Any]]:
 def load_dataset(name: str) -> "fo.Dataset":
     if not fo.dataset_exists(name):
         raise UserError(f"FiftyOne dataset {name!r} not found (database: {fo.config.database_dir}); "
-                        f"run `visionflow stage inspect` first")
+                        f"run `visionflow stage inspect-<task>` first")
     return fo.load_dataset(name)
 
 

@@ -39,6 +39,7 @@ from visionflow.deploy import pyfunc as pyfunc_model
 from visionflow.core.config import RegisterParams
 from visionflow.core.files import read_json
 from visionflow.core.paths import Paths
+from visionflow.evaluation.report import read_evaluation
 from visionflow.tasks import task_of
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ def _version_with_digest(client: MlflowClient, name: str, digest: str):
 def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dict[str, Any],
                       tags: dict[str, str]) -> None:
     """Params, per-epoch and test metrics, tags and file artifacts of the active run."""
-    eval_metrics = read_json(paths.eval_metrics)
+    eval_metrics = read_evaluation(paths)  # evaluate.json and its per-class details
     train_metrics = read_json(paths.train_metrics)
     now_ms = int(time.time() * 1000)
     run_params = {f"train.{k}": v for k, v in flatten(meta.get("params", {})).items()}
@@ -257,7 +258,7 @@ def _log_run_contents(client: MlflowClient, run_id: str, paths: Paths, meta: dic
     )
     if paths.figures_dir.is_dir():
         mlflow.log_artifacts(str(paths.figures_dir), "figures")
-    for f in (paths.eval_metrics, paths.train_metrics, paths.train_history, paths.train_run):
+    for f in (paths.eval_metrics, paths.eval_details, paths.train_metrics, paths.train_history, paths.train_run):
         if f.exists():
             mlflow.log_artifact(str(f), "metrics")
     for f in (paths.predictions, paths.coco_gt, paths.coco_results, paths.pr_curve_csv, paths.per_class_csv):

@@ -36,7 +36,8 @@ class Stage:
     outs: PathsFn = _none
     metrics: PathsFn = _none
     plots: PathsFn = _none
-    # Outputs with side effects elsewhere (MLflow, FiftyOne): not cached by DVC.
+    # Outputs DVC does not cache (git keeps them): records of side effects elsewhere (MLflow,
+    # FiftyOne), and small reports such as the evaluation's per-class details.
     uncached: PathsFn = _none
     branch: bool = False  # runs once per task branch (paths passed with .task set)
     # A branch stage that reads several sections of its branch gets the whole branch and
@@ -181,13 +182,14 @@ STAGES: tuple[Stage, ...] = (
         outs=lambda p, _: _eval_outs(p),
         metrics=lambda p, _: [p.eval_metrics],
         plots=lambda p, _: _task(p).eval_plots(p),
+        uncached=lambda p, _: [p.eval_details],  # small: committed beside evaluate.json
         branch=True,
         doc="test-split metrics, predictions and plots",
     ),
     Stage(
         "register", "visionflow.stages.register:register",
-        deps=lambda p, _: [p.model_dir, p.eval_metrics, p.train_metrics, p.train_history, p.figures_dir,
-                           p.manifest, p.split_file, p.validation_report, p.split_report],
+        deps=lambda p, _: [p.model_dir, p.eval_metrics, p.eval_details, p.train_metrics, p.train_history,
+                           p.figures_dir, p.manifest, p.split_file, p.validation_report, p.split_report],
         uncached=lambda p, _: [p.registration],
         branch=True,
         doc="log the run to MLflow and register the model with alias `candidate`",
@@ -216,6 +218,13 @@ def pipeline_stages(params: Params) -> list[BoundStage]:
     shared = [BoundStage(s) for s in STAGES if not s.branch]
     branches = [BoundStage(s, task) for task in params.tasks for s in STAGES if s.branch]
     return shared + branches
+
+
+def stage_command(name: str, task: Optional[str] = None) -> str:
+    """The command that runs table stage `name`, for hints: `visionflow stage split`, and for a
+    branch stage `visionflow stage train-detect` (`train-<task>` when no task is known)."""
+    stage = next(s for s in STAGES if s.name == name)
+    return f"visionflow stage {name}-{task or '<task>'}" if stage.branch else f"visionflow stage {name}"
 
 
 def get_stage(name: str, params: Params) -> BoundStage:

@@ -24,7 +24,12 @@ from visionflow.core.paths import Paths
 log = logging.getLogger(__name__)
 
 
-def ingest(params: IngestParams, paths: Paths) -> dict[str, Any]:
+def ingest(params: IngestParams, paths: Paths, out_dir: Path | None = None) -> dict[str, Any]:
+    """`out_dir`: write the manifest, category table and report there (same file names)
+    instead of the pipeline's paths (`visionflow ingest --out DIR`)."""
+    targets = (paths.manifest, paths.categories, paths.validation_report)
+    if out_dir is not None:
+        targets = tuple(Path(out_dir) / p.name for p in targets)
     results = [(src, _read(src, paths)) for src in params.sources]
     categories = merge_categories([(src.name, res.categories) for src, res in results])
     samples: list[Sample] = []
@@ -45,8 +50,7 @@ def ingest(params: IngestParams, paths: Paths) -> dict[str, Any]:
     # All three files are staged next to their targets and renamed only when every one of
     # them was written: a failure leaves the previous outputs as they were, never a mix.
     with contextlib.ExitStack() as stack:
-        manifest, cats, validation = (stack.enter_context(atomic_path(p))
-                                      for p in (paths.manifest, paths.categories, paths.validation_report))
+        manifest, cats, validation = (stack.enter_context(atomic_path(p)) for p in targets)
         write_manifest(manifest, samples)
         write_categories(cats, categories)
         write_json(validation, {
@@ -54,7 +58,7 @@ def ingest(params: IngestParams, paths: Paths) -> dict[str, Any]:
             "problems": report.to_dict(), "strict": params.strict,
         })
     log.info("ingest: %d samples, %d instances, %d categories -> %s", len(samples), n_instances,
-             len(categories), paths.manifest)
+             len(categories), targets[0])
     return {"samples": len(samples), "instances": n_instances, "categories": len(categories),
             "problems": report.total}
 

@@ -25,7 +25,7 @@ def read_predictions(path: Path, num_classes: int, task: str) -> dict[str, dict[
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: predictions not found; run the evaluate stage first "
-                                f"(visionflow stage evaluate)")
+                                f"(visionflow stage evaluate-{task})")
     preds: dict[str, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):

@@ -129,7 +129,14 @@ class TaskBase:
     # --- the deploy face: predictions as records (predict, serve, pyfunc) -------------------
     writes_csv = False  # batch prediction to .csv (one row per image, csv_columns)
     csv_columns: tuple[str, ...] = ()
-    count_unit = "images"  # what the summary of `visionflow predict` counts per class
+    count_unit = "images"  # what the summary of `visionflow predict` counts per class ({min_score} filled in)
+    object_unit: Optional[str] = None  # what a record holds several of (detections, labels), if anything
+
+    def objects(self, record: dict[str, Any]) -> int:
+        return 0
+
+    def nothing_found(self, meta: dict[str, Any], min_score: float, returned: int) -> str:
+        return ""
 
     def json_record(self, record: dict[str, Any]) -> dict[str, Any]:
         return record
@@ -195,7 +202,8 @@ class Task(Protocol):
 
     def report_test(self, params, paths, predictor, test: list[Sample], categories) -> dict[str, Any]:
         """The evaluate stage: score the test split (test_metric) and write metrics/<task>/evaluate.json
-        (with `task` and `primary_metric`), the predictions JSONL, plots and figures; returns a summary."""
+        (scalars, with `task` and `primary_metric`) and its details (evaluation.report.write_evaluation),
+        the predictions JSONL, plots and figures; returns a summary."""
 
     def eval_outputs(self, paths) -> list: ...
 
@@ -209,13 +217,22 @@ class Task(Protocol):
         """One line of test metrics for the end-of-run summary."""
 
     def tracking_metrics(self, eval_metrics: dict[str, Any]) -> dict[str, float]:
-        """evaluate.json -> the MLflow run's test_* metrics."""
+        """evaluate.json with its details (evaluation.report.read_evaluation) -> the MLflow run's
+        test_* metrics."""
 
     # The deploy face. A record is a prediction (above) made plain for people and files: class
     # names beside ids, rounded numbers; in each input image's own pixels.
     pyfunc_columns: dict[str, str]  # the pyfunc output column -> MLflow schema type, in order
     writes_csv: bool
     count_unit: str
+    object_unit: Optional[str]
+
+    def objects(self, record: dict[str, Any]) -> int:
+        """How many `object_unit` a record holds, whatever their score (what the output file has)."""
+
+    def nothing_found(self, meta: dict[str, Any], min_score: float, returned: int) -> str:
+        """Why a predict run counted nothing, naming the threshold that left nothing and how to
+        lower it; `returned` objects came back from the model in all, `meta` is its meta.json."""
 
     def record(self, prediction: dict[str, Any]) -> dict[str, Any]:
         """A Predictor's output (with names) -> the plain record."""

@@ -146,8 +146,8 @@ class ClassifyTask(TaskBase):
         """The evaluate stage's outputs: accuracy, top-k, per-class precision/recall/F1 and the
         confusion matrix; one prediction per test image; the DVC confusion plot; figures."""
         from visionflow.evaluation import figures
-        from visionflow.evaluation.report import write_csv, write_jsonl
-        from visionflow.core.files import write_dir, write_json
+        from visionflow.evaluation.report import write_csv, write_evaluation, write_jsonl
+        from visionflow.core.files import write_dir
 
         classes = predictor.meta["classes"]
         preds: list[dict[str, Any]] = []
@@ -158,7 +158,7 @@ class ClassifyTask(TaskBase):
         write_jsonl(paths.predictions, ({"id": s.id, "label": p["label"], "name": p["name"],
                                          "confidence": p["confidence"], "probs": p["probs"], "true": int(t)}
                                         for s, p, t in zip(test, preds, y_true)))
-        write_json(paths.eval_metrics, {"task": self.name, "primary_metric": score.name,
+        write_evaluation(paths, {"task": self.name, "primary_metric": score.name,
                                         **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
         # One row per test image: the layout DVC's confusion template expects.
         write_csv(paths.confusion_csv, ["actual", "predicted"], ([classes[t], p["name"]] for t, p in zip(y_true, preds)))

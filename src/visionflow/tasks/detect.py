@@ -148,7 +148,21 @@ class DetectTask(TaskBase):
 
     # --- the deploy face (records): boxes xyxy in the input's pixels, names beside labels ---
     pyfunc_columns = {"boxes": "string", "labels": "string", "names": "string", "scores": "string", "masks": "string"}
-    count_unit = "detections"
+    count_unit = "detections scoring >= {min_score:g}"
+    object_unit = "detections"
+
+    def objects(self, record: dict[str, Any]) -> int:
+        return len(record["scores"])
+
+    def nothing_found(self, meta: dict[str, Any], min_score: float, returned: int) -> str:
+        if returned:
+            return (f"none of the {returned} detections scores >= --min-score {min_score:g}, the threshold of "
+                    f"this summary (and of --fiftyone); the output file keeps them all with their scores. "
+                    f"Lower it, e.g. --min-score {min(0.1, min_score / 2):g}")
+        threshold = (meta.get("params") or {}).get("model", {}).get("score_threshold")
+        return (f"the model returned no detection: it keeps only those scoring >= {threshold} (its "
+                f"model.score_threshold, from {self.name}.train.model.score_threshold when it was trained). "
+                f"Lower that in params.yaml and retrain, or train longer (an undertrained detector scores low)")
 
     def record(self, p: dict[str, Any]) -> dict[str, Any]:
         rec = {"boxes": [[round(float(v), 2) for v in b] for b in p["boxes"]], "labels": [int(v) for v in p["labels"]],
@@ -257,7 +271,8 @@ class DetectTask(TaskBase):
         and AP, a class confusion matrix and a grid of true and predicted boxes."""
         from visionflow.evaluation import figures
         from visionflow.evaluation.detection import match_confusion
-        from visionflow.evaluation.report import grid_pick, write_csv, write_jsonl
+        from visionflow.evaluation.coco import STAT_NAMES
+        from visionflow.evaluation.report import grid_pick, write_csv, write_evaluation, write_jsonl
         from visionflow.core.files import write_dir, write_json
 
         classes = predictor.meta["classes"]
@@ -282,7 +297,9 @@ class DetectTask(TaskBase):
         write_json(paths.coco_results, score.extras["coco_results"])
         write_jsonl(paths.predictions, ({"id": s.id, **{k: p[k] for k in ("boxes", "labels", "scores", "masks") if k in p}}
                                         for s, p in zip(test, preds)))
-        write_json(paths.eval_metrics, metrics)
+        if "segm" in metrics:  # Mask R-CNN: the mask numbers as columns too (the block stays in the details)
+            metrics.update({f"mask_{k}": metrics["segm"][k] for k in STAT_NAMES})
+        write_evaluation(paths, metrics)
         recall = bbox["recall_thresholds"]
         write_pr_curves(paths.pr_curve_csv, recall, {c: bbox["pr_curves"][c] for c in classes})
         write_csv(paths.per_class_csv, ["class", "ap", "ap50"],

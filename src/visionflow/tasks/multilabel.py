@@ -237,9 +237,9 @@ class MultilabelTask(ClassifyTask):
     def report_test(self, params, paths, predictor, test: list[Sample], categories) -> dict[str, Any]:
         """mAP, micro/macro F1, per-class AP/precision/recall/F1 at the thresholds; one
         prediction per test image; the per-class plot and figure."""
-        from visionflow.core.files import write_dir, write_json
+        from visionflow.core.files import write_dir
         from visionflow.evaluation import figures
-        from visionflow.evaluation.report import fmt, write_csv, write_jsonl
+        from visionflow.evaluation.report import fmt, write_csv, write_evaluation, write_jsonl
 
         preds: list[dict[str, Any]] = []
         score = predictor.score(test, paths.root, categories, params, params.batch_size,
@@ -248,7 +248,7 @@ class MultilabelTask(ClassifyTask):
         write_jsonl(paths.predictions, ({"id": s.id, "labels": p["labels"], "names": p["names"],
                                          "scores": p["scores"], "probs": p["probs"], "true": image_classes(s)}
                                         for s, p in zip(test, preds)))
-        write_json(paths.eval_metrics, {"task": self.name, "primary_metric": score.name, **m,
+        write_evaluation(paths, {"task": self.name, "primary_metric": score.name, **m,
                                         "thresholds": dict(zip(predictor.meta["classes"], self.thresholds or []))})
         write_csv(paths.per_class_csv, ["class", "ap", "precision", "recall", "f1", "support"],
                   ([n, fmt(v["ap"]), f"{v['precision']:.6f}", f"{v['recall']:.6f}", f"{v['f1']:.6f}", v["support"]]
@@ -292,6 +292,14 @@ class MultilabelTask(ClassifyTask):
     pyfunc_columns = {"labels": "string", "names": "string", "scores": "string"}
     writes_csv, csv_columns = False, ()
     count_unit = "images with"
+    object_unit = "labels"
+
+    def objects(self, record: dict[str, Any]) -> int:
+        return len(record["labels"])
+
+    def nothing_found(self, meta: dict[str, Any], min_score: float, returned: int) -> str:
+        return ("no class scored above its threshold on any image (per-class thresholds chosen on the val "
+                "split when the model was trained: `thresholds` in its meta.json)")
 
     def record(self, p: dict[str, Any]) -> dict[str, Any]:
         return {"labels": [int(v) for v in p["labels"]], "names": list(p["names"]),

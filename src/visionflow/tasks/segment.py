@@ -120,6 +120,13 @@ class SegmentTask(TaskBase):
     # --- the deploy face (records): the mask at the input's size, 0 background, c + 1 class c ---
     pyfunc_columns = {"mask_png": "string", "classes_present": "string"}
     count_unit = "images with"
+    object_unit = "class regions"
+
+    def objects(self, record: dict[str, Any]) -> int:
+        return len(_present(record["mask"]))
+
+    def nothing_found(self, meta: dict[str, Any], min_score: float, returned: int) -> str:
+        return "every pixel of every image was predicted background (or ignore): no class region to count"
 
     def record(self, p: dict[str, Any]) -> dict[str, Any]:
         return {"mask": p["mask"]}
@@ -208,8 +215,8 @@ class SegmentTask(TaskBase):
         from PIL import Image
 
         from visionflow.evaluation import figures
-        from visionflow.evaluation.report import fmt, grid_pick, write_csv, write_jsonl
-        from visionflow.core.files import write_dir, write_json
+        from visionflow.evaluation.report import fmt, grid_pick, write_csv, write_evaluation, write_jsonl
+        from visionflow.core.files import write_dir
 
         grid_at = grid_pick(len(test), params.grid_images)
         grid, records, holder = [], [], {}
@@ -230,7 +237,7 @@ class SegmentTask(TaskBase):
         score = holder["score"]
         m, names = score.metrics, score.metrics["classes"]
         write_jsonl(paths.predictions, records)
-        write_json(paths.eval_metrics, {"task": self.name, "primary_metric": score.name, **m})
+        write_evaluation(paths, {"task": self.name, "primary_metric": score.name, **m})
         write_csv(paths.per_class_csv, ["class", "iou", "dice"],
                   ([n, fmt(v["IoU"]), fmt(v["Dice"])] for n, v in m["per_class"].items()))
 

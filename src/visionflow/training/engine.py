@@ -198,13 +198,15 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
                 write_with(ckpt_dir / BEST, lambda p: torch.save(best_state, p))
         else:
             state["bad_epochs"] += 1
-            if cfg.early_metric and state["bad_epochs"] >= cfg.patience:
-                state["stopped"] = True
-                log.info("early stopping after epoch %d: %s has not improved for %d epochs", epoch, metric, cfg.patience)
+            state["stopped"] = bool(cfg.early_metric) and state["bad_epochs"] >= cfg.patience
         state["epoch"] = epoch
         if dist_info.is_main:
             _save_checkpoint(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+            # the epoch's line first, then the decision it led to
             log.info("epoch %d/%d %s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+            if state["stopped"]:
+                log.info("early stopping after epoch %d: %s has not improved for %d epochs", epoch, metric,
+                         cfg.patience)
             if on_epoch:
                 on_epoch(row)
         barrier(dist_info)  # no rank runs ahead of the checkpoint
