@@ -69,6 +69,8 @@ def test_dvc_repro_twice(tmp_path):
     locked = (root / "dvc.lock").read_text()
     flow = _run([str(Path(sys.executable).parent / "visionflow"), "run"], root, env)
     assert "Traceback" not in flow, flow[-3000:]
+    for task in TASKS:  # each line logged inside a stage names the stage
+        assert f"[register-{task}] " in flow, flow[-3000:]
     status = _run([*dvc, "status"], root, env)
     assert "changed" not in status and "modified" not in status, status
     assert (root / "dvc.lock").read_text() == locked

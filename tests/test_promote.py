@@ -194,6 +194,9 @@ def test_worse_candidate_is_refused_with_the_evidence_recorded(registry):
 
     run = readback.get_run(tags["promotion.run_id"], reg.tracking_uri)
     assert run["tags"]["mlflow.runName"] == f"promote-classify-v{v['bad']}"
+    # decisions live in their own experiment: the training runs table holds training runs only
+    assert run["experiment_id"] == tracking.experiment_id(f"{reg.experiment}-promotions", reg.tracking_uri)
+    assert run["experiment_id"] != readback.get_run(mv.run_id, reg.tracking_uri)["experiment_id"]
     assert run["metrics"]["delta"] == -1.0 and run["metrics"]["promoted"] == 0.0
     assert run["metrics"]["candidate_accuracy"] == 0.0 and run["metrics"]["champion_accuracy"] == 1.0
     assert run["params"]["margin"] == "0.02" and run["params"]["champion_version"] == v["good"]

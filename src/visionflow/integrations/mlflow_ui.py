@@ -9,7 +9,19 @@ import sys
 from visionflow.core.config import RegisterParams
 from visionflow.core.paths import Paths
 from visionflow.core.service import sigterm_as_ctrl_c, stop_group, wait_for_http, warn_if_exposed
-from visionflow.integrations.mlflow import resolve_tracking_uri
+from visionflow.integrations.mlflow import PROMOTIONS, experiment_id, resolve_tracking_uri
+
+
+def training_runs_url(url: str, experiment: str, uri: str) -> str | None:
+    """The experiment's runs table in the UI's model-training view (MLflow 3 opens on its GenAI
+    home otherwise); the gate's decisions are in `<experiment>-promotions`. None before any run."""
+    found = experiment_id(experiment, uri)
+    if found is None:
+        return None
+    promotions = experiment_id(PROMOTIONS.format(experiment=experiment), uri)
+    note = f" (promotion decisions: {url}/#/experiments/{promotions}/runs?workflowType=machine_learning)" \
+        if promotions else ""
+    return f"{url}/#/experiments/{found}/runs?workflowType=machine_learning{note}"
 
 
 def serve_ui(params: RegisterParams, paths: Paths, host: str = "127.0.0.1", port: int = 5000) -> int:
@@ -34,6 +46,9 @@ def serve_ui(params: RegisterParams, paths: Paths, host: str = "127.0.0.1", port
         with sigterm_as_ctrl_c():
             if wait_for_http(f"{url}/health", timeout=120, proc=proc):
                 print(f"MLflow UI ready: {url}", flush=True)
+                runs = training_runs_url(url, params.experiment, uri)
+                if runs:
+                    print(f"training runs of experiment {params.experiment!r}: {runs}", flush=True)
             code = proc.wait()
         print(f"error: mlflow server exited with code {code} (is port {port} in use?)", file=sys.stderr)
         return code or 1

@@ -3,6 +3,7 @@ flows/ that touches Prefect)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -28,8 +29,38 @@ def load_flow(project_root: Path):
     return getattr(module, FLOW_NAME)
 
 
+class _StageName(logging.Filter):
+    """Starts each log line written inside a Prefect task run with its stage's name
+    (`[train-detect] epoch 3/10 ...`, `[promote-segment] Finished in state Completed()`): four
+    branches' lines look alike otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = getattr(record, "task_name", None)
+        if name is None:
+            from prefect.context import TaskRunContext
+
+            ctx = TaskRunContext.get()
+            name = ctx.task.name if ctx else None
+        if name and not getattr(record, "_visionflow_stage", False):
+            record.msg = f"[{name}] {record.msg}"
+            record._visionflow_stage = True
+        return True
+
+
+def name_stages_in_logs() -> None:
+    """Install the stage-name prefix on every handler that prints this process's logs."""
+    handlers = {*logging.getLogger().handlers}
+    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs"):
+        handlers.update(logging.getLogger(name).handlers)
+    for h in handlers:
+        if not any(isinstance(f, _StageName) for f in h.filters):
+            h.addFilter(_StageName())
+
+
 def run_pipeline(params_file: Path) -> dict[str, Any]:
-    return load_flow(params_file.parent)(params_file=str(params_file))
+    flow = load_flow(params_file.parent)  # imports prefect, which sets up its own handlers
+    name_stages_in_logs()
+    return flow(params_file=str(params_file))
 
 
 def build_deployment(params_file: Path, cron: str, name: str):

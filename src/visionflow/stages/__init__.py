@@ -215,7 +215,7 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 
 def pipeline_stages(params: Params) -> list[BoundStage]:
     """The pipeline in DAG order: shared stages, then each task branch in turn."""
-    shared = [BoundStage(s) for s in STAGES if not s.branch]
+    shared = [BoundStage(s) for s in STAGES if not s.branch and (s.name != "synth" or params.renders_synth)]
     branches = [BoundStage(s, task) for task in params.tasks for s in STAGES if s.branch]
     return shared + branches
 

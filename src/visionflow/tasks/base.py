@@ -104,6 +104,24 @@ def nanmean_rows(x: np.ndarray) -> np.ndarray:
         return np.nanmean(x, axis=1)
 
 
+@dataclass(frozen=True)
+class DataProfile:
+    """What a dataset's labels can train (visionflow init asks each task with `fits`)."""
+    images: int
+    single_label: int  # images with exactly one image-level class
+    multi_label: int   # images with several image-level classes
+    boxes: int         # non-crowd objects with a box
+    shapes: int        # objects with a polygon or mask outline
+    classes: int
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample], classes: int) -> "DataProfile":
+        objects = [i for s in samples for i in s.instances if not i.iscrowd]
+        return cls(images=len(samples), single_label=sum(len(set(s.labels)) == 1 for s in samples),
+                   multi_label=sum(len(set(s.labels)) > 1 for s in samples), boxes=len(objects),
+                   shapes=sum(bool(i.polygons or i.rle) for i in objects), classes=classes)
+
+
 class TaskBase:
     """What every task is built with (visionflow.tasks.get_task): the TrainParams it trains with,
     where its loss has settings (segment: dice_weight); None when it only predicts."""
@@ -117,6 +135,10 @@ class TaskBase:
 
     # train_history.csv columns `dvc plots show` draws over the epochs (they must be in the file)
     history_fields: tuple[str, ...] = ("train_loss", "val_loss")
+
+    def fits(self, data: DataProfile) -> Optional[str]:
+        """Why this task can train on data like this (shown by `visionflow init`), or None."""
+        return None
 
     def calibrate(self, model: nn.Module, val_loader, device: torch.device) -> dict[str, Any]:
         """After training, on the best weights: settings chosen on the val split that travel in

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,12 @@ class ClassifyMetric:
 
 class ClassifyTask(TaskBase):
     name = "classify"
+
+    def fits(self, data) -> Optional[str]:
+        # one image-level class per image, on most images (others fall back to their largest object)
+        if data.classes >= 2 and not data.multi_label and data.single_label * 2 >= data.images:
+            return f"{data.single_label} of {data.images} images carry one image-level class"
+        return None
     primary_metric = "val_accuracy"
 
     def eval_plots(self, p) -> list[Path]:

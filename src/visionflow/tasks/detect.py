@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -123,6 +123,9 @@ class DetectMetric:
 
 class DetectTask(TaskBase):
     name = "detect"
+
+    def fits(self, data) -> Optional[str]:
+        return f"{data.boxes} boxed objects" if data.boxes else None
     primary_metric = "val_map50"
 
     history_fields = ("train_loss", "val_map50")  # detectors report no validation loss in eval mode

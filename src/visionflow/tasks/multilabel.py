@@ -169,6 +169,9 @@ class MultilabelTask(ClassifyTask):
     thresholds, metrics and records."""
 
     name = "multilabel"
+
+    def fits(self, data) -> Optional[str]:
+        return f"{data.multi_label} images carry several image-level classes" if data.multi_label else None
     primary_metric = "val_map"
     thresholds: Optional[list[float]] = None  # per class, from meta.json (configure)
 

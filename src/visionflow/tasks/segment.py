@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -100,6 +100,9 @@ def mean_iou(cm: np.ndarray) -> np.ndarray:
 
 class SegmentTask(TaskBase):
     name = "segment"
+
+    def fits(self, data) -> Optional[str]:
+        return f"{data.shapes} objects with a polygon or mask outline" if data.shapes else None
     primary_metric = "val_miou"
 
     def eval_outputs(self, p) -> list[Path]:

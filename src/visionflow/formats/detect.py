@@ -1,0 +1,160 @@
+"""Which annotation format and layout a folder or file holds, and why we think so.
+
+`detect_source(path)` looks at names and at the first bytes of candidate files only (never
+whole datasets), and returns the format, the `images:` / `annotations:` pair that the format's
+reader takes (docs/formats.md) and the evidence. No candidate, or several, is a `UserError` that
+says what was looked for and lists the candidates, so the user can name the format instead.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from visionflow.core.errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SPLIT_DIRS = ("train", "valid", "val", "validation", "test")
+_HEAD = 65536  # bytes read from a candidate file to recognise it
+
+
+@dataclass(frozen=True)
+class Detected:
+    format: str
+    images: Path
+    annotations: Path
+    why: str
+
+    def describe(self) -> str:
+        return f"{self.format} (images {self.images}, annotations {self.annotations}): {self.why}"
+
+
+def _head(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read(_HEAD)
+    except OSError:
+        return ""
+
+
+def _json_kind(path: Path) -> Optional[str]:
+    """'coco' or 'labelstudio' from the file's top-level structure (whole file parsed only when small)."""
+    head = _head(path).lstrip()
+    if head.startswith("{"):
+        keys = head[:_HEAD]
+        if '"images"' in keys and ('"annotations"' in keys or '"categories"' in keys):
+            return "coco"
+    if head.startswith("["):
+        if '"data"' in head and ('"annotations"' in head or '"predictions"' in head or '"label"' in head
+                                 or '"choice"' in head or '"rectanglelabels"' in head):
+            return "labelstudio"
+    return None
+
+
+def _xml_root(path: Path) -> Optional[str]:
+    try:
+        for _event, elem in ET.iterparse(path, events=("start",)):
+            return elem.tag
+    except (ET.ParseError, OSError):
+        return None
+    return None
+
+
+def _images_in(folder: Path, limit: int = 1) -> int:
+    n = 0
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            n += 1
+            if n >= limit:
+                break
+    return n
+
+
+def _split_folders(root: Path) -> list[Path]:
+    return [root / s for s in SPLIT_DIRS if (root / s).is_dir()]
+
+
+def _candidates(path: Path) -> Iterator[Detected]:
+    if path.is_file():
+        yield from _file_candidates(path)
+        return
+    root = path
+    if (root / "annotations.xml").is_file() and _xml_root(root / "annotations.xml") == "annotations":
+        images = root / "images" if (root / "images").is_dir() else root
+        yield Detected("cvat", images, root / "annotations.xml", "annotations.xml with an <annotations> root (CVAT for images 1.1)")
+    for name in ("data.yaml", "dataset.yaml"):
+        if (root / name).is_file():
+            yield Detected("yolo", root, root / name, f"{name} (YOLO / Ultralytics)")
+            break
+    else:
+        for name in ("obj.names", "classes.txt"):
+            labels = root / "labels"
+            if (root / name).is_file() and (labels.is_dir() or any(root.glob("obj_*_data"))):
+                yield Detected("yolo", root, root / name, f"{name} with YOLO label files (darknet / YOLO 1.1)")
+                break
+    splits = _split_folders(root)
+    if any((s / "_annotations.coco.json").is_file() for s in splits) or (root / "_annotations.coco.json").is_file():
+        yield Detected("coco", root, root, "_annotations.coco.json per split folder (Roboflow COCO export)")
+    if any((s / "_classes.csv").is_file() for s in splits) or (root / "_classes.csv").is_file():
+        yield Detected("csv", root, root, "_classes.csv per split folder (Roboflow multi-label CSV)")
+    coco = [p for p in sorted([*root.glob("*.json"), *root.glob("annotations/*.json")])
+            if not p.name.startswith("_") and _json_kind(p) == "coco"]
+    if len(coco) == 1:
+        yield Detected("coco", root, coco[0], f"{coco[0].relative_to(root)} has COCO's images/annotations/categories")
+    elif len(coco) > 1:
+        for p in coco:
+            yield Detected("coco", root, p, f"{p.relative_to(root)} has COCO's images/annotations/categories")
+    for p in sorted(root.glob("*.json")):
+        if _json_kind(p) == "labelstudio":
+            yield Detected("labelstudio", root, p, f"{p.name} is a list of Label Studio tasks")
+    ann = next((root / n for n in ("Annotations", "annotations") if (root / n).is_dir()
+                and any((root / n).glob("*.xml"))), None)
+    if ann is not None and _xml_root(next(ann.glob("*.xml"))) == "annotation":
+        images = next((root / n for n in ("JPEGImages", "images", "Images") if (root / n).is_dir()), root)
+        yield Detected("voc", images, root, f"{ann.name}/*.xml with <annotation> roots (Pascal VOC)")
+    masks = next((root / n for n in ("masks", "SegmentationClass", "labels") if (root / n).is_dir()
+                  and next((root / n).rglob("*.png"), None) is not None), None)
+    if masks is not None and (root / "images").is_dir() and ann is None:
+        yield Detected("masks", root / "images", masks, f"images/ with PNG masks in {masks.name}/")
+    tree = splits or [root]
+    class_dirs = [d for t in tree for d in t.iterdir() if d.is_dir() and _images_in(d)]
+    if class_dirs and not any(t for t in tree if _images_in(t)) and \
+            not {d.name.lower() for d in class_dirs} & {"images", "jpegimages", "masks", "labels"}:
+        yield Detected("imagefolder", root, root, f"{len(class_dirs)} class folders of images"
+                       + (f" under {', '.join(s.name for s in splits)}" if splits else ""))
+
+
+def _file_candidates(path: Path) -> Iterator[Detected]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        kind = _json_kind(path)
+        if kind:
+            yield Detected(kind, path.parent, path, f"{path.name} is " +
+                           ("COCO JSON (images/annotations/categories)" if kind == "coco" else "a list of Label Studio tasks"))
+    elif suffix == ".xml":
+        tag = _xml_root(path)
+        if tag == "annotations":
+            images = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+            yield Detected("cvat", images, path, f"{path.name} has an <annotations> root (CVAT for images 1.1)")
+    elif suffix in (".yaml", ".yml") and "names" in _head(path):
+        yield Detected("yolo", path.parent, path, f"{path.name} names YOLO classes")
+    elif suffix == ".csv" and _head(path).lower().startswith("filename"):
+        yield Detected("csv", path.parent, path, f"{path.name} is a filename,class,... table (Roboflow multi-label CSV)")
+
+
+def detect_source(path: str | Path) -> Detected:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    found = list(dict.fromkeys(_candidates(path)))
+    if not found:
+        raise UserError(
+            f"{path}: no annotation format recognised. Looked for CVAT annotations.xml, YOLO data.yaml / obj.names, "
+            "COCO JSON (also Roboflow's _annotations.coco.json per split), Label Studio JSON, VOC Annotations/*.xml, "
+            "images/ + masks/ PNGs, class folders of images and Roboflow _classes.csv. Name the format with "
+            "--format (see docs/formats.md)")
+    if len(found) > 1:
+        raise UserError(f"{path}: more than one annotation format fits; name one with --format (and --images/"
+                        "--annotations):\n  " + "\n  ".join(d.describe() for d in found))
+    return found[0]
