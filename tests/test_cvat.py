@@ -358,6 +358,54 @@ def test_read_project_export_with_subsets(tmp_path):
     assert s["default/cam3_0001.jpg"].attributes == {"subset": "default", "task_id": "8"}
 
 
+def test_project_export_numbering_each_subset_from_0(tmp_path):
+    # CVAT numbers each subset's images from 0 in a project export: images are keyed by (subset, id).
+    images_root, ann = project_export(tmp_path)
+    text = ann.read_text()
+    for old, new in (('id="2" name="cam1_0001.jpg" subset="Validation"', 'id="0" name="cam1_0001.jpg" subset="Validation"'),
+                     ('id="3" name="cam3_0001.jpg" subset="default"', 'id="0" name="cam3_0001.jpg" subset="default"')):
+        assert old in text
+        text = text.replace(old, new)
+    ann.write_text(text)
+    res = read_cvat(images_root, ann, "lots")
+    assert [(s.path, s.attributes.get("split")) for s in res.samples] == [
+        ("Train/cam1_0001.jpg", "train"), ("Train/cam1_0002.jpg", "train"), ("Validation/cam1_0001.jpg", "val"),
+        ("default/cam3_0001.jpg", None)]
+    ann.write_text(text.replace('id="1" name="cam1_0002.jpg"', 'id="0" name="cam1_0002.jpg"'))
+    with pytest.raises(DataError, match="duplicate image id") as err:  # same id twice in one subset
+        read_cvat(images_root, ann, "lots")
+    assert "image id 0 (subset 'Train')" in str(err.value)
+
+
+def test_export_folder_as_annotations_and_images(tmp_path):
+    # The most natural first command: the unzipped export folder for both.
+    images_root, ann = project_export(tmp_path)
+    folder = ann.parent
+    res = read_cvat(folder, folder, "lots", root="data/lots")
+    assert [s.path for s in res.samples][0] == "Train/cam1_0001.jpg"
+    assert {s.root for s in res.samples} == {"data/lots/images"} and res.report.total == 0
+    ann.rename(folder / "other.xml")  # the only XML in the folder is taken too
+    assert len(read_cvat(images_root, folder, "lots").samples) == 4
+    (folder / "more.xml").write_text("<annotations/>")
+    with pytest.raises(DataError, match="looked for annotations.xml in it and found more.xml, other.xml"):
+        read_cvat(images_root, folder, "lots")
+
+
+def test_nothing_read_is_an_error_naming_what_and_where(tmp_path):
+    images_root, ann = project_export(tmp_path)
+    with pytest.raises(DataError, match="none of its 4 images was found under") as err:
+        read_cvat(tmp_path / "elsewhere", ann, "lots")
+    assert str(ann) in str(err.value) and "cam1_0001.jpg" in str(err.value)
+    ann.write_text(document(PROJECT_META, ""))
+    with pytest.raises(DataError, match="has no <image> elements"):
+        read_cvat(images_root, ann, "lots")
+    # Every shape lost (here: all undeclared) is an error too, not an unlabelled dataset.
+    ann.write_text(document(PROJECT_META, PROJECT_IMAGES.replace('label="car"', 'label=""')
+                            .replace('label="daytime"', 'label="night"')))
+    with pytest.raises(DataError, match="all 2 shapes and tags were lost: label_undeclared: 2"):
+        read_cvat(images_root, ann, "lots")
+
+
 def test_project_export_with_images_in_one_folder(tmp_path):
     # Users often flatten an export; names are then looked up directly under the images root.
     images_root, ann = project_export(tmp_path)
@@ -516,8 +564,6 @@ def test_symlink_escaping_the_root_is_rejected(tmp_path):
     ('<image id="2"', '<image id="1"', "image id 1", "duplicate image id"),
     ('<image id="2"', '<image id="x"', "image id x", "malformed"),
     ('name="frame_000002.jpg"', 'name="frame_000000.jpg"', "image id 2", "also used by image id 0"),
-    ('<mask label="road"', '<mask label="sidewalk"', "image id 1", "label 'sidewalk' is not declared"),
-    ('<tag label="daytime"', '<tag label="night"', "image id 0", "label 'night' is not declared"),
     ('xtl="40.00"', 'xtl="forty"', "image id 1 <box> #1", "xtl='forty'"),
     ('points="0.00,30.00;', 'points="0.00;30.00,', "image id 0 <polygon> #1", "points="),
     ('points="0.00,30.00;', 'points="0.00,30.00,1.0;', "image id 0 <polygon> #1", "points="),
@@ -559,8 +605,10 @@ UNSUPPORTED = {"shape_unsupported": 2}
     ('xtl="40.00" ytl="10.00" xbr="60.00"', 'xtl="70.00" ytl="10.00" xbr="80.00"', "box_outside",
      lambda s: len(s["city/frame_000001.jpg"].instances) == 1),
     ('ybr="30.00"', 'ybr="60.00"', "box_clipped", lambda s: s["city/frame_000001.jpg"].instances[1].bbox[3] == 48),
-    ('xbr="60.00" ybr="30.00"', 'xbr="60.00" ybr="30.00" rotation="90.0"', "box_rotated",
-     lambda s: s["city/frame_000001.jpg"].instances[1].bbox == pytest.approx([40, 10, 60, 30])),
+    # One stray shape with an undeclared or empty label is counted, never fatal for the file.
+    ('<mask label="road"', '<mask label="sidewalk"', "label_undeclared",
+     lambda s: [i.category_id for i in s["city/frame_000001.jpg"].instances] == [1]),
+    ('<tag label="daytime"', '<tag label=""', "label_undeclared", lambda s: s["frame_000000.jpg"].labels == []),
     ('points="0.00,30.00;63.00,30.00;63.00,47.00;0.00,47.00"', 'points="0.00,30.00;63.00,47.00"', "polygon_invalid",
      lambda s: s["frame_000000.jpg"].instances[1].polygons == [] and
      s["frame_000000.jpg"].instances[1].bbox == [0, 30, 63, 47]),
@@ -577,11 +625,21 @@ def test_counted_shape_problems(tmp_path, old, new, kind, check):
     _counts_and_example(res, {**UNSUPPORTED, kind: 1}, kind, str(ann), "image id")
 
 
-def test_box_rotated_uses_enclosing_box(tmp_path):
+def test_box_rotated_kept_as_oriented_box(tmp_path):
     images_root, ann = task_export(tmp_path, TASK_IMAGES.replace('z_order="2"', 'z_order="2" rotation="45"', 1))
-    box = by_path(read_cvat(images_root, ann, "s"))["city/frame_000001.jpg"].instances[1].bbox
-    half = 10 * np.sqrt(2)  # a 20x20 square turned by 45 degrees about (50, 20)
-    assert box == pytest.approx([50 - half, 20 - half, min(50 + half, 64), 20 + half])
+    res = read_cvat(images_root, ann, "s")
+    inst = by_path(res)["city/frame_000001.jpg"].instances[1]
+    half = 10 * np.sqrt(2)  # a 20x20 square turned by 45 degrees (clockwise on screen) about (50, 20)
+    assert inst.bbox == pytest.approx([50 - half, 20 - half, min(50 + half, 64), 20 + half])
+    # The 4 corners from the turned top-left round: (40, 10) -> straight above the centre.
+    assert inst.polygons == [pytest.approx([50, 20 - half, 50 + half, 20, 50, 20 + half, 50 - half, 20])]
+    assert inst.attributes["obb"] is True
+    assert res.report.counts == {**UNSUPPORTED, "box_clipped": 1}  # kept, not a loss; its box meets the edge
+    # Written back as a <box rotation=...>, read again equal.
+    back = read_cvat(tmp_path / "out" / "images", write_cvat(res.samples, res.categories, tmp_path / "out"), "s")
+    again = by_path(back)["city/frame_000001.jpg"].instances[1]
+    assert again.polygons == [pytest.approx(inst.polygons[0])] and again.attributes == inst.attributes
+    assert 'rotation="45.0' in (tmp_path / "out" / "annotations.xml").read_text()
 
 
 def test_mask_partly_outside_is_cropped_and_box_clipped(tmp_path):

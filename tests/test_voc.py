@@ -357,11 +357,27 @@ def test_duplicate_label_and_split_overlap_name_file_and_line(tmp_path):
     assert "val.txt [line 2]" in str(err.value)
 
 
-def test_rgb_mask_rejected(tmp_path):
+def test_rgb_masks_read_through_palette_and_label_map(tmp_path):
+    """CVAT writes both PNGs as RGB: objects in the VOC palette's colours, classes in labelmap.txt's."""
+    voc = make_voc(tmp_path, labelmap=True)
+    pal = np.array(PALETTE, np.uint8).reshape(-1, 3)
+    objects = object_png()
+    Image.fromarray(pal[objects]).save(voc / "SegmentationObject" / "2007_000032.png")
+    (voc / "labelmap.txt").write_text("".join(f"{n}:{i},{i},{i}::\n" for i, n in enumerate(["background"] + VOC_CLASSES)))
+    classes = np.where(objects == 2, 15, np.where(objects == 1, 1, 0)).astype(np.uint8)
+    Image.fromarray(np.stack([classes] * 3, axis=-1)).save(voc / "SegmentationClass" / "2007_000032.png")
+    res = read(voc)
+    plane, person = by_path(res)["2007_000032.jpg"].instances
+    assert (decode(plane.rle) == (objects == 1)).all() and (decode(person.rle) == (objects == 2)).all()
+    assert (decode(by_path(res)["2007_000032.jpg"].attributes["ignore_rle"]) == (objects == 255)).all()
+    assert res.report.total == 0, res.report.lines()
+
+
+def test_mask_of_another_mode_rejected(tmp_path):
     voc = make_voc(tmp_path)
     png = voc / "SegmentationObject" / "2007_000032.png"
-    Image.new("RGB", (64, 48)).save(png)
-    with pytest.raises(DataError, match="not an index PNG") as err:
+    Image.new("I;16", (64, 48)).save(png)
+    with pytest.raises(DataError, match="neither an index nor an RGB PNG") as err:
         read(voc)
     assert str(png) in str(err.value)
 
@@ -385,10 +401,12 @@ def test_missing_filename_and_missing_image_are_skipped(tmp_path):
     xml = edit(voc, "2008_000008", "<filename>2008_000008.jpg</filename>", "")
     res = read(voc)
     assert "2008_000008.jpg" not in by_path(res) and len(res.samples) == 2
-    one_problem(res, "image_missing", str(xml), "no <filename>")
+    assert res.report.counts == {"image_missing": 1, "image_unannotated": 1}
+    assert str(xml) in res.report.examples["image_missing"][0] and "no <filename>" in res.report.examples["image_missing"][0]
     (voc / "JPEGImages/2008_000015.jpg").unlink()
     res = read(voc)
-    assert res.report.counts == {"image_missing": 2} and len(res.samples) == 1
+    # 2008_000008.jpg is on disk but no XML names it any more: counted as well.
+    assert res.report.counts == {"image_missing": 2, "image_unannotated": 1} and len(res.samples) == 1
     assert "2008_000015.jpg" in res.report.examples["image_missing"][1]
 
 

@@ -16,22 +16,30 @@ per subset, `images/<Subset>/<name>`, and every <image> carries `subset` and `ta
       </image>
     </annotations>
 
+`annotations` may be the file or the export folder that holds `annotations.xml`; when the
+images root is that folder and it has `images/`, the images are read from `images/`.
+
 Reading maps:
     <label> in <meta> (declared order, skeleton sub-labels skipped) -> categories, ids 1..K
     <image name>      -> Sample.path; in a project export `<subset>/<name>` when that file exists
                          (CVAT's layout), else `<name>`
-    <image subset>    -> attributes["split"] (Train/Training -> train, Validation/Val -> val,
+    <image subset>    -> attributes["split"] (a task export's <meta><task><subset> when the image has none) (Train/Training -> train, Validation/Val -> val,
                          Test/Testing -> test); any other subset ("default", custom) ->
                          attributes["subset"] as written; other <image> attributes (task_id, ...)
                          -> attributes as strings; `group` -> Sample.group
     <tag label>       -> Sample.labels (in order, each once)
     <box>             -> bbox [xtl, ytl, xbr, ybr]
+    <box rotation=r>  -> an oriented box: polygons = [its 4 corners] (CVAT turns the box clockwise
+                         by r degrees about its centre; corners start at the turned top-left),
+                         bbox = their extent, attributes["obb"] = True
+    <ellipse>         -> polygons = [64 points on the ellipse], bbox = their extent
     <polygon points>  -> one ring, bbox = the extent of its points
     <mask rle ...>    -> COCO RLE (compressed) over the whole image; bbox = [left, top,
                          left + width, top + height]. CVAT's rle is a row-major run-length over
                          the width x height region that starts with a background run.
     occluded (bool), z_order / group_id (int), source (str), <attribute> children (str)
                       -> Instance.attributes (one flat dict)
+Images are keyed by (subset, id): a project export numbers each subset's images from 0.
 The CVAT image id is not kept: the writer numbers images 0..N-1.
 
 Validation policy (errors stop the read; counted problems are fixed or dropped and reported):
@@ -42,11 +50,12 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | root is not <annotations>, or <track> elements      | DataError (export as "CVAT for images 1.1")   |
 |   (a "CVAT for video" file)                         |                                               |
 | duplicate label name in <meta>                      | DataError naming the label                    |
-| image without integer id or name; duplicate image   | DataError naming the file and the image id    |
-|   id; two images with the same path                 |                                               |
+| image without integer id or name; duplicate         | DataError naming the file and the image id    |
+|   (subset, id); two images with the same path       |                                               |
+| no <image> read (none in the file, or no image file | DataError naming the file, what was looked    |
+|   found), or every shape and tag lost               |   for and where                               |
 | image name absolute, with "..", backslash, or       | DataError naming the file and the image id    |
 |   resolving outside the images root (symlink)       |   (paths must stay inside the dataset root)   |
-| shape/tag label not declared in <meta>              | DataError naming the file, image id and label |
 | shape with missing or non-numeric coordinates,      | DataError naming the file, image id and shape |
 |   occluded, z_order or group_id; reserved           |                                               |
 |   <attribute> name (occluded, z_order, ...)         |                                               |
@@ -56,10 +65,12 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | box_clipped: box partly outside the image           | box clipped to the image, counted             |
 | polygon_invalid: polygon with < 3 points            | ring dropped, instance kept with the box of   |
 |                                                     |   its points, counted                         |
-| box_rotated: <box rotation != 0>                    | the axis-aligned box around it is used        |
+| label_undeclared: shape/tag label empty or not      | shape skipped, counted                        |
+|   declared in <meta>                                |                                               |
+| ellipse_polygonised: <ellipse>                      | kept as a 64-point polygon, counted           |
 | mask_invalid: rle runs do not fill width x height   | instance dropped, counted                     |
-| shape_unsupported: polyline, points, cuboid,        | shape skipped, counted                        |
-|   ellipse, skeleton, <mask> without rle             |                                               |
+| shape_unsupported: polyline, points, cuboid,        | shape skipped, counted (whatever its label)   |
+|   skeleton, <mask> without rle, unknown elements    |                                               |
 | tag_attribute_dropped: <attribute> inside a <tag>   | attribute dropped (tag kept), counted         |
 
 The shared kinds and policies are `visionflow.formats.COMMON_POLICIES`; the others are
@@ -77,6 +88,7 @@ What CVAT cannot hold is counted in the report (`WRITE_POLICIES`):
 | box_not_written: bbox != extent of polygon/mask     | CVAT re-derives the box from the shape        |
 | polygons_dropped: instance with RLE and polygons    | the mask is written                           |
 | polygon_rings_split: instance with several rings    | one <polygon> per ring (read back as several) |
+| (none) attributes["obb"] with a 4-corner polygon    | written as <box rotation=...>: lossless       |
 | mask_empty: RLE with no foreground                  | written as a <box> of the bbox                |
 | attribute_stringified: non-string attribute value   | written as JSON text (reads back as a string) |
 | attribute_dropped: reserved / non-XML name, or      | not written                                   |
@@ -106,9 +118,10 @@ from visionflow.manifest.masks import decode_rle
 ANNOTATION_FILE = "annotations.xml"
 IMAGES_DIR = "images"
 READ_POLICIES: dict[str, str] = {
-    "box_rotated": "rotated box replaced by the axis-aligned box around it",
+    "label_undeclared": "shape or tag skipped: its label is empty or not declared in <meta><labels>",
+    "ellipse_polygonised": "ellipse kept as a 64-point polygon (bbox = the polygon's extent)",
     "mask_invalid": "instance dropped (mask rle runs do not add up to width x height)",
-    "shape_unsupported": "shape skipped (polyline, points, cuboid, ellipse, skeleton or mask without rle)",
+    "shape_unsupported": "shape skipped (polyline, points, cuboid, skeleton, mask without rle or unknown element)",
     "tag_attribute_dropped": "attribute of an image tag dropped; the tag is kept as an image label",
 }
 WRITE_POLICIES: dict[str, str] = {
@@ -126,7 +139,9 @@ _SPLITS = {"train": "train", "training": "train", "validation": "val", "val": "v
 _SUBSET_NAMES = {"train": "Train", "val": "Validation", "test": "Test"}  # how CVAT spells them
 _FLAGS = ("occluded", "z_order", "group_id", "source")  # shape XML attributes kept in Instance.attributes
 _IMAGE_KEYS = {"id", "name", "width", "height", "subset", "group"}
-_UNSUPPORTED = ("polyline", "points", "cuboid", "ellipse", "skeleton", "mask")
+_SHAPES = ("box", "polygon", "mask", "ellipse", "tag")  # what the reader keeps
+_ELLIPSE_POINTS = 64
+OBB = "obb"  # Instance.attributes key: polygons[0] is an oriented box's 4 corners
 _XML_NAME = re.compile(r"^[A-Za-z_][\w.-]*$")
 
 
@@ -156,7 +171,11 @@ class _Image:
 # --- reading ---------------------------------------------------------------------------------
 
 def read_cvat(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
-    images_root, annotations = Path(images_root), Path(annotations)
+    images_root, annotations = Path(images_root), _find_annotations(Path(annotations))
+    if images_root.resolve() == annotations.parent.resolve() and (images_root / IMAGES_DIR).is_dir():
+        # The export folder given as the images root: CVAT puts the images in images/.
+        images_root = images_root / IMAGES_DIR
+        root = None if root is None else f"{root.rstrip('/')}/{IMAGES_DIR}"
     doc = _load_xml(annotations)
     categories = _read_labels(doc, annotations, source)
     cat_ids = {c.name: c.id for c in categories}
@@ -170,7 +189,40 @@ def read_cvat(images_root: Path, annotations: Path, source: str, root: Optional[
         sample = _to_sample(img, images_root, root, source, annotations, report)
         if sample is not None:
             samples.append(sample)
+    _check_not_empty(images, samples, annotations, images_root, report)
     return FormatResult(categories, samples, report)
+
+
+def _find_annotations(path: Path) -> Path:
+    """The XML file itself, or `annotations.xml` (else the only *.xml) inside an export folder."""
+    if not path.is_dir():
+        return path
+    candidates = [path / ANNOTATION_FILE] if (path / ANNOTATION_FILE).is_file() else sorted(path.glob("*.xml"))
+    if len(candidates) != 1:
+        found = f"found {', '.join(p.name for p in candidates)}" if candidates else "found no *.xml"
+        raise DataError(path, f"is a folder; looked for {ANNOTATION_FILE} in it and {found}",
+                        hint="give the annotations.xml of a 'CVAT for images 1.1' export as --annotations")
+    return candidates[0]
+
+
+def _check_not_empty(images: list[_Image], samples: list[Sample], path: Path, images_root: Path,
+                     report: ConversionReport) -> None:
+    """An ingest that keeps nothing is an error, never an empty dataset."""
+    if not images:
+        raise DataError(path, "has no <image> elements", hint="export the task as 'CVAT for images 1.1' "
+                        "(a job or task with images, not an empty one)")
+    if not samples:
+        example = next(iter(report.examples.get("image_missing", []) or report.examples.get("image_unreadable", [])),
+                       "")
+        raise DataError(path, f"none of its {len(images)} images was found under {images_root} "
+                        f"(e.g. {images[0].rel!r}); {example}",
+                        hint="set --images to the folder that holds the image names written in the XML "
+                             "(for a CVAT export: its images/ folder)")
+    written = sum(len(i.shapes) + len(i.labels) + len(i.skipped) for i in images)
+    kept = sum(len(s.instances) + len(s.labels) for s in samples)
+    if written and not kept:
+        raise DataError(path, f"all {written} shapes and tags were lost: " + "; ".join(report.lines()),
+                        hint="see the counted kinds; CVAT boxes, polygons, ellipses, masks and tags are read")
 
 
 def _load_xml(path: Path) -> ET.Element:
@@ -205,21 +257,26 @@ def _read_labels(doc: ET.Element, path: Path, source: str) -> list[Category]:
 
 def _read_images(doc: ET.Element, path: Path, images_root: Path, cat_ids: dict[str, int]) -> list[_Image]:
     images: list[_Image] = []
-    seen_ids: set[int] = set()
-    seen_paths: dict[str, int] = {}
+    seen_ids: set[tuple[str, int]] = set()
+    seen_paths: dict[str, str] = {}
+    # A task export: the task's subset (Train, Test, ...) is the split of all its images.
+    task_subset = (doc.findtext("meta/task/subset") or "").strip()
+    task_subset = task_subset if task_subset.lower() in _SPLITS else ""
     for el in doc.findall("image"):
         iid = _int(el.get("id"))
-        record = f"image id {el.get('id')}"
-        if iid is None or iid in seen_ids:
+        subset = (el.get("subset") or "").strip()
+        # A project export numbers each subset's images from 0: the key is (subset, id).
+        record = f"image id {el.get('id')}" + (f" (subset {subset!r})" if subset else "")
+        if iid is None or (subset, iid) in seen_ids:
             raise DataError(path, "missing, malformed or duplicate image id", record=record)
-        seen_ids.add(iid)
+        seen_ids.add((subset, iid))
         rel = _image_path(el, path, images_root, record)
         if rel in seen_paths:
-            raise DataError(path, f"image path {rel!r} also used by image id {seen_paths[rel]}", record=record)
-        seen_paths[rel] = iid
+            raise DataError(path, f"image path {rel!r} also used by {seen_paths[rel]}", record=record)
+        seen_paths[rel] = record
         declared = (_int(el.get("width")), _int(el.get("height")))
         attrs = {k: v for k, v in el.attrib.items() if k not in _IMAGE_KEYS}
-        subset = (el.get("subset") or "").strip()
+        subset = subset or task_subset
         if subset.lower() in _SPLITS:
             attrs["split"] = _SPLITS[subset.lower()]
         elif subset:  # "default" or a custom subset: not a split the split stage could honour
@@ -234,10 +291,13 @@ def _read_images(doc: ET.Element, path: Path, images_root: Path, cat_ids: dict[s
 
 def _read_child(el: ET.Element, image: _Image, cat_ids: dict[str, int], path: Path, record: str) -> None:
     label = el.get("label")
-    if label is not None and label not in cat_ids:
-        raise DataError(path, f"<{el.tag}> label {label!r} is not declared in <meta><labels>",
-                        record=record, hint="add the label to the task or fix the shape")
-    if el.tag == "tag" and label is not None:
+    if el.tag not in _SHAPES or (el.tag == "mask" and not el.get("rle")):
+        image.skipped.append((f"{record} label {label!r}", "shape_unsupported"))
+        return
+    if label not in cat_ids:  # counted, not fatal: one stray shape must not stop the whole file
+        image.skipped.append((f"{record} label {label!r}", "label_undeclared"))
+        return
+    if el.tag == "tag":
         if cat_ids[label] not in image.labels:
             image.labels.append(cat_ids[label])
         image.skipped += [(record, "tag_attribute_dropped")] * len(el.findall("attribute"))
@@ -249,20 +309,24 @@ def _read_child(el: ET.Element, image: _Image, cat_ids: dict[str, int], path: Pa
     elif el.tag == "polygon":
         image.shapes.append(_Shape("polygon", cat_ids[label], _points(el.get("points"), path, record),
                                    _shape_attributes(el, path, record), record=record))
-    elif el.tag == "mask" and el.get("rle"):
+    elif el.tag == "ellipse":
+        geometry = _floats(el, ("cx", "cy", "rx", "ry"), path, record) + \
+            _floats(el, ("rotation",), path, record, default=0.0)
+        image.shapes.append(_Shape("ellipse", cat_ids[label], geometry, _shape_attributes(el, path, record),
+                                   record=record))
+    else:  # a <mask> with rle
         geometry = _floats(el, ("left", "top", "width", "height"), path, record)
         image.shapes.append(_Shape("mask", cat_ids[label], geometry, _shape_attributes(el, path, record),
                                    rle=el.get("rle", ""), record=record))
-    elif el.tag in _UNSUPPORTED or label is not None:
-        image.skipped.append((f"{record} label {label!r}", "shape_unsupported"))
 
 
 def _image_path(el: ET.Element, path: Path, images_root: Path, record: str) -> str:
     try:
         rel = safe_relpath(el.get("name"))
-        # Project exports put each subset's images in its own folder; the name omits it.
+        # Project exports put each subset's images in its own folder; the name omits it. When
+        # neither file exists, CVAT's layout is the one reported missing.
         subset = el.get("subset")
-        if subset and (images_root / subset / rel).is_file():
+        if subset and ((images_root / subset / rel).is_file() or not (images_root / rel).is_file()):
             rel = safe_relpath(f"{subset}/{rel}")
         check_inside(images_root, rel)
     except ValueError as exc:
@@ -295,8 +359,17 @@ def _to_instance(shape: _Shape, width: int, height: int, report: ConversionRepor
     polygons: list[list[float]] = []
     rle = None
     g = shape.geometry
-    if shape.tag == "box":
-        box = _unrotate(g[:4], g[4], report, where)
+    attributes = shape.attributes
+    if shape.tag == "box" and g[4]:
+        polygons = [rotated_corners(g[:4], g[4])]
+        box = _extent(polygons[0])
+        attributes = {**attributes, OBB: True}
+    elif shape.tag == "box":
+        box = g[:4]
+    elif shape.tag == "ellipse":
+        report.add("ellipse_polygonised", where)
+        polygons = [_ellipse_points(*g)]
+        box = _extent(polygons[0])
     elif shape.tag == "polygon":
         box = [min(g[0::2]), min(g[1::2]), max(g[0::2]), max(g[1::2])]
         polygons = clean_polygons([g], report, where)
@@ -311,7 +384,7 @@ def _to_instance(shape: _Shape, width: int, height: int, report: ConversionRepor
     if box is None:
         return None
     return Instance(bbox=box, category_id=shape.category_id, polygons=polygons, rle=rle,
-                    attributes=shape.attributes)
+                    attributes=attributes)
 
 
 def _shape_attributes(el: ET.Element, path: Path, record: str) -> dict[str, Any]:
@@ -336,16 +409,36 @@ def _shape_attributes(el: ET.Element, path: Path, record: str) -> dict[str, Any]
     return attrs
 
 
-def _unrotate(box: list[float], degrees: float, report: ConversionReport, where: str) -> list[float]:
-    if not degrees:
-        return box
-    report.add("box_rotated", f"{where}: rotation {degrees:g}")
-    # CVAT rotates the box about its centre; take the extent of the rotated corners.
+def rotated_corners(box: list[float], degrees: float) -> list[float]:
+    """[x, y] * 4 of a box turned clockwise on screen (y down) by `degrees` about its centre,
+    from the turned top-left corner round: CVAT's `rotation`."""
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    hw, hh = (box[2] - box[0]) / 2, (box[3] - box[1]) / 2
-    t = np.deg2rad(degrees)
-    ex, ey = abs(hw * np.cos(t)) + abs(hh * np.sin(t)), abs(hw * np.sin(t)) + abs(hh * np.cos(t))
-    return [float(cx - ex), float(cy - ey), float(cx + ex), float(cy + ey)]
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    out: list[float] = []
+    for x, y in ((box[0], box[1]), (box[2], box[1]), (box[2], box[3]), (box[0], box[3])):
+        dx, dy = x - cx, y - cy
+        out += [float(cx + dx * c - dy * s), float(cy + dx * s + dy * c)]
+    return out
+
+
+def _unrotated(corners: list[float]) -> tuple[list[float], float]:
+    """Inverse of `rotated_corners`: ([xtl, ytl, xbr, ybr], degrees in [0, 360))."""
+    (x0, y0), (x1, y1), (x3, y3) = corners[0:2], corners[2:4], corners[6:8]
+    cx, cy = (corners[0] + corners[4]) / 2, (corners[1] + corners[5]) / 2
+    w, h = float(np.hypot(x1 - x0, y1 - y0)), float(np.hypot(x3 - x0, y3 - y0))
+    degrees = float(np.rad2deg(np.arctan2(y1 - y0, x1 - x0))) % 360.0
+    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], degrees
+
+
+def _ellipse_points(cx: float, cy: float, rx: float, ry: float, degrees: float) -> list[float]:
+    t = np.linspace(0.0, 2 * np.pi, _ELLIPSE_POINTS, endpoint=False)
+    x, y = rx * np.cos(t), ry * np.sin(t)
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    return np.stack([cx + x * c - y * s, cy + x * s + y * c], axis=1).ravel().tolist()
+
+
+def _extent(ring: list[float]) -> list[float]:
+    return [min(ring[0::2]), min(ring[1::2]), max(ring[0::2]), max(ring[1::2])]
 
 
 def _decode_cvat_mask(text: str, left: int, top: int, w: int, h: int, width: int,
@@ -454,7 +547,7 @@ def _meta(samples: list[Sample], categories: list[Category]) -> ET.Element:
 def _declare_attributes(parent: ET.Element, category_id: int, samples: list[Sample]) -> None:
     # Declared as free text so a CVAT task created from this meta accepts the values.
     names = dict.fromkeys(k for s in samples for i in s.instances if i.category_id == category_id
-                          for k in i.attributes if k not in _FLAGS)
+                          for k in i.attributes if k not in _FLAGS and k != OBB)
     for name in names:
         attr = ET.SubElement(parent, "attribute")
         for key, value in (("name", name), ("mutable", "False"), ("input_type", "text"),
@@ -500,6 +593,11 @@ def _shapes(inst: Instance, names: dict[int, str], report: ConversionReport, whe
         if inst.polygons:
             report.add("polygons_dropped", where)
         shapes = _mask_shape(inst, head, report, where)
+    elif inst.attributes.get(OBB) is True and len(inst.polygons) == 1 and len(inst.polygons[0]) == 8:
+        box, degrees = _unrotated(inst.polygons[0])
+        shapes = [_box_shape(box, head)]
+        shapes[0].set("rotation", _num(degrees))
+        _check_box(inst.bbox, _extent(inst.polygons[0]), report, where)
     elif inst.polygons:
         if len(inst.polygons) > 1:
             report.add("polygon_rings_split", f"{where}: {len(inst.polygons)} rings")
@@ -512,7 +610,7 @@ def _shapes(inst: Instance, names: dict[int, str], report: ConversionReport, whe
         shapes = [_box_shape(inst.bbox, head)]
     for shape in shapes:
         for key, value in inst.attributes.items():
-            if key not in _FLAGS:
+            if key not in _FLAGS and not (key == OBB and shape.tag == "box"):
                 ET.SubElement(shape, "attribute", {"name": key}).text = _text(value, report, f"{where} {key!r}")
     return shapes
 
