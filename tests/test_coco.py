@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 import visionflow.formats.coco as coco_module
 from visionflow.core.errors import DataError
@@ -354,3 +355,73 @@ def test_float_noise_at_the_edge_is_clipped_silently(tmp_path):
     assert res.report.total == 0
     assert by_path(res)["sub/dir/b.png"].instances[1].bbox[2:] == pytest.approx([64.0, 48.0])
     assert by_path(res)["sub/dir/b.png"].instances[1].bbox[2] <= 64.0
+
+
+# --- variants real exporters write (issue 11) --------------------------------------------------
+
+@pytest.mark.parametrize("value, crowd", [("false", False), ("true", True), ("0", False), ("1", True),
+                                          ("False", False), (True, True)])
+def test_iscrowd_spellings(tmp_path, value, crowd):
+    root, ann = write_dataset(tmp_path, _broken(lambda d: d["annotations"][0].update(iscrowd=value)))
+    assert by_path(read(root, ann))["a.png"].instances[0].iscrowd is crowd
+
+
+def test_iscrowd_other_strings_are_an_error(tmp_path):
+    root, ann = write_dataset(tmp_path, _broken(lambda d: d["annotations"][0].update(iscrowd="maybe")))
+    with pytest.raises(DataError, match="0, 1, true or false") as err:
+        read(root, ann)
+    assert "annotation id 10" in str(err.value)
+
+
+def test_annotations_without_geometry_are_image_labels_and_ids_may_start_at_0(tmp_path):
+    def mutate(d):
+        d["images"][2]["id"] = 0  # ids from 0 (Roboflow, CVAT subsets): valid COCO, not a problem
+        d["annotations"] += [{"id": 0, "image_id": 0, "category_id": 7},
+                             {"id": 21, "image_id": 0, "category_id": 12, "bbox": None, "segmentation": []},
+                             {"id": 22, "image_id": 1, "category_id": 3}]  # already an image label of a.png
+    root, ann = write_dataset(tmp_path, _broken(mutate))
+    res = read(root, ann)
+    s = by_path(res)
+    assert s["c.png"].labels == [7, 12] and s["c.png"].instances == []
+    assert s["a.png"].labels == [3] and len(s["a.png"].instances) == 2
+    assert res.report.total == 0
+
+
+def test_rle_without_bbox_gets_the_masks_box(tmp_path):
+    root, ann = write_dataset(tmp_path, _broken(lambda d: d["annotations"][2].pop("bbox")))
+    inst = by_path(read(root, ann))["sub/dir/b.png"].instances[0]
+    h, w = RLE_UNCOMPRESSED["size"]
+    x, y, bw, bh = mask_utils.toBbox(mask_utils.frPyObjects(RLE_UNCOMPRESSED, h, w))
+    assert inst.bbox == pytest.approx([x, y, x + bw, y + bh]) and inst.rle == RLE_UNCOMPRESSED
+
+
+def test_captions_are_refused(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+           "annotations": [{"id": 1, "image_id": 1, "caption": "A cat on a mat."}]}
+    root, ann = write_dataset(tmp_path, doc)
+    with pytest.raises(DataError, match="captions are not annotations visionflow trains on") as err:
+        read(root, ann)
+    assert str(ann) in str(err.value)
+
+
+def test_malformed_keypoints_are_an_error(tmp_path):
+    root, ann = write_dataset(tmp_path, _broken(lambda d: d["annotations"][0].update(keypoints=[1, 2])))
+    with pytest.raises(DataError, match="keypoints must be a flat list") as err:
+        read(root, ann)
+    assert "annotation id 10" in str(err.value)
+
+
+def test_nothing_read_is_an_error_not_an_empty_dataset(tmp_path):
+    root, ann = write_dataset(tmp_path)
+    with pytest.raises(DataError, match="none of its 3 images could be read") as err:
+        read(tmp_path / "elsewhere", ann)
+    assert str(tmp_path / "elsewhere/a.png") in str(err.value)
+    def outside(d):
+        d["images"][0].pop("labels")
+        for a in d["annotations"]:
+            a.update(bbox=[500, 500, 5, 5], segmentation=[])
+    doc = _broken(outside)
+    root, ann = write_dataset(tmp_path / "out", doc)
+    with pytest.raises(DataError, match="all 4 annotations were dropped") as err:
+        read(root, ann)
+    assert "box_outside: 4" in str(err.value)

@@ -53,11 +53,11 @@ def only(report, kind: str, *needles: str) -> str:
 
 # --- annotation ids and crowd flags ----------------------------------------------------------
 
-def test_annotation_id_zero_is_accepted_counted_and_renumbered(tmp_path):
+def test_annotation_id_zero_is_accepted_and_renumbered(tmp_path):
+    # Ids from 0 are valid COCO (Roboflow and CVAT write them): not a problem, so --strict passes.
     ann = one_image(tmp_path, box(0, [1, 1, 10, 10]), box(1, [20, 20, 5, 5]))
     res = read_coco(tmp_path, ann, "s")
-    assert len(res.samples[0].instances) == 2
-    only(res.report, "annotation_id_zero", str(ann), "annotation id 0", "image id 1")
+    assert len(res.samples[0].instances) == 2 and res.report.total == 0
     out = write_coco(res.samples, res.categories, tmp_path / "out", tmp_path, copy_images=False)
     assert [a["id"] for a in json.loads(out.read_text())["annotations"]] == [1, 2]  # never 0 again
 
@@ -77,10 +77,10 @@ def test_rle_with_iscrowd_0_is_a_mask_instance(tmp_path):
     assert not inst.iscrowd and inst.rle == rle and inst.polygons == [] and res.report.total == 0
 
 
-@pytest.mark.parametrize("value", ["0", "yes", 2, 0.5, [1]])
+@pytest.mark.parametrize("value", ["yes", 2, 0.5, [1]])  # "0"/"1"/"false"/"true" are accepted (test_coco.py)
 def test_iscrowd_that_is_not_0_or_1_is_an_error(tmp_path, value):
     ann = one_image(tmp_path, box(8, [0, 0, 4, 4], iscrowd=value))
-    with pytest.raises(DataError, match="`iscrowd` must be 0 or 1") as err:
+    with pytest.raises(DataError, match="`iscrowd` must be 0, 1, true or false") as err:
         read_coco(tmp_path, ann, "s")
     assert str(ann) in str(err.value) and "annotation id 8" in str(err.value)
 
@@ -232,7 +232,8 @@ def test_corrupt_image_skipped_reported_and_left_untouched(tmp_path, damage):
     path.write_bytes({"truncated_jpeg": data[:-700], "empty": b"", "text": b"hello",
                       "png_bad_crc": data[:200] + bytes([data[200] ^ 0xFF]) + data[201:]}[damage])
     ann = dataset(tmp_path, [{"id": 1, "file_name": "ok.png"}, {"id": 2, "file_name": path.name}],
-                  [{"id": 9, "image_id": 2, "category_id": 1, "bbox": [1, 1, 4, 4]}])
+                  [{"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]},
+                   {"id": 9, "image_id": 2, "category_id": 1, "bbox": [1, 1, 4, 4]}])
     before = tree_hashes(tmp_path)
     res = read_coco(tmp_path, ann, "s")
     assert [s.path for s in res.samples] == ["ok.png"]
@@ -274,9 +275,11 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
 def test_decompression_bomb_header_is_skipped_and_counted(tmp_path):
     png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
     ann = dataset(tmp_path, [{"id": 7, "file_name": "bomb.png"}], [])
-    res = read_coco(tmp_path, ann, "s")
-    assert res.samples == []
-    only(res.report, "image_unreadable", str(ann), "image id 7", "bomb.png", "exceeds the pixel limit")
+    # the only image is skipped: nothing is left, which is an error naming the skipped image
+    with pytest.raises(DataError, match="none of its 1 images could be read") as err:
+        read_coco(tmp_path, ann, "s")
+    for needle in (str(ann), "image_unreadable: 1", "image id 7", "bomb.png", "exceeds the pixel limit"):
+        assert needle in str(err.value)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns, we refuse
@@ -284,9 +287,10 @@ def test_pixel_limit_is_enforced_at_1x_not_only_at_2x(tmp_path, monkeypatch):
     # 64x64 = 4096 pixels: between 1x and 2x of 3000, where Pillow itself only warns.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
     ann = one_image(tmp_path)
-    res = read_coco(tmp_path, ann, "s")
-    assert res.samples == []
-    only(res.report, "image_unreadable", "image id 1", "exceeds the pixel limit", "3000")
+    with pytest.raises(DataError, match="none of its 1 images could be read") as err:
+        read_coco(tmp_path, ann, "s")
+    for needle in ("image_unreadable: 1", "image id 1", "exceeds the pixel limit", "3000"):
+        assert needle in str(err.value)
     with pytest.raises(ImageReadError, match="exceeds the pixel limit"):
         load_rgb(tmp_path / "a.png")
 

@@ -121,6 +121,7 @@ def test_roboflow_layout_and_list_files(tmp_path):
 
 def test_same_entry_for_train_and_val_means_no_split(tmp_path):
     make_image(tmp_path / "images/a.png")
+    write(tmp_path / "labels/a.txt", "0 0.5 0.5 0.5 0.5\n")
     ann = write(tmp_path / "data.yaml", "train: images\nval: images\nnames: [x]\n")
     res = read_yolo(tmp_path, ann, "s")
     assert len(res.samples) == 1 and res.samples[0].attributes == {} and res.report.total == 0
@@ -330,16 +331,20 @@ def test_row_errors_name_file_and_line(tmp_path, row, message):
     ("train: images/train\n", "`names` must be"),
     ("names: [a]\n", "no `train`"),
     ("train: [images/train\nnames: [a]\n", "invalid YAML"),
-    ("train: images/nothing\nnames: [a]\n", "neither a folder nor a .txt list"),
-    ("train: /etc\nnames: [a]\n", "absolute"),
-    ("train: ../../elsewhere\nnames: [a]\n", "'..'"),
+    ("train: a.png.bak\nnames: [a]\n", "neither a folder nor a .txt list"),
+    ("train: images/nothing\nnames: [a]\n", "images/nothing does not exist"),
+    ("train: ../../elsewhere\nnames: [a]\n", "elsewhere does not exist"),
+    ("train: /etc\nnames: [a]\n", "outside the images root"),
+    ("train: ../outside\nnames: [a]\n", "outside the images root"),
     ("train: images/train\nnames: {0: a, x: b}\n", "non-negative integers"),
 ])
 def test_data_yaml_errors_name_the_file(tmp_path, text, message):
-    make_image(tmp_path / "images/train/a.png")
-    ann = write(tmp_path / "data.yaml", text)
+    make_image(tmp_path / "ds/images/train/a.png")
+    write(tmp_path / "ds/a.png.bak", "")
+    (tmp_path / "outside").mkdir()  # exists, but beside the dataset root: refused, not read
+    ann = write(tmp_path / "ds/data.yaml", text)
     with pytest.raises(DataError, match=message) as err:
-        read_yolo(tmp_path, ann, "v")
+        read_yolo(tmp_path / "ds", ann, "v")
     assert str(ann) in str(err.value)
 
 
@@ -389,3 +394,94 @@ def test_corrupt_image_skipped_and_untouched(tmp_path):
     res = read_yolo(tmp_path, ann, "v")
     assert res.report.counts == {"image_unreadable": 1} and len(res.samples) == 1
     assert bad.read_text() == "not an image"
+
+
+# --- oriented boxes, rounding at the edge, darknet obj.data (issue 11) ----------------------------
+
+def _obb_row(cx, cy, w, h, angle_deg, cls=0) -> str:
+    """A YOLO-OBB row: the 4 corners of a rotated rectangle (pixels), normalised by W and H."""
+    a = np.deg2rad(angle_deg)
+    u, v = np.array([np.cos(a), np.sin(a)]) * w / 2, np.array([-np.sin(a), np.cos(a)]) * h / 2
+    corners = [np.array([cx, cy]) + sx * u + sy * v for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+    return " ".join([str(cls)] + [f"{x / W:.6f} {y / H:.6f}" for x, y in corners])
+
+
+def test_obb_rows_are_kept_as_oriented_boxes(tmp_path):
+    ann, _ = one_label(tmp_path, "")
+    write(tmp_path / "labels/train/a.txt", _obb_row(30, 24, 20, 10, 30) + "\n" + _obb_row(10, 10, 8, 6, 0, 1)
+                  + "\n")
+    res = read_yolo(tmp_path, ann, "o")
+    rotated, upright = res.samples[0].instances
+    assert rotated.attributes == {"obb": True} and upright.attributes == {"obb": True}
+    assert len(rotated.polygons) == 1 and len(rotated.polygons[0]) == 8
+    xs, ys = rotated.polygons[0][0::2], rotated.polygons[0][1::2]
+    assert rotated.bbox == pytest.approx([min(xs), min(ys), max(xs), max(ys)])
+    assert res.report.total == 0
+    # written back as OBB rows: nothing counted as lost, and read back the same
+    report = ConversionReport()
+    target = write_yolo(res.samples, res.categories, tmp_path / "out", report=report)
+    assert report.total == 0
+    back = read_yolo(tmp_path / "out", target, "o").samples[0].instances
+    assert [i.attributes for i in back] == [{"obb": True}] * 2
+    assert back[0].polygons[0] == pytest.approx(rotated.polygons[0], abs=1e-3)
+
+    # An 8-value row among other polygons is a 4-point segmentation polygon: no marker.
+    write(tmp_path / "labels/train/a.txt", _obb_row(30, 24, 20, 10, 30) + "\n0 0.1 0.1 0.3 0.1 0.3 0.3 0.2 0.4 0.1 0.3\n")
+    res = read_yolo(tmp_path, ann, "o")
+    assert [i.attributes for i in res.samples[0].instances] == [{}, {}]
+
+
+def test_edge_rounding_is_not_a_problem_but_a_real_overhang_is(tmp_path):
+    # "0 0.2 0.5 0.400001 1" reaches x = -3.2e-5 px: 6-decimal rounding, clipped silently.
+    ann, _ = one_label(tmp_path, "0 0.2 0.5 0.400001 1.000001\n")
+    res = read_yolo(tmp_path, ann, "r")
+    assert res.report.total == 0 and res.samples[0].instances[1].bbox[0] == 0.0
+    ann, _ = one_label(tmp_path, "0 0.2 0.5 0.42 1\n")  # 0.64 px past the left edge
+    assert read_yolo(tmp_path, ann, "r").report.counts == {"box_clipped": 1}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("classes = 2\ntrain = data/train.txt\n", "no `names = ...` line"),
+    ("classes = 3\nnames = data/obj.names\ntrain = data/train.txt\n", "`classes = 3` but obj.names has 2 names"),
+    ("names = data/none.names\ntrain = data/train.txt\n", "names file 'data/none.names' not found"),
+    ("names = data/obj.names\nbackup = backup/\n", "no `train`, `valid` or `test` list"),
+    ("names data/obj.names\n", "not a `key = value` line"),
+    ("names = data/obj.names\ntrain = data/nothing.txt\n", "nothing.txt does not exist"),
+])
+def test_obj_data_errors_name_the_file(tmp_path, text, message):
+    write(tmp_path / "obj.names", "cat\ndog\n")
+    make_image(tmp_path / "obj_train_data/x.png")
+    write(tmp_path / "train.txt", "data/obj_train_data/x.png\n")
+    ann = write(tmp_path / "obj.data", text)
+    with pytest.raises(DataError, match=message) as err:
+        read_yolo(tmp_path, ann, "d")
+    assert str(ann) in str(err.value)
+
+
+def test_obj_data_valid_list_is_the_val_split(tmp_path):
+    write(tmp_path / "obj.names", "cat\n")
+    for split, name in (("train", "x"), ("valid", "y")):
+        make_image(tmp_path / f"obj_{split}_data/{name}.png")
+        write(tmp_path / f"obj_{split}_data/{name}.txt", "0 0.5 0.5 0.5 0.5\n")
+        write(tmp_path / f"{split}.txt", f"data/obj_{split}_data/{name}.png\n")
+    write(tmp_path / "obj.data", "classes = 1\nnames = data/obj.names\ntrain = data/train.txt\nvalid = data/valid.txt\n")
+    res = read_yolo(tmp_path, tmp_path, "d")  # the folder: obj.data is found in it
+    assert {s.path: s.attributes["split"] for s in res.samples} == {"obj_train_data/x.png": "train",
+                                                                   "obj_valid_data/y.png": "val"}
+
+
+def test_folder_without_a_class_table_is_a_clear_error(tmp_path):
+    make_image(tmp_path / "images/a.png")
+    with pytest.raises(DataError, match="none of data.yaml, data.yml, dataset.yaml, obj.data, obj.names, classes.txt"):
+        read_yolo(tmp_path, tmp_path, "d")
+
+
+def test_no_images_or_every_row_dropped_is_an_error(tmp_path):
+    names = write(tmp_path / "classes.txt", "a\n")
+    with pytest.raises(DataError, match="no images found") as err:
+        read_yolo(tmp_path, names, "e")
+    assert str(tmp_path) in str(err.value)
+    make_image(tmp_path / "x.png")
+    write(tmp_path / "x.txt", "0 5 5 0.1 0.1\n")  # pixel units: dropped
+    with pytest.raises(DataError, match="all 1 label rows were dropped.*row_not_normalized"):
+        read_yolo(tmp_path, names, "e")

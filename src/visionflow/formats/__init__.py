@@ -45,6 +45,9 @@ from visionflow.manifest import Category, Sample
 
 MAX_EXAMPLES = 5
 _CLIP_TOLERANCE = 1e-6  # pixels
+# Exporters round coordinates (YOLO: 6 decimals of the image size; Roboflow's COCO: x + w a few
+# tenths past the edge): clipping by less than half a pixel is rounding, not a data problem.
+SUBPIXEL_TOLERANCE = 0.5  # pixels
 
 
 class ConversionReport:
@@ -169,8 +172,11 @@ def probe(path: Path, declared: tuple[object, object], report: ConversionReport,
 
 
 def clip_box(box: list[float], width: int, height: int, report: ConversionReport,
-             where: str) -> Optional[list[float]]:
-    """Canonical xyxy box clipped to the image, or None (counted) when there is nothing left."""
+             where: str, tolerance: float = _CLIP_TOLERANCE) -> Optional[list[float]]:
+    """Canonical xyxy box clipped to the image, or None (counted) when there is nothing left.
+
+    `tolerance` (pixels): clipping by at most this much is not counted. Formats that store
+    rounded normalised values (YOLO's 6 decimals) pass a sub-pixel tolerance."""
     x1, y1, x2, y2 = box
     if not (x2 > x1 and y2 > y1):
         report.add("box_degenerate", f"{where}: box {_fmt(box)} has no area")
@@ -182,7 +188,7 @@ def clip_box(box: list[float], width: int, height: int, report: ConversionReport
         return None
     # Float noise (x + w landing a hair past the edge) is clipped silently, not counted: a
     # clean dataset must pass strict mode.
-    if max(abs(a - b) for a, b in zip(clipped, box)) > _CLIP_TOLERANCE:
+    if max(abs(a - b) for a, b in zip(clipped, box)) > tolerance:
         report.add("box_clipped", f"{where}: box {_fmt(box)} clipped to {_fmt(clipped)}")
     return clipped
 

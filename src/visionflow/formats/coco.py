@@ -7,9 +7,16 @@ Reading maps:
     ann `bbox` [x, y, w, h]    -> Instance.bbox [x1, y1, x2, y2] = [x, y, x + w, y + h], absolute pixels
     ann `segmentation`         -> polygons [[x, y, ...], ...] or RLE {"size": [h, w], "counts": str | [int]}
                                   (compressed and uncompressed RLE are kept as they are, not decoded)
-    ann `iscrowd` / `is_crowd` -> Instance.iscrowd (0/1/true/false; an RLE with iscrowd 0 is a mask
-                                  instance, kept as such);  `area` -> Instance.area (None when absent)
+    ann `iscrowd` / `is_crowd` -> Instance.iscrowd (0/1/true/false, also as strings "false"; an RLE with
+                                  iscrowd 0 is a mask instance, kept as such);  `area` -> Instance.area
+    ann `keypoints`, `num_keypoints` -> Instance.attributes, unchanged (docs/manifest.md)
+    ann with a category_id and no bbox, segmentation or keypoints -> Sample.labels (image-level label)
+    ann RLE without bbox       -> bbox = the mask's extent
+    panoptic (`segments_info`; PNGs in the folder named like the JSON) -> one RLE mask instance per
+                                  segment (see panoptic_to_instances)
     any other image/annotation key -> `attributes` (written back unchanged)
+A captions file is refused ("captions are not annotations visionflow trains on"). Ids from 0
+and ids restarting per file (Roboflow's splits, CVAT's subsets) are valid and not counted.
 COCO image and annotation ids are not kept: the writer numbers images and annotations 1..N.
 Category ids stay the source's (possibly non-contiguous) ids; ingest remaps them.
 File names are kept exactly as written (no Unicode normalisation: on Linux the name's bytes are
@@ -45,14 +52,19 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 |   RAW size of an image with EXIF orientation 5-8    |   displayed frame, counted                    |
 | exif_mask_dropped: RLE in such an image             | mask dropped (not re-encoded), mapped box     |
 |                                                     |   kept, counted                               |
-| annotation_id_zero: annotation id 0                 | accepted, counted (ids are not kept; the      |
-|                                                     |   writer numbers from 1: pycocotools' COCOeval|
-|                                                     |   reads id 0 as "no match")                   |
 | `iscrowd` / `is_crowd` not 0, 1, true or false      | DataError naming the annotation id            |
+| keypoints not a flat list of 3k numbers, or         | DataError naming the annotation id            |
+|   keypoints without a bbox                          |                                               |
+| captions file                                       | DataError: not annotations we train on        |
+| panoptic PNG folder or PNG missing, PNG not RGB,    | DataError naming the file and the annotation  |
+|   segment without an integer id / known category    |                                               |
+| no image listed, none readable, every annotation    | DataError naming the file, an image path it   |
+|   dropped                                           |   looked for and the problems counted         |
 | box_absurd: a box or polygon coordinate NaN, inf,   | instance dropped, counted                     |
 |   or > 100 image sizes outside the image            |                                               |
 | box_degenerate: zero or negative width/height       | instance dropped, counted                     |
-| box_clipped: box partly outside the image           | box clipped to the image, counted             |
+| box_clipped: box partly outside the image by more   | box clipped to the image, counted (up to half |
+|   than half a pixel                                 |   a pixel: exporters' rounding, not counted)  |
 | box_outside: box wholly outside the image           | instance dropped, counted                     |
 | polygon_invalid: ring < 3 points or odd length      | ring dropped (instance kept), counted         |
 
@@ -65,9 +77,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
 from visionflow.core.errors import DataError
-from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clean_polygons,
-                                clip_box, copy_image, load_json, probe, safe_relpath)
+from visionflow.formats import (COMMON_POLICIES, SUBPIXEL_TOLERANCE, ConversionReport, FormatResult, check_inside,
+                                clean_polygons, clip_box, copy_image, load_json, probe, safe_relpath)
 from visionflow.manifest.images import (FRAME_POLICIES, coords_absurd, exif_orientation, raw_to_displayed)
 from visionflow.core.files import write_json
 from visionflow.manifest import SPLIT_FOLDERS, Category, Instance, Sample
@@ -76,8 +90,6 @@ ANNOTATION_FILE = "annotations.json"
 _IMAGE_KEYS = {"id", "file_name", "width", "height", "labels", "group"}
 COCO_POLICIES: dict[str, str] = {
     **COMMON_POLICIES, **FRAME_POLICIES,
-    "annotation_id_zero": "accepted: annotation ids are not kept and the writer numbers them from 1 "
-                          "(pycocotools' COCOeval reads id 0 as 'no match')",
     "exif_mask_dropped": "RLE mask of an instance in an exif_orientation_mismatch image dropped (masks are "
                          "not re-encoded in the displayed frame); its mapped box is kept",
 }
@@ -129,20 +141,49 @@ def _read_roboflow(images_root: Path, folder: Path, source: str, root: Optional[
 
 def _read_coco_file(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
     doc = _load_json(annotations)
+    _refuse_captions(doc, annotations)
     categories = _read_categories(doc, annotations, source)
     cat_ids = {c.id for c in categories}
     images = _read_images(doc, annotations, images_root, cat_ids)
     report = ConversionReport(COCO_POLICIES)
-    anns_by_image = _read_annotations(doc, annotations, images, cat_ids, report)
+    if is_panoptic(doc):
+        doc = {**doc, "annotations": panoptic_to_instances(doc, annotations, images, cat_ids)}
+    anns_by_image, labels_by_image = _read_annotations(doc, annotations, images, cat_ids, report)
 
     # Structure is valid; only now touch the image files (the slow part).
     root = images_root.as_posix() if root is None else root
     samples = []
     for image_id, img in images.items():
-        sample = _to_sample(img, anns_by_image.get(image_id, []), images_root, root, source, annotations, report)
+        sample = _to_sample(img, anns_by_image.get(image_id, []), labels_by_image.get(image_id, []), images_root,
+                            root, source, annotations, report)
         if sample is not None:
             samples.append(sample)
+    _check_not_empty(samples, images, doc, images_root, annotations, report)
     return FormatResult(categories, samples, report)
+
+
+def _refuse_captions(doc: dict, path: Path) -> None:
+    anns = doc.get("annotations")
+    if isinstance(anns, list) and anns and isinstance(anns[0], dict) and "caption" in anns[0] \
+            and "category_id" not in anns[0]:
+        raise DataError(path, "a COCO captions file: captions are not annotations visionflow trains on",
+                        hint="give an instances (boxes, masks), keypoints or panoptic file")
+
+
+def _check_not_empty(samples: list[Sample], images: dict, doc: dict, images_root: Path, path: Path,
+                     report: ConversionReport) -> None:
+    """No samples, or every annotation lost, is an error: exit 0 with nothing in it looks like success."""
+    problems = "; ".join(report.lines()) or "no problems counted"
+    if not images:
+        raise DataError(path, "the file lists no images", hint="export the dataset with its images")
+    if not samples:
+        first = next(iter(images.values()))["file_name"]
+        raise DataError(path, f"none of its {len(images)} images could be read; e.g. image "
+                        f"{images_root / first} ({problems})",
+                        hint="point images at the folder that file_name values are relative to")
+    n_anns = len(doc.get("annotations") or [])
+    if n_anns and not any(s.instances or s.labels for s in samples):
+        raise DataError(path, f"all {n_anns} annotations were dropped ({problems})")
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -193,10 +234,12 @@ def _read_images(doc: dict, path: Path, images_root: Path, cat_ids: set[int]) ->
     return images
 
 
-def _read_annotations(doc: dict, path: Path, images: dict, cat_ids: set[int],
-                      report: ConversionReport) -> dict[Any, list[tuple[str, dict]]]:
-    """image id -> [(record name for messages, annotation)]."""
+def _read_annotations(doc: dict, path: Path, images: dict, cat_ids: set[int], report: ConversionReport
+                      ) -> tuple[dict[Any, list[tuple[str, dict]]], dict[Any, list[int]]]:
+    """image id -> [(record name for messages, annotation)], and image id -> image-level labels
+    (annotations with a category and neither bbox nor segmentation: classification labels)."""
     by_image: dict[Any, list[tuple[str, dict]]] = {}
+    labels: dict[Any, list[int]] = {}
     seen: set = set()
     for i, ann in enumerate(_records(doc, "annotations", path)):
         aid = ann.get("id")
@@ -204,9 +247,6 @@ def _read_annotations(doc: dict, path: Path, images: dict, cat_ids: set[int],
         if aid is not None and (not (_is_int(aid) or isinstance(aid, str)) or aid in seen):
             raise DataError(path, "malformed or duplicate annotation id", record=record)
         seen.add(aid)
-        if _is_int(aid) and aid == 0:
-            report.add("annotation_id_zero", f"{path} {record} (image id {ann.get('image_id')}): id 0 accepted; "
-                                             "written back as a positive id")
         image_id = ann.get("image_id")
         if not (_is_int(image_id) or isinstance(image_id, str)) or image_id not in images:
             raise DataError(path, f"image_id {image_id!r} is not in `images`", record=record)
@@ -214,8 +254,16 @@ def _read_annotations(doc: dict, path: Path, images: dict, cat_ids: set[int],
             raise DataError(path, f"category_id {ann.get('category_id')!r} is not in the category table",
                             record=record)
         _check_geometry(ann, path, record)
+        if _is_image_label(ann):
+            if ann["category_id"] not in labels.setdefault(image_id, []):
+                labels[image_id].append(ann["category_id"])
+            continue
         by_image.setdefault(image_id, []).append((record, ann))
-    return by_image
+    return by_image, labels
+
+
+def _is_image_label(ann: dict) -> bool:
+    return ann.get("bbox") is None and not ann.get("segmentation") and not ann.get("keypoints")
 
 
 def _check_geometry(ann: dict, path: Path, record: str) -> None:
@@ -232,15 +280,28 @@ def _check_geometry(ann: dict, path: Path, record: str) -> None:
     elif seg is not None and not (isinstance(seg, list) and _is_polygon_list(seg)):
         raise DataError(path, "segmentation is neither polygons nor RLE", record=record)
     for key in ("iscrowd", "is_crowd"):
-        # bool("0") is True: only the spellings that mean 0/1 are accepted, anything else is an error.
-        if ann.get(key) is not None and ann[key] not in (0, 1):  # True == 1, False == 0
-            raise DataError(path, f"`{key}` must be 0 or 1, got {ann[key]!r}", record=record)
-    if bbox is None and not (isinstance(seg, list) and seg):
-        raise DataError(path, "annotation has no bbox and no polygon to derive one from", record=record)
+        if ann.get(key) is not None and _crowd(ann[key]) is None:
+            raise DataError(path, f"`{key}` must be 0, 1, true or false, got {ann[key]!r}", record=record)
+    kps = ann.get("keypoints")
+    if kps is not None and not (isinstance(kps, list) and len(kps) % 3 == 0 and all(map(_is_num, kps))):
+        raise DataError(path, "keypoints must be a flat list [x1, y1, v1, x2, y2, v2, ...]", record=record)
+    if kps and bbox is None and not seg:
+        raise DataError(path, "keypoints without a bbox", hint="COCO person keypoints carry the person's bbox",
+                        record=record)
 
 
-def _to_sample(img: dict, anns: list[tuple[str, dict]], images_root: Path, root: str, source: str, path: Path,
-               report: ConversionReport) -> Optional[Sample]:
+# Spellings of a crowd flag that mean 0/1 (CVAT and some converters write "false"/"true" strings).
+# bool("0") is True, so anything else is an error, never a guess.
+_CROWD = {0: False, 1: True, "0": False, "1": True, "false": False, "true": True}
+
+
+def _crowd(value: Any) -> Optional[bool]:
+    key = value.lower() if isinstance(value, str) else value  # True == 1, False == 0
+    return _CROWD.get(key) if isinstance(key, (int, str)) else None
+
+
+def _to_sample(img: dict, anns: list[tuple[str, dict]], ann_labels: list[int], images_root: Path, root: str,
+               source: str, path: Path, report: ConversionReport) -> Optional[Sample]:
     rel = img["file_name"]
     where = f"{path} image id {img['id']} ({rel})"
     probed = _probe_frame(images_root / rel, (img.get("width"), img.get("height")), report, where)
@@ -254,8 +315,10 @@ def _to_sample(img: dict, anns: list[tuple[str, dict]], images_root: Path, root:
         if inst is not None:
             instances.append(inst)
     sid = f"{source}/{rel}"
+    labels = list(img.get("labels", []))
+    labels += [c for c in ann_labels if c not in labels]
     return Sample(id=sid, root=root, path=rel, width=width, height=height, sha256=sha,
-                  labels=list(img.get("labels", [])), instances=instances, group=str(img.get("group") or sid),
+                  labels=labels, instances=instances, group=str(img.get("group") or sid),
                   attributes={k: v for k, v in img.items() if k not in _IMAGE_KEYS})
 
 
@@ -290,7 +353,10 @@ def _to_instance(ann: dict, width: int, height: int, report: ConversionReport, w
     if ann.get("bbox") is not None:
         x, y, w, h = (float(v) for v in ann["bbox"])
         box = [x, y, x + w, y + h]
-    else:  # checked in _check_geometry: there is at least one polygon ring
+    elif rle is not None:
+        x, y, w, h = rle_bbox(rle)
+        box = [x, y, x + w, y + h]
+    else:  # not an image label (_is_image_label): there is at least one polygon ring
         xs = [v for r in rings for v in r[0::2]]
         ys = [v for r in rings for v in r[1::2]]
         box = [float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))]
@@ -308,14 +374,85 @@ def _to_instance(ann: dict, width: int, height: int, report: ConversionReport, w
             report.add("exif_mask_dropped", f"{where}: RLE of size {rle.get('size')} is in the raw frame")
             rle = None
     polygons = clean_polygons(rings, report, where)
-    box = clip_box(box, width, height, report, where)
+    box = clip_box(box, width, height, report, where, tolerance=SUBPIXEL_TOLERANCE)
     if box is None:
         return None
-    crowd = ann.get("iscrowd", ann.get("is_crowd", 0))
+    crowd = _crowd(ann.get("iscrowd", ann.get("is_crowd", 0)))
     area = ann.get("area")
     return Instance(bbox=box, category_id=ann["category_id"], polygons=polygons, rle=rle, iscrowd=bool(crowd),
                     area=float(area) if _is_num(area) else None,
                     attributes={k: v for k, v in ann.items() if k not in _ANN_KEYS})
+
+
+# --- panoptic: segments_info + PNG ids -> instance masks ------------------------------------
+
+def is_panoptic(doc: dict) -> bool:
+    anns = doc.get("annotations")
+    return isinstance(anns, list) and bool(anns) and isinstance(anns[0], dict) and "segments_info" in anns[0]
+
+
+def panoptic_to_instances(doc: dict, path: Path, images: dict, cat_ids: set[int]) -> list[dict]:
+    """COCO panoptic -> instance annotations with a compressed-RLE mask per segment.
+
+    Each annotation names a PNG (`file_name`, in the folder named like the JSON without
+    `.json`: panoptic_val2017.json -> panoptic_val2017/) whose pixel id R + 256 G + 256^2 B is
+    a segment id of its `segments_info`; 0 is unlabelled. Every segment, thing or stuff,
+    becomes one mask instance with its category, bbox, area and iscrowd; other segment keys
+    go to the instance's attributes.
+    """
+    from pycocotools import mask as mask_utils  # only panoptic and RLE boxes need it
+
+    png_dir = path.with_suffix("")
+    if not png_dir.is_dir():
+        raise DataError(path, f"panoptic PNG folder {png_dir} not found",
+                        hint="the PNGs named by each annotation's file_name sit in the folder named like the JSON")
+    out: list[dict] = []
+    for i, ann in enumerate(_records(doc, "annotations", path)):
+        record = f"annotation #{i} (image id {ann.get('image_id')})"
+        if ann.get("image_id") not in images:
+            raise DataError(path, f"image_id {ann.get('image_id')!r} is not in `images`", record=record)
+        try:
+            png = check_inside(png_dir, safe_relpath(ann.get("file_name")))
+        except ValueError as exc:
+            raise DataError(path, f"unsafe panoptic file_name: {exc}", record=record) from None
+        segments = ann.get("segments_info")
+        if not isinstance(segments, list) or not all(isinstance(g, dict) for g in segments):
+            raise DataError(path, "`segments_info` must be a list of objects", record=record)
+        ids = _panoptic_ids(png, path, record)
+        for seg in segments:
+            sid = seg.get("id")
+            if not _is_int(sid) or seg.get("category_id") not in cat_ids:
+                raise DataError(path, f"segment {sid!r} needs an integer id and a category_id from the table",
+                                record=record)
+            mask = np.asfortranarray((ids == sid).astype(np.uint8))
+            rle = mask_utils.encode(mask)
+            rle["counts"] = rle["counts"].decode("ascii")
+            out.append({**{k: v for k, v in seg.items() if k != "id"}, "id": f"{png.name} segment {sid}",
+                        "image_id": ann["image_id"], "segmentation": {"size": list(rle["size"]), "counts": rle["counts"]},
+                        "bbox": seg.get("bbox") or [float(v) for v in mask_utils.toBbox(rle)],
+                        "area": seg.get("area", float(mask.sum()))})
+    return out
+
+
+def _panoptic_ids(png: Path, path: Path, record: str) -> np.ndarray:
+    from PIL import Image
+
+    if not png.is_file():
+        raise DataError(path, f"panoptic PNG {png} not found", record=record)
+    with Image.open(png) as im:
+        if im.mode != "RGB":
+            raise DataError(png, f"panoptic PNG mode {im.mode}, expected RGB (id = R + 256 G + 256^2 B)")
+        rgb = np.asarray(im, dtype=np.uint32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def rle_bbox(rle: dict) -> list[float]:
+    """[x, y, w, h] of a COCO RLE mask (compressed or uncompressed)."""
+    from pycocotools import mask as mask_utils
+
+    h, w = rle["size"]
+    coded = mask_utils.frPyObjects(rle, h, w) if isinstance(rle["counts"], list) else rle
+    return [float(v) for v in mask_utils.toBbox(coded)]
 
 
 def _raw_to_displayed(box: list[float], rings: list[list[float]],

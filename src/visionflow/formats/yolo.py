@@ -10,17 +10,29 @@ Layout (what Ultralytics exports and trains from; one label file per image):
     images/val/b.jpg     labels/val/b.txt        replaced by "/labels/" and the suffix ".txt";
                                                   no "/images/" in the path: next to the image)
 
-`annotations` is the data.yaml, or a class-names file (`obj.names`, `classes.txt`: one name
-per line, id = line number - 1) for a folder with an `images/` tree (split subfolders
-images/train, images/val, ... are recognised) or with label files next to the images (darknet).
-Split entries are relative to `images_root`; a leading "../" that does not exist there is
-dropped (Roboflow writes `train: ../train/images`, Ultralytics retries it the same way). In a
+`annotations` is the data.yaml; darknet's `obj.data` (CVAT "YOLO 1.1": `classes = N`,
+`names = data/obj.names`, `train = data/train.txt`, `valid = ...`; the "data/" prefix, darknet's
+copy of the export, is dropped in it and in the list files' lines); or a class-names file
+(`obj.names`, `classes.txt`: one name per line, id = line number - 1) for a folder with an
+`images/` tree (split subfolders images/train, images/val, ... are recognised) or with label files
+next to the images (darknet, LabelImg). The export FOLDER may be given instead: the first of
+data.yaml, data.yml, dataset.yaml, obj.data, obj.names, classes.txt in it is used.
+Split entries are relative to the folder of the file naming them (then to `images_root`); a
+leading "../" that does not exist is dropped (Roboflow writes `val: ../valid/images`, Ultralytics
+retries it the same way); an absolute path from the exporting machine that does not exist here
+is read as its longest tail that exists in the dataset (Roboflow writes
+`train: /Users/x/ds/train/images`). Whatever an entry names must be inside `images_root`. In a
 list file a line "./x.jpg" is relative to the list file's folder, any other line to images_root.
 
 Rows (one instance per line, all coordinates normalised to 0..1 by the image width/height):
     detection     `cls cx cy w h`            -> bbox [cx - w/2, cy - h/2, cx + w/2, cy + h/2] * (W, H)
     segmentation  `cls x1 y1 x2 y2 x3 y3 ...` -> polygons [[x1*W, y1*H, ...]], bbox = polygon bounds
-An image without a label file, or with an empty one, is a background sample (no instances).
+    oriented box  `cls x1 y1 x2 y2 x3 y3 x4 y4` (YOLO-OBB: 4 corners of a rectangle) -> polygons [the 4
+                  corners], bbox = their bounds, attributes {"obb": true}; in a source whose other
+                  polygon rows have other point counts, an 8-value row is a 4-point polygon (no marker)
+An image without a label file, or with an empty (zero-byte) one, is a background sample. A read
+that finds no image, no label file for any image, or loses every row is refused (DataError
+naming what was looked for and where): an empty result is never a success.
 The split (the data.yaml key, or the split folder in the names-file layout) goes to
 `Sample.attributes["split"]` ("train", "val", "test"; a folder "valid" is "val") so an
 existing split can be kept. Category ids are the class ids (0..K-1).
@@ -31,9 +43,18 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 |-----------------------------------------------------|-----------------------------------------------|
 | invalid YAML, no `names`, `nc` != number of names,  | DataError naming the file                     |
 |   duplicate or empty class name, non-int class id   |                                               |
-| split entry / list-file line absolute, with "..",   | DataError naming the file and the key / line  |
-|   or resolving outside the images root (symlink)    |   (paths must stay inside the dataset root)   |
+| obj.data: no `names`, names file missing, `classes` | DataError naming obj.data and the line        |
+|   != number of names, a line not `key = value`      |                                               |
+| split entry resolving outside the images root       | DataError naming the file and the key         |
+|   (an existing path, symlinks resolved)             |   (paths must stay inside the dataset root)   |
+| list-file line absolute, with "..", or resolving    | DataError naming the file and the line        |
+|   outside the images root                           |                                               |
+| split_missing: a split entry names nothing that     | entry skipped, counted ("valid/images does    |
+|   exists                                            |   not exist in DIR"); none left: DataError    |
 | split entry neither a folder nor a .txt list        | DataError naming the file and the key         |
+| no image found, none readable, no label file for    | DataError naming the file, where it looked    |
+|   any image (e.g. Images/ + Annotations/), every    |   and the label path it expected              |
+|   row dropped                                       |                                               |
 | commas in a label row ("0,0.5,0.5,...")             | DataError naming file:line: not fixed, since  |
 |                                                     |   decimal commas ("0,5") would be misread     |
 | class id not in the names table                     | DataError naming file:line and the class id   |
@@ -42,7 +63,8 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | row_columns: not 4 box values nor an even number    | row dropped, counted (e.g. a confidence       |
 |   >= 6 of polygon coordinates after the class id    |   column, pose keypoints with visibility)     |
 | row_not_normalized: a coordinate < -1 or > 2        | row dropped, counted (pixel units, absurd)    |
-| box_clipped: box partly outside the image           | box clipped to the image, counted             |
+| box_clipped: box partly outside the image by more   | box clipped to the image, counted (less: the  |
+|   than half a pixel                                 |   6-decimal rounding; clipped, not counted)   |
 | box_outside: box wholly outside the image           | instance dropped, counted                     |
 | box_degenerate: zero or negative width or height    | instance dropped, counted                     |
 | polygon_clipped: polygon points outside the image   | points moved onto the image edge, counted     |
@@ -68,7 +90,7 @@ images/<split>/<path below any "images" and split folder>. Losses, counted in `r
 | rle_dropped                            | empty RLE mask (box row written), or RLE beside polygons|
 | multi_polygon_merged                   | rings joined by zero-width bridges into one ring        |
 | box_not_polygon_bounds                 | box not written; read back as the polygon's bounds      |
-| instance_attributes_dropped            | not written                                             |
+| instance_attributes_dropped            | not written (the `obb` marker of a 4-corner row is kept: the row is an OBB row) |
 | area_dropped                           | not written (read back as None)                         |
 | image_labels_dropped                   | image-level labels not written                          |
 | group_dropped                          | group not written (read back as the sample id)          |
@@ -78,15 +100,15 @@ images/<split>/<path below any "images" and split folder>. Losses, counted in `r
 from __future__ import annotations
 
 import math
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, NamedTuple, Optional
 
 import numpy as np
 import yaml
 
 from visionflow.core.errors import DataError
-from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clean_polygons,
-                                clip_box, probe, safe_relpath)
+from visionflow.formats import (COMMON_POLICIES, SUBPIXEL_TOLERANCE, copy_image, ConversionReport, FormatResult,
+                                check_inside, clean_polygons, clip_box, probe, safe_relpath)
 from visionflow.core.files import write_text
 from visionflow.manifest import SPLITS, Category, Instance, Sample
 
@@ -97,6 +119,7 @@ YOLO_POLICIES: dict[str, str] = {
     "polygon_clipped": "polygon points outside the image moved onto its edge",
     "label_orphan": "label file without an image ignored",
     "image_in_several_splits": "image read once, in the first split that lists it",
+    "split_missing": "split entry skipped: the folder or list file it names does not exist",
 }
 READ_POLICIES = {**COMMON_POLICIES, **YOLO_POLICIES}
 
@@ -114,11 +137,16 @@ WRITE_POLICIES: dict[str, str] = {
     "split_assigned": "sample without a split written to the train split (other samples have splits)",
 }
 
+OBB = "obb"  # Instance.attributes[OBB] is True: the polygon is an oriented box's 4 corners (docs/manifest.md)
 IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"}
 _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 _DARKNET_LISTS = {"train.txt", "val.txt", "valid.txt", "test.txt"}
+_DARKNET_SPLITS = {"train": "train", "valid": "val", "val": "val", "test": "test"}  # obj.data keys
 _NORMALIZED_RANGE = (-1.0, 2.0)  # beyond it a coordinate is more than an image size off: not normalised
-_CLIP_TOLERANCE = 1e-6  # pixels
+# Normalised values written with 6 decimals (CVAT, LabelImg, Ultralytics) land up to
+# ~1e-6 * size past an edge: clipping by less than half a pixel is rounding, not a problem.
+_CLIP_TOLERANCE = SUBPIXEL_TOLERANCE
+_RIGHT_ANGLE_TOLERANCE = 0.01  # |cos| of a corner angle below this (0.6 degrees): a rectangle
 
 
 class _Image(NamedTuple):
@@ -138,28 +166,90 @@ class _Entry(NamedTuple):
 
 def read_yolo(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
     images_root, annotations = Path(images_root), Path(annotations)
+    if annotations.is_dir():
+        annotations = find_annotation_file(annotations)
+    base = annotations.parent  # data.yaml / obj.data entries are relative to their own folder
     if annotations.suffix.lower() in (".yaml", ".yml"):
         doc = _load_yaml(annotations)
         names = _names_from_yaml(doc, annotations)
         entries = _yaml_entries(doc, annotations)
+    elif annotations.suffix.lower() == ".data":
+        names, entries = _read_darknet_data(annotations)
     else:
         names = _names_from_file(annotations)
         has_tree = (images_root / "images").is_dir()
         entries = [_Entry(None, "images" if has_tree else ".", annotations, "class-names file layout")]
+        base = images_root
     categories = [Category(id=i, name=n, source_ids={source: i}) for i, n in names.items()]
 
     report = ConversionReport(READ_POLICIES)
-    images, label_roots, lists = _list_images(images_root, entries, report)
+    resolved = [e._replace(name=rel) for e in entries
+                if (rel := _resolve_entry(images_root, base, e, report)) is not None]
+    if not resolved:
+        raise DataError(annotations, "no image folder or list to read: " + "; ".join(report.examples["split_missing"]),
+                        hint="fix the entries (relative to the file's folder) or point images at the dataset root")
+    images, label_roots, lists = _list_images(images_root, resolved, report)
     root = images_root.as_posix() if root is None else root
-    samples, used_labels = [], set()
+    samples, used_labels, stats = [], set(), _Stats()
     for img in images:
         label_rel = label_relpath(img.rel)
         used_labels.add(label_rel)
-        sample = _to_sample(img, label_rel, images_root, root, source, names, report)
+        sample = _to_sample(img, label_rel, images_root, root, source, names, report, stats)
         if sample is not None:
             samples.append(sample)
     _count_orphans(images_root, label_roots, used_labels | lists, annotations, report)
+    _keep_obb_only_in_obb_datasets(samples)
+    _check_not_empty(samples, images, stats, resolved, images_root, annotations, report)
     return FormatResult(categories, samples, report)
+
+
+# The files that name a YOLO dataset's classes, in the order they are looked for when a folder
+# is given as `annotations` (data.yaml: Ultralytics/Roboflow; obj.data/obj.names: darknet and
+# CVAT "YOLO 1.1"; classes.txt: LabelImg).
+ANNOTATION_FILES = ("data.yaml", "data.yml", "dataset.yaml", "obj.data", "obj.names", "classes.txt")
+
+
+def find_annotation_file(folder: Path) -> Path:
+    """The class table of a YOLO export folder (the first of ANNOTATION_FILES in it)."""
+    for name in ANNOTATION_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(folder, f"a folder was given as YOLO annotations but it has none of {', '.join(ANNOTATION_FILES)}",
+                    hint="give the data.yaml or class-names file as annotations")
+
+
+class _Stats:
+    """What the label files held, to tell "nothing annotated" from "annotations all lost"."""
+
+    def __init__(self) -> None:
+        self.label_files = 0
+        self.rows = 0
+        self.instances = 0
+
+
+def _check_not_empty(samples: list[Sample], images: list[_Image], stats: _Stats, entries: list[_Entry],
+                     images_root: Path, annotations: Path, report: ConversionReport) -> None:
+    """An ingest that ends with no samples, or with every label lost, fails here: exit 0 with
+    nothing in it looks like success to a pipeline."""
+    looked = ", ".join(f"{e.record}: {images_root / e.name}" for e in entries)
+    problems = "; ".join(report.lines()) or "no problems counted"
+    if not images:
+        raise DataError(annotations, f"no images found (looked in {looked}; image suffixes "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))})", hint="point images at the dataset root")
+    if not samples:
+        raise DataError(annotations, f"none of the {len(images)} images listed could be read ({problems})")
+    if stats.label_files == 0:
+        example = label_relpath(images[0].rel)
+        others = sorted({p.parent.relative_to(images_root).as_posix() for p in images_root.rglob("*.txt")
+                         if p.parent.name.lower() in ("annotations", "labels") and p.is_file()})
+        found = f"; .txt files are in {', '.join(others)}" if others else ""
+        raise DataError(annotations, f"none of the {len(images)} images has a label file (looked for "
+                        f"{images_root / example} for {images[0].rel}{found})",
+                        hint="YOLO labels sit in labels/ beside images/ (the last images/ folder becomes labels/, "
+                             "lower case) or next to each image")
+    if stats.rows and not stats.instances:
+        raise DataError(annotations, f"all {stats.rows} label rows were dropped ({problems})",
+                        hint="fix the label rows; see the problems above")
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -232,6 +322,84 @@ def _yaml_entries(doc: dict, path: Path) -> list[_Entry]:
             for entry, keys in by_entry.items()]
 
 
+def _read_darknet_data(path: Path) -> tuple[dict[int, str], list[_Entry]]:
+    """Darknet's obj.data (what CVAT's "YOLO 1.1" export writes): `key = value` lines naming
+    `classes` (a count), `names` (the class-names file) and the `train`/`valid`/`test` list
+    files. Paths start with "data/", the folder darknet expects the export to be copied into:
+    relative to the export that prefix is dropped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text ({exc})") from None
+    keys: dict[str, tuple[str, int]] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if "=" not in line:
+            raise DataError(path, f"not a `key = value` line: {line[:60]!r}", record=f"line {lineno}",
+                            hint="obj.data names classes, names and train/valid lists; give obj.names for the names")
+        key, value = (t.strip() for t in line.split("=", 1))
+        keys[key.lower()] = (value, lineno)
+    if "names" not in keys:
+        raise DataError(path, "no `names = ...` line (the class-names file)", hint="add it, or give obj.names")
+    value, lineno = keys["names"]
+    names_file = next((c for c in _darknet_candidates(path.parent, value) if c.is_file()), None)
+    if names_file is None:
+        raise DataError(path, f"names file {value!r} not found next to it", record=f"line {lineno}")
+    names = _names_from_file(names_file)
+    if "classes" in keys:
+        count, lineno = keys["classes"]
+        if not count.isdigit() or int(count) != len(names):
+            raise DataError(path, f"`classes = {count}` but {names_file.name} has {len(names)} names",
+                            record=f"line {lineno}", hint="make them agree")
+    entries = [_Entry(_DARKNET_SPLITS[k], keys[k][0], path, f"`{k}` (line {keys[k][1]})")
+               for k in _DARKNET_SPLITS if k in keys]
+    if not entries:
+        raise DataError(path, "no `train`, `valid` or `test` list", hint="name the image list files")
+    return names, entries
+
+
+def _darknet_candidates(base: Path, value: str) -> list[Path]:
+    rel = value[len("data/"):] if value.startswith("data/") else None
+    return [base / value] + ([base / rel] if rel else [])
+
+
+def _resolve_entry(images_root: Path, base: Path, e: _Entry, report: ConversionReport) -> Optional[str]:
+    """A split entry as a path relative to images_root, or None (counted) when it does not exist.
+
+    Relative entries are looked up in the folder of the file that names them, then in
+    images_root. A leading "../" that does not exist is dropped (Roboflow's "../valid/images";
+    Ultralytics retries it the same way), as is darknet's "data/" prefix. An absolute path from
+    the exporting machine that does not exist here ("/Users/x/ds/train/images": Roboflow writes
+    them) is read as its longest tail that exists inside the dataset ("train/images"). Whatever
+    exists must be inside images_root (symlinks resolved), else it is refused.
+    """
+    name = e.name
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive:
+        parts = PurePosixPath(name.replace("\\", "/")).parts[1:]
+        tails = [PurePosixPath(*parts[k:]).as_posix() for k in range(len(parts))]
+        candidates = [Path(name)] + [b / t for t in tails for b in (base, images_root)]
+        shown = name
+    else:
+        stripped = name[3:] if name.startswith("../") else name[5:] if name.startswith("data/") else None
+        candidates = [base / name, images_root / name]
+        if stripped:
+            candidates += [base / stripped, images_root / stripped]
+        shown = stripped or name
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        report.add("split_missing", f"{e.file} {e.record}: {shown} does not exist in {base}"
+                                    + (f" (the file names {name!r})" if shown != name else ""))
+        return None
+    resolved, top = found.resolve(), images_root.resolve()
+    if not resolved.is_relative_to(top):
+        raise DataError(e.file, f"{name!r} is {resolved}, outside the images root {images_root}", record=e.record,
+                        hint="paths must stay inside the dataset root: move the data inside it or point images at "
+                             "a folder that holds it")
+    return _checked(images_root, resolved.relative_to(top).as_posix() or ".", e.file, e.record)
+
+
 def _list_images(images_root: Path, entries: list[_Entry],
                  report: ConversionReport) -> tuple[list[_Image], list[str], set[str]]:
     """The images of every entry, the label folders to check for orphans, the list files."""
@@ -239,10 +407,7 @@ def _list_images(images_root: Path, entries: list[_Entry],
     seen: dict[str, str] = {}
     label_roots, lists = [], set()
     for e in entries:
-        name = e.name
-        if name.startswith("../") and (images_root / name[3:]).exists():
-            name = name[3:]  # Roboflow's "../train/images"; Ultralytics retries without "../" too
-        rel = _checked(images_root, name, e.file, e.record)
+        rel = e.name  # resolved and checked by _resolve_entry
         path = images_root / rel
         if path.is_dir():
             label_roots.append(_label_dir(rel))
@@ -250,7 +415,7 @@ def _list_images(images_root: Path, entries: list[_Entry],
             found = [_Image(r, e.split or _split_from_path(r, rel), where) for r in _scan_images(images_root, path)]
         elif path.is_file() and path.suffix.lower() == ".txt":
             lists.add(rel)
-            found = _read_list(images_root, path, rel, e.split)
+            found = _read_list(images_root, path, rel, e.split, darknet=e.file.suffix.lower() == ".data")
         else:
             raise DataError(e.file, f"entry {e.name!r} is neither a folder nor a .txt list of images",
                             record=e.record)
@@ -285,7 +450,7 @@ def _split_from_path(rel: str, entry: str) -> Optional[str]:
     return next((_SPLIT_DIRS[p] for p in PurePosixPath(rel).parts[:-1] if p in _SPLIT_DIRS), None)
 
 
-def _read_list(images_root: Path, path: Path, rel: str, split: Optional[str]) -> list[_Image]:
+def _read_list(images_root: Path, path: Path, rel: str, split: Optional[str], darknet: bool = False) -> list[_Image]:
     base = PurePosixPath(rel).parent
     found = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -294,6 +459,8 @@ def _read_list(images_root: Path, path: Path, rel: str, split: Optional[str]) ->
             continue
         # Ultralytics: "./x" is relative to the list file's folder; other lines are used as they are.
         name = (base / name[2:]).as_posix() if name.startswith("./") else name
+        if darknet and name.startswith("data/") and not (images_root / name).exists():
+            name = name[len("data/"):]  # darknet's copy of the export: data/obj_train_data/x.jpg
         found.append(_Image(_checked(images_root, name, path, f"line {lineno}"), split, f"{path}:{lineno}"))
     return found
 
@@ -311,13 +478,13 @@ def _label_dir(image_dir: str) -> str:
 
 
 def _to_sample(img: _Image, label_rel: str, images_root: Path, root: str, source: str, names: dict[int, str],
-               report: ConversionReport) -> Optional[Sample]:
+               report: ConversionReport, stats: _Stats) -> Optional[Sample]:
     probed = probe(images_root / img.rel, (None, None), report, f"{img.where} ({img.rel})")
     if probed is None:
         return None
     width, height, sha = probed
     label = _label_file(images_root, label_rel)
-    instances = _read_label_file(label, names, width, height, report) if label is not None else []
+    instances = _read_label_file(label, names, width, height, report, stats) if label is not None else []
     sid = f"{source}/{img.rel}"
     return Sample(id=sid, root=root, path=img.rel, width=width, height=height, sha256=sha, instances=instances,
                   group=sid, attributes={"split": img.split} if img.split else {})
@@ -334,7 +501,8 @@ def _label_file(images_root: Path, rel: str) -> Optional[Path]:
 
 
 def _read_label_file(path: Path, names: dict[int, str], width: int, height: int,
-                     report: ConversionReport) -> list[Instance]:
+                     report: ConversionReport, stats: _Stats) -> list[Instance]:
+    stats.label_files += 1  # a zero-byte file (CVAT writes them) is an image with no objects
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -342,9 +510,11 @@ def _read_label_file(path: Path, names: dict[int, str], width: int, height: int,
     instances = []
     for lineno, line in enumerate(lines, 1):
         if line.strip():
+            stats.rows += 1
             inst = _parse_row(line, path, lineno, names, width, height, report)
             if inst is not None:
                 instances.append(inst)
+    stats.instances += len(instances)
     return instances
 
 
@@ -376,14 +546,40 @@ def _parse_row(line: str, path: Path, lineno: int, names: dict[int, str], width:
     if n == 4:
         cx, cy, w, h = coords
         box = clip_box([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height],
-                       width, height, report, where)
+                       width, height, report, where, tolerance=_CLIP_TOLERANCE)
         return None if box is None else Instance(bbox=box, category_id=cls)
+    pixels = [v * (width if i % 2 == 0 else height) for i, v in enumerate(coords)]
+    obb = n == 8 and is_rectangle(pixels)  # checked before clipping moves corners onto the edge
     ring = _clip_ring(coords, width, height, report, where)
     xs, ys = ring[0::2], ring[1::2]
-    box = clip_box([min(xs), min(ys), max(xs), max(ys)], width, height, report, where)
+    box = clip_box([min(xs), min(ys), max(xs), max(ys)], width, height, report, where, tolerance=_CLIP_TOLERANCE)
     if box is None:
         return None
-    return Instance(bbox=box, category_id=cls, polygons=clean_polygons([ring], report, where))
+    return Instance(bbox=box, category_id=cls, polygons=clean_polygons([ring], report, where),
+                    attributes={OBB: True} if obb else {})
+
+
+def is_rectangle(ring: list[float]) -> bool:
+    """Whether 4 corners [x1, y1, ..., x4, y4] (pixels) form a rectangle of non-zero size: an
+    oriented box as Ultralytics' OBB rows (`cls x1 y1 x2 y2 x3 y3 x4 y4`) hold them."""
+    pts = np.asarray(ring, dtype=float).reshape(4, 2)
+    edges = np.roll(pts, -1, axis=0) - pts
+    lengths = np.linalg.norm(edges, axis=1)
+    if lengths.min() <= 1e-9:
+        return False
+    cosines = [abs(float(edges[i] @ edges[(i + 1) % 4])) / (lengths[i] * lengths[(i + 1) % 4]) for i in range(4)]
+    return max(cosines) < _RIGHT_ANGLE_TOLERANCE
+
+
+def _keep_obb_only_in_obb_datasets(samples: list[Sample]) -> None:
+    """An 8-value row is an oriented box in an OBB dataset, a 4-point polygon in a segmentation
+    dataset (both are kept as the 4 corners plus the axis-aligned box; only the marker differs).
+    A source whose polygon rows are not all 4-point rectangles is a segmentation dataset."""
+    polys = [i for s in samples for i in s.instances if i.polygons]
+    if all(i.attributes.get(OBB) for i in polys):
+        return
+    for inst in polys:
+        inst.attributes.pop(OBB, None)
 
 
 def _class_id(token: str) -> int:
@@ -497,11 +693,13 @@ def _row(inst: Instance, index: int, class_of: dict[int, int], s: Sample,
     if inst.iscrowd:
         report.add("crowd_dropped", where)
         return None
-    if inst.attributes:
-        report.add("instance_attributes_dropped", f"{where}: {', '.join(sorted(inst.attributes))}")
+    ring = _ring_to_write(inst, s, report, where)
+    # An oriented box is written as its 4 corners, which is how YOLO-OBB holds it: not a loss.
+    dropped = sorted(k for k in inst.attributes if not (k == OBB and ring is not None and len(ring) == 8))
+    if dropped:
+        report.add("instance_attributes_dropped", f"{where}: {', '.join(dropped)}")
     if inst.area is not None:
         report.add("area_dropped", f"{where}: area {inst.area:g}")
-    ring = _ring_to_write(inst, s, report, where)
     cls = class_of[inst.category_id]
     if ring is None:
         x1, y1, x2, y2 = inst.bbox
