@@ -86,6 +86,10 @@ def test_validation_report(project):
     assert "data/b/annotations.json" in missing["examples"][0] and "image id 11" in missing["examples"][0]
     clipped = report["problems"]["box_clipped"]["examples"][0]
     assert "data/a/annotations.json" in clipped and "annotation id 3" in clipped
+    # the DVC metric: the report's numbers, flat (policies and examples stay in the report)
+    assert read_json(project.validation_metrics) == {
+        "samples": 3, "instances": 5, "categories": 3, "problems": 2, "strict": False,
+        "problem_box_clipped": 1, "problem_image_missing": 1}
 
 
 def test_sources_are_byte_identical_after_ingest(project):
@@ -114,7 +118,7 @@ def test_strict_mode_fails_and_writes_nothing(project):
 
 def test_failed_ingest_keeps_previous_outputs(project):
     ingest(params(), project)
-    outputs = [project.manifest, project.categories, project.validation_report]
+    outputs = [project.manifest, project.categories, project.validation_report, project.validation_metrics]
     before = [p.read_bytes() for p in outputs]
     with pytest.raises(DataError, match="strict"):  # problems found after the first run wrote
         ingest(params(strict=True), project)
@@ -122,7 +126,7 @@ def test_failed_ingest_keeps_previous_outputs(project):
     with pytest.raises(DataError, match="invalid JSON"):
         ingest(params(), project)
     assert [p.read_bytes() for p in outputs] == before
-    assert sorted(p.name for p in project.processed_dir.iterdir()) == sorted(p.name for p in outputs)
+    _only(outputs)
 
 
 def test_clean_source_has_no_problems_in_strict_mode(tmp_path):
@@ -135,7 +139,7 @@ def test_clean_source_has_no_problems_in_strict_mode(tmp_path):
 
 def test_crash_while_writing_replaces_nothing(project, monkeypatch):
     ingest(params(), project)
-    outputs = [project.manifest, project.categories, project.validation_report]
+    outputs = [project.manifest, project.categories, project.validation_report, project.validation_metrics]
     before = [p.read_bytes() for p in outputs]
     (project.root / "data/a/2.png").unlink()  # the next run would change the manifest
 
@@ -146,4 +150,10 @@ def test_crash_while_writing_replaces_nothing(project, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         ingest(params(), project)
     assert [p.read_bytes() for p in outputs] == before
-    assert sorted(p.name for p in project.processed_dir.iterdir()) == sorted(p.name for p in outputs)
+    _only(outputs)
+
+
+def _only(outputs: list[Path]) -> None:
+    """Each output's folder holds the outputs and nothing else (no staged temporary file left)."""
+    for folder in {p.parent for p in outputs}:
+        assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in outputs if p.parent == folder)

@@ -78,6 +78,11 @@ def test_outputs_written_where_paths_says(tmp_path):
         assert entry["images"] == counts[name] == sum(entry["per_class"].values()) == entry["groups"]
     assert report["splits"]["train"]["per_class"]["(unlabelled)"] >= 1
     assert set(report["splits"]["test"]["per_class"]) >= {"circle", "square", "triangle", "rare"}
+    # the DVC metric: the same numbers, flat (one column each in `dvc metrics show`), no class names
+    numbers = read_json(paths.split_metrics)
+    assert all(isinstance(v, (int, float, str)) for v in numbers.values()) and len(numbers) < 30, numbers
+    assert {numbers[f"{k}_images"] for k in SPLITS} == {counts[k] for k in SPLITS}
+    assert numbers["seed"] == 3 and not any("circle" in k for k in numbers)
 
 
 def test_every_sample_assigned_exactly_once(tmp_path):

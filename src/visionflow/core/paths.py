@@ -44,6 +44,11 @@ class Paths:
 
     @property
     def validation_report(self) -> Path:
+        return self._p("reports/validation.json")
+
+    @property
+    def validation_metrics(self) -> Path:
+        """The report's numbers only (a DVC metric: one column each in `dvc metrics show`)."""
         return self._p("metrics/validation.json")
 
     @property
@@ -52,6 +57,11 @@ class Paths:
 
     @property
     def split_report(self) -> Path:
+        return self._p("reports/split.json")
+
+    @property
+    def split_metrics(self) -> Path:
+        """The split report's numbers only (a DVC metric), per-class tables left out."""
         return self._p("metrics/split.json")
 
     # --- one task branch (train -> evaluate -> register -> inspect -> promote), under paths.task ---

@@ -157,14 +157,16 @@ STAGES: tuple[Stage, ...] = (
         "ingest", "visionflow.stages.ingest:ingest",
         deps=_sources,
         outs=lambda p, _: [p.manifest, p.categories],
-        metrics=lambda p, _: [p.validation_report],
+        metrics=lambda p, _: [p.validation_metrics],
+        uncached=lambda p, _: [p.validation_report],
         doc="read every source into the canonical manifest and validate it",
     ),
     Stage(
         "split", "visionflow.stages.split:split",
         deps=lambda p, params: [p.manifest, p.categories, *_project_paths(p, [params.split.from_file])],
         outs=lambda p, _: [p.split_file],
-        metrics=lambda p, _: [p.split_report],
+        metrics=lambda p, _: [p.split_metrics],
+        uncached=lambda p, _: [p.split_report],
         doc="deterministic, stratified train/val/test assignment",
     ),
     Stage(

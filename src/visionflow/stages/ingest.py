@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 def ingest(params: IngestParams, paths: Paths, out_dir: Path | None = None) -> dict[str, Any]:
     """`out_dir`: write the manifest, category table and report there (same file names)
     instead of the pipeline's paths (`visionflow ingest --out DIR`)."""
-    targets = (paths.manifest, paths.categories, paths.validation_report)
-    if out_dir is not None:
-        targets = tuple(Path(out_dir) / p.name for p in targets)
+    targets = (paths.manifest, paths.categories, paths.validation_report, paths.validation_metrics)
+    if out_dir is not None:  # the full report only: the metrics file is the pipeline's
+        targets = tuple(Path(out_dir) / p.name for p in targets[:3])
     results = [(src, _read(src, paths)) for src in params.sources]
     categories = merge_categories([(src.name, res.categories) for src, res in results])
     samples: list[Sample] = []
@@ -47,16 +47,17 @@ def ingest(params: IngestParams, paths: Paths, out_dir: Path | None = None) -> d
         raise DataError(paths.params, f"ingest.strict is on and {problems} problem(s) were found:\n  "
                         + "\n  ".join(report.lines()), hint="fix the data or set ingest.strict: false")
 
-    # All three files are staged next to their targets and renamed only when every one of
-    # them was written: a failure leaves the previous outputs as they were, never a mix.
+    # All files are staged next to their targets and renamed only when every one of them
+    # was written: a failure leaves the previous outputs as they were, never a mix.
+    summary = {"samples": len(samples), "instances": n_instances, "categories": len(categories)}
     with contextlib.ExitStack() as stack:
-        manifest, cats, validation = (stack.enter_context(atomic_path(p)) for p in targets)
+        manifest, cats, validation, *metrics = (stack.enter_context(atomic_path(p)) for p in targets)
         write_manifest(manifest, samples)
         write_categories(cats, categories)
-        write_json(validation, {
-            "samples": len(samples), "instances": n_instances, "categories": len(categories),
-            "problems": report.to_dict(), "strict": params.strict,
-        })
+        if metrics:  # numbers only, one column each in `dvc metrics show`
+            write_json(metrics[0], {**summary, "problems": report.total, "strict": params.strict,
+                                    **{f"problem_{k}": n for k, n in sorted(report.counts.items())}})
+        write_json(validation, {**summary, "problems": report.to_dict(), "strict": params.strict})
     log.info("ingest: %d samples, %d instances, %d categories -> %s", len(samples), n_instances,
              len(categories), targets[0])
     return {"samples": len(samples), "instances": n_instances, "categories": len(categories),

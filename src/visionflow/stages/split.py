@@ -76,8 +76,10 @@ def split(params: SplitParams, paths: Paths) -> dict[str, int]:
     report.update(stratify_by=mode, grouping={"group_by": params.group_by, "unmatched": unmatched,
                                               "units": len(set(units.values()))}, fixed=fixed_counts)
     with contextlib.ExitStack() as stack:
-        split_tmp, report_tmp = (stack.enter_context(atomic_path(p)) for p in (paths.split_file, paths.split_report))
+        split_tmp, report_tmp, metrics_tmp = (stack.enter_context(atomic_path(p))
+                                              for p in (paths.split_file, paths.split_report, paths.split_metrics))
         write_split(split_tmp, splits, params.seed)
+        write_json(metrics_tmp, report_numbers(report))
         write_json(report_tmp, report)
     counts = {k: len(splits[k]) for k in SPLITS}
     log.info("split (seed %d, %s): %s; %d exact and %d near duplicate pairs kept together", params.seed, mode,
@@ -339,6 +341,20 @@ def split_report(samples: list[Sample], splits: dict[str, list[str]], seed: int,
                                "instances": dict(sorted(instances.items())),
                                "groups": len({groups[s.id] if groups else group_of(s) for s in members})}
     out["duplicates"] = (duplicates or Duplicates()).summary()
+    return out
+
+
+def report_numbers(report: dict[str, Any]) -> dict[str, Any]:
+    """The split report without its per-class tables, one level deep (metrics/split.json: a
+    column each in `dvc metrics show`, whatever the number of classes)."""
+    out: dict[str, Any] = {"seed": report["seed"], "stratify_by": report.get("stratify_by")}
+    for name, s in report["splits"].items():
+        out.update({f"{name}_images": s["images"], f"{name}_instances": sum(s["instances"].values()),
+                    f"{name}_groups": s["groups"]})
+    for block in ("duplicates", "grouping", "fixed"):
+        for k, v in (report.get(block) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{block}_{k}"] = v
     return out
 
 
