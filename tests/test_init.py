@@ -137,3 +137,15 @@ def test_a_params_typo_under_run_is_reported_before_prefect_starts(project):
     text = out.stdout + out.stderr
     assert "Traceback" not in text and "temporary server" not in text.lower()
     assert text.count("unknown key") == 1, text
+
+
+def test_init_on_a_real_roboflow_export_keeps_its_split_and_only_fitting_branches(project):
+    """tests/data/real/roboflow-sharks-coco (see its README): 10 images in train/valid/test,
+    60 boxes, 17 of them also outlined; segmenting would paint the other 43 as background."""
+    shutil.copytree(REPO / "tests/data/real/roboflow-sharks-coco", project / "sharks")
+    out = _cli("init", "sharks", cwd=project)
+    assert "Roboflow COCO export" in out and "task detect: 60 boxed objects" in out
+    assert "keeping the export's own split (split.keep_existing: true): test 1, train 7, val 2" in out
+    params = load_params(project / "params.yaml")
+    assert params.tasks == ("detect",) and params.split.keep_existing
+    assert params.ingest.sources[0].images == params.ingest.sources[0].annotations == "sharks"

@@ -146,7 +146,10 @@ def cmd_init(args) -> int:
     print(f"detected {d.format}: {d.why}")
     print(f"  images {d.images}\n  annotations {d.annotations}")
     print(f"read {r['samples']} images, {r['categories']} categories, {r['problems']} problem(s) "
-          "(the ingest stage reports them in metrics/validation.json)")
+          "(the ingest stage reports them in reports/validation.json)")
+    if r["own_split"]:
+        print("  keeping the export's own split (split.keep_existing: true): "
+              + ", ".join(f"{k} {n}" for k, n in sorted(r["own_split"].items())))
     for task, why in r["tasks"].items():
         print(f"  task {task}: {why}")
     for task in r["not_in_template"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -72,7 +73,9 @@ def init_project(dataset: Path, params_file: Path, name: Optional[str] = None, f
                         f"{profile.single_label + profile.multi_label} image-level labels)")
 
     template = yaml.safe_load(params_file.read_text()) or {}
-    raw = _rewrite(template, detected, name, root, fitting)
+    own_split = Counter(s.attributes.get("split") for s in result.samples)
+    keep_split = None not in own_split and len(own_split) >= 2  # every image in the export's own split
+    raw = _rewrite(template, detected, name, root, fitting, keep_split)
     try:
         params = Params.model_validate(raw)
     except Exception as exc:  # the current params.yaml was not a usable template
@@ -87,6 +90,7 @@ def init_project(dataset: Path, params_file: Path, name: Optional[str] = None, f
     return {"detected": detected, "samples": profile.images, "categories": len(result.categories),
             "problems": result.report.total, "tasks": {t: fitting[t] for t in params.tasks},
             "not_in_template": missing, "name": name, "params": params_file, "backup": backup,
+            "own_split": dict(own_split) if keep_split else None,
             "written": written}
 
 
@@ -112,13 +116,14 @@ def _all(dataset: Path) -> list[Detected]:
     return list(dict.fromkeys(_candidates(dataset)))
 
 
-def _rewrite(template: dict, detected: Detected, name: str, root: Path, fitting: dict[str, str]) -> dict:
+def _rewrite(template: dict, detected: Detected, name: str, root: Path, fitting: dict[str, str],
+             keep_split: bool) -> dict:
     raw = {k: v for k, v in template.items() if k != "synth"}
     raw["ingest"] = {**(template.get("ingest") or {}), "sources": [{
         "name": name, "format": detected.format,
         "images": _rel(detected.images, root), "annotations": _rel(detected.annotations, root)}]}
     # the split file of the old data would name ids that no longer exist
-    raw["split"] = {**(template.get("split") or {}), "from_file": None}
+    raw["split"] = {**(template.get("split") or {}), "from_file": None, "keep_existing": keep_split}
     for task in TASKS:
         if task not in fitting:
             raw.pop(task, None)

@@ -102,7 +102,10 @@ class SegmentTask(TaskBase):
     name = "segment"
 
     def fits(self, data) -> Optional[str]:
-        return f"{data.shapes} objects with a polygon or mask outline" if data.shapes else None
+        # objects without an outline would be painted background: only data outlined throughout
+        if data.shapes and data.shapes * 10 >= data.boxes * 9:
+            return f"{data.shapes} of {data.boxes} objects have a polygon or mask outline"
+        return None
     primary_metric = "val_miou"
 
     def eval_outputs(self, p) -> list[Path]:
