@@ -61,7 +61,12 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 def test_ingest_merges_sources_by_category_name(project):
     result = ingest(params(), project)
+    sources = result.pop("sources")
     assert result == {"samples": 3, "instances": 5, "categories": 3, "problems": 2}
+    # what each source was read as and what it lost (the ingest CLI prints it, the report keeps it)
+    assert [(s["name"], s["format"], s["samples"], s["problems"]) for s in sources] == [
+        ("a", "coco", 2, {"box_clipped": 1}), ("b", "coco", 1, {"image_missing": 1})]
+    assert sources == read_json(project.validation_report)["sources"]
     cats = read_categories(project.categories)
     assert [(c.id, c.name, c.source_ids) for c in cats] == [
         (0, "cat", {"a": 3}), (1, "dog", {"a": 7, "b": 1}), (2, "bird", {"b": 2})]
@@ -133,7 +138,8 @@ def test_clean_source_has_no_problems_in_strict_mode(tmp_path):
     write_source(tmp_path / "ds", [(1, "circle")], [{"id": 1, "file_name": "1.png"}], [ann(1, 1, 1)])
     paths = Paths(tmp_path)
     p = IngestParams(strict=True, sources=[SourceParams(name="s", images="ds", annotations="ds/annotations.json")])
-    assert ingest(p, paths) == {"samples": 1, "instances": 1, "categories": 1, "problems": 0}
+    assert {k: v for k, v in ingest(p, paths).items() if k != "sources"} == {
+        "samples": 1, "instances": 1, "categories": 1, "problems": 0}
     assert read_json(paths.validation_report)["problems"] == {}
 
 

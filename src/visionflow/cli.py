@@ -47,8 +47,21 @@ def cmd_ingest(args) -> int:
     if out is None and paths.manifest.exists() and not args.force:
         raise UserError(f"{paths.manifest} exists (the pipeline's manifest): write this source elsewhere with "
                         f"--out DIR, or replace the manifest with --force")
-    source = SourceParams(name=args.name, format=args.format, images=args.images, annotations=args.annotations)
+    if args.path is not None and (args.images or args.annotations):
+        raise UserError("give a PATH (format and layout detected) or --images and --annotations, not both")
+    if args.path is None and not (args.images and args.annotations):
+        raise UserError("give the export's PATH (a folder, annotation file or .zip: the format is detected), "
+                        "or --images DIR and --annotations PATH (with --format F, or detected)")
+    source = SourceParams(name=args.name, format=args.format, path=args.path, images=args.images,
+                          annotations=args.annotations)
     result = ingest(IngestParams(sources=[source], strict=args.strict or params.ingest.strict), paths, out_dir=out)
+    for s in result.pop("sources"):
+        if s["detected"]:
+            print(f"detected {s['format']}: {s['detected']}")
+        lost = ", ".join(f"{k} {n}" for k, n in s["problems"].items()) or "nothing"
+        print(f"source {s['name']} ({s['format']}; images {s['images']}, annotations {s['annotations']}): "
+              f"{s['samples']} images, {s['instances']} instances, {s['categories']} categories; counted as "
+              f"lost or fixed: {lost}")
     _print_summary("ingest", result)
     manifest = out / paths.manifest.name if out else paths.manifest
     print(f"wrote {manifest} (and {paths.categories.name}, {paths.validation_report.name} beside it; "
@@ -330,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     from visionflow.core.format_names import FORMATS
 
     ing = with_params(sub.add_parser("ingest", help="ingest one annotated source given here (instead of ingest.sources)"))
-    ing.add_argument("--format", required=True, choices=FORMATS)
-    ing.add_argument("--images", required=True, help="image root; annotation file names resolve inside it")
-    ing.add_argument("--annotations", required=True, help="annotation file or folder")
+    ing.add_argument("path", nargs="?", help="the export: a folder, annotation file or .zip (format and layout "
+                     "detected; a zip is extracted safely to data/extracted/NAME/)")
+    ing.add_argument("--format", choices=FORMATS, help="the format (default: detected)")
+    ing.add_argument("--images", help="image root; annotation file names resolve inside it (instead of PATH)")
+    ing.add_argument("--annotations", help="annotation file or folder (instead of PATH)")
     ing.add_argument("--name", default="source", help="source name (prefix of sample ids)")
     ing.add_argument("--strict", action="store_true", help="any validation problem fails")
     ing.add_argument("--out", default=None, metavar="DIR", help="write manifest.jsonl, categories.json and "

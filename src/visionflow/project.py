@@ -95,25 +95,7 @@ def init_project(dataset: Path, params_file: Path, name: Optional[str] = None, f
 
 
 def _detect(dataset: Path, fmt: Optional[str]) -> Detected:
-    if fmt is None:
-        return detect_source(dataset)
-    try:
-        found = detect_source(dataset)
-    except UserError as exc:  # several candidates: keep the one the user named
-        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip().startswith(f"{fmt} ")]
-        if len(lines) != 1:
-            raise
-        return next(d for d in _all(dataset) if d.format == fmt)
-    if found.format != fmt:
-        raise UserError(f"{dataset}: looks like {found.describe()}, not {fmt}; use `visionflow ingest --format "
-                        f"{fmt} --images ... --annotations ...` to read it your way")
-    return found
-
-
-def _all(dataset: Path) -> list[Detected]:
-    from visionflow.formats.detect import _candidates
-
-    return list(dict.fromkeys(_candidates(dataset)))
+    return detect_source(dataset, fmt=fmt)
 
 
 def _rewrite(template: dict, detected: Detected, name: str, root: Path, fitting: dict[str, str],

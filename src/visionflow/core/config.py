@@ -30,13 +30,27 @@ class SynthParams(Section):
 
 class SourceParams(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    format: Literal[FORMATS] = "coco"  # type: ignore[valid-type]
-    images: str = Field(..., description="image root; annotation file names are resolved inside it")
-    annotations: str
+    # null: detected from `path`, or from `annotations` (visionflow.formats.detect)
+    format: Optional[Literal[FORMATS]] = None  # type: ignore[valid-type]
+    # An export folder, annotation file or .zip: format, images and annotations are detected
+    # (a zip is extracted, safely, to data/extracted/<name>/). Or give `images` + `annotations`.
+    path: Optional[str] = None
+    images: Optional[str] = Field(None, description="image root; annotation file names are resolved inside it")
+    annotations: Optional[str] = None
     # Source category name -> name in the merged table (rename; several names may map to one,
     # merging them), or null to drop that category (its instances and labels are counted).
     # Names not listed keep their own name.
     categories: Optional[dict[str, Optional[str]]] = None
+
+    @model_validator(mode="after")
+    def _where(self) -> "SourceParams":
+        if self.path is not None and (self.images is not None or self.annotations is not None):
+            raise ValueError(f"source {self.name!r}: give `path` (format and layout detected) or `images` + "
+                             "`annotations`, not both")
+        if self.path is None and (self.images is None or self.annotations is None):
+            raise ValueError(f"source {self.name!r}: give `path` (an export folder, annotation file or .zip) "
+                             "or both `images` and `annotations`")
+        return self
 
 
 class IngestParams(Section):

@@ -86,3 +86,56 @@ def write_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+MAX_UNZIPPED = 64 * 2**30  # bytes: refuse archives that would expand beyond this (zip bombs)
+
+
+def safe_extract_zip(archive: str | Path, dest: str | Path) -> Path:
+    """Extract `archive` into `dest` (replaced atomically) and return `dest`.
+
+    Every member must stay inside `dest`: absolute names, `..` components, drive letters and
+    links are refused with the member named, before anything is written. An extraction of the
+    same archive bytes is reused (dest/.visionflow-zip-sha256 records them)."""
+    import shutil
+    import stat
+    import zipfile
+
+    archive, dest = Path(archive), Path(dest)
+    from visionflow.core.errors import DataError
+
+    digest = file_digest(archive)
+    marker = dest / ".visionflow-zip-sha256"
+    if marker.exists() and marker.read_text().strip() == digest:
+        return dest
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise DataError(archive, f"not a readable zip archive ({exc})", hint="re-download or re-export it") from None
+    with zf:
+        total = 0
+        for info in zf.infolist():
+            name = info.filename.replace("\\", "/")
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts:
+                raise DataError(archive, f"member {info.filename!r} would land outside the extraction folder",
+                                hint="the archive is unsafe; re-export it from the annotation tool")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise DataError(archive, f"member {info.filename!r} is a symbolic link",
+                                hint="links are not extracted; re-export the archive without them")
+            total += info.file_size
+        if total > MAX_UNZIPPED:
+            raise DataError(archive, f"expands to {total / 2**30:.1f} GiB, more than {MAX_UNZIPPED / 2**30:.0f} GiB",
+                            hint="extract it yourself and give the folder as the source's path")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            zf.extractall(tmp)
+            (tmp / marker.name).write_text(digest + "\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest

@@ -35,6 +35,11 @@ class Paths:
         return self._p("data/processed")
 
     @property
+    def extracted_dir(self) -> Path:
+        """Where zipped sources are extracted (data/extracted/<source name>/)."""
+        return self._p("data/extracted")
+
+    @property
     def manifest(self) -> Path:
         return self._p("data/processed/manifest.jsonl")
 

@@ -43,7 +43,7 @@ def _json_kind(path: Path) -> Optional[str]:
     head = _head(path).lstrip()
     if head.startswith("{"):
         keys = head[:_HEAD]
-        if '"images"' in keys and ('"annotations"' in keys or '"categories"' in keys):
+        if '"images"' in keys:  # COCO's first key; the reader says what else is missing or broken
             return "coco"
     if head.startswith("["):
         if '"data"' in head and ('"annotations"' in head or '"predictions"' in head or '"label"' in head
@@ -88,9 +88,12 @@ def _candidates(path: Path) -> Iterator[Detected]:
             yield Detected("yolo", root, root / name, f"{name} (YOLO / Ultralytics)")
             break
     else:
-        for name in ("obj.names", "classes.txt"):
+        if (root / "obj.data").is_file():
+            yield Detected("yolo", root, root / "obj.data", "obj.data (darknet / CVAT YOLO 1.1)")
+        for name in () if (root / "obj.data").is_file() else ("obj.names", "classes.txt"):
             labels = root / "labels"
-            if (root / name).is_file() and (labels.is_dir() or any(root.glob("obj_*_data"))):
+            beside = any(p.name != name for p in root.glob("*.txt")) and _images_in(root)  # LabelImg, flat
+            if (root / name).is_file() and (labels.is_dir() or any(root.glob("obj_*_data")) or beside):
                 yield Detected("yolo", root, root / name, f"{name} with YOLO label files (darknet / YOLO 1.1)")
                 break
     splits = _split_folders(root)
@@ -113,6 +116,11 @@ def _candidates(path: Path) -> Iterator[Detected]:
     if ann is not None and _xml_root(next(ann.glob("*.xml"))) == "annotation":
         images = next((root / n for n in ("JPEGImages", "images", "Images") if (root / n).is_dir()), root)
         yield Detected("voc", images, root, f"{ann.name}/*.xml with <annotation> roots (Pascal VOC)")
+    elif ann is None:
+        flat = [d for d in [root, *splits] if any(_xml_root(x) == "annotation" for x in sorted(d.glob("*.xml"))[:3])]
+        if flat:
+            where = "beside the images" if flat == [root] else f"in {', '.join(d.name for d in flat)}"
+            yield Detected("voc", root, root, f"<annotation> XML files {where} (Pascal VOC: LabelImg, Roboflow)")
     masks = next((root / n for n in ("masks", "SegmentationClass", "labels") if (root / n).is_dir()
                   and next((root / n).rglob("*.png"), None) is not None), None)
     if masks is not None and (root / "images").is_dir() and ann is None:
@@ -143,11 +151,22 @@ def _file_candidates(path: Path) -> Iterator[Detected]:
         yield Detected("csv", path.parent, path, f"{path.name} is a filename,class,... table (Roboflow multi-label CSV)")
 
 
-def detect_source(path: str | Path) -> Detected:
+def detect_source(path: str | Path, fmt: Optional[str] = None) -> Detected:
+    """The one format and layout that fits `path`; with `fmt`, the one of that format."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     found = list(dict.fromkeys(_candidates(path)))
+    if len(found) > 1 and any(d.format != "imagefolder" for d in found):
+        # class folders are the fallback: an annotated layout's image folders look like them
+        found = [d for d in found if d.format != "imagefolder"]
+    if fmt is not None and found:
+        named = [d for d in found if d.format == fmt]
+        if not named:
+            raise UserError(f"{path}: no {fmt} layout found here; it looks like "
+                            + "; ".join(d.describe() for d in found)
+                            + f". Check the format, or give --images and --annotations for {fmt}")
+        found = named
     if not found:
         raise UserError(
             f"{path}: no annotation format recognised. Looked for CVAT annotations.xml, YOLO data.yaml / obj.names, "

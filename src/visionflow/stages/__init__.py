@@ -131,7 +131,8 @@ def _project_paths(paths: Paths, names: list) -> list[Path]:
 def _sources(paths: Paths, params: "Params") -> list[Path]:
     deps: list[Path] = []
     for s in params.ingest.sources:
-        for p in (paths.resolve(s.images), paths.resolve(s.annotations)):
+        given = [s.path] if s.path is not None else [s.images, s.annotations]
+        for p in map(paths.resolve, given):
             if not any(p == d or d in p.parents for d in deps):
                 deps.append(p)
     return deps

@@ -12,12 +12,12 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from visionflow.core.config import IngestParams, SourceParams
 from visionflow.core.errors import DataError
 from visionflow.formats import ConversionReport, FormatResult, read_source
-from visionflow.core.files import atomic_path, write_json
+from visionflow.core.files import atomic_path, safe_extract_zip, write_json
 from visionflow.manifest import Category, Sample, write_categories, write_manifest
 from visionflow.core.paths import Paths
 
@@ -30,14 +30,17 @@ def ingest(params: IngestParams, paths: Paths, out_dir: Path | None = None) -> d
     targets = (paths.manifest, paths.categories, paths.validation_report, paths.validation_metrics)
     if out_dir is not None:  # the full report only: the metrics file is the pipeline's
         targets = tuple(Path(out_dir) / p.name for p in targets[:3])
-    results = [(src, _read(src, paths)) for src in params.sources]
+    resolved = [resolve_source(src, paths) for src in params.sources]
+    results = [(src, _read(src, where, paths)) for src, where in zip(params.sources, resolved)]
     categories = merge_categories([(src.name, res.categories) for src, res in results])
     samples: list[Sample] = []
     report = ConversionReport()
-    for src, res in results:
+    per_source = []
+    for (src, res), where in zip(results, resolved):
         samples.extend(remap_sample(s, _id_map(categories, src.name)) for s in res.samples)
         report.merge(res.report)
-        _log_source(src, res)
+        per_source.append(_source_summary(src, where, res, paths))
+        _log_source(per_source[-1])
 
     n_instances = sum(len(s.instances) for s in samples)
     _log_problems(report)
@@ -57,17 +60,61 @@ def ingest(params: IngestParams, paths: Paths, out_dir: Path | None = None) -> d
         if metrics:  # numbers only, one column each in `dvc metrics show`
             write_json(metrics[0], {**summary, "problems": report.total, "strict": params.strict,
                                     **{f"problem_{k}": n for k, n in sorted(report.counts.items())}})
-        write_json(validation, {**summary, "problems": report.to_dict(), "strict": params.strict})
+        write_json(validation, {**summary, "problems": report.to_dict(), "strict": params.strict,
+                                "sources": per_source})
     log.info("ingest: %d samples, %d instances, %d categories -> %s", len(samples), n_instances,
              len(categories), targets[0])
     return {"samples": len(samples), "instances": n_instances, "categories": len(categories),
-            "problems": report.total}
+            "problems": report.total, "sources": per_source}
 
 
-def _read(src: SourceParams, paths: Paths) -> FormatResult:
-    result = read_source(src.format, paths.resolve(src.images), paths.resolve(src.annotations), src.name,
-                         root=src.images)
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Where a source's data is and in which format: as given, or detected (`why` says how)."""
+    format: str
+    images: Path
+    annotations: Path
+    root: str  # Sample.root: the images root as the project names it (relative when inside)
+    why: Optional[str] = None
+
+
+def _as_given(path: Path, paths: Paths) -> str:
+    try:
+        return paths.rel(path)
+    except ValueError:
+        return path.as_posix()
+
+
+def resolve_source(src: SourceParams, paths: Paths) -> Resolved:
+    """The source's format, images root and annotations: `path` (a folder, file or .zip) or
+    `annotations` without `format` are detected (visionflow.formats.detect), zips extracted
+    safely to data/extracted/<name>/."""
+    from visionflow.formats.detect import detect_source
+
+    if src.path is None:
+        images, annotations = paths.resolve(src.images), paths.resolve(src.annotations)
+        if src.format is not None:
+            return Resolved(src.format, images, annotations, src.images)
+        found = detect_source(annotations)
+        return Resolved(found.format, images, annotations, src.images, found.why)
+    where = paths.resolve(src.path)
+    if where.is_file() and where.suffix.lower() == ".zip":
+        where = safe_extract_zip(where, paths.extracted_dir / src.name)
+    found = detect_source(where, fmt=src.format)
+    return Resolved(found.format, found.images, found.annotations, _as_given(found.images, paths), found.why)
+
+
+def _read(src: SourceParams, where: Resolved, paths: Paths) -> FormatResult:
+    result = read_source(where.format, where.images, where.annotations, src.name, root=where.root)
     return apply_category_map(result, src.categories, src.name, paths.params) if src.categories else result
+
+
+def _source_summary(src: SourceParams, where: Resolved, res: FormatResult, paths: Paths) -> dict[str, Any]:
+    """What ingest detected, read and counted as lost for one source (validation report, CLI)."""
+    return {"name": src.name, "format": where.format, "detected": where.why,
+            "images": _as_given(where.images, paths), "annotations": _as_given(where.annotations, paths),
+            "samples": len(res.samples), "instances": sum(len(s.instances) for s in res.samples),
+            "categories": len(res.categories), "problems": dict(sorted(res.report.counts.items()))}
 
 
 CATEGORY_DROPPED = "instance or image label dropped: its category is mapped to null in ingest.sources[].categories"
@@ -133,9 +180,12 @@ def remap_sample(s: Sample, ids: dict[int, int]) -> Sample:
         instances=[dataclasses.replace(i, category_id=ids[i.category_id]) for i in s.instances])
 
 
-def _log_source(src: SourceParams, res: FormatResult) -> None:
-    log.info("source %s (%s): %d images, %d instances, %d categories, %d problem(s)", src.name, src.format,
-             len(res.samples), sum(len(s.instances) for s in res.samples), len(res.categories), res.report.total)
+def _log_source(s: dict[str, Any]) -> None:
+    if s["detected"]:
+        log.info("source %s: detected %s (%s)", s["name"], s["format"], s["detected"])
+    lost = ", ".join(f"{k} {n}" for k, n in s["problems"].items()) or "nothing"
+    log.info("source %s (%s, images %s, annotations %s): %d images, %d instances, %d categories; counted: %s",
+             s["name"], s["format"], s["images"], s["annotations"], s["samples"], s["instances"], s["categories"], lost)
 
 
 def _log_problems(report: ConversionReport) -> None:
