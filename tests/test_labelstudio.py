@@ -120,9 +120,12 @@ def test_read_maps_export_to_canonical(tmp_path):
     assert brush.bbox == [3.0, 5.0, 50.0, 25.0] and brush.area == brush_mask().sum() and brush.category_id == 1
     assert s["site a/c+1.png"].instances[0].bbox == pytest.approx(rect.bbox)  # the 2nd (first uncancelled) annotation
     assert s["d.png"].instances == [] and s["d.png"].labels == []
-    assert res.report.counts == {"predictions_ignored": 1, "result_unsupported": 1, "annotation_cancelled": 1,
+    # The keypoint has no parentID: kept as an unlinked point of its image, in pixels.
+    assert s["0f0f0f0f-raw.png"].attributes == {"points": [{"label": "dog", "x": pytest.approx(3.2),
+                                                            "y": pytest.approx(2.4)}]}
+    assert res.report.counts == {"predictions_ignored": 1, "keypoint_unlinked": 1, "annotation_cancelled": 1,
                                  "extra_annotations_ignored": 1, "task_unannotated": 1}
-    assert "task id 2" in res.report.examples["result_unsupported"][0]
+    assert "task id 2" in res.report.examples["keypoint_unlinked"][0]
     assert "annotation id 33" in res.report.examples["extra_annotations_ignored"][0]
 
 
@@ -132,7 +135,7 @@ def test_upload_name_as_stored_is_preferred(tmp_path):
     assert "ab12cd34-img.jpg" in by_path(read_labelstudio(images, ann, "ls"))
 
 
-def test_rotated_rectangle_becomes_its_bounding_box(tmp_path):
+def test_rotated_rectangle_becomes_an_oriented_box(tmp_path):
     make_image(tmp_path / "a.png", (100, 100))
     r = result("rectanglelabels", {"x": 10, "y": 10, "width": 20, "height": 10, "rotation": 90,
                                    "rectanglelabels": ["cat"]}, "r9", (100, 100))
@@ -140,9 +143,16 @@ def test_rotated_rectangle_becomes_its_bounding_box(tmp_path):
     ann.write_text(json.dumps([task(5, "a.png", [annotation(1, [r])])]))
     res = read_labelstudio(tmp_path, ann, "ls")
     # Clockwise (y down) about the top-left corner (10, 10): the box swings down-left.
-    assert res.samples[0].instances[0].bbox == pytest.approx([0, 10, 10, 30], abs=1e-9)
-    assert res.report.counts == {"rotated_box_to_aabb": 1}
-    assert "task id 5" in res.report.examples["rotated_box_to_aabb"][0]
+    inst = res.samples[0].instances[0]
+    assert inst.bbox == pytest.approx([0, 10, 10, 30], abs=1e-9) and inst.attributes == {"obb": True}
+    assert inst.polygons == [pytest.approx([10, 10, 10, 30, 0, 30, 0, 10], abs=1e-9)]
+    assert res.report.total == 0
+    out = write_labelstudio(res.samples, res.categories, tmp_path / "out", tmp_path, copy_images=False)
+    value = json.loads(out.read_text())[0]["annotations"][0]["result"][0]["value"]
+    assert value["rectanglelabels"] == ["cat"]  # written back as Label Studio's own rotation:
+    assert [value[k] for k in ("x", "y", "width", "height", "rotation")] == pytest.approx([10, 10, 20, 10, 90])
+    again = read_labelstudio(tmp_path, out, "ls").samples[0].instances[0]
+    assert again.polygons == [pytest.approx(inst.polygons[0])] and again.attributes == {"obb": True}
 
 
 # --- brush RLE -----------------------------------------------------------------------------
@@ -181,12 +191,12 @@ def test_round_trip_read_write_read(tmp_path):
     assert (tmp_path / "out/label_config.xml").read_text().count('<Label value="cat"/>') == 3
 
     second = read_labelstudio(tmp_path / "out", out, "ls")
-    assert second.report.total == 0
+    assert second.report.counts == {"keypoint_unlinked": 1}  # the export's one unlinked keypoint, again
     assert [c.name for c in second.categories] == [c.name for c in first.categories]
     assert [s.id for s in second.samples] == [s.id for s in first.samples]
     for a, b in zip(first.samples, second.samples):
-        assert (a.path, a.width, a.height, a.sha256, a.labels, a.group) == (b.path, b.width, b.height, b.sha256,
-                                                                             b.labels, b.group)
+        assert (a.path, a.width, a.height, a.sha256, a.labels, a.group, a.attributes) == \
+            (b.path, b.width, b.height, b.sha256, b.labels, b.group, b.attributes)
         assert len(a.instances) == len(b.instances)
         for i, j in zip(a.instances, b.instances):
             assert i.bbox == pytest.approx(j.bbox, rel=1e-6)
@@ -285,8 +295,11 @@ def test_json_min_export_is_refused(tmp_path):
 def _single(tmp_path: Path, results: list, anns: list | None = None):
     """One task on a 64x48 image with the given results; returns (result, annotation file)."""
     make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png")
+    # A second, labelled task: a read that loses everything is an error (see test_nothing_kept_is_an_error).
+    kept = task(9, "b.png", [annotation(90, [result("choices", {"choices": ["kept"]}, "c9")])])
     ann = tmp_path / "export.json"
-    ann.write_text(json.dumps([task(8, "a.png", [annotation(80, results)] if anns is None else anns)]))
+    ann.write_text(json.dumps([task(8, "a.png", [annotation(80, results)] if anns is None else anns), kept]))
     return read_labelstudio(tmp_path, ann, "ls"), ann
 
 
@@ -324,8 +337,27 @@ def test_unknown_result_type_dropped(tmp_path):
 
 def test_only_cancelled_annotations_skip_the_task(tmp_path):
     res, ann = _single(tmp_path, [], anns=[annotation(80, [rect()], cancelled=True)])
-    assert res.samples == [] and res.categories == []
+    assert [s.path for s in res.samples] == ["b.png"] and [c.name for c in res.categories] == ["kept"]
     _one_problem(res, ann, "annotation_cancelled", "annotation id 80")
+
+
+def test_nothing_kept_is_an_error(tmp_path):
+    """An export that gives no labelled image fails in one line naming the file and why, never an empty read."""
+    make_image(tmp_path / "a.png")
+    ann = tmp_path / "export.json"
+    cases = [
+        ([], "holds no tasks"),
+        ([task(8, "a.png", [annotation(80, [rect()], cancelled=True)])], "none of its 1 tasks has an annotation (1 cancelled)"),
+        ([task(8, "a.png", [])], "none of its 1 tasks has an annotation"),
+        ([task(8, "missing.png", [annotation(80, [rect()])])], f"none of the images of its 1 tasks was found under {tmp_path}"),
+        ([task(8, "a.png", [annotation(80, [rect(width=0)])])], "all 1 results were lost: box_degenerate: 1"),
+    ]
+    for tasks, message in cases:
+        ann.write_text(json.dumps(tasks))
+        with pytest.raises(DataError) as err:
+            read_labelstudio(tmp_path, ann, "ls")
+        assert str(err.value).startswith(str(ann)) and message in str(err.value), str(err.value)
+        assert "\n" not in str(err.value)
 
 
 def test_declared_size_disagreeing_with_file_uses_file(tmp_path):
@@ -360,7 +392,7 @@ def test_region_label_problems(tmp_path):
     assert res.samples[0].instances == []
     _one_problem(res, ann, "region_unlabelled", "result id r1")
     res, ann = _single(tmp_path, [rect("r2", rectanglelabels=["dog", "cat"])])
-    assert [c.name for c in res.categories] == ["dog"] and res.samples[0].instances[0].category_id == 1
+    assert [c.name for c in res.categories] == ["dog", "kept"] and res.samples[0].instances[0].category_id == 1
     _one_problem(res, ann, "extra_labels_ignored", "result id r2")
 
 

@@ -41,6 +41,8 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 |   255), 8- or 16-bit                                  |   their pixel counts                        |
 | RGB mask with unknown colours / table without colours | DataError naming the mask and the colours   |
 | mask not a readable PNG, or an unsupported mode       | DataError naming the mask                   |
+| no image; no mask; no mask named as any image; no     | DataError naming both folders and an        |
+|   mask usable (all lost to the counted kinds)         |   example image and mask name               |
 | mask_missing: image without a mask                    | sample kept without instances, counted      |
 | mask_orphan: mask without an image                    | mask ignored, counted                       |
 | mask_not_png: non-PNG file in the masks folder        | file ignored, counted                       |
@@ -120,7 +122,9 @@ def read_masks(images_root: Path, annotations: Path, source: str, root: Optional
     root = images_root.as_posix() if root is None else root
     samples = []
     by_split = _split_layout(masks_dir, table.path)
-    for key, rel in _list_images(images_root, masks_dir).items():
+    images = _list_images(images_root, masks_dir)
+    _check_names_match(images, masks, images_root, masks_dir)
+    for key, rel in images.items():
         sample = _to_sample(images_root, rel, masks.pop(key, None), masks_dir, table, source, root, report)
         if sample is not None:
             if by_split and SPLIT_FOLDERS.get(PurePosixPath(rel).parts[0].lower()) and "/" in rel:
@@ -128,7 +132,29 @@ def read_masks(images_root: Path, annotations: Path, source: str, root: Optional
             samples.append(sample)
     for rel in masks.values():
         report.add("mask_orphan", f"{masks_dir / rel}: no image {_key(rel)}.* in {images_root}")
+    if not any(s.instances for s in samples):
+        raise DataError(masks_dir, "no mask could be used: " + "; ".join(report.lines()),
+                        hint="see the counted kinds")
     return FormatResult(categories, samples, report)
+
+
+def _check_names_match(images: dict[str, str], masks: dict[str, str], images_root: Path, masks_dir: Path) -> None:
+    """A masks folder whose names match no image is an error naming both folders and an example
+    of each name, never a dataset of unlabelled images."""
+    exts = " ".join(sorted(IMAGE_EXTENSIONS))
+    if not images:
+        raise DataError(images_root, f"no images ({exts}) found in it or its subfolders",
+                        hint="set --images to the folder that holds the images the masks belong to")
+    if not masks:
+        raise DataError(masks_dir, "no mask PNGs found in it or its subfolders",
+                        hint="set --annotations to the folder of PNG masks (one per image)")
+    if images.keys() & masks.keys():
+        return
+    image, mask = next(iter(images.values())), next(iter(masks.values()))
+    raise DataError(masks_dir, f"none of its {len(masks)} masks has the name of one of the {len(images)} images in "
+                    f"{images_root}: image {image!r} needs the mask {_key(image) + '.png'!r}, masks are named like "
+                    f"{mask!r}", hint="name each mask as its image with .png, at the same relative path under the "
+                    "masks folder, or point --images and --annotations at folders that match")
 
 
 def _split_layout(masks_dir: Path, table_path: Path) -> bool:

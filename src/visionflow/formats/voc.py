@@ -56,6 +56,7 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 |------------------------------------------------------|-----------------------------------------------|
 | malformed XML                                        | DataError naming the file, line and column    |
 | <filename> absolute, "..", backslash, symlink out    | DataError naming the XML file                 |
+| a labelme folder (*.json with shapes and imagePath) | DataError: "looks like labelme JSON, not VOC" |
 | no XML file found; no image found for any XML; or   | DataError naming what was looked for and      |
 |   every <object> lost                                |   where                                       |
 | <filename> without extension or in another case     | the one image file that matches is used       |
@@ -85,6 +86,7 @@ The counted kinds are `COMMON_POLICIES` plus `VOC_POLICIES`; the writer's losses
 """
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -180,6 +182,12 @@ def _xml_files(ann_dir: Path) -> list[tuple[Path, str]]:
         return [(p, "") for p in flat]
     split_dirs = sorted(d for d in ann_dir.iterdir() if d.is_dir() and d.name.lower() in SPLIT_FOLDERS)
     found = [(p, d.name) for d in split_dirs for p in sorted(d.glob("*.xml"))]
+    labelme = None if found else _labelme_file(ann_dir)
+    if labelme is not None:
+        raise DataError(ann_dir, f"looks like labelme JSON, not Pascal VOC: no *.xml, and {labelme.name} holds "
+                        "labelme's `shapes` and `imagePath`",
+                        hint="convert it first (labelme's labelme2voc.py or labelme2coco.py examples write VOC or "
+                             "COCO), then ingest that output")
     if not found:
         raise DataError(ann_dir, "no VOC XML files: looked for *.xml in it"
                         + (", in Annotations/" if ann_dir.name != "Annotations" else "")
@@ -187,6 +195,18 @@ def _xml_files(ann_dir: Path) -> list[tuple[Path, str]]:
                         hint="point --annotations at the VOC root, its Annotations/ folder, or a folder of "
                              "<image>.xml files (a labelme or COCO folder is another format)")
     return found
+
+
+def _labelme_file(folder: Path) -> Optional[Path]:
+    """A labelme annotation (one JSON per image with `shapes` and `imagePath`) in the folder, if any."""
+    for path in sorted(folder.glob("*.json"))[:5]:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and "shapes" in doc and "imagePath" in doc:
+            return path
+    return None
 
 
 def _check_not_empty(docs: list, samples: list[Sample], ann_dir: Path, images_root: Path,
