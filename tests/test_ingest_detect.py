@@ -56,6 +56,14 @@ def test_each_real_export_folder_is_detected_as_its_tool_wrote_it(folder):
     assert detect_source(REAL / folder).format == DETECTED[folder]
 
 
+@pytest.mark.parametrize("name", ["labelstudio-keypoints/data_keypoints.json",
+                                  "labelstudio-keypoints/data_keypoints.min.json"])
+def test_label_studio_json_and_json_min_exports_are_detected(name):
+    from visionflow.formats.detect import detect_source
+
+    assert detect_source(REAL / name).format == "labelstudio"
+
+
 def test_every_real_export_is_in_the_detection_table():
     exports = {p.name for p in REAL.iterdir() if p.is_dir()}
     assert exports <= set(DETECTED) | {p for p in exports if p.startswith("labelstudio")}, exports - set(DETECTED)
@@ -150,3 +158,30 @@ def test_without_format_the_annotations_file_is_detected(project, tmp_path):
                                                     else str(src), annotations=str(ann))]),
                  Paths(project), out_dir=tmp_path / "o")
     assert res["sources"][0]["format"] == "coco" and res["sources"][0]["detected"]
+
+
+def test_a_source_with_images_but_no_label_fails_naming_what_was_looked_for(project, tmp_path):
+    import dataclasses
+
+    from visionflow.formats import read_source, write_format
+
+    src = REAL / "roboflow-sharks-coco"
+    samples = read_source("coco", src, src, "s").samples
+    write_format("coco", [dataclasses.replace(s, instances=[], labels=[]) for s in samples], [], tmp_path / "bare")
+    err = _cli("ingest", str(tmp_path / "bare"), "--out", "o", cwd=project, ok=False)
+    assert "10 images but no label or object in any of them" in err and "read as coco" in err
+    assert not (project / "o").exists()
+
+
+def test_voc_coordinates_is_a_per_source_choice(project, tmp_path):
+    src = REAL / "labelimg-voc-2label"  # LabelImg writes 0-based pixel coordinates
+    auto = ingest(IngestParams(sources=[SourceParams(name="v", path=str(src))]), Paths(project), tmp_path / "a")
+    one = ingest(IngestParams(sources=[SourceParams(name="v", path=str(src), voc_coordinates="1-based")]),
+                 Paths(project), tmp_path / "b")
+    assert auto["instances"] == one["instances"] == 25
+    a = {s.id: s for s in read_manifest(tmp_path / "a/manifest.jsonl")}
+    b = {s.id: s for s in read_manifest(tmp_path / "b/manifest.jsonl")}
+    shifted = [(ia.bbox, ib.bbox) for k in a for ia, ib in zip(a[k].instances, b[k].instances)]
+    assert any(x1 == bx1 + 1 for (x1, *_), (bx1, *_) in shifted if bx1 > 0)  # 1-based reads one pixel less
+    with pytest.raises(ValueError, match="voc_coordinates is for format voc"):
+        SourceParams(name="c", format="coco", images="x", annotations="y", voc_coordinates="1-based")

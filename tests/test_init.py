@@ -87,7 +87,8 @@ def test_init_points_the_project_at_a_dataset_and_dvc_yaml_follows(project, shap
     params = load_params(project / "params.yaml")
     assert params.ingest.sources[0].model_dump() == {
         "name": "my-pets", "format": "labelstudio", "images": "exports/My Pets",
-        "annotations": "exports/My Pets/tasks.json", "categories": None, "path": None}
+        "annotations": "exports/My Pets/tasks.json", "categories": None, "path": None,
+        "voc_coordinates": "auto"}
     assert set(params.tasks) == {"detect", "segment", "multilabel"}
     for task in params.tasks:
         branch = params.branch(task)

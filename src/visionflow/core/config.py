@@ -41,9 +41,14 @@ class SourceParams(Section):
     # merging them), or null to drop that category (its instances and labels are counted).
     # Names not listed keep their own name.
     categories: Optional[dict[str, Optional[str]]] = None
+    # Pascal VOC only: box coordinates 1-based (the devkit's own files) or 0-based (CVAT,
+    # Roboflow, LabelImg); auto decides per file from its <source> (docs/formats.md).
+    voc_coordinates: Literal["auto", "0-based", "1-based"] = "auto"
 
     @model_validator(mode="after")
     def _where(self) -> "SourceParams":
+        if self.voc_coordinates != "auto" and self.format not in (None, "voc"):
+            raise ValueError(f"source {self.name!r}: voc_coordinates is for format voc, not {self.format}")
         if self.path is not None and (self.images is not None or self.annotations is not None):
             raise ValueError(f"source {self.name!r}: give `path` (format and layout detected) or `images` + "
                              "`annotations`, not both")

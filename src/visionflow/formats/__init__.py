@@ -270,8 +270,9 @@ def get_writer(fmt: str) -> Writer:
 
 
 def read_source(fmt: str, images_root: Path, annotations: Path, source: str,
-                root: Optional[str] = None) -> FormatResult:
-    return get_reader(fmt)(Path(images_root), Path(annotations), source, root)
+                root: Optional[str] = None, **options) -> FormatResult:
+    """`options`: a format's own reading options (voc: coordinates="auto"|"0-based"|"1-based")."""
+    return get_reader(fmt)(Path(images_root), Path(annotations), source, root, **options)
 
 
 def write_format(fmt: str, samples: Iterable[Sample], categories: list[Category], out_dir: Path,

@@ -46,8 +46,10 @@ def _json_kind(path: Path) -> Optional[str]:
         if '"images"' in keys:  # COCO's first key; the reader says what else is missing or broken
             return "coco"
     if head.startswith("["):
-        if '"data"' in head and ('"annotations"' in head or '"predictions"' in head or '"label"' in head
-                                 or '"choice"' in head or '"rectanglelabels"' in head):
+        if '"data"' in head and ('"annotations"' in head or '"predictions"' in head or '"completions"' in head
+                                 or '"label"' in head or '"choice"' in head or '"rectanglelabels"' in head):
+            return "labelstudio"
+        if '"annotation_id"' in head and '"data"' not in head:  # Label Studio's JSON-MIN: flat records
             return "labelstudio"
     return None
 

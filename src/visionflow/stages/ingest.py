@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from visionflow.core.config import IngestParams, SourceParams
+from visionflow.core.config import ConfigError, IngestParams, SourceParams
 from visionflow.core.errors import DataError
 from visionflow.formats import ConversionReport, FormatResult, read_source
 from visionflow.core.files import atomic_path, safe_extract_zip, write_json
@@ -105,8 +105,29 @@ def resolve_source(src: SourceParams, paths: Paths) -> Resolved:
 
 
 def _read(src: SourceParams, where: Resolved, paths: Paths) -> FormatResult:
-    result = read_source(where.format, where.images, where.annotations, src.name, root=where.root)
+    options = {"coordinates": src.voc_coordinates} if where.format == "voc" else {}
+    if src.voc_coordinates != "auto" and where.format != "voc":
+        raise ConfigError(f"{paths.params}: ingest source {src.name!r} sets voc_coordinates, but was read as "
+                          f"{where.format} ({where.why or 'format given'}); remove it or fix the format")
+    result = read_source(where.format, where.images, where.annotations, src.name, root=where.root, **options)
+    _require_something(src, where, result)
     return apply_category_map(result, src.categories, src.name, paths.params) if src.categories else result
+
+
+def _require_something(src: SourceParams, where: Resolved, res: FormatResult) -> None:
+    """A source that gives no image, or images without a single label or object, trains
+    nothing: stop with what was looked for and where (never exit 0 with an empty result)."""
+    looked = f"read as {where.format} (images {where.images}, annotations {where.annotations})"
+    if not res.samples:
+        lost = ", ".join(f"{k} {n}" for k, n in sorted(res.report.counts.items())) or "none"
+        raise DataError(where.annotations, f"source {src.name!r} {looked} gave no image (counted: {lost})",
+                        hint="check the images folder and that the format is right; docs/formats.md lists "
+                             "what each format expects")
+    if not any(s.labels or s.instances for s in res.samples):
+        lost = ", ".join(f"{k} {n}" for k, n in sorted(res.report.counts.items())) or "none"
+        raise DataError(where.annotations, f"source {src.name!r} {looked}: {len(res.samples)} images but no "
+                        f"label or object in any of them (counted as lost: {lost})",
+                        hint="check the annotation path and format; an unlabelled folder is not a training set")
 
 
 def _source_summary(src: SourceParams, where: Resolved, res: FormatResult, paths: Paths) -> dict[str, Any]:
