@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from visionflow.core.errors import DataError
-from visionflow.formats import read_source, write_format
+from visionflow.formats import ConversionReport, read_source, write_format
 from visionflow.formats.labelstudio import rotated_corners
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -318,3 +318,16 @@ def test_labelme_folder_read_as_voc_says_it_is_labelme(tmp_path):
     out = cli("ingest", "--format", "voc", "--images", str(folder), "--annotations", str(folder), "--out", "ing",
               cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr and "looks like labelme JSON" in out.stderr
+
+
+def test_a_target_without_rotation_counts_each_oriented_box_it_straightens(tmp_path):
+    """VOC holds axis-aligned boxes only: the 25 real rotated rectangles are each counted, with the
+    policy saying where the corners went; CVAT and YOLO-OBB, which hold rotation, count none."""
+    res = read_source("labelstudio", tmp_path, obb_export(tmp_path, "data_obb.json"), "ls")
+    report = ConversionReport()
+    write_format("voc", res.samples, res.categories, tmp_path / "voc", project_root=Path("."), report=report)
+    assert report.counts["obb_as_axis_aligned"] == 25 and "axis-aligned" in report.policies["obb_as_axis_aligned"]
+    for fmt in ("cvat", "yolo"):
+        other = ConversionReport()
+        write_format(fmt, res.samples, res.categories, tmp_path / fmt, project_root=Path("."), report=other)
+        assert "obb_as_axis_aligned" not in other.counts, (fmt, other.counts)

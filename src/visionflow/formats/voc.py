@@ -112,6 +112,8 @@ VOC_POLICIES: dict[str, str] = {
 }
 VOC_LOSSES: dict[str, str] = {
     "crowd_as_difficult": "crowd instance written as an ordinary object with difficult=1 (VOC has no crowd)",
+    "obb_as_axis_aligned": "oriented box written as its axis-aligned <bndbox> (its 4 corners only as a rasterised "
+                           "SegmentationObject mask): VOC has no rotation",
     "polygons_rasterised": "polygons rasterised into SegmentationObject; read back as an RLE mask, not polygons",
     "mask_overlap": "pixels claimed by several masks go to the later one (a VOC pixel has one object)",
     "image_labels_dropped": "image-level labels not written (VOC has none)",
@@ -615,6 +617,8 @@ def _object_xml(inst: Instance, name: str, report: ConversionReport, where: str,
     if inst.iscrowd:
         flags["difficult"] = 1
         report.add("crowd_as_difficult", where)
+    if inst.attributes.get("obb") is True:
+        report.add("obb_as_axis_aligned", where)
     for flag, v in flags.items():
         ET.SubElement(obj, flag).text = str(int(v))
     x1, y1, x2, y2 = inst.bbox
