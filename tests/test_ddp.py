@@ -76,3 +76,31 @@ def test_train_losses_are_averaged_over_the_ranks(tmp_path):
     from visionflow.training.distributed import SINGLE, mean_over_ranks
 
     assert mean_over_ranks({"train_loss": 1.5}, SINGLE) == {"train_loss": 1.5}  # one process: unchanged
+
+
+def _agree_worker(rank: int, init: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from visionflow.training.distributed import DistInfo, require_same_on_ranks, shutdown
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2)
+    require_same_on_ranks(3, "the epoch to resume from", "share the folder", info)  # agree: no error
+    try:  # rank 0 found a checkpoint after epoch 3, rank 1 (another node, its own disk) none
+        require_same_on_ranks([3, 0][rank], "the epoch to resume from", "share the folder", info)
+        message = ""
+    except RuntimeError as exc:
+        message = str(exc)
+    Path(out_dir, f"agree{rank}.txt").write_text(message)
+    shutdown(info)
+
+
+def test_ranks_that_disagree_on_resume_fail_together(tmp_path):
+    """Two real gloo processes: a disagreement raises on every rank (none is left waiting in a
+    collective), naming each rank's value and the fix."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"agree{rank}.txt").read_text() == (
+            "DDP ranks disagree on the epoch to resume from: rank 0: 3, rank 1: 0; share the folder")

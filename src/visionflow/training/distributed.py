@@ -70,6 +70,19 @@ def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float
     return {k: sum(float(o[k]) for o in out) / len(out) for k in values}
 
 
+def require_same_on_ranks(value: Any, what: str, hint: str, info: DistInfo) -> None:
+    """Fail on every rank, naming each rank's value, unless all ranks hold the same `value`.
+    A rank that disagrees (say, one node resumes a checkpoint the other cannot see) would
+    otherwise run a different number of steps and hang the others in a collective."""
+    if not info.enabled:
+        return
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    if any(v != out[0] for v in out):
+        raise RuntimeError(f"DDP ranks disagree on {what}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(out))
+                           + f"; {hint}")
+
+
 def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP averages gradients,
     so parameters agree, but each rank updates its running statistics on its own shard; DDP

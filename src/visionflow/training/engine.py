@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from visionflow.training.distributed import SINGLE, DistInfo, barrier, broadcast, mean_over_ranks, sync_buffers
+from visionflow.training.distributed import (SINGLE, DistInfo, barrier, broadcast, mean_over_ranks,
+                                            require_same_on_ranks, sync_buffers)
 from visionflow.core.files import write_with
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
 
     state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
     resumed_from = _maybe_resume(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+    require_same_on_ranks(resumed_from, "the epoch to resume from",
+                          f"every node must see the same checkpoint folder {ckpt_dir} (shared storage)", dist_info)
     best_state = _load_best(ckpt_dir) if resumed_from else {}
     # DDP averages gradients across ranks in backward; `net` is what trains, `model` what is saved.
     net = model
