@@ -150,3 +150,14 @@ def test_init_on_a_real_roboflow_export_keeps_its_split_and_only_fitting_branche
     params = load_params(project / "params.yaml")
     assert params.tasks == ("detect",) and params.split.keep_existing
     assert params.ingest.sources[0].images == params.ingest.sources[0].annotations == "sharks"
+
+
+def test_a_data_error_inside_a_stage_under_run_is_one_clean_error(project, tmp_path):
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["ingest"]["sources"] = [{"name": "gone", "path": str(tmp_path / "no-such-export")}]
+    raw.pop("synth", None)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = subprocess.run([str(BIN / "visionflow"), "run"], cwd=project, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2 and "no-such-export: no such file or folder" in out.stderr, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
