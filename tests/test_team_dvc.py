@@ -1,0 +1,104 @@
+"""A team's DVC remote for real: an S3 remote on moto's S3-compatible server (loopback).
+
+In a temporary git repository the classify branch runs under `dvc repro`; `dvc push` sends the
+cache (data, manifest, model) to the bucket. A fresh `git clone` then `dvc pull`s and finds
+every output byte-equal, `dvc status` clean and `dvc repro` with nothing to run. The remote's
+endpoint is committed in .dvc/config; its credentials come from the environment only, and a
+clone without them is refused by the store."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import REPO, make_project  # noqa: E402
+from team_services import S3_ENV, s3_keys, s3_server  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+BASE_ENV = {k: v for k, v in os.environ.items() if k not in S3_ENV}
+BASE_ENV.update({"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_WAIT_POLICY": "PASSIVE",
+                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                 "GIT_COMMITTER_EMAIL": "t@t"})
+ENV = {**BASE_ENV, **S3_ENV}  # a team member with the store's credentials in their environment
+DVC = [sys.executable, "-m", "dvc"]
+BUCKET = "dvc-store"
+
+
+def _run(cmd, cwd, env=ENV, ok=True) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if ok:
+        assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    else:
+        assert out.returncode != 0, f"{cmd} should have failed:\n{out.stdout[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def _outputs(root: Path, lock: dict) -> dict[str, bytes]:
+    """Every file of every output dvc.lock records (data, manifest, split, model, reports), by
+    relative path."""
+    found = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            path = root / out["path"]
+            for f in [path] if path.is_file() else sorted(path.rglob("*")):
+                if f.is_file():
+                    found[str(f.relative_to(root))] = f.read_bytes()
+    return found
+
+
+def test_push_to_s3_then_a_fresh_clone_pulls_and_reproduces_nothing(tmp_path):
+    root = tmp_path / "proj"
+    make_project(root, name="teamdvc")  # the classify branch only: what is tested is the remote
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
+
+    with s3_server(tmp_path, buckets=(BUCKET,)) as endpoint:
+        _run(["git", "init", "-q"], root)
+        _run([*DVC, "init", "-q"], root)
+        _run([*DVC, "config", "core.analytics", "false"], root)
+        _run([*DVC, "remote", "add", "-d", "store", f"s3://{BUCKET}/cache"], root)
+        _run([*DVC, "remote", "modify", "store", "endpointurl", endpoint], root)
+        _run([str(BIN / "visionflow"), "dvc-yaml"], root)
+        _run(["git", "add", "-A"], root)
+        _run(["git", "commit", "-qm", "project"], root)
+
+        _run([*DVC, "repro"], root)
+        _run(["git", "add", "-A"], root)
+        _run(["git", "commit", "-qm", "pipeline ran"], root)
+        config = (root / ".dvc" / "config").read_text()
+        assert endpoint in config and S3_ENV["AWS_SECRET_ACCESS_KEY"] not in config
+        assert S3_ENV["AWS_ACCESS_KEY_ID"] not in config and not (root / ".dvc" / "config.local").exists()
+
+        pushed = _run([*DVC, "push"], root)
+        # every file in the local cache's object store (not its run cache, which `push` leaves out)
+        files = root / ".dvc" / "cache" / "files"
+        cache = sorted(str(p.relative_to(files)) for p in files.rglob("*") if p.is_file())
+        keys = sorted(k.removeprefix("cache/files/") for k in s3_keys(endpoint, BUCKET, "cache/"))
+        assert keys == cache and len(keys) > 10, (pushed, keys[:5], cache[:5])
+        assert f"{len(keys)} files pushed" in pushed
+        assert json.loads(_run([*DVC, "status", "--cloud", "--json"], root)) == {}
+
+        clone = tmp_path / "clone"
+        _run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+        # no credentials: the store refuses, nothing is pulled
+        _run([*DVC, "pull"], clone, env=BASE_ENV, ok=False)
+        assert not (clone / "models").exists()
+
+        pulled = _run([*DVC, "pull"], clone)
+        lock = yaml.safe_load((root / "dvc.lock").read_text())
+        expected = _outputs(root, lock)
+        assert _outputs(clone, lock) == expected and len(expected) > 10, pulled
+        assert (clone / "data").is_dir() and (clone / "models" / "classify" / "model.pt").is_file()
+
+        status = _run([*DVC, "status"], clone)
+        assert "up to date" in status and "changed" not in status, status
+        again = _run([*DVC, "repro"], clone)
+        assert "Running stage" not in again, again
