@@ -2,9 +2,12 @@
 
 Each stage of the pipeline (visionflow.stages.pipeline_stages: synth, ingest, split, then
 train -> evaluate -> register -> inspect -> promote for each task branch in params.yaml) runs as a
-Prefect task named like its dvc.yaml stage, in DAG order, calling the same plain function
-that `dvc repro` calls through `visionflow stage`. This file holds wiring only; the logic
-lives in the stage functions.
+Prefect task named like its dvc.yaml stage, calling the same plain function that `dvc repro`
+calls through `visionflow stage`. Stages are submitted as futures: the shared stages in a chain,
+then each branch's chain after them, so the branches run side by side when the task runner
+allows (params.yaml `run.task_runner`, or `visionflow run --task-runner`). This file holds wiring
+only; the logic (skipping what dvc.lock says is up to date, training slots, service errors)
+lives in visionflow.integrations.prefect and the stage functions.
 """
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 
 from visionflow.core.config import load_params
 from visionflow.core.paths import Paths
+from visionflow.integrations.prefect import dvc_changed_stages, publish_summary, service_retries, stage_body
 from visionflow.stages import pipeline_stages
 
 
@@ -24,10 +29,18 @@ def pipeline(params_file: str = "params.yaml") -> dict[str, Any]:
     params_path = Path(params_file).resolve()
     params = load_params(params_path)
     paths = Paths(params_path.parent)
-    results: dict[str, Any] = {}
+    changed = dvc_changed_stages(params, paths)  # None: not a DVC project, every stage runs
+    futures: dict[str, Any] = {}
+    last: dict[str | None, Any] = {}  # the latest future of each branch (None: the shared chain)
     for stage in pipeline_stages(params):  # DAG order: every stage runs after those it reads
-        run_stage = task(stage.load(), name=stage.name, cache_policy=NO_CACHE, description=stage.doc)
-        results[stage.name] = run_stage(stage.params_of(params), stage.paths_of(paths))
+        run_stage = task(stage_body(stage, params, paths, changed), name=stage.name, description=stage.doc,
+                         cache_policy=NO_CACHE, **(service_retries(params.run) if stage.stage.service else {}))
+        upstream = last.get(stage.task) or last.get(None)
+        futures[stage.name] = last[stage.task] = run_stage.submit(stage.params_of(params), stage.paths_of(paths),
+                                                                  upstream)
+    wait(list(futures.values()))  # every branch finishes (or fails) before the first failure is raised
+    results = {name: future.result() for name, future in futures.items()}
+    publish_summary(results)
     return results
 
 

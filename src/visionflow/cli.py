@@ -111,7 +111,7 @@ def cmd_run(args) -> int:
     from visionflow.core.config import load_params
 
     load_params(params_file)  # a config error is reported before Prefect starts a server
-    results = run_pipeline(params_file)
+    results = run_pipeline(params_file, task_runner=args.task_runner)
     print_report(results, params_file)
     return 0
 
@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.set_defaults(fn=cmd_stage)
 
     run = with_params(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
+    run.add_argument("--task-runner", choices=("sequential", "threads", "processes", "dask"), default=None,
+                     help="how stages run: one at a time, task branches side by side in threads or processes, "
+                          "or on Dask (prefect-dask); default: params.yaml run.task_runner")
     run.set_defaults(fn=cmd_run)
 
     sched = with_params(sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule (Prefect)"))

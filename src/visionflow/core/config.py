@@ -238,6 +238,20 @@ class PromoteParams(Section):
     alias_to: str = "champion"
 
 
+class RunParams(Section):
+    """How `visionflow run` orchestrates the stages (read by the Prefect flow only; no stage
+    reads it, so dvc.yaml tracks none of it and changing it re-runs nothing)."""
+
+    # sequential: one stage at a time, in DAG order (small machines); threads / processes: the
+    # task branches side by side on this machine; dask: on a Dask cluster (needs prefect-dask).
+    task_runner: Literal["sequential", "threads", "processes", "dask"] = "sequential"
+    max_parallel_trainings: int = Field(1, ge=1)  # train stages running at once (one GPU: 1)
+    # Stages that talk to a service (register, inspect, promote: MLflow, FiftyOne) are retried
+    # this many times, after retry_delay_seconds, then twice that, ... (exponential backoff).
+    retries: int = Field(2, ge=0)
+    retry_delay_seconds: float = Field(5.0, ge=0)
+
+
 # `register` is a stage name; pydantic warns that it shadows BaseModel.register (an ABC
 # classmethod nobody calls on params), which is harmless here.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -270,6 +284,7 @@ class Params(Section):
     detect: Optional[BranchParams] = None
     segment: Optional[BranchParams] = None
     multilabel: Optional[BranchParams] = None  # several classes per image (tasks/multilabel.py)
+    run: RunParams = RunParams()  # orchestration of `visionflow run`, not a stage
 
     @model_validator(mode="after")
     def _branches(self) -> "Params":

@@ -133,3 +133,33 @@ def stale_dvc_yaml(params: Params, paths: Paths) -> str | None:
     return (f"{path} does not match {paths.params.name} (sources, branches or code deps changed since it was "
             f"written); run `visionflow dvc-yaml`, then `dvc repro` again")
 
+
+
+# --- dvc.lock as the Prefect flow's record of what is up to date --------------------------
+# The flow asks DVC itself (as a command: no module imports dvc), so `visionflow run` and
+# `dvc repro` share one notion of "up to date": code, params and input hashes in dvc.lock.
+
+def records_runs(params: Params, paths: Paths) -> bool:
+    """The project is a DVC repository whose dvc.yaml matches params.yaml: stages are skipped
+    when dvc.lock says they are up to date, and recorded there when they ran."""
+    return _dvc_dir(paths) is not None and (paths.root / "dvc.yaml").exists() and stale_dvc_yaml(params, paths) is None
+
+
+def _dvc(paths: Paths, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=paths.root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed in {paths.root}: {(out.stderr or out.stdout).strip()}")
+    return out.stdout
+
+
+def changed_stages(paths: Paths, stages: list[str] | None = None) -> set[str]:
+    """The stages (all, or these) whose deps, params or outs differ from dvc.lock (`dvc status`)."""
+    import json
+
+    return set(json.loads(_dvc(paths, "status", "--json", *(stages or [])) or "{}"))
+
+
+def record_stage(paths: Paths, stage: str) -> None:
+    """Write the stage's current deps, params and outs into dvc.lock (and its outs into the
+    cache), as `dvc repro` does after running it."""
+    _dvc(paths, "commit", "--force", "--quiet", stage)

@@ -2,12 +2,17 @@
 flows/ that touches Prefect)."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # Prefect's temporary server sends telemetry heartbeats; offline they fail with noisy
 # tracebacks, and a pipeline has no business calling home. Users can still opt in.
@@ -47,20 +52,257 @@ class _StageName(logging.Filter):
         return True
 
 
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed task's exception with its traceback; for bad input or config (a
+    UserError, which names the file and the fix) the message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from visionflow.core.config import ConfigError
+        from visionflow.core.errors import UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, ConfigError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def name_stages_in_logs() -> None:
-    """Install the stage-name prefix on every handler that prints this process's logs."""
+    """Install the stage-name prefix (and the user-error filter) on every handler that prints
+    this process's logs."""
     handlers = {*logging.getLogger().handlers}
     for name in ("prefect", "prefect.task_runs", "prefect.flow_runs"):
         handlers.update(logging.getLogger(name).handlers)
     for h in handlers:
-        if not any(isinstance(f, _StageName) for f in h.filters):
-            h.addFilter(_StageName())
+        for kind in (_StageName, _NoTracebackForUserErrors):
+            if not any(isinstance(f, kind) for f in h.filters):
+                h.addFilter(kind())
 
 
-def run_pipeline(params_file: Path) -> dict[str, Any]:
+def run_pipeline(params_file: Path, task_runner: str | None = None) -> dict[str, Any]:
+    """Run the flow with the task runner named here, else params.yaml's run.task_runner."""
+    from visionflow.core.config import load_params
+
+    params = load_params(params_file)
     flow = load_flow(params_file.parent)  # imports prefect, which sets up its own handlers
     name_stages_in_logs()
-    return flow(params_file=str(params_file))
+    runner = build_task_runner(task_runner or params.run.task_runner, params)
+    return flow.with_options(task_runner=runner)(params_file=str(params_file))
+
+
+# --- the flow's pieces: task runners, stage tasks, training slots, retries, the summary ----
+
+def build_task_runner(name: str, params):
+    """sequential: one worker thread, so stages run one at a time in the order the flow submits
+    them (DAG order). threads: a thread per stage; a stage's thread waits for its upstream
+    stage, so the branches interleave as far as the dependencies and the training slots allow.
+    processes: one process per branch (Prefect resolves upstream futures before a process is
+    used); dask: prefect-dask's DaskTaskRunner, on $DASK_SCHEDULER_ADDRESS or a local cluster."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    from visionflow.core.errors import UserError
+    from visionflow.stages import pipeline_stages
+
+    if name == "sequential":
+        return ThreadPoolTaskRunner(max_workers=1)
+    if name == "threads":
+        return ThreadPoolTaskRunner(max_workers=len(pipeline_stages(params)))
+    if name == "processes":
+        return ProcessPoolTaskRunner(max_workers=max(1, len(params.tasks)))
+    if name == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise UserError("task runner dask needs prefect-dask: pip install prefect-dask") from None
+        address = os.environ.get("DASK_SCHEDULER_ADDRESS")
+        return DaskTaskRunner(address=address) if address else DaskTaskRunner()
+    raise UserError(f"unknown task runner {name!r}; choose sequential, threads, processes or dask")
+
+
+@contextmanager
+def _file_lock(path: Path, blocking: bool = True):
+    """An exclusive lock on `path` (fcntl.flock): held per open file, so it excludes other
+    threads, processes and programs alike, and the OS frees it when its holder dies."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def training_slot(root: Path, slots: int):
+    """Hold one of `slots` training slots of this project while a train stage runs.
+
+    Why a file lock and not a Prefect concurrency limit: Prefect's global and tag concurrency
+    limits live on a Prefect server, and `visionflow run` often talks to a temporary one that
+    dies with the process; a slot taken by a crashed run stays taken until someone resets it.
+    An flock on a file is honoured by every local task runner (threads, processes, a Dask
+    cluster on this machine), needs no server, and is released by the OS when its holder
+    dies. It does not span machines: on a multi-machine Dask cluster give each worker one GPU."""
+    digest = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"visionflow-{digest}"
+    waited = False
+    while True:
+        for i in range(slots):
+            with _file_lock(folder / f"train-slot-{i}.lock", blocking=False) as held:
+                if held:
+                    yield i
+                    return
+        if not waited:
+            logging.getLogger("visionflow").info("waiting for a training slot (run.max_parallel_trainings: %d)", slots)
+            waited = True
+        time.sleep(0.2)
+
+
+def service_retries(run) -> dict[str, Any]:
+    """Task options for a stage that talks to a service: run.retries retries, waiting
+    retry_delay_seconds, then twice that, ... and only when the failure is the service's."""
+    from prefect.tasks import exponential_backoff
+
+    if run.retries == 0:
+        return {}
+    return {"retries": run.retries, "retry_delay_seconds": exponential_backoff(run.retry_delay_seconds)(run.retries),
+            "retry_condition_fn": _retry_on_service_error}
+
+
+def _retry_on_service_error(task, task_run, state) -> bool:
+    from visionflow.core.errors import ServiceError
+
+    try:
+        state.result()
+    except ServiceError:
+        return True
+    except BaseException:  # bad input or a bug: the same again would fail the same way
+        return False
+    return False
+
+
+# A service that does not answer shows up as one of these somewhere in the exception's chain
+# (requests/urllib3 for MLflow's REST client, pymongo for FiftyOne's database); matched by name
+# so this module imports neither.
+_UNREACHABLE = {"ConnectionError", "TimeoutError", "MaxRetryError", "NewConnectionError", "ConnectionFailure",
+                "ServerSelectionTimeoutError", "AutoReconnect", "NetworkTimeout"}
+
+
+def _unreachable(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        names = {c.__name__ for c in type(exc).__mro__}
+        if names & _UNREACHABLE or ("MlflowException" in names and "API request to" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _root_cause(exc: BaseException) -> str:
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _service_uri(stage, section, paths) -> str:
+    if stage.stage.service == "MLflow":
+        from visionflow.integrations.mlflow import resolve_tracking_uri
+
+        return resolve_tracking_uri(section.register if stage.stage.sections else section, paths)
+    return os.environ.get("FIFTYONE_DATABASE_URI", "its local database (FIFTYONE_DATABASE_DIR or ~/.fiftyone)")
+
+
+def dvc_changed_stages(params, paths) -> frozenset[str] | None:
+    """The stages dvc.lock does not vouch for at the start of the run; None when the project
+    does not record runs in DVC (then every stage runs)."""
+    from visionflow.integrations.dvc import changed_stages, records_runs
+
+    if not records_runs(params, paths):
+        return None
+    with _file_lock(paths.root / ".dvc" / "tmp" / "visionflow-flow.lock"):
+        return frozenset(changed_stages(paths))
+
+
+def stage_body(stage, params, paths, dvc_changed: frozenset[str] | None) -> Callable[..., dict[str, Any]]:
+    """The function the flow runs as the Prefect task of `stage`: the stage's own function,
+    skipped when dvc.lock says the stage is up to date (as `dvc repro` would skip it) and
+    recorded in dvc.lock after it ran; train holds a training slot; a service stage's
+    unreachable service becomes a ServiceError (retried by the flow, then one clean line).
+
+    Up to date means: not changed at the start of the run and no upstream stage ran in this run,
+    or, when one did, `dvc status` on the stage after it (its outputs may have come out equal)."""
+    from visionflow.core.errors import ServiceError, UserError
+    from visionflow.integrations.dvc import changed_stages, record_stage
+
+    fn = stage.load()
+    records = [p for p in (*stage.metrics(paths, params), *stage.uncached(paths, params)) if p.suffix == ".json"]
+    dvc_lock = paths.root / ".dvc" / "tmp" / "visionflow-flow.lock"
+    slots = params.run.max_parallel_trainings
+
+    def up_to_date(upstream: dict[str, Any] | None) -> bool:
+        if dvc_changed is None or stage.name in dvc_changed or not all(p.exists() for p in records):
+            return False
+        if upstream is None or upstream.get("skipped"):
+            return True
+        with _file_lock(dvc_lock):
+            return stage.name not in changed_stages(paths, [stage.name])
+
+    def run_stage(section, stage_paths, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+        if up_to_date(upstream):
+            recorded: dict[str, Any] = {}
+            for p in records:
+                recorded.update(json.loads(p.read_text()))
+            logging.getLogger("visionflow.flow").info("up to date in dvc.lock: skipped (as `dvc repro` would)")
+            return {**recorded, "skipped": "up to date in dvc.lock"}
+        try:
+            with training_slot(paths.root, slots) if stage.stage.name == "train" else nullcontext():
+                result = fn(section, stage_paths)
+        except UserError:
+            raise
+        except Exception as exc:
+            if stage.stage.service and _unreachable(exc):
+                from prefect.context import TaskRunContext
+
+                ctx = TaskRunContext.get()
+                raise ServiceError(stage.stage.service, _service_uri(stage, section, stage_paths), stage.name,
+                                   _root_cause(exc), attempts=ctx.task_run.run_count if ctx else 1) from None
+            raise
+        if dvc_changed is not None:
+            with _file_lock(dvc_lock):
+                record_stage(paths, stage.name)
+        return result
+
+    run_stage.__name__ = run_stage.__qualname__ = stage.name.replace("-", "_")
+    return run_stage
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The run's summary for the Prefect UI: per branch, its test metric, the registered
+    version and its aliases after the gate."""
+    rows = ["| branch | test split | model version | aliases after the gate | stages skipped (up to date) |",
+            "| --- | --- | --- | --- | --- |"]
+    for task in [name.split("-", 1)[1] for name in results if name.startswith("train-")]:
+        ev, reg, gate = (results.get(f"{stage}-{task}", {}) for stage in ("evaluate", "register", "promote"))
+        skipped = [n for n, r in results.items() if n.endswith(f"-{task}") and r.get("skipped")]
+        rows.append(f"| {task} | {ev.get('test_images', ev.get('n'))} images, {_headline(task, ev)} | "
+                    f"`{reg.get('model_name')}` v{reg.get('version')} | {_aliases(reg, gate)} | "
+                    f"{', '.join(skipped) or 'none'} |")
+    shared = [n for n in results if "-" not in n and results[n].get("skipped")]
+    return "\n".join(["# visionflow pipeline", "", *rows, "",
+                      f"Shared stages skipped (up to date): {', '.join(shared) or 'none'}"])
+
+
+def publish_summary(results: dict[str, Any]) -> None:
+    """A Markdown artifact on this flow run (Prefect UI: the run's Artifacts tab)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=summary_markdown(results), key="visionflow-summary",
+                             description="test metrics, registered versions and their aliases after the gate")
 
 
 def build_deployment(params_file: Path, cron: str, name: str):
@@ -89,7 +331,10 @@ def _aliases(reg: dict[str, Any], gate: dict[str, Any]) -> str:
     """The version's aliases after the gate (the register stage gave it the first), and why."""
     if not gate:
         return f"alias @{reg.get('alias')}"
-    aliases = " ".join(f"@{a}" for a in gate.get("aliases", [reg.get("alias")]))
+    names = gate.get("aliases")
+    if names is None and "params" in gate:  # promotion.json of a gate that was up to date (not re-run)
+        names = [gate["params"]["alias_from"]] + ([gate["params"]["alias_to"]] if gate.get("promoted") else [])
+    aliases = " ".join(f"@{a}" for a in names or [reg.get("alias")])
     verdict = "promoted by the gate" if gate.get("promoted") else f"gate: {gate.get('decision')} ({gate.get('reason')})"
     return f"aliases {aliases} ({verdict})"
 
@@ -103,7 +348,7 @@ def print_report(results: dict[str, Any], params_file: Path) -> None:
                               for stage in ("evaluate", "register", "inspect", "promote"))
         lines += [
             f"  {task}:",
-            f"    test split:  {ev.get('test_images')} images, {_headline(task, ev)}",
+            f"    test split:  {ev.get('test_images', ev.get('n'))} images, {_headline(task, ev)}",
             f"    model:       {reg.get('model_name')} version {reg.get('version')} {_aliases(reg, gate)}",
             f"    FiftyOne:    dataset {ins.get('dataset')!r} ({ins.get('samples')} samples)",
         ]

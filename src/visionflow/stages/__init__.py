@@ -43,6 +43,9 @@ class Stage:
     # A branch stage that reads several sections of its branch gets the whole branch and
     # tracks these sections in dvc.yaml; otherwise it gets the section named like the stage.
     sections: tuple[str, ...] = ()
+    # The service the stage talks to ("MLflow", "FiftyOne"): the flow retries such stages with
+    # backoff (run.retries) and names the service when they fail for good.
+    service: str = ""
     doc: str = ""
 
     def load(self) -> Callable[..., dict[str, Any]]:
@@ -194,21 +197,21 @@ STAGES: tuple[Stage, ...] = (
         deps=lambda p, _: [p.model_dir, p.eval_metrics, p.eval_details, p.train_metrics, p.train_history,
                            p.figures_dir, p.manifest, p.split_file, p.validation_report, p.split_report],
         uncached=lambda p, _: [p.registration],
-        branch=True,
+        branch=True, service="MLflow",
         doc="log the run to MLflow and register the model with alias `candidate`",
     ),
     Stage(
         "inspect", "visionflow.stages.inspect:inspect",
         deps=lambda p, _: [p.predictions, p.manifest, p.split_file, p.categories],
         uncached=lambda p, _: [p.inspection],
-        branch=True,
+        branch=True, service="FiftyOne",
         doc="load the test split with predictions into FiftyOne",
     ),
     Stage(
         "promote", "visionflow.stages.promote:promote_branch",
         deps=lambda p, _: [p.registration, p.manifest, p.split_file, p.categories],
         uncached=lambda p, _: [p.promotion],
-        branch=True, sections=("promote", "register"),
+        branch=True, service="MLflow", sections=("promote", "register"),
         doc="promote the candidate to champion if it beats the champion on the test split (the gate)",
     ),
 )
