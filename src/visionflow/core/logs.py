@@ -46,6 +46,10 @@ def setup_logging(verbosity: int = 0) -> None:
     if verbosity < 2:
         for name in CHATTY:
             logging.getLogger(name).setLevel(logging.WARNING)
+    else:
+        # Not DEBUG even with -vv: websockets' DEBUG lines dump every frame, and the first one
+        # Prefect's client sends (events, logs) carries PREFECT_API_AUTH_STRING / the API key in clear.
+        logging.getLogger("websockets").setLevel(logging.INFO)
     if verbosity == 0:
         # MLflow sets its loggers' level from this variable when it is imported (here, or in a
         # server process started from here), so a level set now would be overwritten.
