@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import mlflow  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
@@ -82,7 +84,25 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+_EXPERIMENT_LOCK = threading.Lock()  # branches registering side by side (visionflow run --task-runner threads)
+
+
 def _ensure_experiment(client: MlflowClient, name: str, uri: str, paths: Paths) -> str:
+    """The experiment's id, created (with its UI kind tag) when missing. Safe when several
+    branches ask at once: in one process they take turns; across processes, losing the race to
+    create the experiment or its tag means another process did it, and the result is re-read."""
+    with _EXPERIMENT_LOCK:
+        for attempt in range(3):
+            try:
+                return _ensure_experiment_once(client, name, uri, paths)
+            except MlflowException:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _ensure_experiment_once(client: MlflowClient, name: str, uri: str, paths: Paths) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = None
