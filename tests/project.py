@@ -3,6 +3,7 @@ plus flows/ and dvc.yaml, so tests run the real pipeline in seconds."""
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,13 @@ TINY: dict[str, Any] = {
                    "promote": {"floor": 0.0}},
 }
 TASKS = ("classify", "detect", "segment", "multilabel")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import pytest
 
+from project import free_port  # tests/: the one free-port helper (test_team_mlflow imports it from here too)
 from visionflow.core.service import stop_group, wait_for_http
 
 BIN = Path(sys.executable).parent
@@ -30,12 +31,6 @@ START_TIMEOUT_S = 240  # the MLflow server imports a lot on a loaded 2-core mach
 # Test credentials for the S3 store; a real team takes them from its secret store, never params.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "visionflow-test-key", "AWS_SECRET_ACCESS_KEY": "visionflow-test-secret-" + "x" * 8,
           "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _psql(*statements: str) -> subprocess.CompletedProcess:

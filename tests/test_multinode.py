@@ -6,7 +6,6 @@ hands out node and global ranks), a shared project folder standing in for shared
 rank must end with bitwise-identical weights (the train stage records every rank's digest), and
 global rank 0 alone writes the model, checkpoints and metrics."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from project import make_project  # noqa: E402
+from project import free_port, make_project  # noqa: E402
 
 from visionflow.core.config import load_params  # noqa: E402
 from visionflow.core.files import read_json  # noqa: E402
@@ -25,12 +24,6 @@ from visionflow.stages import get_stage  # noqa: E402
 from visionflow.training.distributed import state_digest  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def project(tmp_path_factory):
 
 def _launch_two_nodes(root: Path, params_file: Path, stage: str) -> list[subprocess.CompletedProcess]:
     """Two torchrun launchers, one worker each, on one c10d rendezvous; both wait for the other."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"vf-{stage}",
            "--max-restarts", "0", "-m", "visionflow.cli", "stage", stage, "--params", str(params_file)]

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from project import make_project  # noqa: E402
-from test_work_pool import _free_port  # noqa: E402
+from project import free_port, make_project  # noqa: E402
 
 from visionflow.core.service import stop_group, wait_for_http  # noqa: E402
 
@@ -40,7 +39,7 @@ def pipeline(params_file: str):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-auth-home")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
            "PREFECT_UI_ENABLED": "false"}

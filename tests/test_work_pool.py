@@ -4,7 +4,6 @@ and completes it. This is the test that chose the fastapi pin in pyproject.toml:
 0.151-0.154, `prefect work-pool ls` and `prefect worker start` get 422 from the server."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from project import make_project  # noqa: E402
+from project import free_port, make_project  # noqa: E402
 
 from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.core.service import stop_group, wait_for_http  # noqa: E402
@@ -21,16 +20,10 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
            "PREFECT_UI_ENABLED": "false"}
