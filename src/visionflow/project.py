@@ -58,7 +58,7 @@ def init_project(dataset: Path, params_file: Path, name: Optional[str] = None, f
     backup = params_file.with_name(params_file.name + ".bak")
     if backup.exists() and not force:
         raise UserError(f"{backup} exists (kept from an earlier init); move it away or pass --force to replace it")
-    detected = _detect(Path(dataset), fmt)
+    detected = detect_source(Path(dataset), fmt=fmt)
     name = slug(name or Path(dataset).resolve().name)
     result = read_source(detected.format, detected.images, detected.annotations, name,
                          root=_rel(detected.images, root))
@@ -92,10 +92,6 @@ def init_project(dataset: Path, params_file: Path, name: Optional[str] = None, f
             "not_in_template": missing, "name": name, "params": params_file, "backup": backup,
             "own_split": dict(own_split) if keep_split else None,
             "written": written}
-
-
-def _detect(dataset: Path, fmt: Optional[str]) -> Detected:
-    return detect_source(dataset, fmt=fmt)
 
 
 def _rewrite(template: dict, detected: Detected, name: str, root: Path, fitting: dict[str, str],
