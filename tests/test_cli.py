@@ -119,8 +119,12 @@ def test_ctrl_c_stops_the_mlflow_ui_quietly(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # A terminal's Ctrl-C reaches a command whose SIGINT is at its default; a test run started in
+    # the background by a non-interactive shell (`make test &`) inherits SIGINT ignored, which
+    # the command would inherit too, and then sit through the Ctrl-C this test sends.
     ui = subprocess.Popen([sys.executable, "-m", "visionflow.cli", "ui", "mlflow", "--port", str(port)],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert wait_for_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=ui), "MLflow UI did not start"
         ui.send_signal(signal.SIGINT)

@@ -1,12 +1,16 @@
 """A team's DVC remote for real: an S3 remote on moto's S3-compatible server (loopback).
 
-In a temporary git repository the classify branch runs under `dvc repro`; `dvc push` sends the
-cache (data, manifest, model) to the bucket. A fresh `git clone` then `dvc pull`s and finds
-every output byte-equal, `dvc status` clean and `dvc repro` with nothing to run. The remote's
-endpoint is committed in .dvc/config; its credentials come from the environment only, and a
-clone without them is refused by the store."""
+In a temporary git repository the remote is configured from params.yaml (`remote:`, written
+into .dvc/config by `visionflow dvc-yaml`); the classify and detect branches run under `dvc
+repro`; `dvc push` sends the cache (data, manifest, models) to the bucket. A fresh `git clone`
+then `dvc pull`s and finds every output byte-equal, `dvc status` clean and `dvc repro` with
+nothing to run. The remote's endpoint is committed in .dvc/config; its credentials come from the
+environment only, and a clone without them is refused by the store. An experiment
+(`dvc exp run -S detect.train.epochs=3`) re-runs the detect branch only, is pushed with `dvc exp
+push`, and a teammate's clone pulls it and sees it in `dvc exp show`."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,7 +59,8 @@ def _outputs(root: Path, lock: dict) -> dict[str, bytes]:
 
 def test_push_to_s3_then_a_fresh_clone_pulls_and_reproduces_nothing(tmp_path):
     root = tmp_path / "proj"
-    make_project(root, name="teamdvc")  # the classify branch only: what is tested is the remote
+    make_project(root, name="teamdvc", tasks=("classify", "detect"),
+                 overrides={"remote": {"url": f"s3://{BUCKET}/cache", "endpoint_url": "ENDPOINT"}})
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
@@ -64,9 +69,12 @@ def test_push_to_s3_then_a_fresh_clone_pulls_and_reproduces_nothing(tmp_path):
         _run(["git", "init", "-q"], root)
         _run([*DVC, "init", "-q"], root)
         _run([*DVC, "config", "core.analytics", "false"], root)
-        _run([*DVC, "remote", "add", "-d", "store", f"s3://{BUCKET}/cache"], root)
-        _run([*DVC, "remote", "modify", "store", "endpointurl", endpoint], root)
-        _run([str(BIN / "visionflow"), "dvc-yaml"], root)
+        params = root / "params.yaml"
+        params.write_text(params.read_text().replace("ENDPOINT", endpoint))
+        _run([str(BIN / "visionflow"), "dvc-yaml"], root)  # writes the remote into .dvc/config
+        _run([str(BIN / "visionflow"), "dvc-yaml", "--check"], root)
+        remotes = _run([*DVC, "remote", "list"], root)
+        assert f"s3://{BUCKET}/cache" in remotes and "storage" in remotes, remotes
         _run(["git", "add", "-A"], root)
         _run(["git", "commit", "-qm", "project"], root)
 
@@ -102,3 +110,53 @@ def test_push_to_s3_then_a_fresh_clone_pulls_and_reproduces_nothing(tmp_path):
         assert "up to date" in status and "changed" not in status, status
         again = _run([*DVC, "repro"], clone)
         assert "Running stage" not in again, again
+
+        # an experiment on the detect branch: only that branch re-runs; a teammate sees it
+        ran = _run([*DVC, "exp", "run", "-n", "detect-3ep", "-S", "detect.train.epochs=3"], root)
+        stages = set(re.findall(r"Running stage '([^']+)'", ran))
+        assert stages and all(s.endswith("-detect") for s in stages) and "train-detect" in stages, ran
+        team = tmp_path / "team.git"  # the team's git server: code and experiment refs
+        _run(["git", "init", "-q", "--bare", str(team)], tmp_path)
+        _run(["git", "remote", "add", "team", str(team)], root)
+        _run(["git", "push", "-q", "team", "HEAD"], root)
+        _run([*DVC, "exp", "push", "team", "detect-3ep"], root)  # refs to git, its cache to the S3 remote
+        _run(["git", "remote", "add", "team", str(team)], clone)
+        _run([*DVC, "exp", "pull", "team", "detect-3ep"], clone)
+        rows = {}
+        for commit in json.loads(_run([*DVC, "exp", "show", "--json"], clone)):
+            for exp in commit.get("experiments") or []:
+                for rev in exp.get("revs", []):
+                    rows[exp.get("name") or rev["rev"]] = rev["data"]
+        assert "detect-3ep" in rows, list(rows)
+        data = rows["detect-3ep"]
+        assert data["params"]["params.yaml"]["data"]["detect"]["train"]["epochs"] == 3
+        assert 1 <= data["metrics"]["metrics/detect/train.json"]["data"]["epochs_run"] <= 3
+        assert data["metrics"]["metrics/detect/evaluate.json"]["data"]["primary_metric"] == "AP50"
+        _run([*DVC, "exp", "apply", "detect-3ep"], clone)  # its model comes from the S3 remote
+        _run([*DVC, "checkout"], clone)
+        assert json.loads(_run([*DVC, "status", "--json"], clone)) == {}
+
+
+def test_remote_from_params_or_env_is_written_and_checked(tmp_path):
+    """`remote:` in params.yaml (or $VISIONFLOW_DVC_REMOTE_URL) becomes .dvc/config's default
+    remote; `visionflow dvc-yaml --check` names a remote that no longer matches."""
+    root = tmp_path / "proj"
+    make_project(root, name="remote")
+    env = {**BASE_ENV, "VISIONFLOW_DVC_REMOTE_URL": "s3://from-env/dvc"}
+    _run(["git", "init", "-q"], root, env=env)
+    _run([*DVC, "init", "-q"], root, env=env)
+    _run([str(BIN / "visionflow"), "dvc-yaml"], root, env=env)
+    config = (root / ".dvc" / "config").read_text()
+    assert "s3://from-env/dvc" in config and "remote = storage" in config, config
+    _run([str(BIN / "visionflow"), "dvc-yaml", "--check"], root, env=env)  # the env's remote is in place
+    params = root / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("remote:\n  name: storage\n  url: null",
+                                   "remote:\n  name: storage\n  url: s3://team-bucket/dvc"))
+    assert params.read_text() != text
+    stale = _run([str(BIN / "visionflow"), "dvc-yaml", "--check"], root, env=env, ok=False)
+    assert "s3://team-bucket/dvc" in stale and "visionflow dvc-yaml" in stale, stale
+    _run([str(BIN / "visionflow"), "dvc-yaml"], root, env=env)  # params.yaml wins over the environment
+    _run([str(BIN / "visionflow"), "dvc-yaml", "--check"], root, env=env)
+    config = (root / ".dvc" / "config").read_text()
+    assert "s3://team-bucket/dvc" in config and "from-env" not in config, config

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +25,10 @@ from team_services import (S3_ENV, mlflow_tracking_server, postgres_database, s3
 from test_register import make_project  # noqa: E402  (the model folder and reports register reads)
 
 from mlflow.exceptions import MlflowException  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from visionflow.core.config import RegisterParams  # noqa: E402
+from visionflow.core.errors import refusal  # noqa: E402
 from visionflow.core.files import read_json  # noqa: E402
 from visionflow.integrations import mlflow as tracking  # noqa: E402
 from visionflow.stages.register import register  # noqa: E402
@@ -93,6 +98,8 @@ def test_writer_registers_reader_reads_but_cannot_write_anonymous_is_refused(ser
         register(params, paths)
     assert "401" in str(anonymous.value) or "UNAUTHENTICATED" in _status(anonymous.value) \
         or "Unauthorized" in str(anonymous.value), anonymous.value
+    with as_user(monkeypatch, None):  # what visionflow tells the user instead of a traceback
+        assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in refusal(anonymous.value)
 
     # the writer, through visionflow's own calls, with credentials from the environment only
     caplog.set_level(logging.DEBUG)
@@ -114,6 +121,27 @@ def test_writer_registers_reader_reads_but_cannot_write_anonymous_is_refused(ser
                 MODEL, mv["source"], run_id=result["run_id"])
     assert _status(denied_alias.value) == "PERMISSION_DENIED", denied_alias.value
     assert _status(denied_version.value) == "PERMISSION_DENIED", denied_version.value
+    with as_user(monkeypatch, READER):
+        told = refusal(denied_alias.value)
+    assert f"user {READER[0]!r}" in told and "HTTP 403" in told and "MANAGE on the registered model" in told
+    assert refusal(ValueError("403 things")) is None  # only MLflow's refusals count
+
+    # the command line: no traceback, exit 2, what to do (a wrong password, then no login at all)
+    images = tmp / "images"
+    images.mkdir(exist_ok=True)
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    for user, expected in (((WRITER[0], "not-her-password"), f"did not accept the credentials of user {WRITER[0]!r}"),
+                           (None, "MLflow requires a login (HTTP 401)")):
+        env = {k: v for k, v in os.environ.items()
+               if k not in S3_ENV and k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+        if user:
+            env.update(MLFLOW_TRACKING_USERNAME=user[0], MLFLOW_TRACKING_PASSWORD=user[1])
+        env["MLFLOW_TRACKING_URI"] = url
+        out = subprocess.run([str(Path(sys.executable).parent / "visionflow"), "predict", "--model",
+                              f"models:/{MODEL}@candidate", "--images", str(images)], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=tmp)
+        assert out.returncode == 2 and expected in out.stderr, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr and "not-her-password" not in out.stderr
     with as_user(monkeypatch, WRITER):
         assert readback.get_model_version_by_alias(MODEL, "candidate", url)["aliases"] == ["candidate"]
 

@@ -4,6 +4,7 @@ Heavy libraries are imported inside the commands so that `visionflow --help` sta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def cmd_predict(args) -> int:
     source = open_source(args.images, every_nth_frame=args.every_nth_frame)
     if args.fiftyone and source.kind != "images":
         raise UserError("--fiftyone takes images (a folder, glob or file), not a video; extract the frames first")
-    model = load_batch_model(args.model, lambda: _model_store(args))  # only an MLflow URI needs the store
+    model = load_batch_model(args.model, lambda: _model_store(args), args.runtime)  # only a URI needs the store
     collected: list = []
     sink = (lambda key, rec: collected.append((key["path"], rec))) if args.fiftyone else None
     result = predict_to_file(model, source, out, batch_size=args.batch_size, min_score=args.min_score, sink=sink)
@@ -241,6 +242,41 @@ def cmd_predict(args) -> int:
         summary = predictions_dataset(args.fiftyone, collected, model.task, model.classes, min_score=args.min_score)
         print(f"FiftyOne dataset {summary['dataset']!r}: {summary['samples']} samples with a `predictions` field "
               f"(open it: visionflow ui fiftyone --dataset {summary['dataset']})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    """Class activation maps (and first-layer filters) of a model on images (evaluation.explain)."""
+    import tempfile
+
+    from visionflow.core.errors import UserError
+    from visionflow.deploy.predict import open_source
+    from visionflow.deploy.references import is_registry_uri, model_folder
+
+    source = open_source(args.images)
+    if source.kind != "images":
+        raise UserError(f"{args.images}: explain takes images (a folder, glob or file), not a video")
+    items = []
+    for item in source.items():
+        if item.image is None:
+            raise UserError(f"{item.key['path']}: not a readable image ({item.error})")
+        items.append((item.key["path"], item.image))
+    with tempfile.TemporaryDirectory(prefix="visionflow-explain-") as tmp:
+        if is_registry_uri(args.model):
+            from visionflow.integrations.mlflow import download_model_dir
+
+            model_dir = download_model_dir(args.model, _model_store(args), Path(tmp))
+        else:
+            model_dir = model_folder(args.model)
+        from visionflow.deploy.predictor import load_predictor
+        from visionflow.evaluation.explain import explain_images
+
+        predictor = load_predictor(model_dir)
+        result = explain_images(predictor, items, Path(args.out), args.class_name, filters=args.filters,
+                                min_score=args.min_score)
+    n = result["images"]
+    print(f"{result['task']}: {result['method']} of {n} image{'s' if n != 1 else ''} -> {args.out}/ "
+          f"({len(result['overlays'])} overlays, grid.png{', filters.png' if 'filters' in result else ''})")
     return 0
 
 
@@ -268,7 +304,7 @@ def cmd_serve(args) -> int:
             return 2
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
                     max_concurrency=args.max_concurrency)
-    model = load_served_model(args.model, tracking_uri)  # once, before the server starts
+    model = load_served_model(args.model, tracking_uri, args.runtime)  # once, before the server starts
     return serve(model, limits, host=args.host, port=args.port)
 
 
@@ -433,7 +469,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "predictions into this FiftyOne dataset (created or overwritten)")
     pr.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
                     "URIs (default: ./params.yaml if present)")
+    pr.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                    help="auto (default): onnxruntime on the model's ONNX export when its parity with PyTorch "
+                    "was proven on test images (promotion gate, export-model), else PyTorch; onnx: insist (an "
+                    "error without an export); torch: always PyTorch (docs/deploy.md)")
     pr.set_defaults(fn=cmd_predict)
+
+    xp = sub.add_parser("explain", help="class activation maps of a model on images: what the network looks at "
+                        "(docs/explain.md)")
+    xp.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model "
+                    "or a local model folder (e.g. models/classify)")
+    xp.add_argument("--images", required=True, help="a folder (recursive), a glob (quote it) or an image file")
+    xp.add_argument("--out", default="explain", help="folder for one PNG per image and grid.png (default: explain)")
+    xp.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                    help="explain this class (default: each image's prediction)")
+    xp.add_argument("--filters", action="store_true", help="also write filters.png: the first layer's learned "
+                    "kernels, hand-made edge and sharpen kernels on the first image, and its first feature maps")
+    xp.add_argument("--min-score", type=float, default=0.5, help="detect: boxes scoring at least this hold the CAM")
+    xp.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
+                    "URIs (default: ./params.yaml if present)")
+    xp.set_defaults(fn=cmd_explain)
 
     xm = sub.add_parser("export-model", help="export a trained model to ONNX or TorchScript and check it "
                         "against PyTorch (docs/export.md)")
@@ -464,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ URIs (default: as `predict`)")
     sv.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
                     "URIs (default: ./params.yaml if present)")
+    sv.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                    help="auto (default): onnxruntime on the model's ONNX export when its parity with PyTorch "
+                    "was proven on test images (promotion gate, export-model), else PyTorch; onnx: insist (an "
+                    "error without an export); torch: always PyTorch (docs/deploy.md)")
     sv.set_defaults(fn=cmd_serve)
 
     pm = with_params(sub.add_parser("promote", help="give the registered candidate the champion alias if it is not "
@@ -475,17 +534,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything loads torch (libgomp): waiting OpenMP threads sleep instead of spinning, so
+    # training degrades gracefully when another process shares the cores (issue 12; the train
+    # stage sets it too, for when it is not run from here). Child processes inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from visionflow.core.logs import setup_logging
 
     setup_logging(args.verbose)  # quiet by default: other libraries' warnings only
-    from visionflow.core.errors import UserError
+    from visionflow.core.errors import UserError, refusal
     from visionflow.core.config import ConfigError
 
     try:
         return args.fn(args)
     except (UserError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {refusal(exc) or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if (why := refusal(exc)) is None:  # a bug: the traceback is what a report needs
+            raise
+        print(f"error: {why}", file=sys.stderr)
         return 2
 
 

@@ -8,7 +8,7 @@ import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -171,6 +171,10 @@ class EarlyStoppingParams(Section):
 class TrainParams(Section):
     model: ModelParams = ModelParams()
     image_size: int = Field(96, ge=16)
+    # detect, segment: letterbox (longest side to image_size, aspect ratio kept, padded to a
+    # square) or stretch (both sides to image_size); classify, multilabel always stretch.
+    # Model folders trained before this field predict as stretch (deploy/predictor.py).
+    resize: Literal["letterbox", "stretch"] = "letterbox"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -188,9 +192,37 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # only takes effect on CUDA: bf16 where supported, else fp16 with a GradScaler
     channels_last: bool = True  # only takes effect on CUDA
-    num_workers: int = Field(0, ge=0)
+    # Data loader processes: auto sizes them to the machine (this process's share of the cores,
+    # minus one, at most 8; 0 for datasets of a few batches), or a number (0: load in the main
+    # process). Augmentations do not depend on it (docs/training-loader.md).
+    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"
+    # Decoded, resized images: none (decode every epoch) | ram (decoded once, up front; refused
+    # when it would not fit in memory) | disk (.npy files under models/checkpoints/decoded/)
+    cache: Literal["none", "ram", "disk"] = "none"
+    # classify, multilabel with model.mode feature_extract: the frozen backbone's features of
+    # every train and val image computed once (eval pipeline), the head trained on them.
+    # Needs augment preset none (no transforms): the features of an augmented image would
+    # differ every epoch (docs/training-loader.md).
+    feature_cache: bool = False
     seed: int = 0
     resume: bool = True
+
+    @model_validator(mode="after")
+    def _feature_cache(self) -> "TrainParams":
+        if not self.feature_cache:
+            return self
+        if self.model.mode != "feature_extract":
+            raise ValueError(f"train.feature_cache: true needs train.model.mode: feature_extract (got "
+                             f"{self.model.mode}: the backbone trains, so its features change every step); "
+                             "set feature_cache: false")
+        if self.augment.transforms or (self.augment.transforms is None and self.augment.preset != "none"):
+            what = ("train.augment.transforms" if self.augment.transforms
+                    else f"train.augment.preset: {self.augment.preset}")
+            raise ValueError(f"train.feature_cache: true computes each image's features once, so it cannot "
+                             f"apply {what}, which changes the image every epoch; set train.augment.preset: "
+                             "none (and no transforms) to train on cached features, or feature_cache: false "
+                             "to keep the augmentation")
+        return self
 
 
 class EvaluateParams(Section):
@@ -252,6 +284,20 @@ class RunParams(Section):
     retry_delay_seconds: float = Field(5.0, ge=0)
 
 
+class RemoteParams(Section):
+    """The DVC remote a team shares (`dvc push` / `dvc pull`): `visionflow dvc-yaml` writes it
+    into .dvc/config (committed, so every clone has it) as the default remote. No stage reads it.
+
+    Credentials never go here or into .dvc/config: DVC's S3 remote takes AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) from each person's environment."""
+
+    name: str = Field("storage", pattern=r"^[A-Za-z0-9_-]+$")
+    # e.g. s3://team-bucket/visionflow/dvc; null: $VISIONFLOW_DVC_REMOTE_URL, else no remote
+    url: Optional[str] = None
+    # an S3-compatible store (MinIO, Ceph, moto); null: $VISIONFLOW_DVC_REMOTE_ENDPOINT_URL, else AWS
+    endpoint_url: Optional[str] = None
+
+
 # `register` is a stage name; pydantic warns that it shadows BaseModel.register (an ABC
 # classmethod nobody calls on params), which is harmless here.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -285,6 +331,7 @@ class Params(Section):
     segment: Optional[BranchParams] = None
     multilabel: Optional[BranchParams] = None  # several classes per image (tasks/multilabel.py)
     run: RunParams = RunParams()  # orchestration of `visionflow run`, not a stage
+    remote: RemoteParams = RemoteParams()  # the team's DVC remote, not a stage
 
     @model_validator(mode="after")
     def _branches(self) -> "Params":
@@ -296,6 +343,9 @@ class Params(Section):
             if arch not in ARCHS[task]:
                 raise ValueError(f"{task}.train.model.arch: {arch!r} is not a {task} architecture; "
                                  f"choose one of {', '.join(ARCHS[task])}")
+            if task not in ("classify", "multilabel") and self.branch(task).train.feature_cache:
+                raise ValueError(f"{task}.train.feature_cache: the feature cache is for classify and multilabel "
+                                 "(model.mode feature_extract); set it to false")
             if task != "segment" and self.branch(task).train.dice_weight:
                 raise ValueError(f"{task}.train.dice_weight: the Dice loss is for segment only; set it to 0")
         for what, name_of in (("register.model_name", lambda t: model_name(t, self.branch(t).register)),

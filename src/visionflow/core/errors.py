@@ -32,3 +32,32 @@ class ServiceError(UserError):
 
 def _service_error(service: str, uri: str, stage: str, cause: str, attempts: int) -> ServiceError:
     return ServiceError(service, uri, stage, cause, attempts=attempts)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What to do when an MLflow tracking server refused a request: not authenticated (401) or
+    not permitted (403); None for any other error. Matched by name (MlflowException, its
+    error_code and the status in its message) anywhere in the exception's chain, so this module
+    imports no MLflow. Such a refusal is not retried: the same credentials get the same answer."""
+    import os
+    import re
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "MlflowException" in {c.__name__ for c in type(exc).__mro__}:
+            code, text = getattr(exc, "error_code", "") or "", str(exc)
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            if code == "UNAUTHENTICATED" or re.search(r"\b401\b", text):
+                if user:
+                    return (f"MLflow did not accept the credentials of user {user!r} (HTTP 401): check "
+                            "MLFLOW_TRACKING_PASSWORD in this environment")
+                return ("MLflow requires a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                        "(or MLFLOW_TRACKING_TOKEN) in the environment that runs visionflow; never in params.yaml")
+            if code == "PERMISSION_DENIED" or re.search(r"\b403\b", text):
+                detail = text.strip().splitlines()[0][:200] if text.strip() else code
+                return (f"MLflow refused user {user or '(anonymous)'!r} permission for this (HTTP 403: {detail}); ask an "
+                        "MLflow admin for EDIT on the experiment (to log runs) and MANAGE on the registered model "
+                        "(to register versions and move aliases); see docs/scale-out.md")
+        exc = exc.__cause__ or exc.__context__
+    return None

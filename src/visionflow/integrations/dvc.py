@@ -2,6 +2,7 @@
 that the committed copies match)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import yaml
 
 from visionflow.integrations.codedeps import code_files
 from visionflow.core.config import Params, _section_type as _section_type_of, leaf_keys
+from visionflow.core.errors import UserError
 from visionflow.core.files import write_text
 from visionflow.core.paths import Paths
 from visionflow.integrations.dvc_plots import PAGE, page_setting, plot_files
@@ -98,6 +100,46 @@ def _page_configured(dvc_dir: Path) -> bool:
     return page_setting(config.read_text() if config.exists() else "") == PAGE
 
 
+def wanted_remote(params: Params) -> dict[str, str] | None:
+    """The remote params.yaml (or the environment) asks for: name, url and, for an
+    S3-compatible store, endpointurl; None when none is asked for."""
+    url = params.remote.url or os.environ.get("VISIONFLOW_DVC_REMOTE_URL")
+    if not url:
+        return None
+    remote = {"name": params.remote.name, "url": url}
+    if endpoint := params.remote.endpoint_url or os.environ.get("VISIONFLOW_DVC_REMOTE_ENDPOINT_URL"):
+        remote["endpointurl"] = endpoint
+    return remote
+
+
+def configured_remote(dvc_dir: Path, name: str) -> dict[str, str]:
+    """The remote `name` as .dvc/config has it (its url, endpointurl, ...) and whether it is the
+    default ("default": the core.remote setting)."""
+    import configparser
+
+    config = configparser.ConfigParser(interpolation=None)
+    path = dvc_dir / "config"
+    config.read_string(path.read_text() if path.exists() else "")
+    sections = {s.strip("'").replace('"', "").replace(" ", ":"): s for s in config.sections()}
+    found = dict(config[sections[f"remote:{name}"]]) if f"remote:{name}" in sections else {}
+    if "core" in sections and config[sections["core"]].get("remote") == name:
+        found["default"] = "true"
+    return found
+
+
+def _remote_stale(params: Params, dvc_dir: Path) -> str | None:
+    want = wanted_remote(params)
+    if want is None:
+        return None
+    have = configured_remote(dvc_dir, want["name"])
+    keys = ("url", "endpointurl", "default")
+    if {k: have.get(k) for k in keys} != {k: want.get(k, "true" if k == "default" else None) for k in keys}:
+        return (f"{dvc_dir / 'config'} does not have the default remote {want['name']!r} = {want['url']}"
+                f"{' at ' + want['endpointurl'] if 'endpointurl' in want else ''} that params.yaml remote asks for; "
+                "run `visionflow dvc-yaml`")
+    return None
+
+
 def check_generated(params: Params, paths: Paths) -> list[str]:
     """What is stale, one line each (empty when every generated file matches)."""
     stale = [f"{path} is out of date with the stage table; run `visionflow dvc-yaml`"
@@ -106,6 +148,8 @@ def check_generated(params: Params, paths: Paths) -> list[str]:
     if (dvc_dir := _dvc_dir(paths)) and not _page_configured(dvc_dir):
         stale.append(f"{dvc_dir / 'config'} does not set plots.html_template = {PAGE} (the offline page); "
                      "run `visionflow dvc-yaml`")
+    if dvc_dir and (why := _remote_stale(params, dvc_dir)):
+        stale.append(why)
     return stale
 
 
@@ -119,6 +163,18 @@ def write_generated(params: Params, paths: Paths) -> list[Path]:
         # dvc runs as a command (no module imports dvc); it keeps the rest of .dvc/config as it is
         subprocess.run([sys.executable, "-m", "dvc", "config", "--project", "plots.html_template", PAGE],
                        cwd=paths.root, check=True, capture_output=True)
+        written.append(dvc_dir / "config")
+    if (want := wanted_remote(params)) and not dvc_dir:
+        raise UserError(f"params.yaml remote.url is {want['url']} but {paths.root} is not a DVC repository; "
+                        "run `git init && dvc init` there first, then `visionflow dvc-yaml`")
+    if dvc_dir and _remote_stale(params, dvc_dir):
+        # .dvc/config (committed): the remote and its endpoint, never credentials
+        name = want["name"]
+        _dvc(paths, "remote", "add", "--project", "--default", "--force", name, want["url"])
+        if "endpointurl" in want:
+            _dvc(paths, "remote", "modify", "--project", name, "endpointurl", want["endpointurl"])
+        elif "endpointurl" in configured_remote(dvc_dir, name):
+            _dvc(paths, "remote", "modify", "--project", "--unset", name, "endpointurl")
         written.append(dvc_dir / "config")
     return written
 

@@ -81,11 +81,31 @@ def run_pipeline(params_file: Path, task_runner: str | None = None) -> dict[str,
     """Run the flow with the task runner named here, else params.yaml's run.task_runner."""
     from visionflow.core.config import load_params
 
-    params = load_params(params_file)
+    load_params(params_file)  # bad params fail here, with the file's name, before Prefect starts
+    if not os.environ.get("PREFECT_API_URL"):
+        # No Prefect server named: Prefect starts a temporary one in a subprocess and stops it as
+        # soon as the flow returns. A server service still flushing task-run events then logs the
+        # cancellation with two tracebacks ("Error flushing 1 events"; about one no-change rerun
+        # in two), for a database that is being thrown away. Its warnings and errors are noise
+        # to a user; the flow's own failures still show (they are the client's).
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
     flow = load_flow(params_file.parent)  # imports prefect, which sets up its own handlers
     name_stages_in_logs()
-    runner = build_task_runner(task_runner or params.run.task_runner, params)
-    return flow.with_options(task_runner=runner)(params_file=str(params_file))
+    # a project's own flow may take params_file only; the runner is then its params.yaml's
+    return flow(params_file=str(params_file), **({"task_runner": task_runner} if task_runner else {}))
+
+
+def stage_runner(params, name: str | None = None):
+    """The task runner the flow's stages are submitted to: `name` (a flow parameter: `visionflow
+    run --task-runner`, or a deployment's parameters), else params.yaml's run.task_runner.
+
+    Chosen inside the flow run, not by the @flow decorator, so a run started by a work-pool
+    worker or by `visionflow schedule` honours params.yaml exactly as `visionflow run` does."""
+    chosen = name or params.run.task_runner
+    runner = build_task_runner(chosen, params)
+    runner.visionflow_choice = f"{chosen} ({'--task-runner / flow parameter' if name else 'params.yaml run.task_runner'})"
+    logging.getLogger("visionflow.flow").info("task runner: %s", runner.visionflow_choice)
+    return runner
 
 
 # --- the flow's pieces: task runners, stage tasks, training slots, retries, the summary ----
@@ -236,7 +256,7 @@ def stage_body(stage, params, paths, dvc_changed: frozenset[str] | None) -> Call
 
     Up to date means: not changed at the start of the run and no upstream stage ran in this run,
     or, when one did, `dvc status` on the stage after it (its outputs may have come out equal)."""
-    from visionflow.core.errors import ServiceError, UserError
+    from visionflow.core.errors import ServiceError, UserError, refusal
     from visionflow.integrations.dvc import changed_stages, record_stage
 
     fn = stage.load()
@@ -265,6 +285,9 @@ def stage_body(stage, params, paths, dvc_changed: frozenset[str] | None) -> Call
         except UserError:
             raise
         except Exception as exc:
+            if stage.stage.service and (why := refusal(exc)):  # 401/403: retrying would get the same answer
+                raise UserError(f"{stage.name}: {stage.stage.service} at {_service_uri(stage, section, stage_paths)}: "
+                                f"{why}") from None
             if stage.stage.service and _unreachable(exc):
                 from prefect.context import TaskRunContext
 
@@ -281,7 +304,7 @@ def stage_body(stage, params, paths, dvc_changed: frozenset[str] | None) -> Call
     return run_stage
 
 
-def summary_markdown(results: dict[str, Any]) -> str:
+def summary_markdown(results: dict[str, Any], runner=None) -> str:
     """The run's summary for the Prefect UI: per branch, its test metric, the registered
     version and its aliases after the gate."""
     rows = ["| branch | test split | model version | aliases after the gate | stages skipped (up to date) |",
@@ -294,14 +317,15 @@ def summary_markdown(results: dict[str, Any]) -> str:
                     f"{', '.join(skipped) or 'none'} |")
     shared = [n for n in results if "-" not in n and results[n].get("skipped")]
     return "\n".join(["# visionflow pipeline", "", *rows, "",
-                      f"Shared stages skipped (up to date): {', '.join(shared) or 'none'}"])
+                      f"Shared stages skipped (up to date): {', '.join(shared) or 'none'}", "",
+                      f"Task runner: {getattr(runner, 'visionflow_choice', 'the flow default')}"])
 
 
-def publish_summary(results: dict[str, Any]) -> None:
+def publish_summary(results: dict[str, Any], runner=None) -> None:
     """A Markdown artifact on this flow run (Prefect UI: the run's Artifacts tab)."""
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(markdown=summary_markdown(results), key="visionflow-summary",
+    create_markdown_artifact(markdown=summary_markdown(results, runner), key="visionflow-summary",
                              description="test metrics, registered versions and their aliases after the gate")
 
 
