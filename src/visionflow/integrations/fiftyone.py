@@ -172,11 +172,13 @@ def write_split_dataset(
     split: str,
     task: str,
     iou_threshold: float = 0.5,
+    heatmaps: Optional[dict[str, Path]] = None,
 ) -> dict[str, Any]:
     """(Re)create the persistent FiftyOne dataset `name` from the samples of one split.
 
     `samples` are the manifest samples of `split`; `predictions` maps sample id -> prediction
-    record (see the predictions JSONL of the evaluate stage). Returns a summary dict.
+    record (see the predictions JSONL of the evaluate stage); `heatmaps` sample id -> an 8-bit
+    class activation map PNG, stored as the Heatmap field `cam`. Returns a summary dict.
     """
     names = [c.name for c in categories]
     project_root = Path(project_root)
@@ -207,6 +209,8 @@ def write_split_dataset(
             fields.update(build(s, names))
         if s.id in predictions:
             fields.update(pred_builder(predictions[s.id], s, names))
+        if heatmaps and s.id in heatmaps:
+            fields["cam"] = fo.Heatmap(map_path=str(heatmaps[s.id]), range=[0, 255])
         fo_samples.append(fo.Sample(filepath=str(s.image_path(project_root).resolve()), **fields))
 
     dataset = fo.Dataset(name, persistent=True, overwrite=True)

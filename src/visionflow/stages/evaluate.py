@@ -6,7 +6,10 @@ classify  accuracy, top-k, per-class precision/recall/F1, confusion matrix
 detect    COCO AP/AR (bbox, and segm for Mask R-CNN) with the evaluator's settings, the test
           split and predictions as COCO files, per-class PR curves, a class confusion matrix
 segment   mIoU, per-class IoU, Dice, pixel accuracy, pixel confusion matrix, predicted masks
-Every task draws a grid of test images with true and predicted labels.
+Every task draws a grid of test images with true and predicted labels, and a grid of the same
+images with the class activation map of each prediction (figures/explain_grid.png, the maps in
+figures/cams/, visionflow.evaluation.explain): the register stage logs them to MLflow with the
+other figures, the inspect stage stores the maps as FiftyOne Heatmap fields.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from visionflow.core.config import EvaluateParams
 from visionflow.manifest import read_categories, read_manifest, samples_in_split
 from visionflow.core.paths import Paths
 from visionflow.deploy.predictor import load_predictor
+from visionflow.evaluation.explain import explain_test_grid
 
 
 def evaluate(params: EvaluateParams, paths: Paths) -> dict[str, Any]:
@@ -28,4 +32,6 @@ def evaluate(params: EvaluateParams, paths: Paths) -> dict[str, Any]:
     test = samples_in_split(read_manifest(paths.manifest), paths.split_file, "test")
     if not test:
         raise ValueError(f"{paths.split_file}: the test split is empty")
-    return predictor.task.report_test(params, paths, predictor, test, categories)
+    summary = predictor.task.report_test(params, paths, predictor, test, categories)
+    explain_test_grid(predictor, test, paths.root, paths.figures_dir, params.grid_images, params.score_threshold)
+    return summary

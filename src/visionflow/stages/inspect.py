@@ -53,6 +53,16 @@ def read_predictions(path: Path, num_classes: int, task: str) -> dict[str, dict[
     return preds
 
 
+def read_cams(figures: Path) -> dict[str, Path]:
+    """{sample id: class activation map PNG (8-bit grey)} the evaluate stage drew for its grid
+    images (figures/cams.json, visionflow.evaluation.explain); {} when there are none."""
+    index = Path(figures) / "cams.json"
+    if not index.is_file():
+        return {}
+    files = json.loads(index.read_text(encoding="utf-8"))
+    return {k: (index.parent / v).resolve() for k, v in files.items() if (index.parent / v).is_file()}
+
+
 def inspect(params: InspectParams, paths: Paths) -> dict[str, Any]:
     samples = read_manifest(paths.manifest)
     categories = read_categories(paths.categories)
@@ -67,7 +77,8 @@ def inspect(params: InspectParams, paths: Paths) -> dict[str, Any]:
 
     name = dataset_name(paths.task, params)
     summary = write_split_dataset(name, split_samples, categories, predictions, project_root=paths.root,
-                            split=params.split, task=paths.task, iou_threshold=params.iou_threshold)
+                            split=params.split, task=paths.task, iou_threshold=params.iou_threshold,
+                            heatmaps=read_cams(paths.figures_dir))
     known = {s.id for s in split_samples}
     summary.update({
         "split": params.split,
