@@ -1,8 +1,11 @@
-"""A bounded load test of `visionflow serve` on loopback, against in-process prediction.
+"""A bounded load test of `visionflow serve` on loopback, against in-process prediction, for
+each inference runtime side by side (`--runtimes torch onnx`, the default: PyTorch eager and
+onnxruntime on the model's parity-proven ONNX export; see visionflow.deploy.runtime).
 
-It starts `visionflow serve --model MODEL` (a subprocess in its own process group, on a free
-port), waits for /health, loads the same MODEL in this process through the loader the server
-uses (`visionflow.deploy.predict.load_batch_model`), and then, in the same run:
+For each runtime R, one after the other in the same run, it starts `visionflow serve --model
+MODEL --runtime R` (a subprocess in its own process group, on a free port), waits for /health,
+loads the same MODEL with the same runtime in this process through the loader the server uses
+(`visionflow.deploy.predict.load_batch_model`), and then:
 
 1. warm-up: every test image once, served and in process (not counted);
 2. paired: `--sequential` rounds of one served request (raw body, image/png or image/jpeg) and
@@ -20,6 +23,9 @@ shows up as many 503s), the server's RSS (VmRSS summed over its process group, f
 start, before and after the load, and its peak (VmHWM), the in-process p50/p95/p99 and the
 overhead = served p50 / in-process p50 (sequential, and under load). Printed as a table and
 written to --out as JSON; the exit code is 1 if any request failed other than with a 503.
+The runtimes are printed side by side, with onnxruntime's speed-up over torch (p50 latency
+ratios torch / onnx, throughput onnx / torch). A runtime the model cannot use (onnx without an
+export) is reported as unavailable, with the reason, and skipped.
 
     .venv/bin/python benchmarks/serve_load.py --model models/classify --clients 4 --duration 15 --out /tmp/serve.json
     .venv/bin/python benchmarks/serve_load.py --model models:/visionflow-shapes-classifier@candidate \\
@@ -91,12 +97,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(args, port: int, log_path: Path, runtime: str) -> subprocess.Popen:
     env = dict(os.environ)
     if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads in the server
+        env["OMP_NUM_THREADS"] = str(args.threads)  # intra-op threads in the server (torch and onnxruntime)
     cmd = [sys.executable, "-m", "visionflow.cli", "serve", "--model", args.model, "--port", str(port),
-           "--max-concurrency", str(args.max_concurrency)]
+           "--max-concurrency", str(args.max_concurrency), "--runtime", runtime]
     if args.model.startswith("models:/"):
         cmd += ["--tracking-uri", args.tracking_uri]
     with open(log_path, "w") as log:  # a file: a pipe nobody reads would block the server
@@ -264,9 +270,31 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
-def print_table(r: dict) -> None:
+def print_table(result: dict) -> None:
+    """One column per runtime, side by side, then the ratios."""
+    runs = result["runtimes"]
+    for name, r in runs.items():
+        print(f"--runtime {name}: " + (f"unavailable: {r['unavailable']}" if "unavailable" in r else
+                                       f"{r['runtime']['name']} ({r['runtime']['reason']})"))
+    tables = {name: dict(table_rows(r)) for name, r in runs.items() if "unavailable" not in r}
+    if not tables:
+        return
+    keys = list(dict.fromkeys(k for rows in tables.values() for k in rows))
+    width = max(len(k) for k in keys)
+    cols = {name: max(len(name), *(len(v) for v in rows.values())) for name, rows in tables.items()}
+    print(f"{'':<{width}}  " + "  ".join(f"{name:<{cols[name]}}" for name in tables))
+    for k in keys:
+        print(f"{k:<{width}}  " + "  ".join(f"{rows.get(k, '-'):<{cols[name]}}" for name, rows in tables.items()))
+    if result["ratios"]:
+        r = result["ratios"]
+        print(f"--- onnxruntime against torch (x faster): in process p50 {r['in_process_p50']}x, served one at a "
+              f"time p50 {r['served_sequential_p50']}x, served under load p50 {r['served_under_load_p50']}x, "
+              f"throughput {r['throughput']}x")
+
+
+def table_rows(r: dict) -> list[tuple[str, str]]:
     s, q, ip, mem = r["served_under_load"], r["served_sequential"], r["in_process"], r["server_memory"]
-    rows = [
+    return [
         ("model", r["model"]),
         ("images", f"{r['images']['count']} ({r['images']['source']})"),
         ("clients / duration", f"{r['clients']} / {r['duration_s']} s (server --max-concurrency "
@@ -284,14 +312,14 @@ def print_table(r: dict) -> None:
          f"{mem['at_start']['rss_mb']}, {mem['before']['rss_mb']} -> {mem['after']['rss_mb']} MB "
          f"({mem['after']['peak_rss_mb']} MB)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
 
 
 def run(args) -> dict:
+    """Every runtime of --runtimes, one after the other, on the same images: {"runtimes":
+    {runtime: one_runtime's result, or {"unavailable": why}}, "ratios": torch / onnx}."""
     import torch
 
+    from visionflow.core.errors import UserError
     from visionflow.deploy.predict import load_batch_model
 
     if args.threads:
@@ -299,14 +327,27 @@ def run(args) -> dict:
 
     images = load_images(args.images, args.n_images, args.image_size)
     arrays = [decode(blob) for blob, _ in images]
+    out: dict = {"runtimes": {}}
+    for runtime in args.runtimes:
+        try:  # in process first: a runtime the model cannot use is skipped before a server starts
+            local_model = load_batch_model(args.model, lambda: args.tracking_uri, runtime)
+        except UserError as exc:
+            out["runtimes"][runtime] = {"unavailable": str(exc)}
+            continue
+        out["runtimes"][runtime] = one_runtime(args, runtime, local_model, images, arrays)
+    out["ratios"] = ratios(out["runtimes"])
+    return out
+
+
+def one_runtime(args, runtime: str, local_model, images, arrays) -> dict:
+    """The server started with --runtime `runtime`, and the same runtime in process."""
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="serve-load-")) / "server.log"
-    proc = start_server(args, port, log_path)
+    proc = start_server(args, port, log_path, runtime)
     try:
         startup = wait_for_health(proc, port, args.startup_timeout, log_path)
         at_start = group_memory_mb(proc.pid)
         # In process, through the loader `visionflow serve` uses (same model, same code path).
-        local_model = load_batch_model(args.model, lambda: args.tracking_uri)
         paired(port, local_model, images, arrays, len(images))  # warm-up: first-call costs out of the figures
         seq, local = paired(port, local_model, images, arrays, args.sequential)
         before = group_memory_mb(proc.pid)
@@ -314,9 +355,21 @@ def run(args) -> dict:
         after = group_memory_mb(proc.pid)
     finally:
         stop_group(proc)
+    result = summarise(args, images, arrays, startup, seq, local, loaded,
+                       {"at_start": at_start, "before": before, "after": after})
+    return {**result, "runtime": local_model.runtime}
 
-    return summarise(args, images, arrays, startup, seq, local, loaded,
-                     {"at_start": at_start, "before": before, "after": after})
+
+def ratios(runs: dict) -> dict:
+    """torch / onnx: latency p50s (how many times faster onnxruntime answers) and throughput
+    onnx / torch; empty unless both ran."""
+    t, o = runs.get("torch", {}), runs.get("onnx", {})
+    if "served_under_load" not in t or "served_under_load" not in o:
+        return {}
+    return {"in_process_p50": ratio(t["in_process"]["p50_ms"], o["in_process"]["p50_ms"]),
+            "served_sequential_p50": ratio(t["served_sequential"]["p50_ms"], o["served_sequential"]["p50_ms"]),
+            "served_under_load_p50": ratio(t["served_under_load"]["p50_ms"], o["served_under_load"]["p50_ms"]),
+            "throughput": ratio(o["throughput"]["req_per_s"], t["throughput"]["req_per_s"])}
 
 
 def summarise(args, images, arrays, startup: float, seq: list[float], local: list[float], loaded: dict,
@@ -357,8 +410,11 @@ def main() -> int:
     ap.add_argument("--max-concurrency", type=int, default=None, help="server's limit (default: --clients)")
     ap.add_argument("--sequential", type=int, default=100, help="rounds of one served request then one in-process "
                     "predict, one at a time (default 100)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the server "
-                    "(OMP_NUM_THREADS) and of the in-process model (default: torch's default, the core count)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads of the server (OMP_NUM_THREADS) "
+                    "and of the in-process model, torch's and onnxruntime's (default: torch's default, the cores)")
+    ap.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx", "auto"],
+                    help="the `serve --runtime` values to measure, one after the other (default: torch onnx; "
+                         "onnx is skipped, and says why, for a model without a usable ONNX export)")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -373,7 +429,7 @@ def main() -> int:
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
-    return 0 if result["errors"] == 0 else 1
+    return 0 if all(r.get("errors", 0) == 0 for r in result["runtimes"].values()) else 1
 
 
 if __name__ == "__main__":

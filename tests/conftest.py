@@ -71,6 +71,19 @@ def state_dir() -> Path:
     return _STATE
 
 
+@pytest.fixture
+def one_thread_seeded():
+    """torch on one thread with its global generator seeded (small models' tests: fast and the
+    same every run); the thread count is restored after the test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Leave nothing in the temp folder: a whole run puts about 300 MB there (the database's
     files). Disconnect, stop our mongod, then remove the folder."""

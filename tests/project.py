@@ -66,3 +66,30 @@ def make_project(root: Path, overrides: dict | None = None, name: str = "tiny",
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(REPO / "flows", root / "flows", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     return root / "params.yaml"
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The last epoch a training checkpoint records; 0 while there is none (or it is mid-write)."""
+    import torch
+
+    try:
+        return int(torch.load(path, weights_only=True)["state"]["epoch"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def kill_training_after_epoch(cmd: list[str], cwd: Path, checkpoint: Path, epoch: int = 1,
+                              timeout: float = 300) -> int:
+    """Run a training command and SIGKILL it as soon as `checkpoint` records `epoch`; the epoch
+    the checkpoint holds after the kill (what a resume starts from)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while checkpoint_epoch(checkpoint) < epoch and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return checkpoint_epoch(checkpoint)

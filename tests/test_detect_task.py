@@ -155,11 +155,12 @@ def _upscale(image: np.ndarray, fy: int, fx: int) -> np.ndarray:
 
 
 def test_predictions_are_in_the_original_image_pixels(samples):
-    p = params("maskrcnn", score_threshold=0.0)
+    # stretch (letterbox: tests/test_letterbox.py)
+    p = params("maskrcnn", score_threshold=0.0).model_copy(update={"resize": "stretch"})
     torch.manual_seed(0)  # the random init decides how large the masks are: same model every run
     model = task.build_model(p, num_classes=2, pretrained=False).eval()
     image = np.asarray(Image.open(samples[0].image_path()))
-    # Resizing a pixel-repeated image back to S x S gives the very same model input (bilinear
+    # Stretching a pixel-repeated image back to S x S gives the very same model input (bilinear
     # between equal neighbours), so the predictions may differ only by the output scaling.
     small, wide = task.predict(model, [image, _upscale(image, 1, 2)], task.build_transforms(p)[1], torch.device("cpu"))
     [big] = task.predict(model, [_upscale(image, 2, 2)], task.build_transforms(p)[1], torch.device("cpu"))

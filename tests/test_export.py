@@ -185,7 +185,9 @@ def test_segment_onnx_logits_and_mask_batch_1_and_3(tmp_path, samples):
     predictor = load_predictor(model_dir)
     images = images_of(samples[0])
     for batch in (images[:1], images[1:4]):
-        logits, mask = session.run(None, {"images": export.preprocess(batch, SIZE)})
+        # letterboxed, as the model was trained (train.resize default)
+        x = export.preprocess(batch, SIZE, predictor.task.input_resize(predictor.meta))
+        logits, mask = session.run(None, {"images": x})
         normalised = np.stack([predictor.transform(image=im)["image"].transpose(2, 0, 1) for im in batch])
         with torch.no_grad():
             expected = predictor.model(torch.from_numpy(normalised)).numpy()

@@ -36,7 +36,7 @@ CLASSES = ["red", "green", "blue"]
 COLOURS = [(220, 40, 40), (40, 200, 40), (50, 60, 230)]
 SIZE, SIDE = 32, 14
 TRAIN = TrainParams(model=ModelParams(arch="unet", backbone=None, backbone_weights=None, width=0.25),
-                    image_size=SIZE, epochs=20, batch_size=8, lr=0.01, warmup_epochs=0, dice_weight=1.0,
+                    image_size=SIZE, epochs=40, batch_size=8, lr=0.01, warmup_epochs=0, dice_weight=1.0,
                     augment={"preset": "none"}, early_stopping=None)
 
 torch.set_num_threads(1)

@@ -2,16 +2,13 @@
 with every epoch logged exactly once."""
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from project import make_project  # noqa: E402
+from project import kill_training_after_epoch, make_project  # noqa: E402
 
 from visionflow.core.config import load_params  # noqa: E402
 from visionflow.training.engine import LAST  # noqa: E402
@@ -19,13 +16,6 @@ from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.stages import get_stage  # noqa: E402
 
 EPOCHS = 4
-
-
-def _checkpoint_epoch(path: Path) -> int:
-    try:
-        return int(torch.load(path, weights_only=True)["state"]["epoch"])
-    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
-        return 0
 
 
 def test_killed_training_resumes(tmp_path):
@@ -36,14 +26,8 @@ def test_killed_training_resumes(tmp_path):
         get_stage(name, params).run(params, paths)
 
     cmd = [sys.executable, "-m", "visionflow.cli", "stage", "train-classify", "--params", str(params_file)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = paths.checkpoint_dir / LAST
-    deadline = time.time() + 300
-    while _checkpoint_epoch(ckpt) < 1 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = _checkpoint_epoch(ckpt)
+    killed_at = kill_training_after_epoch(cmd, tmp_path, ckpt)
     assert 1 <= killed_at < EPOCHS, f"kill landed at epoch {killed_at}"
     assert not paths.train_metrics.exists()  # the killed run never finished
 

@@ -26,13 +26,7 @@ K = 3  # categories; models predict K + 1 channels
 LOGGER = "visionflow.models.segmenters"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_seeded")
 
 
 def box(x1, y1, x2, y2, h=64, w=64) -> np.ndarray:

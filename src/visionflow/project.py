@@ -114,4 +114,15 @@ def _rewrite(template: dict, detected: Detected, name: str, root: Path, fitting:
         branch["register"]["model_name"] = f"{name}-{task}"
         branch["register"]["experiment"] = name
         branch["inspect"]["dataset_name"] = f"{name}-{task}-test"
+        if isinstance(branch.get("train"), dict) and _honours_letterbox(task):
+            # said outright (a template from before train.resize has none): photos keep their shape
+            branch["train"].setdefault("resize", "letterbox")
     return raw
+
+
+def _honours_letterbox(task: str) -> bool:
+    """Whether the task feeds its model letterboxed images when train.resize asks it to (the
+    task contract's input_resize; classifiers always stretch)."""
+    from visionflow.tasks import get_task
+
+    return get_task(task).input_resize({"params": {"resize": "letterbox"}}) == "letterbox"

@@ -3,8 +3,10 @@ exported file predicts what the PyTorch model predicts.
 
 Input of every exported graph (any task, any format):
     "images"  float32 (B, 3, S, S): RGB pixel values 0..255, already resized to S x S, S =
-              meta["image_size"] (`preprocess`: bilinear, aspect ratio not kept, as the eval
-              transform does). B is dynamic. Normalisation happens inside the graph.
+              meta["image_size"], by the model's own resize steps (`preprocess`, the eval
+              transform's: stretch, bilinear, aspect ratio not kept; or letterbox, longest side
+              bilinear to S, centred on an S x S canvas of 0). B is dynamic. Normalisation
+              happens inside the graph.
 The graph, its outputs (ONNX output names; TorchScript returns the same tensors in this order),
 the formats it exports to and how parity compares it are the task's (the export face of
 visionflow.tasks.base): classify `probs` (B, K); segment `logits` (B, K + 1, S, S) and `mask`
@@ -55,14 +57,23 @@ def build_graph(predictor) -> nn.Module:
 
 # --- the input contract ------------------------------------------------------------------
 
-def preprocess(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) images of any size -> the exported graph's input, float32 (B, 3, S, S)."""
+def preprocess(images: Sequence[np.ndarray], image_size: int, resize: str = "stretch") -> np.ndarray:
+    """RGB uint8 (H, W, 3) images of any size -> the exported graph's input, float32 (B, 3, S, S).
+    `resize` is the model's (Task.input_resize): letterbox runs the eval transform's own steps,
+    so the graph sees the pixels PyTorch sees."""
     import cv2
 
     from visionflow.deploy.predictor import as_rgb
 
-    return np.stack([cv2.resize(as_rgb(im), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-                     .transpose(2, 0, 1) for im in images]).astype(np.float32)
+    if resize == "stretch":
+        return np.stack([cv2.resize(as_rgb(im), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+                         .transpose(2, 0, 1) for im in images]).astype(np.float32)
+    import albumentations as A
+
+    from visionflow.training.augment import resize_steps
+
+    steps = A.Compose(resize_steps(image_size, resize))
+    return np.stack([steps(image=as_rgb(im))["image"].transpose(2, 0, 1) for im in images]).astype(np.float32)
 
 
 def _synthetic(batch: int, size: int, seed: int = 0) -> np.ndarray:
@@ -227,13 +238,20 @@ def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> di
         "num_classes": int(meta["num_classes"]), "image_size": size,
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, size, size],
                   "layout": "NCHW, RGB channel order", "range": "0..255 (uint8 pixel values as float)",
-                  "resize": f"bilinear to {size} x {size}, aspect ratio not kept (cv2.INTER_LINEAR)",
+                  "resize_mode": contract.input_resize(meta), "resize": _resize_words(contract.input_resize(meta), size),
                   **norm, "dynamic_axes": {"0": "batch"}},
         "outputs": [{"name": k, "meaning": v} for k, v in contract.export_outputs.items()],
         "opset": _opset(path) if fmt == "onnx" else None,
         "versions": _versions(fmt),
         "source": {"model_dir": str(model_dir), "model_sha256": file_digest(model_dir / MODEL_FILE)},
     }
+
+
+def _resize_words(resize: str, size: int) -> str:
+    if resize == "letterbox":
+        return (f"letterbox: longest side bilinear to {size} (aspect ratio kept, cv2.INTER_LINEAR), centred on "
+                f"a {size} x {size} canvas of 0 (outputs cover the padding; preprocess / the task map them back)")
+    return f"bilinear to {size} x {size}, aspect ratio not kept (cv2.INTER_LINEAR)"
 
 
 def write_export(predictor, model_dir: Path, fmt: str, out: Path,

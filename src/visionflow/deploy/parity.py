@@ -30,6 +30,7 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
 
     meta = predictor.meta
     task, size = meta["task"], int(meta["image_size"])
+    resize = predictor.task.input_resize(meta)
     _check_samples(task, samples)
     # Both sides scored by the task's own test metric: the evaluate stage's and the gate's numbers.
     categories = [Category(i, name) for i, name in enumerate(meta["classes"])]
@@ -40,8 +41,8 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
         chunk = samples[i:i + batch_size]
         images = [load_rgb(s.image_path(project_root)) for s in chunk]
         ref_out, ref = contract.reference_outputs(predictor, images)
-        out = exported(preprocess(images, size))
-        got = contract.exported_predictions(out, [im.shape[:2] for im in images], size)
+        out = exported(preprocess(images, size, resize))
+        got = contract.exported_predictions(out, [im.shape[:2] for im in images], size, resize)
         d, m = contract.output_diff(ref_out, contract.parity_view(out, got))
         diff, mismatched = max(diff, d), mismatched + m
         agreed = contract.agreement(ref, got)

@@ -3,7 +3,9 @@
 The model is either a local model folder (paths.model_dir layout, loaded with
 deploy.predictor.load_predictor, no MLflow) or an MLflow model URI (`models:/NAME@ALIAS`,
 `models:/NAME/VERSION`, `runs:/RUN/model`) loaded as a pyfunc through visionflow.integrations.mlflow.
-Both are wrapped as a `BatchModel`: RGB uint8 (H, W, 3) arrays in, one record out per image:
+Either runs in onnxruntime instead when it carries an ONNX export whose parity was proven
+(visionflow.deploy.runtime; `runtime` auto / torch / onnx; `BatchModel.runtime` says which and why).
+All are wrapped as a `BatchModel`: RGB uint8 (H, W, 3) arrays in, one record out per image:
 
     classify  {"label", "name", "confidence"}
     detect    {"boxes" [[x1, y1, x2, y2]] absolute pixels, "labels", "names", "scores"} (+ "masks" [RLE])
@@ -24,18 +26,20 @@ import glob
 import io
 import json
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
 from PIL import Image
 
 from visionflow.core.errors import UserError
-from visionflow.deploy.references import is_registry_uri, model_folder
+from visionflow.core.files import atomic_path, read_json
+from visionflow.deploy.references import META_FILE, is_registry_uri, model_folder
 from visionflow.manifest.images import load_rgb
-from visionflow.core.files import atomic_path
+from visionflow.tasks import task_of
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
@@ -49,20 +53,34 @@ class BatchModel(Protocol):
     classes: list[str]
     meta: dict[str, Any]  # the model folder's meta.json (thresholds the summary names)
     contract: Any  # the task (visionflow.tasks): records, counts, output formats
+    runtime: dict[str, Any]  # which runtime predicts and why (visionflow.deploy.runtime.Choice.info)
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]: ...
 
 
 class _LocalModel:
-    """A model folder through the Predictor: the fast path, no MLflow."""
+    """A model folder through the Predictor (PyTorch) or its ONNX export (runtime.OnnxPredictor):
+    no MLflow. `runtime` says which and why (runtime.Choice)."""
 
-    def __init__(self, model_dir: Path):
-        from visionflow.deploy.predictor import load_predictor
+    def __init__(self, model_dir: Path, runtime: str = "auto", onnx: Optional[Path] = None,
+                 meta: Optional[dict[str, Any]] = None, choice=None):
+        from visionflow.core.files import read_json
+        from visionflow.deploy.references import META_FILE
+        from visionflow.deploy.runtime import ONNX, OnnxPredictor, choose_local
 
-        self.predictor = load_predictor(model_dir)
+        meta = meta if meta is not None else read_json(model_dir / META_FILE)
+        self.choice = choice or choose_local(model_dir, meta, runtime)
+        if self.choice.name == ONNX:
+            self.predictor = OnnxPredictor(onnx or self.choice.export.path, meta)
+            self.choice.providers = self.predictor.providers
+        else:
+            from visionflow.deploy.predictor import load_predictor
+
+            self.predictor = load_predictor(model_dir)
         self.meta = self.predictor.meta
-        self.task, self.classes = self.meta["task"], list(self.meta["classes"])
+        self.task, self.classes = task_of(self.meta), list(self.meta["classes"])
         self.contract = self.predictor.task
+        self.runtime = self.choice.info()
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         return [self.contract.record(p) for p in self.predictor.predict(images, batch_size=max(1, len(images)))]
@@ -72,14 +90,16 @@ class _PyfuncModel:
     """A registered MLflow model: its input is the DataFrame column `image` (arrays accepted
     in process, see pyfunc_model), its output the task's columns (Task.pyfunc_columns)."""
 
-    def __init__(self, pyfunc):
+    def __init__(self, pyfunc, choice):
         from visionflow.integrations import mlflow as tracking
-        from visionflow.tasks import get_task, task_of
+        from visionflow.tasks import get_task
 
         self.pyfunc = pyfunc
         self.meta = meta = tracking.model_meta(pyfunc)
         self.task, self.classes = task_of(meta), list(meta.get("classes", []))
         self.contract = get_task(self.task)
+        self.choice = choice
+        self.runtime = choice.info()
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         import pandas as pd
@@ -90,15 +110,29 @@ class _PyfuncModel:
         return [self.contract.from_frame_row(r) for r in frame.to_dict("records")]
 
 
-def load_batch_model(spec: str, tracking_uri: Callable[[], str]) -> BatchModel:
-    """`spec`: an MLflow URI (models:/..., runs:/...) or a local model folder.
+def load_batch_model(spec: str, tracking_uri: Callable[[], str], runtime: str = "auto") -> BatchModel:
+    """`spec`: an MLflow URI (models:/..., runs:/...) or a local model folder; `runtime` "auto",
+    "torch" or "onnx" (visionflow.deploy.runtime: onnxruntime on a parity-proven ONNX export).
 
     `tracking_uri` is called only for an MLflow URI (resolving it may need params.yaml)."""
+    from visionflow.deploy.runtime import ONNX, check_runtime, decide, registered_export
+
+    check_runtime(runtime)
     if is_registry_uri(spec):
         from visionflow.integrations import mlflow as tracking
 
-        return _PyfuncModel(tracking.load_model_checked(spec, tracking_uri()))
-    return _LocalModel(model_folder(spec))
+        uri = tracking_uri()
+        if runtime == "torch":
+            choice = decide(runtime, None, None)
+        else:
+            with tempfile.TemporaryDirectory(prefix="visionflow-runtime-") as tmp:
+                model_dir, check = registered_export(spec, uri, Path(tmp))
+                meta = read_json(model_dir / META_FILE) if model_dir else None
+                choice = decide(runtime, task_of(meta) if meta else None, check)
+                if choice.name == ONNX:  # the session holds the graph: the download can go
+                    return _LocalModel(model_dir, runtime, meta=meta, choice=choice)
+        return _PyfuncModel(tracking.load_model_checked(spec, uri), choice)
+    return _LocalModel(model_folder(spec), runtime)
 
 
 # --- inputs ---
@@ -309,7 +343,8 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
             "written": written, "written_unit": "rows (one per image)" if rows else
             f"{contract.object_unit or 'entries'} (COCO results entries)",
             "hint": "" if sum(counts.values()) else contract.nothing_found(model.meta, min_score, objects),
-            "skipped": skipped, "ignored": source.ignored, "out": str(out) if out else None}
+            "skipped": skipped, "ignored": source.ignored, "out": str(out) if out else None,
+            "runtime": getattr(model, "runtime", None)}
 
 
 def _nothing_predicted(skipped: list[tuple[str, str]]) -> str:
@@ -331,6 +366,8 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append(f"predicted {images}" + (f": {result['objects']} {unit} in all" if unit else ""))
     if result["out"]:
         lines.append(f"wrote {result['written']} {result['written_unit']} for {images} to {result['out']}")
+    if result.get("runtime"):
+        lines.append(runtime_line(result["runtime"]))
     if result.get("hint"):
         lines.append(f"nothing counted: {result['hint']}")
     if result["skipped"]:
@@ -340,3 +377,9 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"ignored {len(result['ignored'])} file(s) without an image extension:")
         lines += [f"  {path}" for path in result["ignored"]]
     return "\n".join(lines)
+
+
+def runtime_line(runtime: dict[str, Any]) -> str:
+    """`runtime: onnxruntime [CPUExecutionProvider] (why)`: which runtime predicted, and why."""
+    providers = f" [{', '.join(runtime['providers'])}]" if runtime.get("providers") else ""
+    return f"runtime: {runtime['name']}{providers} ({runtime['reason']})"

@@ -33,6 +33,8 @@ class ModelPredictor:
         self.device = torch.device(device)
         # Models trained before task branches carry the task inside their params: it moved to meta.
         legacy = {k: v for k, v in self.meta["params"].items() if k != "task"}
+        # Models trained before train.resize existed were trained stretched (tasks.base.resize_of).
+        legacy.setdefault("resize", "stretch")
         train_params = TrainParams.model_validate(legacy)
         self.model = self.task.build_model(train_params, self.meta["num_classes"], pretrained=False)
         self.model.load_state_dict(torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True))

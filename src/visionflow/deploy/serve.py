@@ -10,7 +10,9 @@ Endpoints:
                        segment  {"mask_png" (base64 PNG of class values, 0 background, c + 1
                                  for class c), "classes_present", "height", "width"}
     GET  /health    -> {"status": "ok"}
-    GET  /metadata  -> model name/version/alias (registry models), task, classes, input size
+    GET  /metadata  -> model name/version/alias (registry models), task, classes, input size,
+                       runtime {"name": "onnxruntime" or "torch", "requested", "reason", "export",
+                       "providers"} (visionflow.deploy.runtime)
 
 Limits, all enforced before work is done: the body size (413, checked on Content-Length and
 counted while a chunked body streams, in an ASGI middleware so nothing over the limit is
@@ -70,10 +72,11 @@ class ServedModel:
 
 # --- loading ---
 
-def load_served_model(model: str, tracking_uri: str | None = None) -> ServedModel:
+def load_served_model(model: str, tracking_uri: str | None = None, runtime: str = "auto") -> ServedModel:
     """`models:/NAME@ALIAS` (or models:/NAME/VERSION) from the registry at `tracking_uri`,
     else a local model folder (models/classify/). Loading is batch prediction's
-    (`predict.load_batch_model`); serving adds what /metadata reports."""
+    (`predict.load_batch_model`, `runtime` auto / torch / onnx: visionflow.deploy.runtime);
+    serving adds what /metadata reports, the runtime and why among it."""
     from visionflow.core.errors import UserError
     from visionflow.deploy.predict import load_batch_model
 
@@ -81,7 +84,7 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
     if registered and not tracking_uri:
         raise UserError(f"{model}: no tracking URI (set register.tracking_uri in params.yaml, "
                         "$MLFLOW_TRACKING_URI or --tracking-uri)")
-    loaded = load_batch_model(model, lambda: tracking_uri)
+    loaded = load_batch_model(model, lambda: tracking_uri, runtime)
 
     def predict(images: list[np.ndarray]) -> list[dict[str, Any]]:
         return [loaded.contract.served_record(r) for r in loaded.predict(images)]
@@ -89,8 +92,8 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
     if not registered:
         from pathlib import Path
 
-        meta = loaded.predictor.meta
-        return ServedModel(predict, {"source": str(Path(model).resolve()), **_meta_fields(meta)})
+        return ServedModel(predict, {"source": str(Path(model).resolve()), **_meta_fields(loaded.meta),
+                                     "runtime": loaded.runtime})
     from visionflow.integrations import mlflow as tracking
 
     try:
@@ -98,8 +101,7 @@ def load_served_model(model: str, tracking_uri: str | None = None) -> ServedMode
     except Exception as exc:  # MLflow's own exception types; the model did load, so say what failed
         raise UserError(f"{model}: loaded, but its registry entry cannot be read from {tracking_uri}: "
                         f"{exc}") from None
-    meta = tracking.model_meta(loaded.pyfunc)
-    return ServedModel(predict, {**info, "model_uri": model, **_meta_fields(meta)})
+    return ServedModel(predict, {**info, "model_uri": model, **_meta_fields(loaded.meta), "runtime": loaded.runtime})
 
 
 def _meta_fields(meta: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +330,10 @@ def serve(model: ServedModel, limits: Limits, host: str = "127.0.0.1", port: int
                             timeout_keep_alive=5, server_header=False)
     print(f"serving {model.metadata.get('model_uri') or model.metadata.get('source')} at http://{host}:{port} "
           "(POST /predict, GET /health, GET /metadata; Ctrl-C to stop)", flush=True)
+    if model.metadata.get("runtime"):
+        from visionflow.deploy.predict import runtime_line
+
+        print(runtime_line(model.metadata["runtime"]), flush=True)
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found: make SIGTERM, like Ctrl-C, end in KeyboardInterrupt and exit 0.

@@ -447,6 +447,39 @@ def set_alias(name: str, alias: str, version: str, uri: str) -> None:
 
 # --- export support ---
 
+def version_tags(model_uri: str, uri: str) -> dict[str, str]:
+    """The tags of the registered version a models:/NAME@ALIAS or models:/NAME/VERSION URI names
+    (the export.* tags say which exported file goes with it); {} for other URIs."""
+    from mlflow.exceptions import MlflowException
+
+    from visionflow.core.errors import UserError
+
+    if not model_uri.startswith("models:/"):
+        return {}
+    _require_store(uri, f"{model_uri}: ")
+    try:
+        ref = describe_model_uri(model_uri, uri)
+        if ref["version"] is None:
+            return {}
+        return dict(_client(uri).get_model_version(ref["model_name"], ref["version"]).tags)
+    except MlflowException as exc:
+        raise UserError(f"{model_uri}: cannot load it from {uri}: {exc.message}") from None
+
+
+def download_artifact(artifact_uri: str, uri: str, dst: str | Path) -> Path:
+    """One artifact (e.g. the export.uri of a version, runs:/RUN/exported/FILE) downloaded under `dst`."""
+    from mlflow.exceptions import MlflowException
+
+    from visionflow.core.errors import UserError
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise UserError(f"{artifact_uri}: cannot download it from {uri}: {exc.message}") from None
+
+
 def download_model_dir(model_uri: str, uri: str, dst: str | Path) -> Path:
     """The visionflow model folder (meta.json, model.pt, augment.json) inside a logged pyfunc
     (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model), downloaded under `dst`.

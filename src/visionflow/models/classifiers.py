@@ -86,7 +86,34 @@ def build_classifier(arch: str, num_classes: int, weights: Optional[str] = None,
     else:
         setattr(parent, attr, new)
     _set_trainable(model, head_path, mode, trainable_blocks)
+    if mode == "feature_extract":
+        # The frozen backbone runs in inference mode while the head trains: BatchNorm uses (and
+        # keeps) its pretrained running statistics, dropout inside it is off. So the backbone
+        # computes the same features every epoch, what the feature cache stores.
+        head = {id(m) for m in feature_head(model, arch).modules()}
+        for m in model.modules():
+            if id(m) not in head and not list(m.children()):
+                setattr(m, FROZEN_INFERENCE, True)
     return model
+
+
+def feature_head(model: nn.Module, arch: str) -> nn.Sequential:
+    """What `feature_extract` trains, as one module sharing the model's parameters: the head
+    (a Linear) and the parameter-free Dropout layers right before it (mobilenet, efficientnet,
+    vgg). Its input is the frozen backbone's pooled features, which the feature cache stores
+    (visionflow.training.feature_cache)."""
+    head_path = _HEADS[arch]
+    if "." not in head_path:
+        return nn.Sequential(model.get_submodule(head_path))
+    parent_path, index = head_path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    start = int(index)
+    while start > 0 and isinstance(parent[start - 1], nn.Dropout):
+        start -= 1
+    return nn.Sequential(*[parent[j] for j in range(start, int(index) + 1)])
+
+
+FROZEN_INFERENCE = "visionflow_frozen_inference"  # flag: the engine keeps this module in eval mode
 
 
 def _backbone_blocks(model: nn.Module) -> list[nn.Module]:

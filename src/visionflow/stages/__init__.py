@@ -202,7 +202,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "inspect", "visionflow.stages.inspect:inspect",
-        deps=lambda p, _: [p.predictions, p.manifest, p.split_file, p.categories],
+        deps=lambda p, _: [p.predictions, p.manifest, p.split_file, p.categories, p.figures_dir],
         uncached=lambda p, _: [p.inspection],
         branch=True, service="FiftyOne",
         doc="load the test split with predictions into FiftyOne",

@@ -4,28 +4,40 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
+# OpenMP threads sleep at barriers instead of spinning (unless the user chose a policy): spinning
+# threads burn the cores another process needs, and wait for descheduled peers when it runs.
+# libgomp reads this once, when torch loads it, so it must come first; the CLI sets it too.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD
-from visionflow.core.config import TrainParams
-from visionflow.training.distributed import gather_digests, init_from_env, shutdown
-from visionflow.training.engine import FitConfig, fit, select_device, seed_everything, write_history_csv
-from visionflow.core.files import write_dir, write_json
-from visionflow.manifest import read_categories, read_manifest, read_split
-from visionflow.core.paths import Paths
-from visionflow.tasks import get_task
-from visionflow.deploy.predictor import AUGMENT_FILE, META_FILE, MODEL_FILE
+import albumentations as A  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from visionflow.core.config import TrainParams  # noqa: E402
+from visionflow.training.distributed import gather_digests, init_from_env, shutdown  # noqa: E402
+from visionflow.training.loader import (SeededSampler, WorkerInit, resolve_num_workers,  # noqa: E402
+                                        set_main_threads)
+from visionflow.training.engine import FitConfig, fit, select_device, seed_everything, write_history_csv  # noqa: E402
+from visionflow.core.files import write_dir, write_json  # noqa: E402
+from visionflow.manifest import read_categories, read_manifest, read_split  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
+from visionflow.tasks import get_task  # noqa: E402
+from visionflow.deploy.predictor import AUGMENT_FILE, META_FILE, MODEL_FILE  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
+# Params that change how fast the data arrives, never what it is: a checkpoint resumes across them.
+LOADER_ONLY = {"num_workers", "cache"}
+
+
 def _fingerprint(params: TrainParams, paths: Paths, world_size: int) -> str:
-    h = hashlib.sha256(f"{paths.task}/{world_size}/".encode() + params.model_dump_json().encode())
+    h = hashlib.sha256(f"{paths.task}/{world_size}/".encode() + params.model_dump_json(exclude=LOADER_ONLY).encode())
     for f in (paths.manifest, paths.categories, paths.split_file):
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -52,21 +64,25 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     if not len(train_ds):
         raise ValueError(f"{paths.split_file}: the train split is empty")
 
-    loader_gen = torch.Generator()
-    sampler = DistributedSampler(train_ds, dist_info.world_size, dist_info.rank, shuffle=True, seed=params.seed,
-                                 drop_last=True) if dist_info.enabled else None
-    train_loader = DataLoader(train_ds, batch_size=params.batch_size, shuffle=sampler is None, sampler=sampler,
-                              collate_fn=task.collate, num_workers=params.num_workers, generator=loader_gen,
-                              drop_last=len(train_ds) > params.batch_size * dist_info.world_size)
-    val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, num_workers=params.num_workers)
+    model = task.build_model(params, len(class_names))
+    trained = model  # what fit trains and checkpoints: the whole model, or the head on cached features
+    if params.feature_cache:
+        from visionflow.models.classifiers import feature_head
+        from visionflow.training.feature_cache import feature_loaders
+
+        set_main_threads()
+        trained = feature_head(model, params.model.arch)
+        train_eval_ds = task.build_dataset([samples[i] for i in split["train"]], eval_tf, paths.root)
+        train_loader, val_loader, sampler = feature_loaders(task, model, trained, params, train_eval_ds, val_ds,
+                                                            device, dist_info)
+    else:
+        train_loader, val_loader, sampler = build_loaders(task, params, paths, train_ds, val_ds, device, dist_info)
 
     def reseed(seed: int) -> None:
-        loader_gen.manual_seed(seed)
-        if sampler is not None:
-            sampler.set_epoch(seed)
-        train_tf.set_random_seed(seed * dist_info.world_size + dist_info.rank)  # ranks see different augmentations
+        # Shuffle and per-sample augmentation seeds come from (seed, epoch, rank, index) in the
+        # main process (SeededSampler): the same with any number of (persistent) workers.
+        sampler.set_epoch(seed)
 
-    model = task.build_model(params, len(class_names))
     es = params.early_stopping
     cfg = FitConfig(
         epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay, warmup_epochs=params.warmup_epochs,
@@ -84,7 +100,7 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     if dist_info.is_main:
         log.info("training %s (%s) on %s x%d: %d train / %d val images, %d classes", params.model.arch, paths.task,
                  device, dist_info.world_size, len(train_ds), len(val_ds), len(class_names))
-    result = fit(task, model, train_loader, val_loader, cfg, paths.checkpoint_dir, device, reseed, dist_info=dist_info)
+    result = fit(task, trained, train_loader, val_loader, cfg, paths.checkpoint_dir, device, reseed, dist_info=dist_info)
     digests = gather_digests(model.state_dict(), dist_info)
     if not dist_info.is_main:
         shutdown(dist_info)
@@ -97,9 +113,11 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
         "image_size": params.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "params": params.model_dump(mode="json"),
     }
-    model.load_state_dict(result.best_state)  # what is saved is what the task calibrates on
-    meta.update(task.calibrate(model.to(device).eval(), val_loader if len(val_ds) else None, device))
-    _write_model_dir(paths.model_dir, result.best_state, meta, A.to_dict(train_tf))
+    trained.load_state_dict(result.best_state)  # what is saved is what the task calibrates on
+    meta.update(task.calibrate(trained.to(device).eval(), val_loader if len(val_ds) else None, device))
+    # the whole network (with the cache, the head trained on features sits in it)
+    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    _write_model_dir(paths.model_dir, best_state, meta, A.to_dict(train_tf))
     # DVC-tracked outputs are a function of code, params and data: the wall times and how this
     # run got there (resumed or not) go to an untracked side file that the register stage logs.
     write_history_csv(paths.train_history, [{k: v for k, v in row.items() if k not in RUN_FACTS} for row in result.history])
@@ -116,6 +134,39 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     write_json(paths.train_run, run)
     shutdown(dist_info)
     return {**summary, "resumed_from_epoch": result.resumed_from}
+
+
+def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, device: torch.device, dist_info):
+    """The train and val loaders (docs/training-loader.md): seeded sampler, workers sized to the
+    machine, pinned memory on CUDA, persistent workers, the decoded-image cache."""
+    threads = set_main_threads()
+    train_workers = resolve_num_workers(params.num_workers, len(train_ds), params.batch_size)
+    val_workers = resolve_num_workers(params.num_workers, len(val_ds), params.batch_size)
+    if params.cache != "none":
+        where = paths.checkpoint_dir.parent / "decoded"  # shared by the task branches: keyed by image sha256
+        for ds, name in ((train_ds, "train"), (val_ds, "val")):
+            ds.use_cache(params.cache, where, threads=threads, what=f"{paths.task}.train.cache ({name} split)")
+    cuda = device.type == "cuda"
+    drop_last = len(train_ds) > params.batch_size * dist_info.world_size
+    sampler = SeededSampler(len(train_ds), params.seed, dist_info.rank, dist_info.world_size, drop_last=True)
+
+    def options(workers: int) -> dict[str, Any]:
+        # A generator of its own: the loader draws its workers' base seed from it, never from
+        # torch's global generator (which the detectors' sampling uses), once per epoch with 0
+        # workers and once per run with persistent ones.
+        common = {"num_workers": workers, "pin_memory": cuda, "generator": torch.Generator()}
+        if not workers:
+            return common
+        return {**common, "persistent_workers": True,
+                "prefetch_factor": 4 if cuda else 2, "worker_init_fn": WorkerInit(params.seed, dist_info.rank)}
+
+    train_loader = DataLoader(train_ds, batch_size=params.batch_size, sampler=sampler, collate_fn=task.collate,
+                              drop_last=drop_last, **options(train_workers))
+    val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, **options(val_workers))
+    if dist_info.is_main:
+        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s", train_workers,
+                 val_workers, threads, params.cache, cuda)
+    return train_loader, val_loader, sampler
 
 
 RUN_FACTS = ("seconds",)  # per-epoch facts of one run, not of its inputs: kept out of DVC's outputs

@@ -10,7 +10,8 @@ Data crossing the boundary (category ids index `categories.json`, 0..K-1):
              detect:   list of B dicts {"boxes": (N, 4) float xyxy absolute pixels of the
                        resized image, "labels": (N,) int64 in 1..K (0 is the detectors'
                        background), "masks": (N, H, W) uint8 (Mask R-CNN only)}
-             segment:  (B, H, W) int64, 0 background, c + 1 for category c, 255 ignored
+             segment:  (B, H, W) int64, 0 background, c + 1 for category c, 255 ignored (also
+                       the letterbox padding)
              multilabel: list of B lists of class ids (multi-hot (B, K) built in the loss)
 Predictions (Task.predict), in each input image's own pixel coordinates:
     classify {"label": int, "confidence": float, "probs": [float] * K}
@@ -90,6 +91,12 @@ def eval_batch(images: Sequence[np.ndarray], transform: A.Compose) -> torch.Tens
     return torch.from_numpy(np.stack([transform(image=im)["image"].transpose(2, 0, 1) for im in images]))
 
 
+def resize_of(meta: dict[str, Any]) -> str:
+    """train.resize of a model folder's meta.json; stretch for models trained before the field
+    existed (they were all trained stretched)."""
+    return (meta.get("params") or {}).get("resize", "stretch")
+
+
 def mean_std(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
     """The normalisation a model folder was trained with (ImageNet's when meta.json predates it)."""
     from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -132,6 +139,10 @@ class TaskBase:
     def eval_outputs(self, paths) -> list:
         """What the evaluate stage writes besides predictions and figures (DVC outs)."""
         return []
+
+    # What a class activation map explains (visionflow.evaluation.explain): "class" (Grad-CAM of
+    # a class logit: classify, multilabel), "boxes" (detect), "region" (segment)
+    cam_kind = "class"
 
     # train_history.csv columns `dvc plots show` draws over the epochs (they must be in the file)
     history_fields: tuple[str, ...] = ("train_loss", "val_loss")
@@ -182,6 +193,11 @@ class TaskBase:
 
     # --- the export face (visionflow.deploy.export) defaults ---
     parity_counts_mismatches = False  # detect: images whose exported detection count differs
+
+    def input_resize(self, meta: dict[str, Any]) -> str:
+        """How images become the model's S x S input (training.augment.resize_steps): stretch,
+        except for tasks that honour train.resize (detect, segment: `resize_of`)."""
+        return "stretch"
 
     def input_normalization(self, meta: dict[str, Any]) -> dict[str, Any]:
         mean, std = mean_std(meta)
@@ -295,7 +311,8 @@ class Task(Protocol):
         """The record as the App shows it (detect: boxes scoring >= min_confidence)."""
 
     # The export face (visionflow.deploy.export). Every exported graph takes "images" float32
-    # (B, 3, S, S), RGB 0..255, already resized to S x S; normalisation happens inside.
+    # (B, 3, S, S), RGB 0..255, already resized to S x S (stretched or letterboxed, as the model's
+    # input_resize says); normalisation happens inside.
     export_formats: tuple[str, ...]  # the first is what --format auto picks
     export_outputs: dict[str, str]  # output name -> meaning (the sidecar and docs say it)
     parity_counts_mismatches: bool
@@ -312,8 +329,14 @@ class Task(Protocol):
     def output_diff(self, ref: dict[str, Any], got: dict[str, Any]) -> tuple[float, int]:
         """(max |ref - got| on the compared quantity, images whose result count differs)."""
 
-    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
-        """An exported file's outputs -> predictions (as Task.predict) at each image's (H, W)."""
+    def input_resize(self, meta: dict[str, Any]) -> str:
+        """How images become the graph's S x S input for this model: "stretch" | "letterbox"
+        (visionflow.training.augment.resize_steps; export.preprocess takes it)."""
+
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int,
+                             resize: str = "stretch") -> list[dict[str, Any]]:
+        """An exported file's outputs -> predictions (as Task.predict) at each image's (H, W);
+        `resize` is the model's input_resize (boxes and masks are mapped back through it)."""
 
     def reference_outputs(self, predictor, images: list[np.ndarray]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """PyTorch's outputs (the exported layout) and predictions through the model folder."""

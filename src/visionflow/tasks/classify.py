@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visionflow.training.augment import build_eval_transform, build_train_transform
+from visionflow.training.loader import LoaderDataset, stack
 from visionflow.core.config import TrainParams
 from visionflow.core.errors import DataError
 from visionflow.manifest.images import load_rgb
@@ -22,21 +23,22 @@ from visionflow.tasks.base import Normalize, TaskBase, TestScore, eval_batch, me
 log = logging.getLogger(__name__)
 
 
-class ClassificationDataset(Dataset):
+class ClassificationDataset(LoaderDataset):
+    """(image (3, S, S) float32 normalised, class id); decoding and seeding: LoaderDataset."""
+
     def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
+        super().__init__(samples, transform, project_root)
         self.items = [(s.image_path(project_root), image_label(s)) for s in samples]
         missing = [str(p) for p, y in self.items if y is None]
         if missing:
             raise ValueError(f"{len(missing)} samples have no class (no image label, no instance), e.g. {missing[:3]}")
-        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def raw(self, i: int, extras: bool = True) -> dict[str, np.ndarray]:
+        return {"image": load_rgb(self.items[i][0])}
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.items[i]
-        image = self.transform(image=load_rgb(path))["image"]  # (H, W, 3) float32, normalised
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
+    def item(self, i: int, record: dict[str, np.ndarray], transform) -> tuple[torch.Tensor, int]:
+        image = transform(image=record["image"])["image"]  # (H, W, 3) float32, normalised
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), self.items[i][1]
 
 
 class ClassifyMetric:
@@ -118,8 +120,10 @@ class ClassifyTask(TaskBase):
     def output_diff(self, ref: dict[str, Any], got: dict[str, Any]) -> tuple[float, int]:
         return float(np.abs(ref["probs"].astype(np.float64) - got["probs"]).max(initial=0.0)), 0
 
-    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
-        return [{"label": int(p.argmax()), "probs": p} for p in outputs["probs"]]
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int,
+                             resize: str = "stretch") -> list[dict[str, Any]]:
+        return [{"label": int(p.argmax()), "confidence": float(p.max()), "probs": p.tolist()}
+                for p in outputs["probs"]]
 
     def reference_outputs(self, predictor, images: list[np.ndarray]):
         preds = predictor.predict(images, batch_size=max(1, len(images)))
@@ -199,7 +203,7 @@ class ClassifyTask(TaskBase):
 
     def collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = zip(*batch)
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        return stack(images), torch.tensor(labels, dtype=torch.int64)
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
         return {"cross_entropy": F.cross_entropy(model(images), targets.to(images.device))}

@@ -1,15 +1,18 @@
 """Object detection and instance segmentation (Faster/Mask R-CNN, RetinaNet, FCOS, SSDlite).
 
-Data: every image is resized to S x S (S = image_size) with its boxes by the Albumentations
-pipeline; the model's own transform then only normalises (see visionflow.models.detectors).
-Targets (per image, resized pixels): boxes (N, 4) float32 xyxy, labels (N,) int64 = category + 1,
-masks (N, S, S) uint8. Crowd instances are left out of training targets.
+Data: every image is brought to S x S (S = image_size) with its boxes by the Albumentations
+pipeline, letterboxed (longest side to S, aspect ratio kept, centred, padded with 0) or stretched
+as train.resize says; the model's own transform then only normalises (see
+visionflow.models.detectors). Targets (per image, model-input pixels): boxes (N, 4) float32
+xyxy, labels (N,) int64 = category + 1, masks (N, S, S) uint8. Crowd instances are left out of
+training targets. Predictions go back to each input's own pixels through the same geometry
+(training.augment.input_frame).
 
 Masks: the dataset always carries instance masks (polygons / RLE rasterised at the image's size,
 a box-only instance as its filled box), moved with the image and filtered with the boxes that
 survive augmentation. build_dataset has no params, so this keeps the dataset independent of the
 model and of the order the task's methods are called in; `loss` drops the masks for models
-without a mask head. The cost is rasterising a few masks per image, small beside a detector step.
+without a mask head. They are rasterised once per sample and kept compressed (training.loader).
 """
 from __future__ import annotations
 
@@ -25,32 +28,41 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.training.augment import build_eval_transform, build_train_transform
+from visionflow.training.augment import Frame, build_eval_transform, build_train_transform, input_frame, resize_steps
+from visionflow.training.loader import LoaderDataset, stack
 from visionflow.core.config import TrainParams
 from visionflow.models.detectors import build_detector
 from visionflow.manifest.images import load_rgb
 from visionflow.manifest.masks import encode_rle, instance_mask
 from visionflow.manifest import Category, Instance, Sample
-from visionflow.tasks.base import TaskBase, TestScore, nanmean_rows
+from visionflow.tasks.base import TaskBase, TestScore, nanmean_rows, resize_of
 
 log = logging.getLogger(__name__)
 
 NO_BOXES = {"bboxes": np.zeros((0, 4), dtype=np.float32), "labels": [], "instance_ids": []}
 
 
-class DetectionDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
-        self.samples, self.transform, self.root = list(samples), transform, Path(project_root)
+class DetectionDataset(LoaderDataset):
+    """(image (3, S, S) float32 in [0, 1], target); instance masks are rasterised once per
+    sample (LoaderDataset's record), not every epoch."""
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def raw(self, i: int, extras: bool = True) -> dict[str, Any]:
         s = self.samples[i]
         image = load_rgb(s.image_path(self.root))  # (H, W, 3) uint8
+        if not extras:
+            return {"image": image}
         kept = [inst for inst in s.instances if not inst.iscrowd]  # crowd regions are no targets
-        out = self.transform(**_transform_inputs(s.id, image, kept))
-        return torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))), _target(out, bool(kept))
+        return _transform_inputs(s.id, image, kept)
+
+    def item(self, i: int, record: dict[str, Any], transform) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs: dict[str, Any] = {"image": record["image"],
+                                  "bboxes": np.asarray(record["bboxes"], np.float32).reshape(-1, 4),
+                                  "labels": np.asarray(record["labels"]).round().astype(np.int64).tolist(),
+                                  "instance_ids": np.asarray(record["instance_ids"]).round().astype(np.int64).tolist()}
+        if "masks" in record:
+            inputs["masks"] = record["masks"]
+        out = transform(**inputs)
+        return torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))), _target(out, "masks" in record)
 
 
 def _transform_inputs(sample_id: str, image: np.ndarray, instances: list[Instance]) -> dict[str, Any]:
@@ -123,6 +135,7 @@ class DetectMetric:
 
 class DetectTask(TaskBase):
     name = "detect"
+    cam_kind = "boxes"  # visionflow.evaluation.explain: EigenCAM kept in the predicted boxes
 
     def fits(self, data) -> Optional[str]:
         return f"{data.boxes} boxed objects" if data.boxes else None
@@ -202,7 +215,8 @@ class DetectTask(TaskBase):
     # --- the export face: TorchScript only (torchvision's detectors return per-image lists of
     # varying length, which torch.onnx exports for one fixed batch size at best) ---
     export_formats = ("torchscript",)
-    export_outputs = {"detections": "list of B dicts: boxes (N, 4) float32 xyxy in S x S input pixels, "
+    export_outputs = {"detections": "list of B dicts: boxes (N, 4) float32 xyxy in S x S input pixels "
+                                    "(letterboxed input: padding included), "
                                     "labels (N,) int64 0..K-1 (classes[label]), scores (N,) float32 sorted "
                                     "descending; Mask R-CNN adds masks (N, 1, S, S) float32 probabilities"}
     parity_counts_mismatches = True
@@ -228,12 +242,16 @@ class DetectTask(TaskBase):
                 diff = max(diff, float(np.abs(a[k][oa].astype(np.float64) - b[k][ob]).max(initial=0.0)))
         return diff, mismatched
 
-    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
-        preds = []
-        for d, hw in zip(outputs["detections"], sizes):
+    def input_resize(self, meta: dict[str, Any]) -> str:
+        return resize_of(meta)
+
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int,
+                             resize: str = "stretch") -> list[dict[str, Any]]:
+        steps, preds = resize_steps(image_size, resize), []
+        for d, (h, w) in zip(outputs["detections"], sizes):
             o = {k: torch.from_numpy(v) for k, v in d.items()}
             o["labels"] = o["labels"] + 1  # to_prediction takes the detectors' 1..K labels
-            preds.append(to_prediction(o, hw, (image_size, image_size)))
+            preds.append(to_prediction(o, input_frame(steps, h, w)))
         return preds
 
     def reference_outputs(self, predictor, images: list[np.ndarray]):
@@ -333,15 +351,16 @@ class DetectTask(TaskBase):
     def build_transforms(self, params: TrainParams):
         a = params.augment
         return (build_train_transform(a.preset, a.transforms, params.image_size, normalize=False, boxes=True,
-                                      min_area=a.min_box_area, min_visibility=a.min_visibility),
-                build_eval_transform(params.image_size, normalize=False, boxes=True))
+                                      min_area=a.min_box_area, min_visibility=a.min_visibility,
+                                      resize=params.resize),
+                build_eval_transform(params.image_size, normalize=False, boxes=True, resize=params.resize))
 
     def build_dataset(self, samples, transform, project_root) -> Dataset:
         return DetectionDataset(samples, transform, Path(project_root))
 
     def collate(self, batch: list) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         images, targets = zip(*batch)
-        return torch.stack(images), list(targets)  # (B, 3, S, S) in [0, 1]
+        return stack(images), list(targets)  # (B, 3, S, S) in [0, 1]
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
         keys = ("boxes", "labels", "masks") if has_masks(model) else ("boxes", "labels")
@@ -350,7 +369,7 @@ class DetectTask(TaskBase):
 
     @torch.no_grad()
     def val_metrics(self, model, loader, device) -> dict[str, float]:
-        """COCO AP / AP50 (boxes; and masks for Mask R-CNN) in the resized S x S pixels."""
+        """COCO AP / AP50 (boxes; and masks for Mask R-CNN) in the model-input S x S pixels."""
         from visionflow.evaluation.coco import evaluate_coco
 
         masks, was_training = has_masks(model), model.training
@@ -379,7 +398,7 @@ class DetectTask(TaskBase):
         model.eval()
         outputs = model(list(torch.from_numpy(batch).to(device)))
         model.train(was_training)
-        return [to_prediction(o, im.shape[:2], batch.shape[-2:]) for o, im in zip(outputs, images)]
+        return [to_prediction(o, input_frame(transform, *im.shape[:2])) for o, im in zip(outputs, images)]
 
 
 def write_pr_curves(path: Path, recall: Sequence[float], curves: dict[str, Sequence[float]]) -> None:
@@ -403,19 +422,19 @@ def foreground(output: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return output if bool(keep.all()) else {k: v[keep] for k, v in output.items()}
 
 
-def to_prediction(output: dict[str, torch.Tensor], image_hw: tuple[int, int], model_hw: tuple[int, int]) -> dict[str, Any]:
+def to_prediction(output: dict[str, torch.Tensor], frame: Frame) -> dict[str, Any]:
     """One model output (S x S pixels, labels 1..K) -> the contract's prediction in the original
-    image's pixels (labels 0..K-1, sorted by score, masks as COCO RLE at the original size)."""
-    (h, w), (sh, sw) = image_hw, model_hw
+    image's pixels (labels 0..K-1, sorted by score, masks as COCO RLE at the original size):
+    boxes through `frame` (padding off, scaled back, clipped to the image), masks cropped to the
+    image's part of the input, then resized to its size."""
+    h, w = frame.height, frame.width
     output = foreground(output)
     order = torch.argsort(output["scores"].float().cpu(), descending=True)
-    boxes = output["boxes"].float().cpu()[order] * torch.tensor([w / sw, h / sh, w / sw, h / sh])
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    boxes = frame.to_image(output["boxes"].float().cpu()[order].numpy())
     pred: dict[str, Any] = {"boxes": boxes.tolist(), "labels": (output["labels"].cpu()[order] - 1).tolist(),
                             "scores": output["scores"].float().cpu()[order].tolist()}
     if "masks" in output:  # (N, 1, S, S) probabilities; one at a time: N full-size float maps can be huge
-        probs = output["masks"].float().cpu()[order]
+        probs = frame.crop(output["masks"].float().cpu()[order])
         pred["masks"] = [encode_rle((F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0.5)
                                     .numpy()) for p in probs]
     return pred

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from visionflow.manifest import Category, Sample
 from visionflow.manifest.images import load_rgb
+from visionflow.training.loader import LoaderDataset, stack
 from visionflow.tasks.base import Normalize, TestScore, mean_std, nanmean_rows
 from visionflow.tasks.classify import ClassifyTask
 
@@ -42,18 +43,19 @@ def image_classes(sample: Sample) -> list[int]:
     return sorted(int(k) for k in ids)
 
 
-class MultilabelDataset(Dataset):
+class MultilabelDataset(LoaderDataset):
+    """(image (3, S, S) float32 normalised, class ids); decoding and seeding: LoaderDataset."""
+
     def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
+        super().__init__(samples, transform, project_root)
         self.items = [(s.image_path(project_root), image_classes(s)) for s in samples]
-        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def raw(self, i: int, extras: bool = True) -> dict[str, np.ndarray]:
+        return {"image": load_rgb(self.items[i][0])}
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int]]:
-        path, classes = self.items[i]
-        image = self.transform(image=load_rgb(path))["image"]  # (H, W, 3) float32, normalised
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), classes
+    def item(self, i: int, record: dict[str, np.ndarray], transform) -> tuple[torch.Tensor, list[int]]:
+        image = transform(image=record["image"])["image"]  # (H, W, 3) float32, normalised
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), self.items[i][1]
 
 
 def multi_hot(classes: Sequence[Sequence[int]], k: int, device=None) -> torch.Tensor:
@@ -180,7 +182,7 @@ class MultilabelTask(ClassifyTask):
 
     def collate(self, batch: list) -> tuple[torch.Tensor, list[list[int]]]:
         images, classes = zip(*batch)
-        return torch.stack(images), list(classes)
+        return stack(images), list(classes)
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
         logits = model(images)  # (B, K)
@@ -331,7 +333,8 @@ class MultilabelTask(ClassifyTask):
     def export_graph(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         return SigmoidGraph(model, *mean_std(meta)).eval()
 
-    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int,
+                             resize: str = "stretch") -> list[dict[str, Any]]:
         return self._predictions(np.asarray(outputs["probs"]))
 
     def agreement(self, reference: list[dict[str, Any]], exported: list[dict[str, Any]]) -> int:

@@ -1,8 +1,11 @@
 """Semantic segmentation: one class per pixel, painted from the samples' instances.
 
 Targets (B, S, S) int64: 0 background, c + 1 for category c, 255 (IGNORE_INDEX) for the sample's
-ignore region (see visionflow.manifest.masks.semantic_mask). Models (visionflow.models.segmenters)
-return logits (B, K + 1, S, S); predictions are (H, W) uint8 masks at each image's own size.
+ignore region (see visionflow.manifest.masks.semantic_mask) and for the padding of a letterboxed
+input (train.resize: letterbox), so padding counts for neither loss nor metrics. Models
+(visionflow.models.segmenters) return logits (B, K + 1, S, S); predictions are (H, W) uint8
+masks at each image's own size: the logits cropped to the image's part of the input
+(training.augment.input_frame), resized to its size, then the argmax.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.training.augment import build_eval_transform, build_train_transform
+from visionflow.training.augment import Frame, build_eval_transform, build_train_transform, input_frame, resize_steps
+from visionflow.training.loader import LoaderDataset, stack
 from visionflow.core.config import TrainParams
 from visionflow.core.errors import DataError
 from visionflow.evaluation.segmentation import ConfusionAccumulator
@@ -25,28 +29,29 @@ from visionflow.manifest.images import load_rgb
 from visionflow.manifest.masks import semantic_mask
 from visionflow.manifest import Category, Sample
 from visionflow.models.segmenters import build_segmenter
-from visionflow.tasks.base import IGNORE_INDEX, Normalize, TaskBase, TestScore, eval_batch, mean_std, nanmean_rows
+from visionflow.tasks.base import (IGNORE_INDEX, Normalize, TaskBase, TestScore, eval_batch, mean_std, nanmean_rows,
+                                   resize_of)
 
 log = logging.getLogger(__name__)
 
 
-class SegmentationDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
-        self.samples, self.transform, self.root = list(samples), transform, Path(project_root)
+class SegmentationDataset(LoaderDataset):
+    """(image (3, S, S) float32 normalised, target (S, S) int64); the semantic mask is painted
+    once per sample (LoaderDataset's record), not every epoch."""
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw(self, i: int, extras: bool = True) -> dict[str, np.ndarray]:
         s = self.samples[i]
         path = s.image_path(self.root)
         image = load_rgb(path)
         if image.shape[:2] != (s.height, s.width):
             raise DataError(path, f"image is {image.shape[1]}x{image.shape[0]} but the manifest says "
                                   f"{s.width}x{s.height}", record=s.id, hint="re-run the ingest stage")
+        return {"image": image, "mask": semantic_mask(s)} if extras else {"image": image}
+
+    def item(self, i: int, record: dict[str, np.ndarray], transform) -> tuple[torch.Tensor, torch.Tensor]:
         # The mask moves with the image (Albumentations applies geometric transforms to `mask`
         # with nearest-neighbour interpolation; pixel-level ones leave it alone).
-        out = self.transform(image=image, mask=semantic_mask(s))
+        out = transform(image=record["image"], mask=record["mask"])
         x = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))  # (3, S, S) float32
         return x, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()  # (S, S) int64
 
@@ -100,6 +105,7 @@ def mean_iou(cm: np.ndarray) -> np.ndarray:
 
 class SegmentTask(TaskBase):
     name = "segment"
+    cam_kind = "region"  # visionflow.evaluation.explain: Grad-CAM for the predicted class region
 
     def fits(self, data) -> Optional[str]:
         # objects without an outline would be painted background: only data outlined throughout
@@ -175,7 +181,8 @@ class SegmentTask(TaskBase):
 
     # --- the export face ---
     export_formats = ("onnx", "torchscript")
-    export_outputs = {"logits": "(B, K + 1, S, S) float32 logits; channel 0 background, c + 1 = classes[c]",
+    export_outputs = {"logits": "(B, K + 1, S, S) float32 logits (letterboxed input: padding included); "
+                                "channel 0 background, c + 1 = classes[c]",
                       "mask": "(B, S, S) uint8 argmax of logits: 0 background, c + 1 = classes[c]"}
 
     def export_graph(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
@@ -189,14 +196,21 @@ class SegmentTask(TaskBase):
         a, b = (torch.from_numpy(x["logits"]).double().softmax(dim=1) for x in (ref, got))
         return (float((a - b).abs().max()) if a.numel() else 0.0), 0
 
-    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int) -> list[dict[str, Any]]:
-        return [{"mask": upsampled_mask(torch.from_numpy(lg), hw)} for lg, hw in zip(outputs["logits"], sizes)]
+    def input_resize(self, meta: dict[str, Any]) -> str:
+        return resize_of(meta)
+
+    def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int,
+                             resize: str = "stretch") -> list[dict[str, Any]]:
+        steps = resize_steps(image_size, resize)
+        return [{"mask": upsampled_mask(torch.from_numpy(lg), input_frame(steps, h, w))}
+                for lg, (h, w) in zip(outputs["logits"], sizes)]
 
     def reference_outputs(self, predictor, images: list[np.ndarray]):
         # logits too, which predict does not return; the masks as predict makes them
         with torch.no_grad():
             logits = predictor.model(eval_batch(images, predictor.transform)).float()  # (B, K + 1, S, S)
-        return {"logits": logits.numpy()}, [{"mask": upsampled_mask(lg, im.shape[:2])} for lg, im in zip(logits, images)]
+        return {"logits": logits.numpy()}, [{"mask": upsampled_mask(lg, input_frame(predictor.transform, *im.shape[:2]))}
+                                            for lg, im in zip(logits, images)]
 
     def plot_templates(self, p) -> list[tuple[Path, dict]]:
         return [(p.per_class_csv, {"template": "bar_horizontal", "x": "iou", "y": "class"})]
@@ -271,15 +285,17 @@ class SegmentTask(TaskBase):
 
     def build_transforms(self, params: TrainParams):
         a = params.augment
-        return (build_train_transform(a.preset, a.transforms, params.image_size, normalize=True),
-                build_eval_transform(params.image_size, normalize=True))
+        # letterbox padding is IGNORE_INDEX in the target mask: neither loss nor metrics count it
+        return (build_train_transform(a.preset, a.transforms, params.image_size, normalize=True,
+                                      resize=params.resize, mask_fill=IGNORE_INDEX),
+                build_eval_transform(params.image_size, normalize=True, resize=params.resize, mask_fill=IGNORE_INDEX))
 
     def build_dataset(self, samples, transform, project_root) -> Dataset:
         return SegmentationDataset(samples, transform, Path(project_root))
 
     def collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = zip(*batch)
-        return torch.stack(images), torch.stack(masks)  # (B, 3, S, S), (B, S, S)
+        return stack(images), stack(masks)  # (B, 3, S, S), (B, S, S)
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
         logits, targets = model(images), targets.to(images.device)
@@ -310,7 +326,7 @@ class SegmentTask(TaskBase):
     def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
         logits = model(eval_batch(images, transform).to(device)).float()  # (B, K + 1, S, S)
         # one at a time: full-size logits of a big image are large
-        return [{"mask": upsampled_mask(lg, im.shape[:2])} for im, lg in zip(images, logits)]
+        return [{"mask": upsampled_mask(lg, input_frame(transform, *im.shape[:2]))} for im, lg in zip(images, logits)]
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -336,9 +352,11 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 
     return 1.0 - dice[present].mean()
 
 
-def upsampled_mask(logits: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
-    """(K + 1, S, S) logits -> (H, W) uint8 class values: bilinear to the image's size, argmax."""
-    full = F.interpolate(logits.float()[None], size=tuple(hw), mode="bilinear", align_corners=False)
+def upsampled_mask(logits: torch.Tensor, frame: Frame) -> np.ndarray:
+    """(K + 1, S, S) logits -> (H, W) uint8 class values of the frame's image: its part of the
+    input (letterbox padding cropped off), bilinear to the image's size, argmax."""
+    full = F.interpolate(frame.crop(logits.float())[None], size=(frame.height, frame.width), mode="bilinear",
+                         align_corners=False)
     return full[0].argmax(0).to(torch.uint8).cpu().numpy()
 
 

@@ -2,13 +2,24 @@
 
 The resolved pipeline is serialized with Albumentations' own `to_dict` (logged to MLflow)
 and can be rebuilt with `from_dict` to give identical outputs.
+
+Every pipeline starts with its resize steps (`resize_steps`), one of
+    stretch    A.Resize(S, S): each side to S, the aspect ratio not kept
+    letterbox  A.LongestMaxSize(S) + A.PadIfNeeded(S, S) centred: the longest side to S, the
+               aspect ratio kept, the rest of the S x S canvas filled with 0 (masks: `mask_fill`)
+`input_frame` says where an image of a given size lands in the S x S input, read from those
+steps, so predictions go back to each input's own pixels with the very geometry used (boxes
+`Frame.to_image`, dense outputs `Frame.crop` then a resize to the image's size).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
 
 import albumentations as A
+import cv2
+import numpy as np
 
 from visionflow.core.errors import UserError
 
@@ -61,20 +72,89 @@ def _compose(steps: list, boxes: bool, min_area: float, min_visibility: float) -
 
 def build_train_transform(preset: str, transforms: Optional[list[dict[str, Any]]], image_size: int, *,
                           normalize: bool = True, boxes: bool = False, min_area: float = 0.0,
-                          min_visibility: float = 0.0) -> A.Compose:
-    """Resize to (image_size, image_size), the preset or explicit transforms, then normalise
-    (ImageNet mean/std) or, with normalize=False, scale to [0, 1] (detectors normalise inside).
-    Masks passed as `mask=`/`masks=` move with the image; with boxes=True, `bboxes=` (xyxy
-    absolute), `labels=` and `instance_ids=` do too."""
+                          min_visibility: float = 0.0, resize: ResizeMode = "stretch", mask_fill: int = 0) -> A.Compose:
+    """Resize to image_size x image_size (`resize_steps`), the preset or explicit transforms,
+    then normalise (ImageNet mean/std) or, with normalize=False, scale to [0, 1] (detectors
+    normalise inside). Masks passed as `mask=`/`masks=` move with the image (letterbox padding
+    gets `mask_fill`); with boxes=True, `bboxes=` (xyxy absolute), `labels=` and `instance_ids=` do too."""
     specs = transforms if transforms is not None else PRESETS[preset]
-    steps = [A.Resize(image_size, image_size), *(_build_one(s) for s in specs), _normalize(normalize)]
+    steps = [*resize_steps(image_size, resize, mask_fill), *(_build_one(s) for s in specs), _normalize(normalize)]
     return _compose(steps, boxes, min_area, min_visibility)
 
 
 def build_eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, normalize: bool = True,
-                         boxes: bool = False) -> A.Compose:
+                         boxes: bool = False, resize: ResizeMode = "stretch", mask_fill: int = 0) -> A.Compose:
     norm = A.Normalize(mean, std) if normalize else _normalize(False)
-    return _compose([A.Resize(image_size, image_size), norm], boxes, 0.0, 0.0)
+    return _compose([*resize_steps(image_size, resize, mask_fill), norm], boxes, 0.0, 0.0)
+
+
+# --- the resize steps and where an image lands in the model input ---------------------------
+
+ResizeMode = Literal["letterbox", "stretch"]
+RESIZE_MODES = ("letterbox", "stretch")
+
+
+def resize_steps(image_size: int, resize: ResizeMode = "stretch", mask_fill: int = 0) -> list[A.BasicTransform]:
+    """The deterministic steps that bring an image of any size to image_size x image_size."""
+    if resize == "stretch":
+        return [A.Resize(image_size, image_size)]
+    if resize == "letterbox":
+        return [A.LongestMaxSize(max_size=image_size),
+                A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
+                              border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill)]
+    raise UserError(f"train.resize: {resize!r} is not one of {', '.join(RESIZE_MODES)}")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where an image of height x width lands in the model input: its pixels fill rows
+    top .. top + rows and columns left .. left + cols (the rest is padding)."""
+    height: int
+    width: int
+    top: int
+    left: int
+    rows: int
+    cols: int
+
+    def to_image(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) xyxy in model-input pixels -> the image's pixels, clipped to the image."""
+        b = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+        b[:, 0::2] = ((b[:, 0::2] - self.left) * (self.width / self.cols)).clip(0, self.width)
+        b[:, 1::2] = ((b[:, 1::2] - self.top) * (self.height / self.rows)).clip(0, self.height)
+        return b
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) xyxy in the image's pixels -> model-input pixels (the inverse of to_image)."""
+        b = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+        b[:, 0::2] = b[:, 0::2] * (self.cols / self.width) + self.left
+        b[:, 1::2] = b[:, 1::2] * (self.rows / self.height) + self.top
+        return b
+
+    def crop(self, dense):
+        """(..., S, S) array or tensor of the model input's size -> (..., rows, cols): the image's part."""
+        return dense[..., self.top:self.top + self.rows, self.left:self.left + self.cols]
+
+
+def input_frame(transform: A.Compose | Sequence[A.BasicTransform], height: int, width: int) -> Frame:
+    """The Frame of a height x width image through a pipeline's leading resize/pad steps
+    (Albumentations' own size and padding arithmetic: round(side * scale), centred padding
+    int(missing / 2) before)."""
+    steps = transform.transforms if isinstance(transform, A.Compose) else transform
+    h, w, top, left, rows, cols = height, width, 0, 0, height, width
+    for step in steps:
+        if isinstance(step, A.Resize):
+            h, w, rows, cols = step.height, step.width, step.height, step.width
+        elif isinstance(step, A.LongestMaxSize) and isinstance(step.max_size, int):
+            scale = step.max_size / max(h, w)
+            h, w = max(1, round(h * scale)), max(1, round(w * scale))
+            rows, cols = h, w
+        elif isinstance(step, A.PadIfNeeded) and getattr(step, "position", "center") == "center":
+            ph, pw = max(0, (step.min_height or 0) - h), max(0, (step.min_width or 0) - w)
+            top, left = top + int(ph / 2.0), left + int(pw / 2.0)
+            h, w = h + ph, w + pw
+        else:
+            break
+    return Frame(height, width, top, left, rows, cols)
 
 
 def _normalize(imagenet: bool) -> A.BasicTransform:

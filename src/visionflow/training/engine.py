@@ -4,9 +4,10 @@ Device selection, AMP and channels_last on CUDA, AdamW or SGD, warmup then cosin
 (per step), gradient clipping, per-epoch atomic checkpoints, exact resume, early stopping,
 progress bars, and DDP under torchrun (see visionflow.training.distributed).
 
-Exact resume: every epoch reseeds torch, numpy, python, the loader's shuffling generator and
-the augmentation pipeline from (seed, epoch), so epoch e does the same work whether the run
-started at epoch 0 or resumed at e; the checkpoint holds model, optimizer, scheduler, AMP
+Exact resume: every epoch reseeds torch, numpy, python and, through `reseed`, the loader's
+shuffling and per-sample augmentation seeds from (seed, epoch) (visionflow.training.loader: the
+same with any number of workers), so epoch e does the same work whether the run started at
+epoch 0 or resumed at e; the checkpoint holds model, optimizer, scheduler, AMP
 scaler, early-stopping state and history.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from visionflow.training.distributed import (SINGLE, DistInfo, barrier, broadcast, mean_over_ranks,
                                             require_same_on_ranks, sync_buffers)
 from visionflow.core.files import write_with
+from visionflow.training.loader import move_to
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,17 @@ def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs:
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, amp_dtype, grad_clip, epoch,
                     channels_last: bool = True) -> dict[str, float]:
     model.train()
+    for m in model.modules():  # a frozen feature-extract backbone stays in inference mode
+        if getattr(m, "visionflow_frozen_inference", False):
+            m.eval()
     sums: dict[str, float] = {}
     n = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
+    # One iterator per epoch: tqdm.auto's asyncio class calls iter() on what it wraps, and a
+    # second iter() on a DataLoader restarts its (persistent) workers mid-prefetch.
+    bar = tqdm(iter(loader), total=len(loader), desc=f"epoch {epoch}", leave=False, disable=None)
     for images, targets in bar:
-        images = images.to(device, non_blocking=True)
+        # pinned batches (pin_memory on CUDA) copy while the GPU still works on the last step
+        images, targets = images.to(device, non_blocking=True), move_to(targets, device)
         if channels_last and device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -1,0 +1,152 @@
+"""Training loader throughput against the raw decode rate of the same JPEG files, per core.
+
+It writes `--n` JPEG photos at 640 px (landscape 640x480 and portrait 480x640: crops, flips and
+colour shifts of scikit-image's sample photos, or generated textures without scikit-image)
+into a cache folder, then measures in the same run:
+
+  raw     PIL decode only (`Image.open(p).convert("RGB")` to a numpy array), one process
+  loader  the train stage's own loader (visionflow.stages.train.build_loaders: classify dataset,
+          seeded sampler, `--preset` augmentation, normalisation, collate into batches) with
+          each `--workers` count, and with `cache: ram`
+
+Printed: images/s of each, the images/s per core used (workers, or 1 for the main process
+with 0 workers) and the ratio loader/raw per core (issue 12's goal: >= 0.8). The first epoch
+(worker start-up, the ram cache's fill) is not timed; the best of `--epochs` timed epochs is.
+
+    nice -n 10 .venv/bin/python benchmarks/loader_bench.py                 # 400 photos, 224 and 640 px
+    .venv/bin/python benchmarks/loader_bench.py --n 1000 --workers 0 1 --image-size 224 --out /tmp/loader.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _photos() -> list[np.ndarray]:
+    try:
+        from skimage import data
+
+        return [getattr(data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+    except ImportError:  # generated: smooth gradients with noise and shapes, JPEG-like content
+        rng = np.random.default_rng(0)
+        out = []
+        for _ in range(5):
+            y, x = np.mgrid[0:512, 0:512] / 512.0
+            base = np.stack([np.sin(6 * x + rng.uniform(0, 6)), np.cos(5 * y + rng.uniform(0, 6)), x * y], -1)
+            img = (127 + 100 * base + rng.normal(0, 12, (512, 512, 3))).clip(0, 255).astype(np.uint8)
+            out.append(img)
+        return out
+
+
+def make_photos(folder: Path, n: int) -> list[Path]:
+    """n JPEGs (quality 90) at 640x480 or 480x640; a complete folder is reused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"photo_{i:05d}.jpg" for i in range(n)]
+    if all(p.exists() for p in paths):
+        return paths
+    rng = np.random.default_rng(0)
+    sources = [Image.fromarray(p if p.ndim == 3 else np.repeat(p[..., None], 3, 2)).convert("RGB") for p in _photos()]
+    for i, path in enumerate(paths):
+        src = sources[i % len(sources)]
+        w, h = src.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        size = (640, 480) if i % 3 else (480, 640)
+        img = src.crop((x0, y0, x0 + cw, y0 + ch)).resize(size, Image.BICUBIC)
+        arr = np.asarray(img).astype(np.float32) * rng.uniform(0.8, 1.2, 3)
+        arr = arr if i % 2 else arr[:, ::-1]
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return paths
+
+
+def raw_rate(paths: list[Path], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for p in paths:
+            with Image.open(p) as im:
+                np.asarray(im.convert("RGB"))
+        best = min(best, time.perf_counter() - t0)
+    return len(paths) / best
+
+
+def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
+                batch: int, epochs: int) -> float:
+    import torch
+
+    from visionflow.core.config import AugmentParams, TrainParams
+    from visionflow.core.paths import Paths
+    from visionflow.manifest import Sample
+    from visionflow.stages.train import build_loaders
+    from visionflow.tasks import get_task
+    from visionflow.training.distributed import SINGLE
+
+    samples = []
+    for i, p in enumerate(paths):
+        w, h = Image.open(p).size
+        samples.append(Sample(id=p.stem, root=str(p.parent), path=p.name, width=w, height=h,
+                              sha256=hashlib.sha256(p.read_bytes()).hexdigest(), labels=[i % 5]))
+    params = TrainParams(image_size=image_size, batch_size=batch, num_workers=workers, cache=cache,
+                         augment=AugmentParams(preset=preset), device="cpu")
+    task = get_task("classify", params)
+    train_tf, eval_tf = task.build_transforms(params)
+    train_ds = task.build_dataset(samples, train_tf, root)
+    val_ds = task.build_dataset(samples[:1], eval_tf, root)
+    loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"), SINGLE)
+    best = float("inf")
+    for epoch in range(epochs + 1):  # the first epoch starts the workers: not timed
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        n = sum(len(images) for images, _ in loader)
+        if epoch:
+            best = min(best, time.perf_counter() - t0)
+    del loader
+    return n / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--image-size", type=int, nargs="+", default=[224, 640])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--preset", default="light")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per setting (best kept)")
+    ap.add_argument("--repeat", type=int, default=2, help="raw decode passes (best kept)")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "visionflow-loader-bench")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    paths = make_photos(args.cache / f"photos-{args.n}", args.n)
+    raw = raw_rate(paths, args.repeat)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {len(paths)} JPEGs at 640 px")
+    print(f"raw PIL decode: {raw:8.1f} images/s (1 core)")
+    rows = []
+    for size in args.image_size:
+        for cache in ("none", "ram"):
+            for w in args.workers:
+                rate = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs)
+                cores = max(1, w)
+                ratio = rate / cores / raw
+                rows.append({"image_size": size, "cache": cache, "workers": w, "images_per_s": round(rate, 1),
+                             "per_core": round(rate / cores, 1), "ratio_per_core": round(ratio, 3)})
+                print(f"loader {size:4d} px  cache {cache:4s}  workers {w}: {rate:8.1f} images/s, "
+                      f"{rate / cores:8.1f} per core, loader/raw per core {ratio:5.2f}")
+    if args.out:
+        args.out.write_text(json.dumps({"raw_images_per_s": round(raw, 1), "n": len(paths), "preset": args.preset,
+                                        "batch": args.batch, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The training data loader (visionflow.training.loader, docs/training-loader.md): per-sample
+augmentation seeds (different across samples and workers, the same with 0 or 2 workers), exact
+resume of a SIGKILLed train stage with 2 workers and a disk cache, the decoded-image cache
+(none / ram / disk give the same batches; ram refused when it would not fit), and
+`num_workers: auto`."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import kill_training_after_epoch, make_project  # noqa: E402
+
+import visionflow.training.loader as loader  # noqa: E402
+from visionflow.core.config import AugmentParams, ModelParams, TrainParams, load_params  # noqa: E402
+from visionflow.core.errors import UserError  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
+from visionflow.manifest import Instance, Sample  # noqa: E402
+from visionflow.stages import get_stage  # noqa: E402
+from visionflow.stages.train import build_loaders  # noqa: E402
+from visionflow.tasks import get_task  # noqa: E402
+from visionflow.training.distributed import SINGLE  # noqa: E402
+from visionflow.training.engine import LAST  # noqa: E402
+
+# Random draws with continuous parameters, each applied every time: two samples with the same
+# input and the same draws give the same pixels, different draws different pixels.
+RANDOM = [{"name": "Affine", "rotate": (-30, 30), "scale": (0.8, 1.2), "p": 1.0},
+          {"name": "RandomBrightnessContrast", "brightness_limit": 0.3, "contrast_limit": 0.3, "p": 1.0}]
+
+
+def _write(path: Path, image: np.ndarray) -> str:
+    Image.fromarray(image).save(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _same_image_samples(root: Path, n: int) -> list[Sample]:
+    """n samples of one and the same image (labelled with their index, so a batch names them)."""
+    image = np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)
+    sha = _write(root / "same.png", image)
+    return [Sample(id=f"s{i}", root=str(root), path="same.png", width=100, height=80, sha256=sha, labels=[i])
+            for i in range(n)]
+
+
+def _shapes_samples(root: Path, n: int) -> list[Sample]:
+    """n 120x90 images, each with a rectangle (polygon) and a triangle of two classes."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        image = rng.integers(0, 60, (90, 120, 3), dtype=np.uint8)
+        image[10 + i:50, 8:60] = (220, 40, 40)
+        name = f"img{i}.png"
+        sha = _write(root / name, image)
+        rect = Instance(bbox=[8, 10 + i, 60, 50], category_id=0, polygons=[[8, 10 + i, 60, 10 + i, 60, 50, 8, 50]])
+        tri = Instance(bbox=[62, 20, 110, 80], category_id=1, polygons=[[62, 80, 86, 20, 110, 80]])
+        out.append(Sample(id=f"img{i}", root=str(root), path=name, width=120, height=90, sha256=sha,
+                          instances=[rect, tri]))
+    return out
+
+
+def _params(**kw) -> TrainParams:
+    base = dict(model=ModelParams(arch="resnet18"), image_size=64, batch_size=4,
+                augment=AugmentParams(transforms=RANDOM), device="cpu")
+    return TrainParams(**{**base, **kw})
+
+
+def _epoch(params: TrainParams, samples: list[Sample], root: Path, epoch_seed: int) -> dict[int, torch.Tensor]:
+    """One epoch of the real train loader: {sample index: augmented image}."""
+    task = get_task("classify", params)
+    train_tf, eval_tf = task.build_transforms(params)
+    train_ds, val_ds = task.build_dataset(samples, train_tf, root), task.build_dataset(samples[:2], eval_tf, root)
+    train_loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"), SINGLE)
+    assert train_loader.num_workers == (params.num_workers if params.num_workers != "auto" else 0)
+    sampler.set_epoch(epoch_seed)
+    out = {}
+    for images, labels in train_loader:
+        out.update({int(y): x for x, y in zip(images, labels)})
+    return out
+
+
+def test_augmentations_differ_across_samples_and_workers_and_not_with_worker_count(tmp_path):
+    samples = _same_image_samples(tmp_path, 16)
+    two = _epoch(_params(num_workers=2), samples, tmp_path, epoch_seed=7)
+    assert sorted(two) == list(range(16))
+    flat = {i: x.numpy().tobytes() for i, x in two.items()}
+    assert len(set(flat.values())) == 16, "two samples of one epoch got the same augmentation"
+    zero = _epoch(_params(num_workers=0), samples, tmp_path, epoch_seed=7)
+    assert sorted(zero) == sorted(two)
+    for i in two:  # same (seed, epoch, index): same pixels, whichever worker (or none) made them
+        assert torch.equal(zero[i], two[i]), i
+    other_epoch = _epoch(_params(num_workers=2), samples, tmp_path, epoch_seed=8)
+    assert all(not torch.equal(other_epoch[i], two[i]) for i in two)
+
+
+def test_sample_seed_is_a_function_of_epoch_rank_and_index():
+    assert loader.sample_seed(1, 0, 5) == loader.sample_seed(1, 0, 5)
+    seeds = {loader.sample_seed(e, r, i) for e in range(3) for r in range(2) for i in range(50)}
+    assert len(seeds) == 300
+    assert loader.sample_seed(-3, 0, 1) >= 0  # negative train.seed works
+
+
+def test_dataset_access_leaves_the_main_process_generators_alone(tmp_path):
+    params = _params()
+    task = get_task("classify", params)
+    ds = task.build_dataset(_same_image_samples(tmp_path, 2), task.build_transforms(params)[0], tmp_path)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    ds[(0, 123)]
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("task_name", ["detect", "segment"])
+def test_cache_ram_and_disk_give_the_batches_of_none(tmp_path, task_name):
+    samples = _shapes_samples(tmp_path, 3)
+    params = TrainParams(image_size=64, augment=AugmentParams(preset="medium"), device="cpu")
+    task = get_task(task_name, params)
+    train_tf, _ = task.build_transforms(params)
+
+    def items(mode: str) -> list:
+        ds = task.build_dataset(samples, train_tf, tmp_path)
+        ds.use_cache(mode, tmp_path / "cache")
+        return [ds[(i, 1000 * epoch + i)] for epoch in range(2) for i in range(len(samples))]
+
+    reference = items("none")
+    for mode in ("ram", "disk", "disk"):  # the second disk pass reads what the first wrote
+        for (x, y), (x_ref, y_ref) in zip(items(mode), reference):
+            assert torch.equal(x, x_ref), mode
+            if isinstance(y, dict):
+                assert y.keys() == y_ref.keys() and all(torch.equal(y[k], y_ref[k]) for k in y), mode
+                assert len(y["boxes"]) and y["masks"].shape[-2:] == (64, 64)
+            else:
+                assert torch.equal(y, y_ref) and set(np.unique(y.numpy())) >= {0, 1, 2}, mode
+    written = list((tmp_path / "cache").rglob("*.npy"))
+    assert len(written) == len(samples) and not list((tmp_path / "cache").rglob("*.tmp"))
+    assert {p.stem for p in written} == {s.sha256 for s in samples}
+    assert np.load(written[0]).shape[:2] == (64, 64)  # decoded and resized, before augmentation
+
+
+def test_masks_are_rasterised_once_per_sample(tmp_path, monkeypatch):
+    import visionflow.tasks.segment as segment
+
+    samples = _shapes_samples(tmp_path, 2)
+    params = TrainParams(image_size=64, device="cpu")
+    task = get_task("segment", params)
+    calls = []
+    real = segment.semantic_mask
+    monkeypatch.setattr(segment, "semantic_mask", lambda s: calls.append(s.id) or real(s))
+    ds = task.build_dataset(samples, task.build_transforms(params)[0], tmp_path)
+    for epoch in range(3):
+        for i in range(len(ds)):
+            ds[(i, epoch * 10 + i)]
+    assert sorted(calls) == ["img0", "img1"]
+
+
+def test_cache_ram_refused_when_it_would_not_fit(tmp_path, monkeypatch):
+    params_file = make_project(tmp_path, {"synth": {"n": 24}, "classify": {"train": {"cache": "ram"}}})
+    params, paths = load_params(params_file), Paths(tmp_path)
+    for name in ("synth", "ingest", "split"):
+        get_stage(name, params).run(params, paths)
+    monkeypatch.setattr(loader, "available_memory", lambda: 10_000)
+    with pytest.raises(UserError, match=r"classify\.train\.cache.*ram needs about .* GiB .* 0\.00 GiB"):
+        get_stage("train-classify", params).run(params, paths)
+    monkeypatch.setattr(loader, "available_memory", lambda: 2**40)
+    assert get_stage("train-classify", params).run(params, paths)["epochs_run"] == 1
+
+
+def test_auto_num_workers(monkeypatch):
+    big, batch = 10_000, 32
+    assert loader.auto_num_workers(big, batch, cores=2, local_world=1) == 1
+    assert loader.auto_num_workers(big, batch, cores=1, local_world=1) == 0
+    assert loader.auto_num_workers(big, batch, cores=16, local_world=1) == 8  # capped
+    assert loader.auto_num_workers(big, batch, cores=16, local_world=4) == 3  # torchrun: a share each
+    assert loader.auto_num_workers(big, batch, cores=16, local_world=16) == 0
+    assert loader.auto_num_workers(7 * batch, batch, cores=16, local_world=1) == 0  # a few batches: no workers
+    assert loader.auto_num_workers(8 * batch, batch, cores=16, local_world=1) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(loader, "available_cores", lambda: 8)
+    assert loader.resolve_num_workers("auto", big, batch) == 3
+    assert loader.resolve_num_workers(5, 10, batch) == 5  # a number is taken as given
+    assert TrainParams().num_workers == "auto"
+    with pytest.raises(ValueError):
+        TrainParams(num_workers=-1)
+
+
+def _train_project(root: Path, **train) -> tuple:
+    over = {"synth": {"n": 40}, "classify": {"train": {"epochs": 3, "batch_size": 8, "image_size": 48,
+                                                       "augment": {"preset": "medium"}, **train}}}
+    params_file = make_project(root, over)
+    params, paths = load_params(params_file), Paths(root)
+    for name in ("synth", "ingest", "split"):
+        get_stage(name, params).run(params, paths)
+    return params_file, params, paths
+
+
+def test_killed_training_with_two_workers_resumes_to_the_weights_of_a_straight_run(tmp_path):
+    """Straight: 0 workers, no cache, in process. Killed (SIGKILL after epoch 1) and resumed:
+    2 persistent workers and the disk cache, through the CLI. Same weights, bit for bit."""
+    _, params_a, paths_a = _train_project(tmp_path / "a", num_workers=0)
+    get_stage("train-classify", params_a).run(params_a, paths_a)
+
+    params_file, _, paths_b = _train_project(tmp_path / "b", num_workers=2, cache="disk")
+    cmd = [sys.executable, "-m", "visionflow.cli", "stage", "train-classify", "--params", str(params_file)]
+    killed_at = kill_training_after_epoch(cmd, paths_b.root, paths_b.checkpoint_dir / LAST)
+    assert 1 <= killed_at < 3, f"kill landed at epoch {killed_at}"
+
+    out = subprocess.run(cmd, cwd=paths_b.root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from" in out.stderr
+    assert list((paths_b.checkpoint_dir.parent / "decoded").rglob("*.npy"))
+    a = torch.load(paths_a.model_dir / "model.pt", weights_only=True)
+    b = torch.load(paths_b.model_dir / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("preset,normalize,resize", [("medium", True, "stretch"), ("light", False, "stretch"),
+                                                     ("none", True, "stretch"), ("medium", True, "letterbox"),
+                                                     ("medium", False, "letterbox")])
+def test_record_then_rest_is_the_full_pipeline_bit_for_bit(preset, normalize, resize):
+    """The cache's split (resize once, the rest per epoch, normalisation as LUTs) changes no
+    pixel: what prediction's eval transform and the serialised pipeline do is what trains.
+    Masks move the same; boxes within float rounding."""
+    from visionflow.training.augment import build_eval_transform, build_train_transform
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (300, 410, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (300, 410), dtype=np.uint8)
+    boxes = dict(bboxes=np.array([[10, 20, 200, 250], [300, 10, 400, 100]], np.float32), labels=[1, 2],
+                 instance_ids=[0, 1])
+    for tf in (build_train_transform(preset, None, 96, normalize=normalize, boxes=True, resize=resize),
+               build_eval_transform(96, normalize=normalize, boxes=True, resize=resize)):
+        prefix, rest = loader.split_transform(tf)
+        assert prefix is not None
+        for seed in range(4):
+            tf.set_random_seed(seed)
+            rest.set_random_seed(seed)
+            full = tf(image=image, mask=mask, **boxes)
+            record = prefix(image=image, mask=mask, **boxes)
+            split = rest(**{k: record[k] for k in ("image", "mask", "bboxes", "labels", "instance_ids")})
+            assert full["image"].dtype == split["image"].dtype and np.array_equal(full["image"], split["image"]), seed
+            assert np.array_equal(full["mask"], split["mask"]), seed
+            assert np.allclose(np.asarray(full["bboxes"]), np.asarray(split["bboxes"]), atol=1e-4), seed
+            assert list(full["labels"]) == list(split["labels"]), seed
+
+
+def test_workers_start_after_the_main_process_used_opencv_threads(tmp_path):
+    """Filling the ram cache resizes images with OpenCV's thread pool in the main process before
+    the workers fork; a worker must not touch that pool's (absent) threads. It once hung here
+    (cv2.setNumThreads in worker_init_fn), so the check runs in a subprocess with a timeout."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+import cv2, numpy as np
+import test_loader as T
+cv2.resize(np.zeros((3000, 3000, 3), np.uint8), (1500, 1500))  # starts OpenCV's pool
+root = Path({str(tmp_path)!r})
+out = T._epoch(T._params(num_workers=2, cache="ram"), T._same_image_samples(root, 8), root, epoch_seed=1)
+print(len(out))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "8", out.stderr[-2000:]
