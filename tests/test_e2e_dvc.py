@@ -89,6 +89,6 @@ def test_dvc_repro_twice(tmp_path):
     out = subprocess.run([*dvc, "status", "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     stale = json.loads(out.stdout)
-    assert set(stale) == {f"{s}-segment" for s in ("train", "evaluate", "register", "inspect", "promote")}, stale
+    assert set(stale) == {f"{s}-segment" for s in ("train", "evaluate", "register", "inspect", "review", "promote")}, stale
     for stage, changes in stale.items():
         assert changes == [{"changed deps": {"src/visionflow/models/segmenters.py": "modified"}}], (stage, changes)

@@ -116,7 +116,7 @@ async def _read_back():
 @pytest.mark.slow
 def test_branches_interleave_in_dag_order_and_trainings_never_overlap(threaded_run):
     _, results, spans, _, _ = threaded_run
-    chain = ("train", "evaluate", "register", "inspect", "promote")
+    chain = ("train", "evaluate", "register", "inspect", "review", "promote")
     for task in BRANCHES:  # each branch in DAG order: a stage starts after its upstream ended
         names = ["split", *(f"{s}-{task}" for s in chain)]
         for up, down in zip(names, names[1:]):

@@ -29,7 +29,7 @@ def test_dvc_yaml_and_stage_table_name_the_same_stages_in_order():
     assert names[:3] == ["synth", "ingest", "split"]
     for task in load_params(REPO / "params.yaml").tasks:  # each task is its own branch
         assert [n for n in names if n.endswith(f"-{task}")] == \
-            [f"{s}-{task}" for s in ("train", "evaluate", "register", "inspect", "promote")]
+            [f"{s}-{task}" for s in ("train", "evaluate", "register", "inspect", "review", "promote")]
     for name, entry in _dvc()["stages"].items():
         assert entry["cmd"] == f"visionflow stage {name}"
 
@@ -55,7 +55,8 @@ def test_every_dvc_param_key_exists_in_the_typed_config():
         for key in entry["params"]:
             assert has_key(Params, key), f"dvc.yaml stage {name} tracks unknown param {key}"
             stage, _, task = name.partition("-")
-            sections = [f"{task}.{s}" for s in ("promote", "register")] if stage == "promote" else \
+            takes = {"promote": ("promote", "register"), "review": ("review", "inspect")}  # stages reading two sections
+            sections = [f"{task}.{s}" for s in takes[stage]] if stage in takes else \
                 [f"{task}.{stage}" if task else stage]
             assert any(key.startswith(s + ".") for s in sections), f"stage {name} tracks another stage's param {key}"
 

@@ -152,6 +152,20 @@ class Paths:
         return self._t("reports", "inspect.json")
 
     @property
+    def embeddings(self) -> Path:
+        """The test images' embeddings (ids, float16 vectors) the evaluate stage records."""
+        return self._t("reports", "embeddings_test.npz")
+
+    @property
+    def review(self) -> Path:
+        """The review stage's ranking: [{id, score, reason, ...}], most likely mistakes first."""
+        return self._t("reports", "review.json")
+
+    @property
+    def review_metrics(self) -> Path:
+        return self._t("metrics", "review.json")
+
+    @property
     def promotion(self) -> Path:
         # the promotion gate's decision and evidence (also on the model version in MLflow)
         return self._t("reports", "promotion.json")

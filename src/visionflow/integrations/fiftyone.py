@@ -370,6 +370,89 @@ def dataset_summary(name: str) -> Optional[dict[str, Any]]:
     }
 
 
+REVIEW_VIEW = "review"  # the saved view: every sample, most likely label mistake first
+REVIEW_TAG = "review"  # on the top `review.top` samples (what `visionflow annotate` sends)
+REVIEW_MAP = "review_map"  # brain key of the 2-D map of the embeddings
+TSNE_LIMIT = 5000  # t-SNE above this many samples takes minutes on a few cores: PCA instead
+
+
+def write_review(name: str, rows: list[dict[str, Any]], task: str, *, brain: bool = True,
+                 visualization: str = "tsne", embeddings: Optional[dict[str, Any]] = None,
+                 top: int = 40) -> dict[str, Any]:
+    """The review stage's FiftyOne side, on the inspect stage's dataset `name`: FiftyOne Brain's
+    mistakenness (and, for classification, hardness) where Brain has them for the task's labels,
+    each row's `score` raised to Brain's mistakenness where that is higher (rows are updated in
+    place, with Brain's values under row["signals"]), then the fields review_score, review_reason,
+    review_rank, the tag `review` on the top `top`, the saved view `review` sorted by score, and a
+    2-D map of `embeddings` ({sample id: vector}) under brain key `review_map`."""
+    import numpy as np
+
+    dataset = load_dataset(name)
+    kind = get_task(task).fiftyone_label
+    order = dataset.values("sample_id")
+    by_id = {r["id"]: r for r in rows}
+    ranked_by = ["the task's own signal"]
+    if brain and kind in ("classification", "detections") and dataset.has_sample_field("predictions"):
+        import fiftyone.brain as fob
+
+        # classification: Brain's entropy-weighted mistakenness on the stored logits, and hardness
+        fob.compute_mistakenness(dataset, "predictions", label_field="ground_truth",
+                                 use_logits=kind == "classification", progress=False)
+        extra = {"mistakenness": dataset.values("mistakenness")}
+        if kind == "classification":
+            fob.compute_hardness(dataset, "predictions", progress=False)
+            extra["hardness"] = dataset.values("hardness")
+        else:
+            extra["possible_missing"] = dataset.values("possible_missing")
+            extra["possible_spurious"] = dataset.values("possible_spurious")
+        for k, sid in enumerate(order):
+            row = by_id.get(sid)
+            if row is None:
+                continue
+            for field, values in extra.items():
+                if values[k] is not None:
+                    row["signals"][field] = round(float(values[k]), 6)
+            m = row["signals"].get("mistakenness")
+            if m is not None and m > row["score"]:
+                row["score"] = round(float(m), 6)
+                row["reason"] += f"; FiftyOne Brain mistakenness {m:.2f}"
+        ranked_by.append("FiftyOne Brain mistakenness (the larger of the two)")
+
+    rank = {r["id"]: k for k, r in enumerate(sorted(rows, key=lambda r: (-r["score"], r["id"])), 1)}
+    dataset.set_values("review_score", [by_id[i]["score"] if i in by_id else None for i in order])
+    dataset.set_values("review_reason", [by_id[i]["reason"] if i in by_id else None for i in order])
+    dataset.set_values("review_rank", [rank.get(i) for i in order])
+    dataset.untag_samples(REVIEW_TAG)
+    rank_field = fo.ViewField("review_rank")
+    dataset.match((rank_field != None) & (rank_field <= top)).tag_samples(REVIEW_TAG)  # noqa: E711 (a query)
+    if REVIEW_VIEW in dataset.list_saved_views():
+        dataset.delete_saved_view(REVIEW_VIEW)
+    dataset.save_view(REVIEW_VIEW, dataset.sort_by("review_score", reverse=True),
+                      description=f"most likely label mistakes first ({', then '.join(ranked_by)})")
+
+    method = None
+    usable = [i for i in order if embeddings and i in embeddings]
+    if visualization != "none" and len(usable) >= 3:
+        method = visualization if visualization != "tsne" or len(usable) <= TSNE_LIMIT else "pca"
+        if method != visualization:
+            log.info("review map: %d samples, over t-SNE's limit of %d here: PCA instead", len(usable), TSNE_LIMIT)
+        if REVIEW_MAP in dataset.list_brain_runs():
+            dataset.delete_brain_run(REVIEW_MAP)
+        import fiftyone.brain as fob
+
+        view = dataset.select_by("sample_id", usable, ordered=True)
+        points = np.stack([embeddings[i] for i in usable])
+        # t-SNE runs on a PCA to 50 dimensions first, which needs that many samples and features
+        pca_dims = min(50, len(usable), points.shape[1])
+        kwargs = ({"perplexity": min(30.0, (len(usable) - 1) / 3), "verbose": False,
+                   "pca_dims": pca_dims if pca_dims < points.shape[1] else None} if method == "tsne" else {})
+        fob.compute_visualization(view, embeddings=points, brain_key=REVIEW_MAP,
+                                  num_dims=2, method=method, seed=0, progress=False, **kwargs)
+    dataset.save()
+    return {"dataset": name, "view": REVIEW_VIEW, "tagged": min(top, len(rows)), "ranked_by": ranked_by,
+            "map": {"brain_key": REVIEW_MAP, "method": method, "samples": len(usable)} if method else None}
+
+
 def load_dataset(name: str) -> "fo.Dataset":
     if not fo.dataset_exists(name):
         raise UserError(f"FiftyOne dataset {name!r} not found (database: {fo.config.database_dir}); "

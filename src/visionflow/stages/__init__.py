@@ -148,7 +148,7 @@ def _task(p: Paths):
 
 
 def _eval_outs(p: Paths) -> list[Path]:
-    return [p.predictions, *_task(p).eval_outputs(p), p.figures_dir]
+    return [p.predictions, *_task(p).eval_outputs(p), p.figures_dir, p.embeddings]
 
 
 STAGES: tuple[Stage, ...] = (
@@ -206,6 +206,14 @@ STAGES: tuple[Stage, ...] = (
         uncached=lambda p, _: [p.inspection],
         branch=True, service="FiftyOne",
         doc="load the test split with predictions into FiftyOne",
+    ),
+    Stage(
+        "review", "visionflow.stages.review:review",
+        deps=lambda p, _: [p.predictions, p.embeddings, p.manifest, p.split_file, p.categories, p.inspection],
+        outs=lambda p, _: [p.review],
+        metrics=lambda p, _: [p.review_metrics],
+        branch=True, service="FiftyOne", sections=("review", "inspect"),
+        doc="rank the test split by likely label mistakes into review.json and the FiftyOne view `review`",
     ),
     Stage(
         "promote", "visionflow.stages.promote:promote_branch",

@@ -9,10 +9,13 @@ segment   mIoU, per-class IoU, Dice, pixel accuracy, pixel confusion matrix, pre
 Every task draws a grid of test images with true and predicted labels, and a grid of the same
 images with the class activation map of each prediction (figures/explain_grid.png, the maps in
 figures/cams/, visionflow.evaluation.explain): the register stage logs them to MLflow with the
-other figures, the inspect stage stores the maps as FiftyOne Heatmap fields.
+other figures, the inspect stage stores the maps as FiftyOne Heatmap fields. While the model
+predicts, each test image's embedding (Task.embedding_module) is recorded into
+reports/<task>/embeddings_test.npz, for the review stage's 2-D map in the FiftyOne App.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from visionflow.core.config import EvaluateParams
@@ -20,6 +23,9 @@ from visionflow.manifest import read_categories, read_manifest, samples_in_split
 from visionflow.core.paths import Paths
 from visionflow.deploy.predictor import load_predictor
 from visionflow.evaluation.explain import explain_test_grid
+from visionflow.evaluation.review import EmbeddingRecorder, write_embeddings
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(params: EvaluateParams, paths: Paths) -> dict[str, Any]:
@@ -32,6 +38,17 @@ def evaluate(params: EvaluateParams, paths: Paths) -> dict[str, Any]:
     test = samples_in_split(read_manifest(paths.manifest), paths.split_file, "test")
     if not test:
         raise ValueError(f"{paths.split_file}: the test split is empty")
-    summary = predictor.task.report_test(params, paths, predictor, test, categories)
+    recorder = EmbeddingRecorder(*predictor.task.embedding_module(predictor.model))
+    try:
+        summary = predictor.task.report_test(params, paths, predictor, test, categories)
+    finally:
+        vectors = recorder.close()
+    if len(vectors) != len(test):  # a task that ran its model more or less than once per image
+        log.warning("embeddings: %d vectors for %d test images; none written (the review's 2-D map is skipped)",
+                    len(vectors), len(test))
+        vectors, test_ids = vectors[:0], []
+    else:
+        test_ids = [s.id for s in test]
+    write_embeddings(paths.embeddings, test_ids, vectors)
     explain_test_grid(predictor, test, paths.root, paths.figures_dir, params.grid_images, params.score_threshold)
     return summary

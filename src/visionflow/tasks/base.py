@@ -310,6 +310,17 @@ class Task(Protocol):
     def shown_record(self, record: dict[str, Any], min_confidence: float) -> dict[str, Any]:
         """The record as the App shows it (detect: boxes scoring >= min_confidence)."""
 
+    # The review face (visionflow.stages.review): how strongly a labelled sample and the model's
+    # prediction disagree, as a score in [0, 1] and a reason (visionflow.evaluation.review).
+    # `record` is the sample's predictions JSONL record (resolved); `settings` its ReviewParams.
+    def review_signal(self, sample: Sample, record: dict[str, Any], names: list[str], settings: Any):
+        """-> visionflow.evaluation.review.Signal"""
+
+    def embedding_module(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        """(module, take its input?) whose activations are an image's embedding for the review's
+        2-D map (evaluation.review.EmbeddingRecorder): a classifier's head input, a detector's
+        backbone output, a segmenter's deepest block."""
+
     # The export face (visionflow.deploy.export). Every exported graph takes "images" float32
     # (B, 3, S, S), RGB 0..255, already resized to S x S (stretched or letterboxed, as the model's
     # input_resize says); normalisation happens inside.

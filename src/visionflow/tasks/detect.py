@@ -156,6 +156,16 @@ class DetectTask(TaskBase):
     def predicted_labels(self, record: dict[str, Any]) -> list[int]:
         return [int(v) for v in record["labels"]]
 
+    def review_signal(self, sample: Sample, record: dict[str, Any], names: list[str], settings: Any):
+        from visionflow.evaluation.review import detect_signal
+
+        gt = [i for i in sample.instances if not i.iscrowd]
+        return detect_signal([i.bbox for i in gt], [i.category_id for i in gt], record["boxes"], record["labels"],
+                             record["scores"], names, settings.iou_threshold, settings.min_confidence)
+
+    def embedding_module(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        return model.backbone, False  # FPN levels: the coarsest, averaged over space
+
     def shown_record(self, record: dict[str, Any], min_confidence: float) -> dict[str, Any]:
         """The App shows what a user would act on; COCO AP used them all."""
         keep = [j for j, sc in enumerate(record["scores"]) if sc >= min_confidence]

@@ -233,6 +233,11 @@ class MultilabelTask(ClassifyTask):
                 for p, chosen in zip(probs, self._chosen(probs))]
 
     # --- the test metric and the evaluate stage ---
+    def review_signal(self, sample: Sample, record: dict[str, Any], names: list[str], settings: Any):
+        from visionflow.evaluation.review import multilabel_signal
+
+        return multilabel_signal(image_classes(sample), record["probs"], names)
+
     def unlabelled(self, samples: Sequence[Sample]) -> list[str]:
         return []  # an image that shows no class is a negative for every class, not a gap
 

@@ -129,6 +129,20 @@ class SegmentTask(TaskBase):
         if not record["mask_path"].is_file():
             raise FileNotFoundError(f"predicted mask {record['mask_path']} not found")
 
+    def review_signal(self, sample: Sample, record: dict[str, Any], names: list[str], settings: Any):
+        from PIL import Image
+
+        from visionflow.evaluation.review import segment_signal
+
+        with Image.open(record["mask_path"]) as im:
+            pred = np.asarray(im)
+        return segment_signal(semantic_mask(sample), pred, names)
+
+    def embedding_module(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        from visionflow.evaluation.explain import segmenter_layer
+
+        return segmenter_layer(model), False
+
     # --- the deploy face (records): the mask at the input's size, 0 background, c + 1 class c ---
     pyfunc_columns = {"mask_png": "string", "classes_present": "string"}
     count_unit = "images with"
