@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export FIFTYONE_DO_NOT_TRACK := true
 
-.PHONY: venv demo test weights clean-outputs ui-mlflow ui-fiftyone bench
+.PHONY: venv demo test weights clean-outputs ui-mlflow ui-fiftyone bench fashion-mnist
 
 $(STAMP): pyproject.toml
 	@start=$$(date +%s); \
@@ -44,3 +44,11 @@ ui-mlflow: $(STAMP)
 
 ui-fiftyone: $(STAMP)
 	$(BIN)/visionflow ui fiftyone
+
+# The second, real example: Fashion-MNIST (70,000 photos, Debian's dataset-fashion-mnist)
+# through the whole pipeline in examples/fashion-mnist/ (its README.md has the figures).
+fashion-mnist: $(STAMP)
+	@start=$$(date +%s); cd examples/fashion-mnist && \
+	../../$(BIN)/visionflow data fashion-mnist --out data/fashion-mnist && \
+	../../$(BIN)/visionflow run --params params.yaml && \
+	echo "fashion-mnist (data, pipeline; install excluded): $$(( $$(date +%s) - start )) s"

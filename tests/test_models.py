@@ -13,7 +13,8 @@ def _trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "vgg11", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "vgg11", "efficientnet_b0",
+                                  "small_cnn"])
 def test_head_is_replaced(arch):
     model = build_classifier(arch, 5).eval()
     with torch.no_grad():
@@ -96,3 +97,27 @@ def test_offline_mobilenet_weights_if_installed():
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == OFFLINE_WEIGHTS_SHA256
     model = build_classifier("mobilenet_v2", 3, weights="IMAGENET1K_V1")
     assert model.classifier[1].out_features == 3
+
+
+def test_small_cnn_keeps_resolution_scales_width_and_takes_the_modes():
+    from visionflow.core.errors import UserError
+    from visionflow.models.classifiers import SmallCNN, feature_head
+
+    model = build_classifier("small_cnn", 10).eval()
+    assert isinstance(model, SmallCNN)
+    with torch.no_grad():  # 28 px in: 7 x 7 maps at 128 channels before the pool (two 2x2 pools)
+        assert model.features(torch.zeros(1, 3, 28, 28)).shape == (1, 128, 7, 7)
+        assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    n = sum(p.numel() for p in model.parameters())
+    assert 135_000 < n < 145_000
+    half = build_classifier("small_cnn", 10, width=0.5)
+    assert half.classifier[1].in_features == 64 and sum(p.numel() for p in half.parameters()) < n / 3
+    fe = build_classifier("small_cnn", 3, mode="feature_extract")
+    assert _trainable(fe) == {"classifier.1.weight", "classifier.1.bias"}
+    assert isinstance(feature_head(fe, "small_cnn")[0], torch.nn.Dropout)  # dropout + head, as torchvision's
+    ft = build_classifier("small_cnn", 3, mode="finetune", trainable_blocks=1)
+    assert {n.split(".")[1] for n in _trainable(ft) if n.startswith("features")} == {"6"}  # the last block
+    with pytest.raises(UserError, match="small_cnn has no published weights"):
+        build_classifier("small_cnn", 3, weights="IMAGENET1K_V1")
+    with pytest.raises(UserError, match="resnet18 has no width multiplier"):
+        build_classifier("resnet18", 3, width=0.5)

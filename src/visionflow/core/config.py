@@ -111,8 +111,9 @@ class SplitParams(Section):
 # builders live in visionflow.models.classifiers / visionflow.tasks, imported when a stage runs.
 TASKS = ("classify", "detect", "segment", "multilabel")
 ARCHS: dict[str, tuple[str, ...]] = {
+    # small_cnn: our own VGG-style network for small images (28-64 px; models/classifiers.py)
     "classify": ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
-                 "mobilenet_v3_large", "vgg11", "vgg16", "efficientnet_b0"),
+                 "mobilenet_v3_large", "vgg11", "vgg16", "efficientnet_b0", "small_cnn"),
     # maskrcnn_* also predict instance masks (evaluated as bbox and segm).
     "detect": ("fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn",
                "retinanet_resnet50_fpn_v2", "retinanet", "fcos_resnet50_fpn", "fcos",
@@ -133,7 +134,7 @@ class ModelParams(Section):
     weights: Optional[str] = None
     # Dense tasks: the backbone network (None: the arch's own) and its ImageNet weights
     # (enum name in the torchvision cache or a file; None: random init), and a width multiplier
-    # (MobileNet width; U-Net channel multiplier).
+    # (MobileNet width; U-Net and small_cnn channel multiplier).
     backbone: Optional[Literal[BACKBONES]] = None  # type: ignore[valid-type]
     backbone_weights: Optional[str] = None
     width: float = Field(1.0, gt=0, le=4)
@@ -254,6 +255,20 @@ class InspectParams(Section):
     iou_threshold: float = Field(0.5, gt=0, lt=1)
 
 
+class ReviewParams(Section):
+    """The review stage (visionflow.stages.review, docs/review.md): rank the predicted split by
+    likely label mistakes, into reports/<task>/review.json and the FiftyOne saved view `review`."""
+
+    top: int = Field(40, ge=1)  # how many the saved view, the report's top list and `visionflow annotate` take
+    brain: bool = True  # FiftyOne Brain's mistakenness / hardness where it has them (classify, detect)
+    # the 2-D map of the test embeddings in the App (Brain compute_visualization): tsne | pca | none
+    visualization: Literal["tsne", "pca", "none"] = "tsne"
+    # detect: predictions below this confidence are not "spurious", and a label box counts as
+    # found at this IoU with a prediction of its class
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    iou_threshold: float = Field(0.5, gt=0, lt=1)
+
+
 class PromoteParams(Section):
     """The promotion gate (visionflow.stages.promote, docs/promotion.md)."""
 
@@ -310,6 +325,7 @@ class BranchParams(Section):
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
     inspect: InspectParams = InspectParams()
+    review: ReviewParams = ReviewParams()
     promote: PromoteParams = PromoteParams()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from visionflow.integrations.codedeps import code_files
+from visionflow.integrations.codedeps import PACKAGE_DIR, code_files
 from visionflow.core.config import Params, _section_type as _section_type_of, leaf_keys
 from visionflow.core.errors import UserError
 from visionflow.core.files import write_text
@@ -25,6 +25,19 @@ def _rel(paths: Paths, p: Path) -> str:
         return paths.rel(p)
     except ValueError:  # absolute path outside the project (a user's dataset elsewhere)
         return str(p)
+
+
+def _code_dep(paths: Paths, rel: str) -> str:
+    """A code dep (`src/visionflow/...`) as the project's dvc.yaml names it: relative to the
+    nearest folder, the project's own or one above it, that holds src/visionflow. So a project at
+    a checkout's root (or one carrying its own src/) says `src/...`, and a project in a folder of
+    the checkout, such as examples/fashion-mnist, says `../../src/...` (DVC takes deps anywhere
+    inside its repository). With no such folder, `src/...` as before."""
+    root = paths.root.resolve()
+    for base in (root, *root.parents):
+        if (base / "src" / PACKAGE_DIR.name).is_dir():
+            return Path(os.path.relpath(base / rel, root)).as_posix()
+    return rel
 
 
 def _section_type(section: str) -> type:
@@ -44,7 +57,8 @@ def build_dvc_yaml(params: Params, paths: Paths) -> dict:
     for st in pipeline_stages(params):
         entry: dict = {"cmd": f"visionflow stage {st.name}"}
         # Code deps are derived from the stage's imports (visionflow.integrations.codedeps), never hand-listed.
-        deps = [*code_files(st.code_roots), *(_rel(paths, d) for d in st.deps(paths, params))]
+        deps = [*(_code_dep(paths, f) for f in code_files(st.code_roots)),
+                *(_rel(paths, d) for d in st.deps(paths, params))]
         entry["deps"] = deps
         entry["params"] = [f"{sec}.{k}" for sec in st.param_sections for k in leaf_keys(_section_type(sec))]
         outs = [_rel(paths, o) for o in st.outs(paths, params)]

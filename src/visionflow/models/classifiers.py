@@ -25,7 +25,7 @@ _HEADS = {
     "resnet18": "fc", "resnet34": "fc", "resnet50": "fc",
     "mobilenet_v2": "classifier.1", "mobilenet_v3_small": "classifier.3",
     "mobilenet_v3_large": "classifier.3", "vgg11": "classifier.6", "vgg16": "classifier.6",
-    "efficientnet_b0": "classifier.1",
+    "efficientnet_b0": "classifier.1", "small_cnn": "classifier.1",
 }
 OFFLINE_WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 
@@ -47,6 +47,9 @@ def _weights_enum(arch: str, name: str):
 def _load_state_dict(arch: str, weights: str) -> tuple[dict, str]:
     """Return (state_dict, description) without touching the network."""
     path = Path(weights)
+    if arch == "small_cnn" and not (path.suffix in {".pt", ".pth"} or path.exists()):
+        raise UserError(f"train.model.weights: small_cnn has no published weights ({weights!r}); use null "
+                        "(random initialisation) or a .pt file of a small_cnn state dict")
     if path.suffix in {".pt", ".pth"} or path.exists():
         if not path.exists():
             raise UserError(f"train.model.weights: file {path} not found")
@@ -62,12 +65,49 @@ def _load_state_dict(arch: str, weights: str) -> tuple[dict, str]:
     return torch.load(cached, map_location="cpu", weights_only=True), f"torchvision cache {cached}"
 
 
+class SmallCNN(nn.Module):
+    """A VGG-style network for small images (Fashion-MNIST's 28 px up to about 64 px), where
+    torchvision's ImageNet classifiers waste most of their work: their 7x7 stride-2 stem and max
+    pool leave a 28 px image 7 px wide before the first block, and ResNet-18 at 32 px costs about
+    37 M multiply-adds an image. Here the image keeps its resolution through the first stage:
+    conv-BN-ReLU x2 at 32 channels, 2x2 max pool, x2 at 64, pool, one conv at 128, global average
+    pool, dropout, linear (about 0.14 M parameters, 30 M multiply-adds at 28 px; `width` scales
+    the channels). Laid out as torchvision's classifiers are (`features`, `classifier` with
+    dropout before the Linear head), so finetune, feature_extract, the feature cache, Grad-CAM
+    and export treat it like them. No ImageNet weights exist for it: weights is null or a file."""
+
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2):
+        super().__init__()
+        c1, c2, c3 = (max(8, round(c * width)) for c in (32, 64, 128))
+
+        def block(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+
+        self.features = nn.Sequential(block(3, c1), block(c1, c1), nn.MaxPool2d(2), block(c1, c2), block(c2, c2),
+                                      nn.MaxPool2d(2), block(c2, c3))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(c3, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
 def build_classifier(arch: str, num_classes: int, weights: Optional[str] = None,
-                     mode: str = "full", trainable_blocks: int = 2, pretrained: bool = True) -> nn.Module:
-    """`pretrained=False` builds the architecture only (weights ignored), to load trained weights into."""
+                     mode: str = "full", trainable_blocks: int = 2, pretrained: bool = True,
+                     width: float = 1.0) -> nn.Module:
+    """`pretrained=False` builds the architecture only (weights ignored), to load trained weights into.
+    `width` scales small_cnn's channels; torchvision's classifiers take none (1.0)."""
     import torchvision
 
-    model = torchvision.models.get_model(arch, weights=None)
+    if arch == "small_cnn":
+        model = SmallCNN(width=width)
+    elif width != 1.0:
+        raise UserError(f"train.model.width: {arch} has no width multiplier; use 1.0 (small_cnn takes one)")
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
     if weights and pretrained:
         state, where = _load_state_dict(arch, weights)
         model.load_state_dict(state)

@@ -146,6 +146,15 @@ class ClassifyTask(TaskBase):
         values.update({f"test_f1_{name}": stats["f1"] for name, stats in ev.get("per_class", {}).items()})
         return values
 
+    def review_signal(self, sample: Sample, record: dict[str, Any], names: list[str], settings: Any):
+        from visionflow.evaluation.review import classify_signal
+
+        return classify_signal(image_label(sample), record["probs"], names)
+
+    def embedding_module(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        return heads[-1], True  # the pooled features the head reads
+
     def unlabelled(self, samples: Sequence[Sample]) -> list[str]:
         return [s.id for s in samples if image_label(s) is None]
 
@@ -191,7 +200,8 @@ class ClassifyTask(TaskBase):
 
     def build_model(self, params: TrainParams, num_classes: int, pretrained: bool = True) -> nn.Module:
         m = params.model
-        return build_classifier(m.arch, num_classes, m.weights, m.mode, m.trainable_blocks, pretrained=pretrained)
+        return build_classifier(m.arch, num_classes, m.weights, m.mode, m.trainable_blocks, pretrained=pretrained,
+                                width=m.width)
 
     def build_transforms(self, params: TrainParams):
         a = params.augment
