@@ -34,38 +34,21 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from _project import classify_project, epoch_seconds  # benchmarks/_project.py (this folder)
+
 BUSY = "while True:\n    pass\n"
 
 
 def make_project(root: Path, n: int, size: int, epochs: int, batch: int) -> Path:
     """A classify-only project (the repo's params.yaml, smaller) with synth/ingest/split done."""
-    from visionflow.core.config import load_params
-    from visionflow.core.paths import Paths
-    from visionflow.stages import get_stage
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for task in ("detect", "segment", "multilabel"):
-        params.pop(task, None)
-    params["synth"] = {"n": n, "size": size, "seed": 0}
-    train = params["classify"]["train"]
-    train.update(epochs=epochs, batch_size=batch, image_size=size, warmup_epochs=0, early_stopping=None)
-    train["model"] = {**train["model"], "arch": "resnet18", "weights": None, "mode": "full"}
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    loaded, paths = load_params(root / "params.yaml"), Paths(root)
-    for name in ("synth", "ingest", "split"):
-        get_stage(name, loaded).run(loaded, paths)
-    return root / "params.yaml"
+    return classify_project(root, n, size, epochs, batch, {"arch": "resnet18", "weights": None, "mode": "full"})
 
 
 def child(setting: str, params_file: Path, competitor: str, k: int, loop: bool) -> None:
@@ -134,10 +117,6 @@ def stop(procs: list[subprocess.Popen]) -> None:
         except ProcessLookupError:
             pass
         p.wait()
-
-
-def epoch_seconds(seconds: list[float]) -> float:
-    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
 
 
 def main() -> None:

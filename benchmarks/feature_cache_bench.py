@@ -35,30 +35,17 @@ from pathlib import Path
 
 import yaml
 
+from _project import classify_project, epoch_seconds  # benchmarks/_project.py (this folder)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_project(root: Path, n: int, size: int, epochs: int, batch: int, arch: str) -> Path:
-    """A classify-only project (the repo's params.yaml, smaller) with synth/ingest/split done."""
-    from visionflow.core.config import load_params
-    from visionflow.core.paths import Paths
-    from visionflow.stages import get_stage
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for task in ("detect", "segment", "multilabel"):
-        params.pop(task, None)
-    params["synth"] = {"n": n, "size": size, "seed": 0}
-    train = params["classify"]["train"]
-    train.update(epochs=epochs, batch_size=batch, image_size=size, warmup_epochs=0, early_stopping=None,
-                 augment={**train["augment"], "preset": "none", "transforms": None}, feature_cache=False)
-    # random weights: the same arithmetic as ImageNet weights, without needing torchvision's cache
-    train["model"] = {**train["model"], "arch": arch, "weights": None, "mode": "feature_extract"}
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    loaded, paths = load_params(root / "params.yaml"), Paths(root)
-    for name in ("synth", "ingest", "split"):
-        get_stage(name, loaded).run(loaded, paths)
-    return root / "params.yaml"
+    """A classify-only project (the repo's params.yaml, smaller) with synth/ingest/split done;
+    random weights: the same arithmetic as ImageNet weights, without needing torchvision's cache."""
+    augment = yaml.safe_load((REPO / "params.yaml").read_text())["classify"]["train"]["augment"]
+    return classify_project(root, n, size, epochs, batch, {"arch": arch, "weights": None, "mode": "feature_extract"},
+                            augment={**augment, "preset": "none", "transforms": None}, feature_cache=False)
 
 
 class _FeaturePass(logging.Handler):
@@ -93,10 +80,6 @@ def train(params_file: Path, cached: bool) -> dict:
     epochs = [e["seconds"] for e in json.loads(paths.train_run.read_text())["epochs"]]
     state = torch.load(paths.model_dir / "model.pt", weights_only=True)
     return {"epochs": epochs, "wall": wall, "state": state}
-
-
-def epoch_seconds(seconds: list[float]) -> float:
-    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
 
 
 def main() -> None:
