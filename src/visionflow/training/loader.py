@@ -24,6 +24,7 @@ see the same pixels as validation.
 """
 from __future__ import annotations
 
+import abc
 import copy
 import logging
 import math
@@ -270,7 +271,7 @@ def _unpack(p: tuple) -> np.ndarray:
     return np.frombuffer(zlib.decompress(p[3]), np.dtype(p[2])).reshape(p[1]).copy()
 
 
-class LoaderDataset(Dataset):
+class LoaderDataset(Dataset, abc.ABC):
     """Base of the tasks' datasets. Subclasses give `raw(i, extras)` -> {"image": (H, W, 3) uint8
     at the file's size and, with extras, what moves with it: "mask" (H, W), "masks" (N, H, W),
     "bboxes" (N, 4) with their "labels" and "instance_ids"} and
@@ -297,11 +298,13 @@ class LoaderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @abc.abstractmethod
     def raw(self, i: int, extras: bool = True) -> dict[str, Any]:
-        raise NotImplementedError
+        """The sample as decoded from its files (see the class docstring)."""
 
+    @abc.abstractmethod
     def item(self, i: int, record: dict[str, np.ndarray], transform) -> Any:
-        raise NotImplementedError
+        """The training example from a (cached) record and the rest of the pipeline."""
 
     def __getitem__(self, key):
         i, seed = key if isinstance(key, tuple) else (key, None)
