@@ -418,7 +418,9 @@ def write_review(name: str, rows: list[dict[str, Any]], task: str, *, brain: boo
                 row["reason"] += f"; FiftyOne Brain mistakenness {m:.2f}"
         ranked_by.append("FiftyOne Brain mistakenness (the larger of the two)")
 
-    rank = {r["id"]: k for k, r in enumerate(sorted(rows, key=lambda r: (-r["score"], r["id"])), 1)}
+    from visionflow.evaluation.review import ranked
+
+    rank = {r["id"]: k for k, r in enumerate(ranked(rows), 1)}  # the order review.json is written in
     dataset.set_values("review_score", [by_id[i]["score"] if i in by_id else None for i in order])
     dataset.set_values("review_reason", [by_id[i]["reason"] if i in by_id else None for i in order])
     dataset.set_values("review_rank", [rank.get(i) for i in order])
