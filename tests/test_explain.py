@@ -272,20 +272,10 @@ def test_cli_explain_takes_a_registered_model(tmp_path, capsys):
     """models:/NAME@ALIAS resolves as `visionflow predict` does (the store from --params)."""
     import sys
 
-    import yaml
-
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_register import make_project as model_project
+    from test_register import registered_params_file
 
-    from visionflow.core.config import RegisterParams
-    from visionflow.stages.register import register
-
-    paths = model_project(tmp_path / "project")
-    params = RegisterParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", model_name="explain-test")
-    register(params, paths)
-    project = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({**project, "classify": {**project["classify"], "register": params.model_dump()}}))
+    params_file, _, _ = registered_params_file(tmp_path, "explain-test")
     image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
     _save(tmp_path / "images", [image], ["a.png"])
     assert main(["explain", "--model", "models:/explain-test@candidate", "--params", str(params_file),

@@ -12,7 +12,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from visionflow import cli
@@ -292,18 +291,9 @@ def test_interrupted_export_keeps_the_previous_file(classify_onnx, tmp_path, mon
 @pytest.mark.slow
 def test_registered_model_uri_exports_its_model_folder(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_register import make_project
+    from test_register import registered_params_file
 
-    from visionflow.core.config import RegisterParams
-    from visionflow.stages.register import register
-
-    paths = make_project(tmp_path / "project")
-    store = RegisterParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", model_name="export-test")
-    register(store, paths)
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    params["classify"]["register"] = store.model_dump()
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
+    params_file, paths, store = registered_params_file(tmp_path, "export-test")
     out = tmp_path / "registered.torchscript"
     code, stdout, _ = run_cli(capsys, "export-model", "--model", "models:/export-test@candidate", "--format",
                               "torchscript", "--out", str(out), "--params", str(params_file))

@@ -84,6 +84,22 @@ def make_project(root: Path) -> Paths:
     return paths
 
 
+def registered_params_file(tmp: Path, model_name: str) -> tuple[Path, Paths, RegisterParams]:
+    """A classifier registered as `model_name` (@candidate) in sqlite under `tmp`, and a
+    params.yaml at tmp/params.yaml (the repo's, its classify.register pointing at that store): what
+    a CLI command given `--model models:/NAME@candidate --params` reads. -> (that params file,
+    the project registered from, the register settings)."""
+    from visionflow.stages.register import register
+
+    store = RegisterParams(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", model_name=model_name)
+    paths = make_project(tmp / "project")
+    register(store, paths)
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["classify"]["register"] = store.model_dump()
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp / "params.yaml", paths, store
+
+
 def _params(tmp: Path, db: str = "mlflow.db") -> RegisterParams:
     return RegisterParams(tracking_uri=f"sqlite:///{tmp / db}", model_name="test-classifier")
 
