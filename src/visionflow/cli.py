@@ -280,6 +280,39 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_annotate(args) -> int:
+    """Send the review's worst samples to an annotation tool, or pull the corrections back (relabel)."""
+    from visionflow.core.errors import UserError
+    from visionflow.relabel import annotate, pull
+
+    params, paths = _params_and_paths(args)
+    if args.task not in params.tasks:
+        raise UserError(f"{args.params} has no {args.task} branch (it has {', '.join(params.tasks) or 'none'})")
+    paths = paths.for_task(args.task)
+    if args.pull is not None:
+        s = pull(paths, params, Path(args.pull) if args.pull else None)
+        print(f"{s['task']}: {s['reviewed']} of {s['sent']} sent samples reviewed ({s['not_reviewed']} not yet, "
+              f"{s['skipped']} skipped), {s['corrected']} corrected")
+        for v in s["versions"]:
+            print(f"  source {v['source']}: version {v['version']} ({v['format']}) -> {v['annotations']}; "
+                  f"params.yaml points at it")
+        if s["versions"]:
+            print("  next: `visionflow run` or `dvc repro` re-runs from ingest; the next MLflow run records the "
+                  "corrections (tag data.labels_corrected)")
+        else:
+            print("  no label changed: nothing written (the sent samples keep their labels)")
+        return 0
+    if args.top is None or args.backend is None:
+        raise UserError("give --top N and --backend (labelstudio, labelstudio-files or cvat-files), or --pull")
+    s = annotate(paths, params.branch(args.task), args.top, args.backend, Path(args.out) if args.out else None,
+                 url=args.url, document_root=Path(args.document_root) if args.document_root else None)
+    print(f"{s['task']}: sent the {s['sent']} most likely label mistakes ({s['review']['report']}) to "
+          f"{s['backend']}: {s['where']}")
+    print(f"  when corrected: visionflow annotate --task {s['task']} --pull"
+          + ("" if s["backend"] == "labelstudio" else " EXPORT_FILE"))
+    return 0
+
+
 def cmd_export_model(args) -> int:
     from visionflow.deploy.parity import format_report, run_export
 
@@ -489,6 +522,23 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--params", default=None, help="params file whose register.tracking_uri locates models:/ "
                     "URIs (default: ./params.yaml if present)")
     xp.set_defaults(fn=cmd_explain)
+
+    an = with_params(sub.add_parser("annotate", help="send the review's most likely label mistakes to Label "
+                                    "Studio or CVAT, and pull the corrections back as a new data version "
+                                    "(docs/relabel.md)"))
+    an.add_argument("--task", required=True, help="the branch whose review to act on (classify, detect, ...)")
+    an.add_argument("--top", type=_at_least(1), default=None, help="how many of the review's top samples to send")
+    an.add_argument("--backend", choices=["labelstudio", "labelstudio-files", "cvat-files"], default=None,
+                    help="labelstudio: a running server (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY); *-files: an "
+                    "import package for a server elsewhere")
+    an.add_argument("--pull", nargs="?", const="", default=None, metavar="EXPORT",
+                    help="take the corrections back: from the server (no value) or from the tool's export file")
+    an.add_argument("--out", default=None, help="*-files: the package folder (default data/annotate/TASK/BACKEND)")
+    an.add_argument("--url", default=None, help="labelstudio: the server (default $LABEL_STUDIO_URL, else "
+                    "http://127.0.0.1:8080)")
+    an.add_argument("--document-root", default=None, help="labelstudio: the server's "
+                    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: that variable, else the project root)")
+    an.set_defaults(fn=cmd_annotate)
 
     xm = sub.add_parser("export-model", help="export a trained model to ONNX or TorchScript and check it "
                         "against PyTorch (docs/export.md)")

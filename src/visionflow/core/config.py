@@ -44,6 +44,9 @@ class SourceParams(Section):
     # Pascal VOC only: box coordinates 1-based (the devkit's own files) or 0-based (CVAT,
     # Roboflow, LabelImg); auto decides per file from its <source> (docs/formats.md).
     voc_coordinates: Literal["auto", "0-based", "1-based"] = "auto"
+    # The record of the relabelling that produced this version of the annotations (written by
+    # `visionflow annotate --pull`, docs/relabel.md): ingest reports it, the next MLflow run is tagged with it.
+    corrections: Optional[str] = None
 
     @model_validator(mode="after")
     def _where(self) -> "SourceParams":

@@ -166,6 +166,15 @@ class Paths:
         return self._t("metrics", "review.json")
 
     @property
+    def annotate_session(self) -> Path:
+        """What `visionflow annotate` last sent out (backend, project, samples), for `--pull`."""
+        return self._t("reports", "annotate.json")
+
+    def corrections_dir(self, source: str) -> Path:
+        """Where `visionflow annotate --pull` writes the corrected versions of a source's annotations."""
+        return self._p(f"data/corrections/{source}")
+
+    @property
     def promotion(self) -> Path:
         # the promotion gate's decision and evidence (also on the model version in MLflow)
         return self._t("reports", "promotion.json")
@@ -187,3 +196,8 @@ class Paths:
     def rel(self, path: Path) -> str:
         """`path` relative to the project root, POSIX style (as written in dvc.yaml)."""
         return Path(path).relative_to(self.root).as_posix()
+
+    def rel_or_abs(self, path: Path) -> str:
+        """`path` as params.yaml names it: relative to the project root when inside it, else absolute."""
+        path, root = Path(path).resolve(), self.root.resolve()
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()

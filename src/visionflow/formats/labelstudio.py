@@ -167,7 +167,7 @@ _MASK_ALPHA = 128  # brush pixels with alpha >= this are foreground (antialiased
 
 def read_labelstudio(images_root: Path, annotations: Path, source: str, root: Optional[str] = None) -> FormatResult:
     images_root, annotations = Path(images_root), Path(annotations)
-    tasks = _load_tasks(annotations)
+    tasks = load_tasks(annotations)
     report = ConversionReport(POLICIES)
     # Structure first (ids, paths, which annotation), then the image files (the slow part).
     chosen = [(task, _image_path(task, images_root, annotations), _pick_annotation(task, annotations, report))
@@ -214,7 +214,7 @@ def _check_not_empty(chosen: list, samples: list[Sample], path: Path, images_roo
                         hint="see the counted kinds; rectangles, polygons, brushes, keypoints and choices are read")
 
 
-def _load_tasks(path: Path) -> list[dict]:
+def load_tasks(path: Path) -> list[dict]:
     doc = load_json(path)
     if isinstance(doc, dict) and "data" in doc:  # one task, as the SDK's converter also accepts
         doc = [doc]
@@ -623,7 +623,7 @@ def write_labelstudio(samples: Iterable[Sample], categories: list[Category], out
             copy_image(s, out_dir / s.path, Path(project_root))
     target = out_dir / ANNOTATION_FILE
     write_json(target, tasks)
-    (out_dir / CONFIG_FILE).write_text(_label_config([c.name for c in categories], _keypoint_names(samples)),
+    (out_dir / CONFIG_FILE).write_text(label_config([c.name for c in categories], _keypoint_names(samples)),
                                        encoding="utf-8")
     return target
 
@@ -636,25 +636,41 @@ def _task(s: Sample, task_id: int, names: dict[int, str], report: ConversionRepo
     dropped = sorted(k for k in s.attributes if not (k == "split" and split in SPLITS) and not (k == POINTS and points_ok))
     if dropped:
         report.add("attributes_dropped", f"{where}: {dropped}")
-    size = {"original_width": s.width, "original_height": s.height, "image_rotation": 0}
-    result = []
-    if s.labels:
-        result.append({"type": "choices", "from_name": "choice", "value": {"choices": [names[c] for c in s.labels]}})
-    for n, inst in enumerate(s.instances):
-        parent = f"{task_id}-{len(result) + 1}"  # the id its first region gets below
-        result += _regions(inst, s, names[inst.category_id], report, f"{where} instance {n}")
-        result += _keypoint_regions(inst, s, parent)
-    if points_ok:
-        result += [_keypoint_region(pt["label"], pt["x"], pt["y"], s) for pt in points]
-    for n, r in enumerate(result, 1):
-        r.update(id=f"{task_id}-{n}", to_name="image", origin="manual", **size)
-    data: dict[str, Any] = {"image": "/data/local-files/?d=" + quote(s.path, safe="/")}
+    result = sample_results(s, names, report, prefix=f"{task_id}-", points=points if points_ok else None)
+    data: dict[str, Any] = {"image": local_file_url(s.path)}
     if s.group and s.group != s.id:
         data["group"] = s.group
     if split in SPLITS:  # a task's data holds any field: the split travels there (and reads back)
         data["split"] = split
     return {"id": task_id, "data": data, "predictions": [],
             "annotations": [{"id": task_id, "result": result, "was_cancelled": False, "ground_truth": False}]}
+
+
+def sample_results(s: Sample, names: dict[int, str], report: ConversionReport, prefix: str,
+                   points: Optional[list] = None, origin: str = "manual") -> list[dict[str, Any]]:
+    """The sample's labels and instances as Label Studio results (an annotation's or a
+    prediction's `result`), region ids `<prefix>1`, `<prefix>2`, ... Image-level classes are the
+    `choice` control's, boxes `label`'s, polygons `polygon`'s, masks `brush`'s (`label_config`)."""
+    where = f"sample {s.id}"
+    size = {"original_width": s.width, "original_height": s.height, "image_rotation": 0}
+    result = []
+    if s.labels:
+        result.append({"type": "choices", "from_name": "choice", "value": {"choices": [names[c] for c in s.labels]}})
+    for n, inst in enumerate(s.instances):
+        parent = f"{prefix}{len(result) + 1}"  # the id its first region gets below
+        result += _regions(inst, s, names[inst.category_id], report, f"{where} instance {n}")
+        result += _keypoint_regions(inst, s, parent)
+    if points:
+        result += [_keypoint_region(pt["label"], pt["x"], pt["y"], s) for pt in points]
+    for n, r in enumerate(result, 1):
+        r.update(id=f"{prefix}{n}", to_name="image", origin=origin, **size)
+    return result
+
+
+def local_file_url(rel: str) -> str:
+    """`rel` (relative to the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) as the URL Label
+    Studio serves it under."""
+    return "/data/local-files/?d=" + quote(rel, safe="/")
 
 
 def _regions(inst: Instance, s: Sample, name: str, report: ConversionReport, where: str) -> list[dict]:
@@ -741,15 +757,27 @@ def _keypoint_names(samples: list[Sample]) -> list[str]:
     return sorted(names)
 
 
-def _label_config(names: list[str], keypoints: list[str] = ()) -> str:
-    """A labeling config with one control per region type, so the export imports as is."""
+CONTROLS = ("label", "polygon", "brush", "choice")  # every control `sample_results` writes to
+
+
+def label_config(names: list[str], keypoints: list[str] = (), controls: tuple[str, ...] = CONTROLS,
+                  single_choice: bool = False, header: str = "") -> str:
+    """A labeling config with one control per region type, so the export imports as is.
+    `controls`: the subset to offer (a relabelling project offers only its task's); the names
+    are those `sample_results` writes (a result whose `from_name` names no control is dropped by
+    Label Studio's frontend). `header`: text shown above the image (`$field`s are task data)."""
     labels = "".join(f'\n    <Label value="{_xml(n)}"/>' for n in names)
     choices = "".join(f'\n    <Choice value="{_xml(n)}"/>' for n in names)
-    return (f'<View>\n  <Image name="image" value="$image"/>\n'
-            f'  <RectangleLabels name="label" toName="image">{labels}\n  </RectangleLabels>\n'
-            f'  <PolygonLabels name="polygon" toName="image">{labels}\n  </PolygonLabels>\n'
-            f'  <BrushLabels name="brush" toName="image">{labels}\n  </BrushLabels>\n'
-            f'  <Choices name="choice" toName="image" choice="multiple">{choices}\n  </Choices>\n'
+    blocks = {
+        "label": f'  <RectangleLabels name="label" toName="image">{labels}\n  </RectangleLabels>\n',
+        "polygon": f'  <PolygonLabels name="polygon" toName="image">{labels}\n  </PolygonLabels>\n',
+        "brush": f'  <BrushLabels name="brush" toName="image">{labels}\n  </BrushLabels>\n',
+        "choice": f'  <Choices name="choice" toName="image" choice="{"single" if single_choice else "multiple"}"'
+                  f' showInline="true">{choices}\n  </Choices>\n',
+    }
+    return ('<View>\n' + (f'  <Header value="{_xml(header)}"/>\n' if header else "")
+            + '  <Image name="image" value="$image"/>\n'
+            + "".join(blocks[c] for c in controls)
             + ('  <KeyPointLabels name="keypoints" toName="image">'
                + "".join(f'\n    <Label value="{_xml(n)}"/>' for n in keypoints) + '\n  </KeyPointLabels>\n'
                if keypoints else "")

@@ -134,7 +134,7 @@ def _project_paths(paths: Paths, names: list) -> list[Path]:
 def _sources(paths: Paths, params: "Params") -> list[Path]:
     deps: list[Path] = []
     for s in params.ingest.sources:
-        given = [s.path] if s.path is not None else [s.images, s.annotations]
+        given = ([s.path] if s.path is not None else [s.images, s.annotations]) + ([s.corrections] if s.corrections else [])
         for p in map(paths.resolve, given):
             if not any(p == d or d in p.parents for d in deps):
                 deps.append(p)

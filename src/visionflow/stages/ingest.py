@@ -17,7 +17,7 @@ from typing import Any, Optional
 from visionflow.core.config import ConfigError, IngestParams, SourceParams
 from visionflow.core.errors import DataError
 from visionflow.formats import ConversionReport, FormatResult, read_source
-from visionflow.core.files import atomic_path, safe_extract_zip, write_json
+from visionflow.core.files import atomic_path, read_json, safe_extract_zip, write_json
 from visionflow.manifest import Category, Sample, write_categories, write_manifest
 from visionflow.core.paths import Paths
 
@@ -132,10 +132,27 @@ def _require_something(src: SourceParams, where: Resolved, res: FormatResult) ->
 
 def _source_summary(src: SourceParams, where: Resolved, res: FormatResult, paths: Paths) -> dict[str, Any]:
     """What ingest detected, read and counted as lost for one source (validation report, CLI)."""
-    return {"name": src.name, "format": where.format, "detected": where.why,
-            "images": _as_given(where.images, paths), "annotations": _as_given(where.annotations, paths),
-            "samples": len(res.samples), "instances": sum(len(s.instances) for s in res.samples),
-            "categories": len(res.categories), "problems": dict(sorted(res.report.counts.items()))}
+    summary = {"name": src.name, "format": where.format, "detected": where.why,
+               "images": _as_given(where.images, paths), "annotations": _as_given(where.annotations, paths),
+               "samples": len(res.samples), "instances": sum(len(s.instances) for s in res.samples),
+               "categories": len(res.categories), "problems": dict(sorted(res.report.counts.items()))}
+    if src.corrections:
+        summary["corrections"] = corrections_summary(paths.resolve(src.corrections), paths)
+    return summary
+
+
+def corrections_summary(path: Path, paths: Paths) -> dict[str, Any]:
+    """The relabelling behind a source's annotations (visionflow.relabel's corrections.json), in short."""
+    if not path.is_file():
+        raise DataError(paths.params, f"ingest source's corrections record {path} not found",
+                        hint="it is written by `visionflow annotate --pull` beside the corrected annotations; "
+                             "restore it or remove `corrections:` from the source")
+    rec = read_json(path)
+    if not isinstance(rec, dict) or not isinstance(rec.get("corrected"), int) or not isinstance(rec.get("review"), dict):
+        raise DataError(path, "not a corrections record (expected `corrected` and `review`)",
+                        hint="it is written by `visionflow annotate --pull`; do not edit it")
+    return {"record": _as_given(path, paths), "version": rec.get("version"), "corrected": rec["corrected"],
+            "reviewed": rec.get("reviewed"), "review": rec["review"]}
 
 
 CATEGORY_DROPPED = "instance or image label dropped: its category is mapped to null in ingest.sources[].categories"

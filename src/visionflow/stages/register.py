@@ -14,7 +14,7 @@ import yaml
 
 from visionflow.core.config import RegisterParams, model_name
 from visionflow.core.errors import UserError
-from visionflow.core.files import file_digest, write_json
+from visionflow.core.files import file_digest, read_json, write_json
 from visionflow.core.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,22 @@ def provenance_tags(paths: Paths) -> dict[str, str]:
         log.warning("dvc.lock records %s for %s but the file's md5 is %s (dvc.lock is stale)",
                     locked, paths.rel(paths.manifest), manifest_md5)
         tags["data.manifest_md5_dvc_lock"] = locked
-    return tags
+    return {**tags, **correction_tags(paths)}
+
+
+def correction_tags(paths: Paths) -> dict[str, str]:
+    """How many labels of the training data were corrected by `visionflow annotate`, and after which
+    review (of which model), as ingest recorded it in the validation report."""
+    if not paths.validation_report.exists():
+        return {}
+    found = [s["corrections"] for s in read_json(paths.validation_report).get("sources", []) if s.get("corrections")]
+    if not found:
+        return {}
+    reviews = [f"{c['review'].get('task')} review {c['review'].get('report')} (sha256 {str(c['review'].get('sha256'))[:12]}"
+               + (f", {c['review']['model']}" if c["review"].get("model") else "") + f") -> {c['record']}"
+               for c in found]
+    return {"data.labels_corrected": str(sum(int(c["corrected"]) for c in found)),
+            "data.corrections_review": "; ".join(reviews)}
 
 
 def register(params: RegisterParams, paths: Paths) -> dict[str, Any]:

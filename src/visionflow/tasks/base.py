@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visionflow.core.config import TrainParams
-from visionflow.manifest import Category, Sample
+from visionflow.manifest import Category, Instance, Sample
 
 IGNORE_INDEX = 255  # segment targets: pixels that count for neither loss nor metrics
 
@@ -321,6 +321,25 @@ class Task(Protocol):
         2-D map (evaluation.review.EmbeddingRecorder): a classifier's head input, a detector's
         backbone output, a segmenter's deepest block."""
 
+    # The relabel face (visionflow.relabel, `visionflow annotate`): what of a sample the task
+    # labels, as an annotation tool shows it, and how a person's correction of that part goes back
+    # into the sample. Category ids are the sample's own; `record` a resolved JSONL record.
+    relabel_controls: tuple[str, ...]  # Label Studio controls (formats.labelstudio.label_config)
+    single_choice: bool  # classify: one class an image
+
+    def label_view(self, sample: Sample) -> Sample:
+        """The sample with only what this task labels (classify: the image class; detect: boxes;
+        segment: outlines), nothing else: what the annotator is shown and may change."""
+
+    def prediction_view(self, sample: Sample, record: dict[str, Any], settings: Any) -> Sample:
+        """The model's prediction for the sample in the same shape as `label_view` (settings: the
+        branch's ReviewParams; detect keeps boxes scoring >= min_confidence)."""
+
+    def apply_correction(self, sample: Sample, corrected: Sample) -> Sample:
+        """`sample` with its labelled part replaced by `corrected` (a label view read back from the
+        tool): everything else is kept, and an object the person left as it was keeps what the
+        view did not show (its mask, attributes, crowd flag)."""
+
     # The export face (visionflow.deploy.export). Every exported graph takes "images" float32
     # (B, 3, S, S), RGB 0..255, already resized to S x S (stretched or letterboxed, as the model's
     # input_resize says); normalisation happens inside.
@@ -364,3 +383,35 @@ class Predictor(Protocol):
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         """RGB uint8 (H, W, 3) images -> one prediction dict per image."""
+
+
+# --- the relabel face's shared pieces --------------------------------------------------------------
+
+RELABEL_TOLERANCE_PX = 0.5  # a corrected box or outline within this of the original is the original
+
+
+def same_box(a: Sequence[float], b: Sequence[float], tol: float = RELABEL_TOLERANCE_PX) -> bool:
+    return len(a) == len(b) == 4 and all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+def same_outline(a: Instance, b: Instance, tol: float = RELABEL_TOLERANCE_PX) -> bool:
+    """Same polygons (ring by ring, point by point) or, for masks, the same RLE."""
+    if a.rle is not None or b.rle is not None:
+        return a.rle == b.rle
+    return len(a.polygons) == len(b.polygons) and all(
+        len(p) == len(q) and all(abs(x - y) <= tol for x, y in zip(p, q)) for p, q in zip(a.polygons, b.polygons))
+
+
+def merge_instances(original: Sequence[Instance], corrected: Sequence[Instance],
+                    same: Callable[[Instance, Instance], bool]) -> list[Instance]:
+    """The corrected objects, each replaced by the original object it matches (same category and
+    `same` geometry) so that what the annotation tool never showed (a box's mask, attributes)
+    survives an object the person did not change. Unmatched originals were deleted or changed."""
+    pool = list(original)
+    out = []
+    for c in corrected:
+        match = next((o for o in pool if o.category_id == c.category_id and same(o, c)), None)
+        if match is not None:
+            pool.remove(match)
+        out.append(match if match is not None else c)
+    return out

@@ -1,6 +1,8 @@
 """Image classification: one class per image (visionflow.manifest.image_label)."""
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -154,6 +156,19 @@ class ClassifyTask(TaskBase):
     def embedding_module(self, model: nn.Module) -> tuple[nn.Module, bool]:
         heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
         return heads[-1], True  # the pooled features the head reads
+
+    # --- the relabel face: the image's class ---
+    relabel_controls = ("choice",)
+    single_choice = True
+
+    def label_view(self, sample: Sample) -> Sample:
+        return dataclasses.replace(sample, instances=[], attributes={})
+
+    def prediction_view(self, sample: Sample, record: dict[str, Any], settings: Any) -> Sample:
+        return dataclasses.replace(sample, labels=self.predicted_labels(record), instances=[], attributes={})
+
+    def apply_correction(self, sample: Sample, corrected: Sample) -> Sample:
+        return dataclasses.replace(sample, labels=list(corrected.labels))
 
     def unlabelled(self, samples: Sequence[Sample]) -> list[str]:
         return [s.id for s in samples if image_label(s) is None]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -35,7 +36,7 @@ from visionflow.models.detectors import build_detector
 from visionflow.manifest.images import load_rgb
 from visionflow.manifest.masks import encode_rle, instance_mask
 from visionflow.manifest import Category, Instance, Sample
-from visionflow.tasks.base import TaskBase, TestScore, nanmean_rows, resize_of
+from visionflow.tasks.base import TaskBase, TestScore, merge_instances, nanmean_rows, resize_of, same_box
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,26 @@ class DetectTask(TaskBase):
 
     def embedding_module(self, model: nn.Module) -> tuple[nn.Module, bool]:
         return model.backbone, False  # FPN levels: the coarsest, averaged over space
+
+    # --- the relabel face: boxes (a crowd region is not shown and is kept as it is) ---
+    relabel_controls = ("label",)
+    single_choice = False
+
+    def label_view(self, sample: Sample) -> Sample:
+        return dataclasses.replace(sample, labels=[], attributes={}, instances=[
+            Instance(bbox=list(i.bbox), category_id=i.category_id) for i in sample.instances if not i.iscrowd])
+
+    def prediction_view(self, sample: Sample, record: dict[str, Any], settings: Any) -> Sample:
+        return dataclasses.replace(sample, labels=[], attributes={}, instances=[
+            Instance(bbox=[float(v) for v in box], category_id=int(label))
+            for box, label, score in zip(record["boxes"], record["labels"], record["scores"])
+            if score >= settings.min_confidence])
+
+    def apply_correction(self, sample: Sample, corrected: Sample) -> Sample:
+        boxes = [Instance(bbox=list(i.bbox), category_id=i.category_id) for i in corrected.instances]
+        kept = merge_instances([i for i in sample.instances if not i.iscrowd], boxes,
+                               lambda o, c: same_box(o.bbox, c.bbox))
+        return dataclasses.replace(sample, instances=kept + [i for i in sample.instances if i.iscrowd])
 
     def shown_record(self, record: dict[str, Any], min_confidence: float) -> dict[str, Any]:
         """The App shows what a user would act on; COCO AP used them all."""

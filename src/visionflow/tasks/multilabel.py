@@ -298,6 +298,9 @@ class MultilabelTask(ClassifyTask):
     def predicted_labels(self, record: dict[str, Any]) -> list[int]:
         return [int(v) for v in record["labels"]]
 
+    # the relabel face: ClassifyTask's, several classes an image
+    single_choice = False
+
     # --- the deploy face: the classes predicted, with names and scores ---
     pyfunc_columns = {"labels": "string", "names": "string", "scores": "string"}
     writes_csv, csv_columns = False, ()

@@ -9,6 +9,7 @@ masks at each image's own size: the logits cropped to the image's part of the in
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -26,11 +27,11 @@ from visionflow.core.config import TrainParams
 from visionflow.core.errors import DataError
 from visionflow.evaluation.segmentation import ConfusionAccumulator
 from visionflow.manifest.images import load_rgb
-from visionflow.manifest.masks import semantic_mask
-from visionflow.manifest import Category, Sample
+from visionflow.manifest.masks import encode_rle, semantic_mask
+from visionflow.manifest import Category, Instance, Sample
 from visionflow.models.segmenters import build_segmenter
-from visionflow.tasks.base import (IGNORE_INDEX, Normalize, TaskBase, TestScore, eval_batch, mean_std, nanmean_rows,
-                                   resize_of)
+from visionflow.tasks.base import (IGNORE_INDEX, Normalize, TaskBase, TestScore, eval_batch, mean_std, merge_instances,
+                                   nanmean_rows, resize_of, same_outline)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,35 @@ class SegmentTask(TaskBase):
         from visionflow.evaluation.explain import segmenter_layer
 
         return segmenter_layer(model), False
+
+    # --- the relabel face: outlines (polygons, or a mask where the label is one) ---
+    relabel_controls = ("polygon", "brush")
+    single_choice = False
+
+    def label_view(self, sample: Sample) -> Sample:
+        return dataclasses.replace(sample, labels=[], attributes={}, instances=[
+            Instance(bbox=list(i.bbox), category_id=i.category_id, polygons=[list(r) for r in i.polygons],
+                     rle=i.rle) for i in sample.instances if i.polygons or i.rle is not None])
+
+    def prediction_view(self, sample: Sample, record: dict[str, Any], settings: Any) -> Sample:
+        """One mask region per class the predicted mask holds (value c + 1 is category c)."""
+        from PIL import Image
+
+        with Image.open(record["mask_path"]) as im:
+            mask = np.asarray(im)
+        instances = []
+        for value in sorted(int(v) for v in np.unique(mask) if v not in (0, IGNORE_INDEX)):
+            region = mask == value
+            ys, xs = np.nonzero(region)
+            instances.append(Instance(bbox=[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)],
+                                      category_id=value - 1, rle=encode_rle(region), area=float(region.sum())))
+        return dataclasses.replace(sample, labels=[], attributes={}, instances=instances)
+
+    def apply_correction(self, sample: Sample, corrected: Sample) -> Sample:
+        kept = merge_instances([i for i in sample.instances if i.polygons or i.rle is not None],
+                               list(corrected.instances), same_outline)
+        return dataclasses.replace(sample, instances=kept + [i for i in sample.instances
+                                                              if not i.polygons and i.rle is None])
 
     # --- the deploy face (records): the mask at the input's size, 0 background, c + 1 class c ---
     pyfunc_columns = {"mask_png": "string", "classes_present": "string"}
