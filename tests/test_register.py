@@ -120,6 +120,11 @@ def registered(tmp_path_factory):
     _git(paths.root, "init", "-q")
     _git(paths.root, "add", "README.md")
     _git(paths.root, "commit", "-q", "-m", "init")
+    # the data were relabelled after a review (visionflow annotate --pull): ingest's record of it
+    write_json(paths.validation_report, {"samples": 2, "sources": [{"name": "shapes", "corrections": {
+        "record": "data/corrections/shapes/v1/corrections.json", "version": 1, "corrected": 3, "reviewed": 5,
+        "review": {"task": "classify", "report": "reports/classify/review.json", "sha256": "ab" * 32,
+                   "model": "models:/test-classifier/7"}}}]})
     params = _params(tmp)
     return paths, params, register(params, paths)
 
@@ -152,12 +157,16 @@ def test_run_holds_params_history_metrics_tags_and_artifacts(registered, tmp_pat
     assert tags["manifest_md5"] == file_md5(paths.manifest)
     assert tags["data.split_file_md5"] == file_md5(paths.split_file)
     assert tags["visionflow.task"] == "classify"
+    assert tags["data.labels_corrected"] == "3"  # how many labels the relabelling changed, after which review
+    assert tags["data.corrections_review"] == ("classify review reports/classify/review.json (sha256 abababababab, "
+                                               "models:/test-classifier/7) -> data/corrections/shapes/v1/corrections.json")
 
     local = readback.download_artifacts(result["run_id"], "", uri, tmp_path / "art")
     assert (local / "figures" / "confusion.png").read_bytes() == (paths.figures_dir / "confusion.png").read_bytes()
     assert read_json(local / "metrics" / "evaluate.json") == read_json(paths.eval_metrics)
     assert read_json(local / "metrics" / "evaluate_details.json") == read_json(paths.eval_details)
     assert read_json(local / "meta.json")["classes"] == CLASSES
+    assert read_json(local / "data" / "validation.json") == read_json(paths.validation_report)
     # the logged augmentation rebuilds into the same pipeline, giving the same outputs
     logged = read_json(local / "augmentation" / "augment.json")
     original = A.from_dict(read_json(paths.model_dir / "augment.json"))
