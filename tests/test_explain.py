@@ -266,6 +266,8 @@ def test_evaluate_stage_draws_cams_for_mlflow_and_inspect_stores_them_in_fiftyon
     assert sorted(with_cam.values("sample_id")) == sorted(cams)
     heatmap = with_cam.first()["cam"]
     assert heatmap.range == [0, 255] and Path(heatmap.map_path).is_file()
+    # and the saved view `explained` opens the App on them
+    assert sorted(dataset.load_saved_view("explained").values("sample_id")) == sorted(cams)
 
 
 def test_cli_explain_takes_a_registered_model(tmp_path, capsys):

@@ -102,6 +102,7 @@ def test_cvat_files_loop_writes_a_new_version_and_changes_nothing_else(project, 
     original_sha = _sha(original)
     before = {s.id: s for s in read_manifest(paths.manifest)}
     out = root / "package"
+    assert main(["dvc-yaml", "--params", str(params_file)]) == 0  # a DVC project: the pull regenerates it
     assert main(["annotate", "--params", str(params_file), "--task", "detect", "--top", "4",
                  "--backend", "cvat-files", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -146,6 +147,10 @@ def test_cvat_files_loop_writes_a_new_version_and_changes_nothing_else(project, 
                       "annotations": "data/corrections/shapes/v1/annotations.json",
                       "corrections": "data/corrections/shapes/v1/corrections.json"}
 
+    # dvc.yaml follows: ingest now depends on the new version and its record, so `dvc repro` re-runs from ingest
+    assert main(["dvc-yaml", "--check", "--params", str(params_file)]) == 0
+    ingest_deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["ingest"]["deps"]
+    assert {"data/corrections/shapes/v1/annotations.json", "data/corrections/shapes/v1/corrections.json"} <= set(ingest_deps)
     assert main(["stage", "ingest", "--params", str(params_file)]) == 0
     after = {s.id: s for s in read_manifest(paths.manifest)}
     assert set(after) == set(before)

@@ -221,6 +221,9 @@ def write_split_dataset(
     dataset.add_samples(fo_samples, progress=False)  # one call; FiftyOne batches the inserts
     _show_masks(dataset, kind)
     dataset.save()
+    if heatmaps and dataset.has_sample_field("cam"):  # where the App shows what the network looked at
+        dataset.save_view(EXPLAINED_VIEW, dataset.exists("cam"),
+                          description="test images with the class activation map of their prediction (field cam)")
 
     summary = {"dataset": name, "task": task, "samples": len(dataset), "with_predictions": 0, "accuracy": None}
     if kind == "classification":
@@ -370,6 +373,7 @@ def dataset_summary(name: str) -> Optional[dict[str, Any]]:
     }
 
 
+EXPLAINED_VIEW = "explained"
 REVIEW_VIEW = "review"  # the saved view: every sample, most likely label mistake first
 REVIEW_TAG = "review"  # on the top `review.top` samples (what `visionflow annotate` sends)
 REVIEW_MAP = "review_map"  # brain key of the 2-D map of the embeddings

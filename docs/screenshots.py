@@ -1,0 +1,105 @@
+"""Re-take the README's review and explanation screenshots after `make demo`, and check each shows
+what its caption says (headless Chromium over the DevTools protocol, loopback only):
+
+    .venv/bin/python docs/screenshots.py            # writes docs/img/fiftyone_review.png,
+                                                     # fiftyone_explained.png, mlflow_explain_grid.png
+
+- the FiftyOne App on the classify test set's saved view `review` (most likely label mistakes first,
+  with the review_score / review_reason fields);
+- the App on the saved view `explained`: the test images with their class activation map (Heatmap
+  field `cam`) drawn over them;
+- the MLflow UI on the classify run's artifact figures/explain_grid.png (true class, prediction, CAM).
+
+Each check fails loudly (exit 1) rather than keep a screenshot of an empty page.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from browser import DevTools  # noqa: E402
+
+OUT = ROOT / "docs" / "img"
+BIN = ROOT / ".venv" / "bin"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(args: list[str], port: int, path: str = "/") -> subprocess.Popen:
+    proc = subprocess.Popen([str(BIN / "visionflow"), "ui", *args, "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5):
+                return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise SystemExit(f"visionflow ui {' '.join(args)} did not answer on port {port}")
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise SystemExit(f"screenshot check failed: {what}")
+    print(f"ok: {what}")
+
+
+def fiftyone(page: DevTools) -> None:
+    port = _port()
+    proc = _serve(["fiftyone", "--task", "classify"], port)
+    try:
+        base = f"http://127.0.0.1:{port}/datasets/visionflow-shapes-test"
+        page.goto(f"{base}?view=review")
+        _check(page.wait_for("document.body.innerText.includes('review_score')", 120),
+               "the App's sidebar lists review_score on the saved view `review`")
+        time.sleep(8)  # the grid's thumbnails
+        page.screenshot(OUT / "fiftyone_review.png")
+        page.goto(f"{base}?view=explained")
+        _check(page.wait_for("document.body.innerText.includes('cam')", 120),
+               "the App's sidebar lists the Heatmap field cam on the saved view `explained`")
+        time.sleep(8)
+        page.screenshot(OUT / "fiftyone_explained.png")
+    finally:
+        proc.terminate()
+
+
+def mlflow(page: DevTools) -> None:
+    registration = json.loads((ROOT / "reports/classify/registration.json").read_text())
+    port = _port()
+    proc = _serve(["mlflow", "--task", "classify"], port)
+    try:
+        url = (f"http://127.0.0.1:{port}/#/experiments/{registration['experiment_id']}/runs/"
+               f"{registration['run_id']}/artifacts/figures/explain_grid.png")
+        page.goto(url)
+        _check(page.wait_for("[...document.querySelectorAll('img')].some(i => i.src.includes('explain_grid') "
+                             "&& i.complete && i.naturalWidth > 300)", 120),
+               "the MLflow UI shows the run's figures/explain_grid.png")
+        time.sleep(2)
+        page.screenshot(OUT / "mlflow_explain_grid.png")
+    finally:
+        proc.terminate()
+
+
+def main() -> None:
+    page = DevTools(size=(1500, 950))
+    try:
+        fiftyone(page)
+        mlflow(page)
+    finally:
+        page.close()
+
+
+if __name__ == "__main__":
+    main()
