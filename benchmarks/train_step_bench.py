@@ -7,11 +7,15 @@ benchmarks/loader_bench.py measures it):
 
   visionflow  the task's model (`Task.build_model`, random init) trained by the engine's own
               `train_one_epoch` (visionflow.training.engine): the task's loss, AdamW, the LR
-              scheduler, the GradScaler (disabled off fp16), gradient clipping at 5.0 (the
-              default `train.grad_clip`), the NaN guard and the per-step loss bookkeeping
+              scheduler, the GradScaler (disabled off fp16), gradient clipping at `--grad-clip`,
+              the NaN guard and the per-step loss bookkeeping
   reference   the same torchvision architecture built directly with the same constructor
               arguments, trained by the loop of torchvision's references/ (classification,
-              segmentation, detection train.py): forward, loss, zero_grad, backward, step
+              segmentation, detection train.py): forward, loss, zero_grad, backward, the
+              references' `--clip-grad-norm` at the same `--grad-clip`, step
+
+`--grad-clip` (default 5.0, visionflow's default `train.grad_clip`; 0: off) is applied on both
+sides, so the ratio compares the loops doing the same work.
 
 Tasks (`--tasks`): classify (resnet18), segment (lraspp_mobilenet_v3_large) and detect
 (fasterrcnn_mobilenet_v3_large_fpn; both sides get visionflow's area-scaled proposal counts, so
@@ -89,8 +93,8 @@ def reference_loss(task: str, model, images, targets) -> torch.Tensor:
     return sum(model(list(images), targets).values())
 
 
-def time_ours(task, model, data, device, amp_dtype, steps_per_epoch) -> float:
-    cfg = FitConfig(epochs=1, lr=1e-3)
+def time_ours(task, model, data, device, amp_dtype, steps_per_epoch, grad_clip: float) -> float:
+    cfg = FitConfig(epochs=1, lr=1e-3, grad_clip=grad_clip)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = build_scheduler(opt, 1000, steps_per_epoch, 0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -100,7 +104,7 @@ def time_ours(task, model, data, device, amp_dtype, steps_per_epoch) -> float:
     return time.perf_counter() - t0
 
 
-def time_reference(task, model, data, device, amp_dtype, opt) -> float:
+def time_reference(task, model, data, device, amp_dtype, opt, grad_clip: float) -> float:
     model.train()
     t0 = time.perf_counter()
     for images, targets in data:
@@ -111,6 +115,8 @@ def time_reference(task, model, data, device, amp_dtype, opt) -> float:
             loss = reference_loss(task, model, images, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip:  # references/classification/train.py's --clip-grad-norm
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
     sync(device)
     return time.perf_counter() - t0
@@ -121,7 +127,8 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(task: str, size: int, batch: int, steps: int, rounds: int, warmup: int, device) -> dict:
+def bench(task: str, size: int, batch: int, steps: int, rounds: int, warmup: int, device,
+          grad_clip: float = 5.0) -> dict:
     torch.manual_seed(0)
     params = TrainParams(model=ModelParams(arch=ARCH[task]), image_size=size, batch_size=batch)
     vf_task = get_task(task, params)
@@ -132,16 +139,16 @@ def bench(task: str, size: int, batch: int, steps: int, rounds: int, warmup: int
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=1e-4)
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
     data = batches(task, steps, batch, size)
-    time_ours(vf_task, ours, data[:warmup], device, amp_dtype, steps)
-    time_reference(task, ref, data[:warmup], device, amp_dtype, ref_opt)
+    time_ours(vf_task, ours, data[:warmup], device, amp_dtype, steps, grad_clip)
+    time_reference(task, ref, data[:warmup], device, amp_dtype, ref_opt, grad_clip)
     rates: dict[str, list[float]] = {"visionflow": [], "reference": []}
     for r in range(rounds):
         order = ("visionflow", "reference") if r % 2 == 0 else ("reference", "visionflow")
         for side in order:
             if side == "visionflow":
-                seconds = time_ours(vf_task, ours, data, device, amp_dtype, steps)
+                seconds = time_ours(vf_task, ours, data, device, amp_dtype, steps, grad_clip)
             else:
-                seconds = time_reference(task, ref, data, device, amp_dtype, ref_opt)
+                seconds = time_reference(task, ref, data, device, amp_dtype, ref_opt, grad_clip)
             rates[side].append(steps * batch / seconds)
     ours_rate, ref_rate = (statistics.median(rates[k]) for k in ("visionflow", "reference"))
     return {"task": task, "arch": ARCH[task], "size": size, "batch": batch, "params": (n_ours, n_ref),
@@ -157,14 +164,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm on both sides (0: off)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.rounds} alternating rounds of {args.steps} steps, batch {args.batch}, {args.size} px")
+          f"{args.rounds} alternating rounds of {args.steps} steps, batch {args.batch}, {args.size} px, "
+          f"grad clip {args.grad_clip or 'off'} on both sides")
     print(f"{'task':9} {'arch':36} {'params (ours/ref)':>21} {'visionflow img/s':>17} {'reference img/s':>16} {'ratio':>6}")
     for task in args.tasks.split(","):
-        r = bench(task, args.size, args.batch, args.steps, args.rounds, args.warmup, device)
+        r = bench(task, args.size, args.batch, args.steps, args.rounds, args.warmup, device, args.grad_clip)
         print(f"{r['task']:9} {r['arch']:36} {r['params'][0]:>10,}/{r['params'][1]:<10,} "
               f"{r['visionflow']:>17.1f} {r['reference']:>16.1f} {r['ratio']:>6.2f}", flush=True)
 

@@ -15,6 +15,7 @@ Each check fails loudly (exit 1) rather than keep a screenshot of an empty page.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def _port() -> int:
 
 
 def _serve(args: list[str], port: int, path: str = "/") -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "visionflow"), "ui", *args, "--port", str(port)], cwd=ROOT,
+    env = {**os.environ, "FIFTYONE_DO_NOT_TRACK": "true"}  # no analytics, and no banner asking for them
+    proc = subprocess.Popen([str(BIN / "visionflow"), "ui", *args, "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -56,20 +58,36 @@ def _check(ok: bool, what: str) -> None:
     print(f"ok: {what}")
 
 
+def _dismiss(page: DevTools) -> None:
+    """Close the App's promotional pop-over (it covers the grid's corner)."""
+    page.js("[...document.querySelectorAll('button, a, div')].filter(b => b.innerText?.trim() === 'Dismiss')"
+            ".forEach(b => b.click())")
+    time.sleep(1)
+
+
 def fiftyone(page: DevTools) -> None:
     port = _port()
     proc = _serve(["fiftyone", "--task", "classify"], port)
     try:
         base = f"http://127.0.0.1:{port}/datasets/visionflow-shapes-test"
+        opened = ("document.body.innerText.includes('review_score') && "
+                  "!document.body.innerText.includes('Unsaved view')")
         page.goto(f"{base}?view=review")
-        _check(page.wait_for("document.body.innerText.includes('review_score')", 120),
-               "the App's sidebar lists review_score on the saved view `review`")
+        _check(page.wait_for(opened, 120), "the App opens the saved view `review` (its sort stage on review_score)")
         time.sleep(8)  # the grid's thumbnails
+        _dismiss(page)
+        _check(page.js(opened) is True, "still on the saved view `review` when the screenshot is taken")
         page.screenshot(OUT / "fiftyone_review.png")
         page.goto(f"{base}?view=explained")
-        _check(page.wait_for("document.body.innerText.includes('cam')", 120),
-               "the App's sidebar lists the Heatmap field cam on the saved view `explained`")
+        _check(page.wait_for("document.body.innerText.includes('12 samples') && "
+                             "!document.body.innerText.includes('Unsaved view')", 120),
+               "the App opens the saved view `explained`: the 12 test images with a CAM")
         time.sleep(8)
+        _dismiss(page)
+        _check(page.js("[...document.querySelectorAll('input[type=checkbox]')].some(i => i.checked && "
+                       "i.closest('[data-cy]')?.innerText?.trim() === 'cam' || (i.checked && "
+                       "i.parentElement?.parentElement?.innerText?.trim() === 'cam'))") is True,
+               "the Heatmap field cam is ticked, so the maps are drawn")
         page.screenshot(OUT / "fiftyone_explained.png")
     finally:
         proc.terminate()
@@ -83,9 +101,11 @@ def mlflow(page: DevTools) -> None:
         url = (f"http://127.0.0.1:{port}/#/experiments/{registration['experiment_id']}/runs/"
                f"{registration['run_id']}/artifacts/figures/explain_grid.png")
         page.goto(url)
-        _check(page.wait_for("[...document.querySelectorAll('img')].some(i => i.src.includes('explain_grid') "
-                             "&& i.complete && i.naturalWidth > 300)", 120),
+        # the artifact viewer draws the file from a blob: URL, under the file's name
+        _check(page.wait_for("document.body.innerText.includes('figures/explain_grid.png') && "
+                             "[...document.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 1000)", 120),
                "the MLflow UI shows the run's figures/explain_grid.png")
+        page.js("document.querySelectorAll('[aria-label=Close], [aria-label=close]').forEach(b => b.click())")
         time.sleep(2)
         page.screenshot(OUT / "mlflow_explain_grid.png")
     finally:

@@ -31,3 +31,22 @@ def test_absent_class_does_not_count_in_macro_f1():
     assert m["k"] == 3
     assert m["macro_f1"] == 1.0
     assert m["per_class"]["c"]["support"] == 0
+
+
+def test_label_smoothing_is_torchs_smoothed_cross_entropy_and_zero_is_plain():
+    import torch
+    import torch.nn.functional as F
+
+    from visionflow.core.config import TrainParams
+    from visionflow.tasks.classify import ClassifyTask
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    model = torch.nn.Identity()
+    targets = torch.tensor([0, 2])
+    plain = ClassifyTask(TrainParams()).loss(model, logits, targets)["cross_entropy"]
+    assert plain.item() == pytest.approx(F.cross_entropy(logits, targets).item())
+    smooth = ClassifyTask(TrainParams(label_smoothing=0.1)).loss(model, logits, targets)["cross_entropy"]
+    # by hand: (1 - e) * NLL of the label + e * mean NLL over the K classes
+    logp = torch.log_softmax(logits, 1)
+    want = (0.9 * -logp[torch.arange(2), targets] + 0.1 * -logp.mean(1)).mean()
+    assert smooth.item() == pytest.approx(want.item(), rel=1e-6)

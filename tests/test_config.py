@@ -48,6 +48,10 @@ def test_bad_values_are_rejected(tmp_path):
     data["detect"]["train"]["dice_weight"] = 1.0
     with pytest.raises(ConfigError, match=r"detect.train.dice_weight: the Dice loss is for segment only"):
         load_params(_write(tmp_path, data))
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["multilabel"]["train"]["label_smoothing"] = 0.1
+    with pytest.raises(ConfigError, match=r"multilabel.train.label_smoothing: label smoothing is for classify"):
+        load_params(_write(tmp_path, data))
 
 
 def test_branches(tmp_path):

@@ -268,6 +268,8 @@ def test_evaluate_stage_draws_cams_for_mlflow_and_inspect_stores_them_in_fiftyon
     assert heatmap.range == [0, 255] and Path(heatmap.map_path).is_file()
     # and the saved view `explained` opens the App on them
     assert sorted(dataset.load_saved_view("explained").values("sample_id")) == sorted(cams)
+    assert "cam" in dataset.app_config.active_fields.paths  # drawn when the App opens, with the labels
+    assert "ground_truth" in dataset.app_config.active_fields.paths
 
 
 def test_cli_explain_takes_a_registered_model(tmp_path, capsys):

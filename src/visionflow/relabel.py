@@ -140,7 +140,7 @@ def annotate(paths: Paths, branch: BranchParams, top: int, backend: str, out: Op
                                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to a folder that holds the project's "
                                 "images (and pass --document-root), or use --backend labelstudio-files")
             rel = image.relative_to(root).as_posix()
-            folder = image.parent
+            folder = image.parents[len(Path(p.sample.path).parts) - 1]  # the source's images root
             if folder not in folders:
                 folders.append(folder)
             tasks.append(ls_task(task, p, names, branch.review, local_file_url(rel), _model_label(ref)))

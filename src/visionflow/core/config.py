@@ -191,6 +191,7 @@ class TrainParams(Section):
     gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: Optional[float] = Field(5.0, gt=0)  # max global gradient norm; null: off
     dice_weight: float = Field(0.0, ge=0)  # segment: loss = cross-entropy + this * soft Dice; 0: off
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # classify: cross-entropy against (1 - e) one-hot + e / K; 0: off
     augment: AugmentParams = AugmentParams()
     early_stopping: Optional[EarlyStoppingParams] = EarlyStoppingParams()
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -367,6 +368,9 @@ class Params(Section):
                                  "(model.mode feature_extract); set it to false")
             if task != "segment" and self.branch(task).train.dice_weight:
                 raise ValueError(f"{task}.train.dice_weight: the Dice loss is for segment only; set it to 0")
+            if task != "classify" and self.branch(task).train.label_smoothing:
+                raise ValueError(f"{task}.train.label_smoothing: label smoothing is for classify's single-label "
+                                 "cross-entropy only; set it to 0")
         for what, name_of in (("register.model_name", lambda t: model_name(t, self.branch(t).register)),
                               ("inspect.dataset_name", lambda t: dataset_name(t, self.branch(t).inspect))):
             names = [name_of(t) for t in tasks]

@@ -222,6 +222,12 @@ def write_split_dataset(
     _show_masks(dataset, kind)
     dataset.save()
     if heatmaps and dataset.has_sample_field("cam"):  # where the App shows what the network looked at
+        # The App leaves dense labels (heatmaps) unticked; the maps are drawn where a sample has one.
+        labels = list(dataset.get_field_schema(embedded_doc_type=fo.Label))
+        active = dataset.app_config.active_fields
+        shown = list(active.paths) if active is not None and active.paths and not active.exclude else labels
+        dataset.app_config.active_fields = fo.ActiveFields(paths=[f for f in labels if f in shown or f == "cam"])
+        dataset.save()
         dataset.save_view(EXPLAINED_VIEW, dataset.exists("cam"),
                           description="test images with the class activation map of their prediction (field cam)")
 

@@ -231,7 +231,8 @@ class ClassifyTask(TaskBase):
         return stack(images), torch.tensor(labels, dtype=torch.int64)
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
-        return {"cross_entropy": F.cross_entropy(model(images), targets.to(images.device))}
+        smoothing = self.params.label_smoothing if self.params is not None else 0.0
+        return {"cross_entropy": F.cross_entropy(model(images), targets.to(images.device), label_smoothing=smoothing)}
 
     @torch.no_grad()
     def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
