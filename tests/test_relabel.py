@@ -186,3 +186,43 @@ def test_a_label_outside_the_project_is_refused_by_name(project, tmp_path, capsy
     err = capsys.readouterr().err
     assert "'dragon'" in err and "not a category of the project" in err
     assert params_file.read_text() == params_before
+
+
+def test_segment_prediction_view_is_one_mask_region_per_class_and_reads_back(tmp_path):
+    """The model's mask, as the annotator sees it beside the outlines: one brush region per class,
+    which Label Studio's reader (the one a pull uses) turns back into the same pixels."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from visionflow.core.config import ReviewParams
+    from visionflow.formats import ConversionReport
+    from visionflow.formats.labelstudio import WRITE_POLICIES, read_labelstudio, sample_results
+    from visionflow.manifest.masks import decode_rle
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:15, 10:30] = 1  # category 0
+    mask[20:35, 40:55] = 3  # category 2
+    Image.fromarray(mask).save(tmp_path / "pred.png")
+    Image.new("RGB", (60, 40)).save(tmp_path / "a.png")
+    s = Sample(id="s/a.png", root=str(tmp_path), path="a.png", width=60, height=40, sha256="0" * 64)
+    view = get_task("segment").prediction_view(s, {"mask_path": tmp_path / "pred.png"}, ReviewParams())
+    assert [(i.category_id, i.bbox, i.area) for i in view.instances] == [
+        (0, [10.0, 5.0, 30.0, 15.0], 200.0), (2, [40.0, 20.0, 55.0, 35.0], 225.0)]
+    results = sample_results(view, {0: "circle", 1: "square", 2: "star"}, ConversionReport(dict(WRITE_POLICIES)), "P")
+    assert [r["type"] for r in results] == ["brushlabels", "brushlabels"]
+    (tmp_path / "tasks.json").write_text(json.dumps([{"id": 1, "data": {"image": "a.png"},
+                                                      "annotations": [{"id": 1, "result": results}]}]))
+    back = read_labelstudio(tmp_path, tmp_path / "tasks.json", "t").samples[0]
+    for want, got in zip(view.instances, back.instances):
+        np.testing.assert_array_equal(decode_rle(got.rle, 40, 60, "back"), decode_rle(want.rle, 40, 60, "want"))
+
+
+def test_detect_prediction_view_keeps_boxes_over_the_review_confidence():
+    from visionflow.core.config import ReviewParams
+
+    s = _sample([], [])
+    record = {"boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "labels": [1, 2], "scores": [0.9, 0.2]}
+    view = get_task("detect").prediction_view(s, record, ReviewParams(min_confidence=0.5))
+    assert view.instances == [Instance(bbox=[1.0, 2.0, 3.0, 4.0], category_id=1)]
