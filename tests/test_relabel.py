@@ -226,3 +226,37 @@ def test_detect_prediction_view_keeps_boxes_over_the_review_confidence():
     record = {"boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "labels": [1, 2], "scores": [0.9, 0.2]}
     view = get_task("detect").prediction_view(s, record, ReviewParams(min_confidence=0.5))
     assert view.instances == [Instance(bbox=[1.0, 2.0, 3.0, 4.0], category_id=1)]
+
+
+def test_an_imagefolder_relabel_is_refused_with_the_way_round_it(tmp_path):
+    """In an ImageFolder tree the class is the folder: the corrected class cannot be written without
+    moving the image (a new sample id, a new split). The pull refuses, names the CSV route, and
+    changes nothing."""
+    from PIL import Image
+
+    from visionflow.core.config import load_params
+    from visionflow.core.errors import UserError
+    from visionflow.relabel import write_version
+    from visionflow.stages import get_stage
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from project import make_project
+
+    for cls, colour in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+        (tmp_path / "data/pets" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), colour).save(tmp_path / "data/pets" / cls / f"{i}.png")
+    params_file = make_project(tmp_path, {"ingest": {"sources": [{"name": "pets", "format": "imagefolder",
+                                                                  "images": "data/pets", "annotations": "data/pets"}]}})
+    params = load_params(params_file)
+    paths = Paths(tmp_path)
+    get_stage("ingest", params).run(params, paths)
+    s = next(s for s in read_manifest(paths.manifest) if s.id == "pets/cat/0.png")
+    dog = next(c.id for c in read_categories(paths.categories) if c.name == "dog")
+    before = params_file.read_text()
+    with pytest.raises(UserError, match="export the source as CSV"):
+        write_version(paths, params.ingest.sources[0], get_task("classify"),
+                      {s.id: (s, Sample(**{**s.__dict__, "labels": [dog]}))}, read_categories(paths.categories),
+                      {"review": {"task": "classify"}, "reviewed": 1})
+    assert params_file.read_text() == before
+    assert not any((tmp_path / "data/corrections/pets").glob("v*"))  # no half-written version left

@@ -437,18 +437,23 @@ def _write_and_check(fmt: str, samples: list[Sample], categories: list[Category]
         for p in list(tmp.iterdir()):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         report = ConversionReport()
-        annotations = write_format(fmt, samples, categories, tmp, paths.root, copy_images=copy, report=report)
         try:
+            annotations = write_format(fmt, samples, categories, tmp, paths.root, copy_images=copy, report=report)
             back = read_source(fmt, images, annotations, src.name, root=root, **options)
-        except DataError as exc:
+        except (DataError, ValueError) as exc:  # e.g. a format that cannot be written apart from its images
             problems.append(f"{'copied' if copy else 'beside the images'}: {exc}")
             continue
         diff = _difference(samples, back.samples, categories, back.categories)
         if diff is None:
             return annotations, images, root
         problems.append(f"{'copied' if copy else 'beside the images'}: {diff}")
+    hint = ""
+    if fmt == "imagefolder":  # the class is the folder: a corrected class would move the file (a new sample id)
+        hint = (". ImageFolder keeps each image's class in its folder name, so a corrected class cannot be written "
+                "without moving the image; export the source as CSV (`visionflow export-annotations --format csv "
+                "--out DIR`), point the ingest source at that file, and pull again")
     raise UserError(f"the corrected {src.name!r} written as {fmt} does not read back as intended, so nothing was "
-                    f"changed: {'; '.join(problems)}")
+                    f"changed: {'; '.join(problems)}{hint}")
 
 
 def _key(s: Sample, names: dict[int, str]) -> tuple:
