@@ -119,7 +119,9 @@ def test_segment_branch_metrics_masks_and_fiftyone_eval(flow_run):
     ds = fo.load_dataset("e2eflow-segment-test")
     assert "eval" in ds.list_evaluations() and len(ds) == metrics["n"]
     assert ds.default_mask_targets[0] == "background"
-    assert ds.app_config.active_fields.paths == ["ground_truth", "predictions"]  # masks drawn when the App opens
+    # masks drawn when the App opens, and the class activation maps where a test image has one
+    assert sorted(ds.app_config.active_fields.paths) == ["cam", "ground_truth", "predictions"]
+    assert len(ds.load_saved_view("explained")) == len(ds.exists("cam")) > 0
     scheme = ds.app_config.color_scheme  # one colour per class, not one per field
     colours = {c["intTarget"]: c["color"] for c in scheme.default_mask_targets_colors}
     assert scheme.color_by == "value" and sorted(colours) == sorted(k for k in ds.default_mask_targets if k)
