@@ -88,7 +88,7 @@ def test_init_points_the_project_at_a_dataset_and_dvc_yaml_follows(project, shap
     assert params.ingest.sources[0].model_dump() == {
         "name": "my-pets", "format": "labelstudio", "images": "exports/My Pets",
         "annotations": "exports/My Pets/tasks.json", "categories": None, "path": None,
-        "voc_coordinates": "auto"}
+        "voc_coordinates": "auto", "corrections": None}
     assert set(params.tasks) == {"detect", "segment", "multilabel"}
     for task in params.tasks:
         branch = params.branch(task)
