@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import json
 import logging
 import os
@@ -221,7 +222,6 @@ def _write_package(backend: str, out: Path, task, chosen: list[Pick], categories
 
 def _write_review_csv(path: Path, task, chosen: list[Pick], names: dict[int, str], branch: BranchParams) -> None:
     import csv
-    import io
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -375,10 +375,10 @@ def _in_ids(answer: Sample, answer_names: dict[int, str], by_name: dict[str, Cat
 def write_version(paths: Paths, src: SourceParams, task, changes: dict[str, tuple[Sample, Sample]],
                   categories: list[Category], record: dict[str, Any]) -> dict[str, Any]:
     """The whole source, corrected, as data/corrections/<source>/v<N>/ in the source's own format."""
-    from visionflow.stages.ingest import resolve_source
+    from visionflow.stages.ingest import read_options, resolve_source
 
     where = resolve_source(src, paths)
-    options = {"coordinates": src.voc_coordinates} if where.format == "voc" else {}
+    options = read_options(src, where)  # read (and read back) as ingest reads it, before its category map
     raw = read_source(where.format, where.images, where.annotations, src.name, root=where.root, **options)
     raw_cats = list(raw.categories)
     to_raw: dict[int, int] = {}
@@ -496,8 +496,6 @@ def set_sources(paths: Paths, versions: list[dict[str, Any]]) -> None:
         entry.pop("path", None)
         entry["format"], entry["images"], entry["annotations"] = v["format"], v["images"], v["annotations"]
         entry["corrections"] = v["corrections"]
-    import io
-
     buf = io.StringIO()
     yaml.dump(doc, buf)
     write_text(paths.params, buf.getvalue())

@@ -100,8 +100,5 @@ class LabelStudio:
             raise UserError(f"Label Studio at {self.url}: project {project}'s export is not a list of tasks")
         return tasks
 
-    def project(self, project: int) -> dict[str, Any]:
-        return self._call("GET", f"/api/projects/{project}")
-
     def project_url(self, project: int) -> str:
         return f"{self.url}/projects/{project}/data"

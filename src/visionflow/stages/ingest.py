@@ -104,8 +104,13 @@ def resolve_source(src: SourceParams, paths: Paths) -> Resolved:
     return Resolved(found.format, found.images, found.annotations, _as_given(found.images, paths), found.why)
 
 
+def read_options(src: SourceParams, where: Resolved) -> dict[str, Any]:
+    """The format's own reading options a source sets (voc: its coordinates convention)."""
+    return {"coordinates": src.voc_coordinates} if where.format == "voc" else {}
+
+
 def _read(src: SourceParams, where: Resolved, paths: Paths) -> FormatResult:
-    options = {"coordinates": src.voc_coordinates} if where.format == "voc" else {}
+    options = read_options(src, where)
     if src.voc_coordinates != "auto" and where.format != "voc":
         raise ConfigError(f"{paths.params}: ingest source {src.name!r} sets voc_coordinates, but was read as "
                           f"{where.format} ({where.why or 'format given'}); remove it or fix the format")
