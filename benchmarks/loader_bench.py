@@ -7,7 +7,8 @@ into a cache folder, then measures in the same run:
   raw     PIL decode only (`Image.open(p).convert("RGB")` to a numpy array), one process
   loader  the train stage's own loader (visionflow.stages.train.build_loaders: classify dataset,
           seeded sampler, `--preset` augmentation, normalisation, collate into batches) with
-          each `--workers` count, and with `cache: ram`
+          each `--workers` count, with `cache: none` and `ram`, and with float32 batches (what CPU
+          training gets) and uint8 batches (what CUDA training gets: normalised on the device)
 
 Printed: images/s of each, the images/s per core used (workers, or 1 for the main process
 with 0 workers) and the ratio loader/raw per core (issue 12's goal: >= 0.8). The first epoch
@@ -81,7 +82,7 @@ def raw_rate(paths: list[Path], repeat: int) -> float:
 
 
 def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
-                batch: int, epochs: int) -> float:
+                batch: int, epochs: int, batches: str = "float32") -> float:
     import torch
 
     from visionflow.core.config import AugmentParams, TrainParams
@@ -102,7 +103,8 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
     train_tf, eval_tf = task.build_transforms(params)
     train_ds = task.build_dataset(samples, train_tf, root)
     val_ds = task.build_dataset(samples[:1], eval_tf, root)
-    loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"), SINGLE)
+    loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"), SINGLE,
+                                       normalize_on_device=batches == "uint8")
     best = float("inf")
     for epoch in range(epochs + 1):  # the first epoch starts the workers: not timed
         sampler.set_epoch(epoch)
@@ -124,6 +126,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per setting (best kept)")
     ap.add_argument("--repeat", type=int, default=2, help="raw decode passes (best kept)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "visionflow-loader-bench")
+    ap.add_argument("--batches", nargs="+", default=["float32", "uint8"], choices=["float32", "uint8"],
+                    help="float32: normalised by the loader (CPU training); uint8: normalised on the device "
+                         "after the copy (CUDA training; the device's work is not timed here)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -135,14 +140,17 @@ def main() -> None:
     rows = []
     for size in args.image_size:
         for cache in ("none", "ram"):
-            for w in args.workers:
-                rate = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs)
-                cores = max(1, w)
-                ratio = rate / cores / raw
-                rows.append({"image_size": size, "cache": cache, "workers": w, "images_per_s": round(rate, 1),
-                             "per_core": round(rate / cores, 1), "ratio_per_core": round(ratio, 3)})
-                print(f"loader {size:4d} px  cache {cache:4s}  workers {w}: {rate:8.1f} images/s, "
-                      f"{rate / cores:8.1f} per core, loader/raw per core {ratio:5.2f}")
+            for batches in args.batches:
+                for w in args.workers:
+                    rate = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
+                                       batches)
+                    cores = max(1, w)
+                    ratio = rate / cores / raw
+                    rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
+                                 "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
+                                 "ratio_per_core": round(ratio, 3)})
+                    print(f"loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w}: {rate:8.1f} images/s, "
+                          f"{rate / cores:8.1f} per core, loader/raw per core {ratio:5.2f}")
     if args.out:
         args.out.write_text(json.dumps({"raw_images_per_s": round(raw, 1), "n": len(paths), "preset": args.preset,
                                         "batch": args.batch, "rows": rows}, indent=2) + "\n")

@@ -133,3 +133,26 @@ def test_a_pickle_payload_planted_as_checkpoint_is_refused(tmp_path):
     with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
         _run(tmp_path, epochs=2)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_amp_always_trains_in_bf16_on_the_cpu(tmp_path, caplog):
+    """train.amp: true is CUDA only; always autocasts to bf16 on the CPU too (oneDNN on AMX or
+    AVX512-BF16), or trains in fp32 with a warning on a CPU without bf16 instructions. fit then
+    runs the convolutions in bf16 and the model still learns."""
+    from visionflow.training.engine import amp_dtype_for, cpu_bf16_supported
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype_for(True, cpu) is None and amp_dtype_for(False, cpu) is None and amp_dtype_for(False, cuda) is None
+    expected = torch.bfloat16 if cpu_bf16_supported() else None
+    assert amp_dtype_for("always", cpu) == expected
+    task = ClassifyTask()
+    train, val, gen = _loaders(task)
+    model = _model()
+    dtypes = []
+    model[0].register_forward_hook(lambda m, args, out: dtypes.append(out.dtype) if m.training else None)
+    result = fit(task, model, train, val, FitConfig(epochs=4, lr=0.05, amp="always", seed=0, resume=False),
+                 tmp_path, torch.device("cpu"), lambda seed: gen.manual_seed(seed))
+    assert dtypes and set(dtypes) == {expected or torch.float32}
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    if expected is None:
+        assert "no bf16 instructions" in caplog.text

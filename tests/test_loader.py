@@ -268,3 +268,114 @@ print(len(out))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and out.stdout.split()[-1] == "8", out.stderr[-2000:]
+
+
+def _train_loader(task, params: TrainParams, samples: list[Sample], root: Path, on_device: bool):
+    """(train dataset, train loader, sampler) of the train stage's build_loaders."""
+    train_tf, eval_tf = task.build_transforms(params)
+    train_ds = task.build_dataset(samples, train_tf, root)
+    val_ds = task.build_dataset(samples[:2], eval_tf, root)
+    train_loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"),
+                                             SINGLE, normalize_on_device=on_device)
+    return train_ds, train_loader, sampler
+
+
+@pytest.mark.parametrize("task_name,workers", [("classify", 0), ("detect", 0), ("segment", 2)])
+def test_uint8_batches_normalised_on_the_device_are_the_loaders_batches_bit_for_bit(tmp_path, task_name, workers):
+    """On CUDA the train loader hands over uint8 batches (a quarter of the bytes to pass between
+    processes, pin and copy) and DeviceNormalize does the final A.Normalize on the device: the
+    batches the model sees are those of a loader that normalises, bit for bit."""
+    samples = _shapes_samples(tmp_path, 8) if task_name != "classify" else _same_image_samples(tmp_path, 8)
+    params = TrainParams(image_size=64, batch_size=4, num_workers=workers, augment=AugmentParams(preset="medium"),
+                         device="cpu")
+    task = get_task(task_name, params)
+
+    def batches(on_device: bool):
+        train_ds, train_loader, sampler = _train_loader(task, params, samples, tmp_path, on_device)
+        sampler.set_epoch(5)
+        return train_ds.device_normalize, list(train_loader)
+
+    none, reference = batches(False)
+    normalize, deferred = batches(True)
+    assert none is None and normalize is not None
+    assert len(deferred) == len(reference) == 2
+    for (x, y), (x_ref, y_ref) in zip(deferred, reference):
+        assert x.dtype == torch.uint8 and x_ref.dtype == torch.float32 and x.shape == x_ref.shape
+        assert torch.equal(normalize(x), x_ref)
+        if isinstance(y, list) and y and isinstance(y[0], dict):
+            assert all(torch.equal(a[k], b[k]) for a, b in zip(y, y_ref) for k in a)
+        elif isinstance(y, torch.Tensor):
+            assert torch.equal(y, y_ref)
+        else:
+            assert y == y_ref
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(reference[0][0])
+
+
+def test_defer_normalization_leaves_a_pipeline_without_a_final_normalize_alone(tmp_path):
+    import albumentations as A
+
+    samples = _same_image_samples(tmp_path, 2)
+    task = get_task("classify", _params())
+    ds = task.build_dataset(samples, A.Compose([A.Resize(32, 32), A.HorizontalFlip(p=0.5)]), tmp_path)
+    assert ds.defer_normalization() is None and ds.device_normalize is None
+    x, _ = ds[(0, 1)]
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+    # a new transform keeps the deferral (a pipeline ending in A.Normalize is deferred again)
+    normal = task.build_dataset(samples, task.build_transforms(_params())[0], tmp_path)
+    normal.defer_normalization()
+    normal.transform = task.build_transforms(_params(image_size=48))[0]
+    assert normal.device_normalize is not None and normal[(0, 1)][0].dtype == torch.uint8
+
+
+def test_training_on_uint8_batches_gives_the_weights_of_float_batches(tmp_path):
+    """train_one_epoch applies the dataset's DeviceNormalize after the copy: the same losses and
+    the same weights as a loader that normalises."""
+    from visionflow.training.engine import FitConfig, build_optimizer, build_scheduler, train_one_epoch
+
+    samples = _same_image_samples(tmp_path, 8)
+    params = _params(num_workers=0, batch_size=4)
+    task = get_task("classify", params)
+    results = []
+    for on_device in (False, True):
+        _, train_loader, sampler = _train_loader(task, params, samples, tmp_path, on_device)
+        torch.manual_seed(0)
+        model = task.build_model(params, 8, pretrained=False)
+        cfg = FitConfig(epochs=1, lr=1e-2, optimizer="sgd")
+        optimizer = build_optimizer(model.parameters(), cfg)
+        scheduler = build_scheduler(optimizer, 1, len(train_loader), 0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        sampler.set_epoch(3)
+        losses = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, torch.device("cpu"),
+                                 None, None, 0)
+        results.append((losses, model.state_dict()))
+    (loss_a, state_a), (loss_b, state_b) = results
+    assert loss_a == loss_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_channels_last_always_trains_nhwc_on_the_cpu(tmp_path):
+    """train.channels_last: true is CUDA only; always puts the model and the batches in NHWC on
+    the CPU too (oneDNN's faster layout for small_cnn and MobileNetV2)."""
+    from visionflow.training.engine import FitConfig, build_optimizer, build_scheduler, train_one_epoch, \
+        use_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_channels_last(True, cpu) and use_channels_last(True, cuda)
+    assert use_channels_last("always", cpu) and not use_channels_last(False, cuda)
+    samples = _same_image_samples(tmp_path, 8)
+    params = _params(num_workers=0, batch_size=4, model=ModelParams(arch="small_cnn"), channels_last="always")
+    task = get_task("classify", params)
+    train_tf, eval_tf = task.build_transforms(params)
+    train_ds = task.build_dataset(samples, train_tf, tmp_path)
+    train_loader, _, sampler = build_loaders(task, params, Paths(tmp_path), train_ds,
+                                             task.build_dataset(samples[:2], eval_tf, tmp_path), cpu, SINGLE)
+    model = task.build_model(params, 8, pretrained=False).to(memory_format=torch.channels_last)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    cfg = FitConfig(epochs=1, lr=1e-2, optimizer="sgd")
+    optimizer = build_optimizer(model.parameters(), cfg)
+    sampler.set_epoch(1)
+    losses = train_one_epoch(task, model, train_loader, optimizer, build_scheduler(optimizer, 1, 2, 0),
+                             torch.amp.GradScaler("cpu", enabled=False), cpu, None, None, 0, params.channels_last)
+    assert seen == [True, True] and np.isfinite(losses["train_loss"])

@@ -68,6 +68,8 @@ def main() -> None:
     num_classes = max(image_label(s) for s in samples) + 1
     train_tf, _ = task.build_transforms(params)
     dataset = task.build_dataset(samples, train_tf, Path(args.root))
+    if device.type == "cuda":  # as the train stage does: uint8 batches, normalised on the GPU by fit
+        dataset.defer_normalization()
     loader_gen = torch.Generator()
     sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=params.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=params.batch_size, sampler=sampler, collate_fn=task.collate,

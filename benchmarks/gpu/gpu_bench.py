@@ -256,7 +256,7 @@ def build_samples(folder: Path, files: list[tuple[str, int]], count: int, width:
 
 def loader_rate(folder: Path, files, cfg: dict, workers: int, device: torch.device) -> dict:
     """Images/s that visionflow's classification dataset + collate deliver through a DataLoader
-    (pin_memory on CUDA, each batch copied to the device). The first `max(1, workers)` batches
+    (pin_memory on CUDA, each uint8 batch copied to the device and normalised there). The first `max(1, workers)` batches
     (one per worker, started together) are not timed; then `max(min_measure, 2 x workers)`."""
     from torch.utils.data import DataLoader
 
@@ -270,6 +270,8 @@ def loader_rate(folder: Path, files, cfg: dict, workers: int, device: torch.devi
     skip, measure = max(1, workers), max(cfg["min_measure"], 2 * workers)
     samples = build_samples(folder, files, (skip + measure) * batch, cfg["width"], cfg["height"])
     dataset = task.build_dataset(samples, train_tf, folder)
+    # as the train stage does on CUDA: uint8 batches, normalised on the device after the copy
+    normalize = dataset.defer_normalization() if device.type == "cuda" else None
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=task.collate, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
@@ -277,6 +279,8 @@ def loader_rate(folder: Path, files, cfg: dict, workers: int, device: torch.devi
     images_timed = 0
     for i, (images, _labels) in enumerate(loader):
         images = images.to(device, non_blocking=True)
+        if normalize is not None:
+            images = normalize(images)
         if i == 0:
             sync(device)
             first = time.perf_counter() - start

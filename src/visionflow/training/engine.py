@@ -1,6 +1,6 @@
 """One training engine for every task (see visionflow.tasks.base for the contract).
 
-Device selection, AMP and channels_last on CUDA, AdamW or SGD, warmup then cosine or step LR
+Device selection, AMP and channels_last (CUDA; on the CPU too with `always`), AdamW or SGD, warmup then cosine or step LR
 (per step), gradient clipping, per-epoch atomic checkpoints, exact resume, early stopping,
 progress bars, and DDP under torchrun (see visionflow.training.distributed).
 
@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -63,8 +63,8 @@ class FitConfig:
     step_epochs: int = 5
     gamma: float = 0.1
     grad_clip: Optional[float] = 5.0
-    amp: bool = True
-    channels_last: bool = True  # CUDA only: NHWC activations, faster convolutions on tensor cores
+    amp: Union[bool, str] = True  # True: CUDA only; "always": bf16 autocast on the CPU too
+    channels_last: Union[bool, str] = True  # NHWC activations: True on CUDA only, "always" on the CPU too
     seed: int = 0
     early_metric: Optional[str] = None
     early_mode: str = "max"
@@ -108,8 +108,34 @@ def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def amp_dtype_for(setting: Union[bool, str], device: torch.device) -> Optional[torch.dtype]:
+    """train.amp: True on CUDA only (bf16 where supported, else fp16 with a GradScaler), "always"
+    also bf16 autocast on the CPU (oneDNN: AMX or AVX512-BF16; 2-3x per step for small_cnn here),
+    False never. None: fp32. A CPU without bf16 instructions trains in fp32, with a warning."""
+    if device.type == "cuda" and setting in (True, "always"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and setting == "always":
+        if cpu_bf16_supported():
+            return torch.bfloat16
+        log.warning("train.amp: always, but this CPU has no bf16 instructions (AVX512-BF16 or AMX); "
+                    "training in float32")
+    return None
+
+
+def cpu_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_channels_last(setting: Union[bool, str], device: torch.device) -> bool:
+    """train.channels_last: True on CUDA only, "always" on any device, False never."""
+    return setting == "always" or (setting is True and device.type == "cuda")
+
+
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, amp_dtype, grad_clip, epoch,
-                    channels_last: bool = True) -> dict[str, float]:
+                    channels_last: Union[bool, str] = True) -> dict[str, float]:
     model.train()
     for m in model.modules():  # a frozen feature-extract backbone stays in inference mode
         if getattr(m, "visionflow_frozen_inference", False):
@@ -119,10 +145,15 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, a
     # One iterator per epoch: tqdm.auto's asyncio class calls iter() on what it wraps, and a
     # second iter() on a DataLoader restarts its (persistent) workers mid-prefetch.
     bar = tqdm(iter(loader), total=len(loader), desc=f"epoch {epoch}", leave=False, disable=None)
+    # uint8 batches when the dataset deferred its normalisation to the device (CUDA: see
+    # training/loader.py DeviceNormalize); the same float batch either way
+    normalize = getattr(getattr(loader, "dataset", None), "device_normalize", None)
     for images, targets in bar:
         # pinned batches (pin_memory on CUDA) copy while the GPU still works on the last step
         images, targets = images.to(device, non_blocking=True), move_to(targets, device)
-        if channels_last and device.type == "cuda":
+        if normalize is not None:
+            images = normalize(images)
+        if use_channels_last(channels_last, device):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = task.loss(model, images, targets)
@@ -160,15 +191,13 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
     source of randomness the data pipeline owns (loader generator or sampler, augmentation).
     Under DDP every rank calls this with its own shard of the data (DistributedSampler)."""
     model.to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if use_channels_last(cfg.channels_last, device):
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg.epochs, len(train_loader), cfg.warmup_epochs,
                                 cfg.schedule, cfg.step_epochs, cfg.gamma)
-    amp_dtype = None
-    if cfg.amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = amp_dtype_for(cfg.amp, device)
     # GradScaler only matters for fp16; disabled it is a pass-through (and still checkpointable).
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 

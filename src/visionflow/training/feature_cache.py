@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from visionflow.training.engine import amp_dtype_for, use_channels_last
 from visionflow.training.loader import SeededSampler, resolve_num_workers, stack
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,13 @@ def _pairs(batch: list) -> tuple[torch.Tensor, list]:
 
 @torch.no_grad()
 def compute_features(model: nn.Module, head: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                     num_workers: int = 0, amp: bool = True, channels_last: bool = True) -> tuple[torch.Tensor, list]:
+                     num_workers: int = 0, amp: Union[bool, str] = True, channels_last: Union[bool, str] = True) -> tuple[torch.Tensor, list]:
     """((N, F) float32 features on the CPU, N targets): the input of `head` (a submodule of
     `model`) for every item of `dataset`, in order, with the model in eval mode and the same
     AMP and memory format as training uses."""
     model.to(device).eval()
-    amp_dtype = None
-    if amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if channels_last and device.type == "cuda":
+    amp_dtype = amp_dtype_for(amp, device)
+    if use_channels_last(channels_last, device):
         model.to(memory_format=torch.channels_last)
     first = next(iter(head.children()), head)
     captured: list[torch.Tensor] = []
@@ -57,7 +56,7 @@ def compute_features(model: nn.Module, head: nn.Module, dataset: Dataset, batch_
     try:
         for images, ys in loader:
             images = images.to(device, non_blocking=True)
-            if channels_last and device.type == "cuda":
+            if use_channels_last(channels_last, device):
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 model(images)
