@@ -360,7 +360,7 @@ class SegmentTask(TaskBase):
             pixels += valid
             if acc is None:
                 acc = ConfusionAccumulator(logits.shape[1], IGNORE_INDEX)
-            acc.update(logits.argmax(1).cpu(), targets.cpu())
+            acc.update(torch.from_numpy(class_argmax(logits.float(), 1)), targets.cpu())
         m = acc.compute() if acc else {}
         # None (nothing valid to score) reads as 0 so early stopping and the logs get numbers.
         return {"val_loss": loss_sum / max(pixels, 1), "val_miou": m.get("miou") or 0.0,
@@ -401,7 +401,17 @@ def upsampled_mask(logits: torch.Tensor, frame: Frame) -> np.ndarray:
     input (letterbox padding cropped off), bilinear to the image's size, argmax."""
     full = F.interpolate(frame.crop(logits.float())[None], size=(frame.height, frame.width), mode="bilinear",
                          align_corners=False)
-    return full[0].argmax(0).to(torch.uint8).cpu().numpy()
+    return class_argmax(full, 1)[0].astype(np.uint8)
+
+
+def class_argmax(logits: torch.Tensor, dim: int) -> np.ndarray:
+    """argmax over the class axis as a numpy array (the first maximum on ties, as torch's). On the
+    CPU numpy's reduction: torch's argmax over a non-innermost axis of (K, H, W) logits is about
+    5x slower with one thread (2.8 ms against 0.5 ms at 6 x 128 x 128), a quarter of a U-Net's
+    batch prediction."""
+    if logits.device.type != "cpu":
+        return logits.argmax(dim).cpu().numpy()
+    return logits.detach().numpy().argmax(dim)
 
 
 class LogitsMaskGraph(nn.Module):
