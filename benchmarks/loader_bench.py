@@ -82,12 +82,12 @@ def raw_rate(paths: list[Path], repeat: int) -> float:
 
 
 def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
-                batch: int, epochs: int, batches: str = "float32") -> float:
+                batch: int, epochs: int, batches: str = "float32", task_name: str = "classify") -> float:
     import torch
 
     from visionflow.core.config import AugmentParams, TrainParams
     from visionflow.core.paths import Paths
-    from visionflow.manifest import Sample
+    from visionflow.manifest import Instance, Sample
     from visionflow.stages.train import build_loaders
     from visionflow.tasks import get_task
     from visionflow.training.distributed import SINGLE
@@ -95,11 +95,14 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
     samples = []
     for i, p in enumerate(paths):
         w, h = Image.open(p).size
+        x1, y1, x2, y2 = w * 0.25, h * 0.25, w * 0.75, h * 0.75  # segment: one object, a rectangle
+        box = Instance(bbox=[x1, y1, x2, y2], category_id=i % 5, polygons=[[x1, y1, x2, y1, x2, y2, x1, y2]])
         samples.append(Sample(id=p.stem, root=str(p.parent), path=p.name, width=w, height=h,
-                              sha256=hashlib.sha256(p.read_bytes()).hexdigest(), labels=[i % 5]))
+                              sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
+                              **({"labels": [i % 5]} if task_name == "classify" else {"instances": [box]})))
     params = TrainParams(image_size=image_size, batch_size=batch, num_workers=workers, cache=cache,
                          augment=AugmentParams(preset=preset), device="cpu")
-    task = get_task("classify", params)
+    task = get_task(task_name, params)
     train_tf, eval_tf = task.build_transforms(params)
     train_ds = task.build_dataset(samples, train_tf, root)
     val_ds = task.build_dataset(samples[:1], eval_tf, root)
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", default=["float32", "uint8"], choices=["float32", "uint8"],
                     help="float32: normalised by the loader (CPU training); uint8: normalised on the device "
                          "after the copy (CUDA training; the device's work is not timed here)")
+    ap.add_argument("--task", default="classify", choices=["classify", "segment"],
+                    help="classify: stretched to image_size x image_size; segment: letterboxed (longest "
+                         "side to image_size, padded), with its mask (one rectangle per photo)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -143,16 +149,17 @@ def main() -> None:
             for batches in args.batches:
                 for w in args.workers:
                     rate = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
-                                       batches)
+                                       batches, args.task)
                     cores = max(1, w)
                     ratio = rate / cores / raw
                     rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
                                  "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
                                  "ratio_per_core": round(ratio, 3)})
-                    print(f"loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w}: {rate:8.1f} images/s, "
+                    print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w}: {rate:8.1f} images/s, "
                           f"{rate / cores:8.1f} per core, loader/raw per core {ratio:5.2f}")
     if args.out:
-        args.out.write_text(json.dumps({"raw_images_per_s": round(raw, 1), "n": len(paths), "preset": args.preset,
+        args.out.write_text(json.dumps({"raw_images_per_s": round(raw, 1), "n": len(paths), "task": args.task,
+                                        "preset": args.preset,
                                         "batch": args.batch, "rows": rows}, indent=2) + "\n")
 
 

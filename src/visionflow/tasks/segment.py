@@ -54,7 +54,9 @@ class SegmentationDataset(LoaderDataset):
         # with nearest-neighbour interpolation; pixel-level ones leave it alone).
         out = transform(image=record["image"], mask=record["mask"])
         x = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))  # (3, S, S) float32
-        return x, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()  # (S, S) int64
+        # (S, S) uint8 (class values fit: semantic_mask), made int64 where the loss runs: an eighth
+        # of the bytes to hand over, pin and copy (a 640 px int64 mask is 3.3 MB)
+        return x, torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=np.uint8))
 
 
 class SegmentMetric:
@@ -342,7 +344,7 @@ class SegmentTask(TaskBase):
         return stack(images), stack(masks)  # (B, 3, S, S), (B, S, S)
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
-        logits, targets = model(images), targets.to(images.device)
+        logits, targets = model(images), targets.to(images.device).long()
         out = {"cross_entropy": _cross_entropy(logits, targets)}
         if self.dice_weight:
             out["dice"] = self.dice_weight * soft_dice_loss(logits, targets)
@@ -353,7 +355,7 @@ class SegmentTask(TaskBase):
         model.eval()
         acc, loss_sum, pixels = None, 0.0, 0
         for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
+            images, targets = images.to(device), targets.to(device).long()
             logits = model(images).float()  # (B, K + 1, S, S)
             valid = int((targets != IGNORE_INDEX).sum())
             loss_sum += float(_cross_entropy(logits, targets)) * valid
