@@ -155,12 +155,11 @@ def main() -> None:
                     rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
                                  "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
                                  "ratio_per_core": round(ratio, 3)})
-                    print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w}: {rate:8.1f} images/s, "
-                          f"{rate / cores:8.1f} per core, loader/raw per core {ratio:5.2f}")
+                    print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w}: "
+                          f"{rate:8.1f} images/s, {rate / cores:8.1f} per core, loader/raw per core {ratio:5.2f}")
     if args.out:
         args.out.write_text(json.dumps({"raw_images_per_s": round(raw, 1), "n": len(paths), "task": args.task,
-                                        "preset": args.preset,
-                                        "batch": args.batch, "rows": rows}, indent=2) + "\n")
+                                        "preset": args.preset, "batch": args.batch, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -256,8 +256,9 @@ def build_samples(folder: Path, files: list[tuple[str, int]], count: int, width:
 
 def loader_rate(folder: Path, files, cfg: dict, workers: int, device: torch.device) -> dict:
     """Images/s that visionflow's classification dataset + collate deliver through a DataLoader
-    (pin_memory on CUDA, each uint8 batch copied to the device and normalised there). The first `max(1, workers)` batches
-    (one per worker, started together) are not timed; then `max(min_measure, 2 x workers)`."""
+    (pin_memory on CUDA, each uint8 batch copied to the device and normalised there). The first
+    `max(1, workers)` batches (one per worker, started together) are not timed; then
+    `max(min_measure, 2 x workers)`."""
     from torch.utils.data import DataLoader
 
     from visionflow.core.config import TrainParams

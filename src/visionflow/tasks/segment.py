@@ -362,7 +362,7 @@ class SegmentTask(TaskBase):
             pixels += valid
             if acc is None:
                 acc = ConfusionAccumulator(logits.shape[1], IGNORE_INDEX)
-            acc.update(torch.from_numpy(class_argmax(logits.float(), 1)), targets.cpu())
+            acc.update(torch.from_numpy(class_argmax(logits, 1)), targets.cpu())
         m = acc.compute() if acc else {}
         # None (nothing valid to score) reads as 0 so early stopping and the logs get numbers.
         return {"val_loss": loss_sum / max(pixels, 1), "val_miou": m.get("miou") or 0.0,

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler, get_worker_info
 
 from visionflow.core.errors import UserError
 from visionflow.manifest import Sample
@@ -166,29 +166,26 @@ class _Sized:
 
 @contextmanager
 def seeded_globals(seed: int) -> Iterator[None]:
-    """python's, numpy's and torch's global generators seeded for the block, then restored (in
-    the main process, with 0 workers, a sample must not move the training's own generators). A
-    loader worker's generators are its own: seeded, not saved and restored (numpy's state alone
-    costs 0.14 ms to save and restore, half of a small image's whole item)."""
-    from torch.utils.data import get_worker_info
-
-    if get_worker_info() is not None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)
-        yield
-        return
-    cpu = torch.default_generator  # not torch.manual_seed: it also queues a (lazy) CUDA seeding with
-    py, npy, th = random.getstate(), np.random.get_state(), cpu.get_state()  # a stack trace, 0.5 ms
+    """python's, numpy's and torch's global generators seeded for the block, then restored in the
+    main process (with 0 workers, a sample must not move the training's own generators). A loader
+    worker's generators are its own: seeded, not saved and restored (numpy's state alone costs
+    0.14 ms to save and restore, half of a small image's whole item)."""
+    # the CPU generator, not torch.manual_seed: that also queues a (lazy) CUDA seeding with a stack
+    # trace, 0.5 ms
+    cpu = torch.default_generator
+    restore = get_worker_info() is None
+    if restore:
+        py, npy, th = random.getstate(), np.random.get_state(), cpu.get_state()
     random.seed(seed)
     np.random.seed(seed)
     cpu.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        cpu.set_state(th)
+        if restore:
+            random.setstate(py)
+            np.random.set_state(npy)
+            cpu.set_state(th)
 
 
 # --- the records: deterministic prefix of the pipeline, cached ---------------------------------
@@ -252,8 +249,9 @@ class _NormalizedBy:
 
         out = self.compose(**data)
         image = out["image"]
+        rgb8 = image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         if self.deferred:
-            if not (image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            if not rgb8:
                 raise RuntimeError(f"normalisation on the device needs (H, W, 3) uint8 images from the "
                                    f"augmentations, got {image.dtype} {image.shape}")
             chw = np.empty((3, *image.shape[:2]), np.uint8)
@@ -261,7 +259,7 @@ class _NormalizedBy:
             if not np.may_share_memory(planes[0], chw):
                 chw = np.stack(planes)
             out["image"] = chw.transpose(1, 2, 0)
-        elif image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        elif rgb8:
             # written channel-first and returned as an (H, W, 3) view: the datasets' transpose to
             # (3, H, W) is then free instead of a copy of the float image
             chw = np.empty((3, *image.shape[:2]), np.float32)
@@ -498,8 +496,6 @@ def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """torch.stack; in a loader worker, straight into shared memory, as torch's default_collate
     does: the batch then crosses to the main process without another copy (a 640 px float
     batch of 32 is 157 MB)."""
-    from torch.utils.data import get_worker_info
-
     if get_worker_info() is None:
         return torch.stack(list(tensors))
     first = tensors[0]
