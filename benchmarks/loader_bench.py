@@ -4,15 +4,25 @@ It writes `--n` JPEG photos at 640 px (landscape 640x480 and portrait 480x640: c
 colour shifts of scikit-image's sample photos, or generated textures without scikit-image)
 into a cache folder, then measures in the same run:
 
-  raw     PIL decode only (`Image.open(p).convert("RGB")` to a numpy array), one process
+  raw     decode only, one process, two ways: PIL (`Image.open(p).convert("RGB")` to a numpy
+          array, the reference since this benchmark was written) and OpenCV (`cv2.imdecode` to
+          RGB: the decoder the loader itself uses for RGB JPEGs since 2026-12-05, see
+          visionflow.manifest.images.load_rgb)
   loader  the train stage's own loader (visionflow.stages.train.build_loaders: classify dataset,
           seeded sampler, `--preset` augmentation, normalisation, collate into batches) with
           each `--workers` count, with `cache: none` and `ram`, and with float32 batches (what CPU
           training gets) and uint8 batches (what CUDA training gets: normalised on the device)
 
+With `--decoders pillow opencv` each loader row is measured twice, alternating: with the
+loader's own decode (OpenCV for RGB JPEGs) and with Pillow's (load_rgb's OpenCV path switched
+off in this process and its workers), which is what the loader used before 2026-12-05.
+
 Printed: images/s of each, the images/s per core used (workers, or 1 for the main process
-with 0 workers) and the ratio loader/raw per core (issue 12's goal: >= 0.8). The first epoch
+with 0 workers) and the ratio loader/raw per core against each reference (issue 12's goal:
+>= 0.8). The first epoch
 (worker start-up, the ram cache's fill) is not timed; the best of `--epochs` timed epochs is.
+Both raw references are measured again right before and after each loader row, and its ratios
+use their mean (this machine's speed drifts by up to 1.5x between minutes).
 
     nice -n 10 .venv/bin/python benchmarks/loader_bench.py                 # 400 photos, 224 and 640 px
     .venv/bin/python benchmarks/loader_bench.py --n 1000 --workers 0 1 --image-size 224 --out /tmp/loader.json
@@ -20,6 +30,7 @@ with 0 workers) and the ratio loader/raw per core (issue 12's goal: >= 0.8). The
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -70,15 +81,40 @@ def make_photos(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def raw_rate(paths: list[Path], repeat: int) -> float:
+def _pil_decode(p: Path) -> None:
+    with Image.open(p) as im:
+        np.asarray(im.convert("RGB"))
+
+
+def _cv2_decode(p: Path) -> None:
+    import cv2
+
+    cv2.imdecode(np.fromfile(p, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+
+
+def raw_rate(paths: list[Path], repeat: int, decode=_pil_decode) -> float:
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         for p in paths:
-            with Image.open(p) as im:
-                np.asarray(im.convert("RGB"))
+            decode(p)
         best = min(best, time.perf_counter() - t0)
     return len(paths) / best
+
+
+@contextlib.contextmanager
+def _decoder(name: str):
+    """pillow: load_rgb's OpenCV path for RGB JPEGs switched off (in this process, and in the
+    loader's workers, which fork from it)."""
+    from visionflow.manifest import images
+
+    own = images._decode_rgb_jpeg
+    if name == "pillow":
+        images._decode_rgb_jpeg = lambda *a: None
+    try:
+        yield
+    finally:
+        images._decode_rgb_jpeg = own
 
 
 def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
@@ -135,30 +171,44 @@ def main() -> None:
     ap.add_argument("--task", default="classify", choices=["classify", "segment"],
                     help="classify: stretched to image_size x image_size; segment: letterboxed (longest "
                          "side to image_size, padded), with its mask (one rectangle per photo)")
+    ap.add_argument("--decoders", nargs="+", default=["opencv"], choices=["opencv", "pillow"],
+                    help="the loader's image decode: opencv (load_rgb's own path for RGB JPEGs) and/or pillow "
+                         "(that path switched off: the loader before 2026-12-05)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     paths = make_photos(args.cache / f"photos-{args.n}", args.n)
-    raw = raw_rate(paths, args.repeat)
+    first, first_cv2 = raw_rate(paths, args.repeat), raw_rate(paths, args.repeat, _cv2_decode)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {len(paths)} JPEGs at 640 px")
-    print(f"raw PIL decode: {raw:8.1f} images/s (1 core)")
+    print(f"raw PIL decode: {first:8.1f} images/s (1 core); raw OpenCV decode: {first_cv2:8.1f} images/s "
+          f"(at the start; each row's ratios use the references measured around it)")
     rows = []
     for size in args.image_size:
         for cache in ("none", "ram"):
             for batches in args.batches:
-                for w in args.workers:
-                    rate = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
-                                       batches, args.task)
+                for w, decoder in ((w, d) for w in args.workers for d in args.decoders):
+                    # the references again, just before and after the row: this machine's speed
+                    # drifts by up to 1.5x between minutes, so each ratio uses its own neighbours
+                    before = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
+                    with _decoder(decoder):
+                        rate = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
+                                           batches, args.task)
+                    after = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
+                    raw, raw_cv2 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                     cores = max(1, w)
-                    ratio = rate / cores / raw
+                    ratio, ratio_cv2 = rate / cores / raw, rate / cores / raw_cv2
                     rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
+                                 "decoder": decoder, "raw_pil": round(raw, 1), "raw_cv2": round(raw_cv2, 1),
                                  "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
-                                 "ratio_per_core": round(ratio, 3)})
-                    print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w}: "
-                          f"{rate:8.1f} images/s, {rate / cores:8.1f} per core, loader/raw per core {ratio:5.2f}")
+                                 "ratio_per_core": round(ratio, 3), "ratio_per_core_cv2": round(ratio_cv2, 3)})
+                    print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w} "
+                          f"{decoder:7s}: "
+                          f"{rate:8.1f} images/s, {rate / cores:8.1f} per core, loader/raw per core "
+                          f"{ratio:5.2f} (PIL) {ratio_cv2:5.2f} (OpenCV); raw {raw:6.1f} / {raw_cv2:6.1f}")
     if args.out:
-        args.out.write_text(json.dumps({"raw_images_per_s": round(raw, 1), "n": len(paths), "task": args.task,
+        args.out.write_text(json.dumps({"raw_images_per_s": round(first, 1), "raw_cv2_images_per_s": round(first_cv2, 1),
+                                        "n": len(paths), "task": args.task,
                                         "preset": args.preset, "batch": args.batch, "rows": rows}, indent=2) + "\n")
 
 

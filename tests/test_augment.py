@@ -36,3 +36,28 @@ def test_eval_transform_is_deterministic():
     image = np.full((50, 50, 3), 128, dtype=np.uint8)
     tf = build_eval_transform(32)
     np.testing.assert_array_equal(tf(image=image)["image"], tf(image=image)["image"])
+
+
+def test_importing_the_augmentations_makes_no_network_call():
+    """Albumentations checks PyPI for updates on import unless NO_ALBUMENTATIONS_UPDATE is set;
+    visionflow sets it. A fresh interpreter whose sockets refuse to connect imports the train
+    stage's augmentation module and builds a pipeline without any connection attempt."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, socket\n"
+        "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
+        "calls = []\n"
+        "def refuse(self, *a, **k):\n"
+        "    calls.append(a)\n"
+        "    raise OSError('network disabled in this test')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.socket.connect_ex = refuse\n"
+        "from visionflow.training.augment import PRESETS\n"
+        "import albumentations\n"
+        "print('connections', len(calls))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("connections 0"), out.stdout + out.stderr

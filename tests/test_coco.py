@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 import visionflow.formats.coco as coco_module
@@ -345,6 +345,64 @@ def test_load_rgb_composites_transparency_over_black(tmp_path):
     img.save(tmp_path / "t.png")
     arr = load_rgb(tmp_path / "t.png")
     assert arr[0, 0].tolist() == [200, 100, 50] and arr[1, 1].tolist() == [0, 0, 0]
+
+
+def _pillow_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("save", [dict(subsampling=0), dict(subsampling=1), dict(subsampling=2),
+                                  dict(progressive=True), dict(quality=60, optimize=True)],
+                         ids=["444", "422", "420", "progressive", "q60-optimized"])
+def test_load_rgb_jpeg_fast_path_is_pillow_bit_for_bit(tmp_path, orientation, save):
+    """RGB JPEGs are decoded by OpenCV (load_rgb's fast path): the pixels, EXIF orientation
+    applied, must be exactly Pillow's, for every chroma subsampling and orientation."""
+    from visionflow.manifest.images import _decode_rgb_jpeg
+
+    rng = np.random.default_rng(orientation)
+    y, x = np.mgrid[0:37, 0:53]
+    smooth = np.stack([x * 4, y * 6, (x + y) * 3], -1) % 256
+    pixels = (smooth + rng.integers(0, 60, (37, 53, 3))).clip(0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, **save)
+    with Image.open(path) as im:
+        assert _decode_rgb_jpeg(path, orientation, im.size) is not None  # the fast path was taken
+    expected = _pillow_rgb(path)
+    got = load_rgb(path)
+    assert got.shape == expected.shape == ((53, 37, 3) if orientation >= 5 else (37, 53, 3))
+    assert got.flags.c_contiguous and np.array_equal(got, expected)
+
+
+def test_load_rgb_real_jpegs_are_pillow_bit_for_bit():
+    """The vendored JPEGs of real tools' exports (cameras, Roboflow, LabelImg, CVAT), each as
+    Pillow decodes it."""
+    paths = sorted({p.resolve() for p in (Path(__file__).parent / "data/real").rglob("*") if p.suffix.lower()
+                    in (".jpg", ".jpeg")})
+    assert len(paths) >= 20
+    for path in paths:
+        assert np.array_equal(load_rgb(path), _pillow_rgb(path)), path
+
+
+def test_load_rgb_jpeg_with_trailing_bytes_or_truncated(tmp_path):
+    """Bytes after the end-of-image marker: Pillow's path, same pixels. Truncated: Pillow's
+    error, as before (the callers add the file's name), not a half-grey image from OpenCV."""
+    from visionflow.manifest.images import _decode_rgb_jpeg
+
+    p = tmp_path / "x.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(p, quality=90)
+    data = p.read_bytes()
+    trailing = tmp_path / "trailing.jpg"
+    trailing.write_bytes(data + b"junk after EOI")
+    assert _decode_rgb_jpeg(trailing, 1, (30, 40)) is None
+    assert np.array_equal(load_rgb(trailing), _pillow_rgb(p))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="truncated"):
+        load_rgb(cut)
 
 
 def test_float_noise_at_the_edge_is_clipped_silently(tmp_path):
