@@ -166,6 +166,51 @@ def test_launch_app_names_missing_dataset():
         launch_app("visionflow-no-such-dataset")
 
 
+def test_a_failed_database_connection_is_retried_afresh():
+    """The first attempt meets a mongod that does not answer (as when the previous stage's
+    FiftyOne service is shutting down): the connection is forgotten and the next attempt
+    connects; the stage goes on. In a subprocess: the reset closes FiftyOne's process-wide
+    client, which this session's other tests hold."""
+    code = (
+        "import logging, time\n"
+        "from fiftyone.core.odm import database as fodb\n"
+        "import visionflow.integrations.fiftyone as vfo\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "real, real_reset, calls, resets = fodb._connect, vfo._reset_connection, [], []\n"
+        "def flaky():\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 1:\n"
+        "        raise ConnectionError('Could not connect to `mongod`')\n"
+        "    real()\n"
+        "fodb._connect = flaky\n"
+        "vfo._reset_connection = lambda: (resets.append(1), real_reset())\n"
+        "time.sleep = lambda s: None\n"
+        "print('summary', vfo.dataset_summary('visionflow-test-never-built'))\n"
+        "print('calls', len(calls), 'resets', len(resets))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "summary None" in out.stdout, out.stdout + out.stderr  # connected, then asked: no such dataset
+    assert "resets 1" in out.stdout and "calls 1 " not in out.stdout, out.stdout
+    assert "did not answer (attempt 1 of 3): Could not connect" in out.stderr, out.stderr
+
+
+def test_an_unreachable_database_is_one_line_naming_it(tmp_path):
+    """Nothing listens at FIFTYONE_DATABASE_URI: `visionflow ui fiftyone` gives up after its
+    attempts with one line naming the database and what to do; no pymongo traceback."""
+    make_project(tmp_path / "proj", name="nodb")
+    port = free_port()
+    env = {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=300"}
+    out = subprocess.run([str(Path(sys.executable).parent / "visionflow"), "ui", "fiftyone", "--dataset", "x",
+                          "--params", str(tmp_path / "proj" / "params.yaml")],
+                         cwd=tmp_path / "proj", env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the MongoDB at FIFTYONE_DATABASE_URI (mongodb://127.0.0.1:{port}/"), last
+    assert "did not answer after 3 attempts" in last and "visionflow doctor" in last, last
+
+
 # --- FiftyOne on a MongoDB of the team's own (FIFTYONE_DATABASE_URI) --------------------------
 
 

@@ -51,6 +51,80 @@ from visionflow.tasks import get_task  # the registry only: light
 
 log = logging.getLogger(__name__)
 
+CONNECT_ATTEMPTS = 3
+
+
+def _database_words() -> str:
+    uri = fo.config.database_uri
+    if uri:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(uri)  # the credentials stay out of messages
+        return f"the MongoDB at FIFTYONE_DATABASE_URI ({urlunsplit(parts._replace(netloc=parts.netloc.rpartition('@')[2]))})"
+    return f"FiftyOne's own mongod (files in {fo.config.database_dir})"
+
+
+def _reset_connection() -> None:
+    """Forget FiftyOne's client and its database service, so the next attempt starts (or finds)
+    the service afresh instead of asking the same stale port again."""
+    from fiftyone.core.odm import database as fodb
+
+    try:
+        fodb._disconnect()
+    except Exception:  # a half-made client: nothing to close
+        pass
+    if not fo.config.database_uri:
+        fodb._db_service = None
+        fodb._connection_kwargs.pop("port", None)
+        os.environ.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
+
+
+def connect(attempts: int = CONNECT_ATTEMPTS) -> None:
+    """Connect to FiftyOne's database, or raise a UserError saying which database did not
+    answer and what to do (never a pymongo traceback).
+
+    FiftyOne starts its own mongod for the first process that needs it and stops it when the
+    last one exits. Stages run one process after another (`dvc repro`), so a stage can meet the
+    previous stage's mongod while it shuts down (seen here once: a protocol error on its port,
+    then 30 s of server selection and a traceback). Each failed attempt forgets the service and
+    asks again after a pause."""
+    import time
+
+    from fiftyone.core.odm import database as fodb
+
+    last: Optional[BaseException] = None
+    for attempt in range(1, attempts + 1):
+        try:
+            fodb._connect()
+            return
+        except (ConnectionError, RuntimeError, OSError) as exc:  # FiftyOne's words for "mongod did not answer"
+            last = exc
+            cause = exc.__cause__ or exc
+            log.warning("FiftyOne's database did not answer (attempt %d of %d): %s", attempt, attempts,
+                        (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200])
+            _reset_connection()
+            if attempt < attempts:
+                time.sleep(2 * attempt)
+    cause = last.__cause__ or last if last else None
+    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200] if cause else "no answer"
+    raise UserError(f"{_database_words()} did not answer after {attempts} attempts ({detail}). Run "
+                    f"`visionflow doctor`; if another FiftyOne process is starting or stopping, run the "
+                    f"command again; on a shared machine set FIFTYONE_DATABASE_URI to a MongoDB you run "
+                    f"(docs/troubleshooting.md)") from last
+
+
+def _with_database(fn: Callable) -> Callable:
+    """The entry points that touch FiftyOne's database connect first (see `connect`)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        connect()
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 EVAL_KEY = "eval"
 OPEN_COMMAND = "visionflow ui fiftyone"
 
@@ -163,6 +237,7 @@ PREDICTIONS: dict[str, PredictionFn] = {
 }
 
 
+@_with_database
 def write_split_dataset(
     name: str,
     samples: list[Sample],
@@ -324,6 +399,7 @@ def _evaluate_segmentations(dataset: "fo.Dataset", targets: dict[int, str]) -> d
             **{f"fiftyone_{k}": float(m[k]) for k in ("accuracy", "precision", "recall") if k in m}}
 
 
+@_with_database
 def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], task: str, classes: list[str],
                         min_score: float = 0.5) -> dict[str, Any]:
     """`visionflow predict --fiftyone NAME`: (image path, prediction record) pairs (see
@@ -360,6 +436,7 @@ def predictions_dataset(name: str, records: list[tuple[str, dict[str, Any]]], ta
     return {"dataset": name, "samples": len(dataset)}
 
 
+@_with_database
 def dataset_summary(name: str) -> Optional[dict[str, Any]]:
     """What the database holds for dataset `name`, or None if it does not exist."""
     if not fo.dataset_exists(name):
@@ -386,6 +463,7 @@ REVIEW_MAP = "review_map"  # brain key of the 2-D map of the embeddings
 TSNE_LIMIT = 5000  # t-SNE above this many samples takes minutes on a few cores: PCA instead
 
 
+@_with_database
 def write_review(name: str, rows: list[dict[str, Any]], task: str, *, brain: bool = True,
                  visualization: str = "tsne", embeddings: Optional[dict[str, Any]] = None,
                  top: int = 40) -> dict[str, Any]:
@@ -465,6 +543,7 @@ def write_review(name: str, rows: list[dict[str, Any]], task: str, *, brain: boo
             "map": {"brain_key": REVIEW_MAP, "method": method, "samples": len(usable)} if method else None}
 
 
+@_with_database
 def load_dataset(name: str) -> "fo.Dataset":
     if not fo.dataset_exists(name):
         raise UserError(f"FiftyOne dataset {name!r} not found (database: {fo.config.database_dir}); "
@@ -472,6 +551,7 @@ def load_dataset(name: str) -> "fo.Dataset":
     return fo.load_dataset(name)
 
 
+@_with_database
 def delete_dataset(name: str) -> bool:
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
@@ -479,6 +559,7 @@ def delete_dataset(name: str) -> bool:
     return False
 
 
+@_with_database
 def launch_app(name: str, host: str = "127.0.0.1", port: int = 5151) -> int:
     """Serve the FiftyOne App on `host:port` for dataset `name`; blocks until Ctrl-C
     (or SIGTERM)."""
