@@ -120,7 +120,7 @@ def _images() -> list[np.ndarray]:
 
 
 def _expected(model_dir: Path, blobs: list[bytes]) -> list[dict]:
-    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]  # plain RGB: no EXIF, no alpha
     return load_predictor(model_dir).predict(arrays)
 
 
@@ -161,6 +161,36 @@ def test_raw_json_and_multipart_predictions_equal_the_predictor(server, model_di
     r = httpx.post(f"{server}/predict", files=files, data={"note": "ignored"}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     _assert_same(r.json()["predictions"], [expected[0], expected[2]])
+
+
+def test_uploads_are_read_as_predict_reads_files(server, model_dir, tmp_path):
+    """An EXIF-rotated JPEG (a phone photo) and a PNG with transparency: the served prediction is
+    `predict`'s for the same file (load_rgb: orientation applied, alpha composited over black),
+    not that of Pillow's plain convert("RGB"), which the test checks differs. The MLflow pyfunc's
+    decode gives load_rgb's pixels too."""
+    from visionflow.deploy.pyfunc import decode_image
+    from visionflow.manifest.images import load_rgb
+
+    rng = np.random.default_rng(3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 50x30, shown 30x50
+    rotated = tmp_path / "phone.jpg"
+    Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(rotated, exif=exif, quality=95)
+    rgba = np.dstack([rng.integers(0, 256, (40, 40, 3), dtype=np.uint8),
+                      np.where(rng.random((40, 40)) < 0.5, 0, 255).astype(np.uint8)])
+    transparent = tmp_path / "cutout.png"
+    Image.fromarray(rgba, "RGBA").save(transparent)
+    predictor = load_predictor(model_dir)
+    for path, ctype in ((rotated, "image/jpeg"), (transparent, "image/png")):
+        pixels = load_rgb(path)
+        np.testing.assert_array_equal(decode_image(path.read_bytes()), pixels)
+        expected = predictor.predict([pixels])
+        plain = predictor.predict([np.asarray(Image.open(path).convert("RGB"))])
+        assert plain[0]["confidence"] != pytest.approx(expected[0]["confidence"], abs=1e-5), path.name
+        r = httpx.post(f"{server}/predict", content=path.read_bytes(), headers={"Content-Type": ctype},
+                       timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        _assert_same(r.json()["predictions"], expected)
 
 
 def test_bad_input_gets_a_4xx_with_a_message_never_a_500(server):

@@ -53,8 +53,10 @@ def decode_image(value: Any) -> np.ndarray:
             data = base64.b64decode(data, validate=False)
         except binascii.Error as exc:
             raise ValueError(f"image cell is neither PNG/JPEG bytes nor base64 text: {exc}") from exc
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+    from visionflow.manifest.images import image_rgb
+
+    with Image.open(io.BytesIO(data)) as im:  # as `predict` reads files: EXIF orientation applied
+        return image_rgb(im, lambda: np.frombuffer(data, dtype=np.uint8))
 
 
 def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:

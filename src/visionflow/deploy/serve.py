@@ -171,7 +171,7 @@ def _multipart_files(body: bytes, content_type: str) -> list[bytes]:
 
 
 def decode_images(blobs: list[bytes], max_pixels: int) -> list[np.ndarray]:
-    """Encoded PNG/JPEG -> RGB uint8 (H, W, 3). Sizes come from the headers (Image.open does
+    """Encoded PNG/JPEG -> RGB uint8 (H, W, 3), as `predict` reads files. Sizes come from the headers (Image.open does
     not decode), so a request over `max_pixels` in total is refused before any pixel is."""
     opened, total = [], 0
     try:
@@ -182,7 +182,7 @@ def decode_images(blobs: list[bytes], max_pixels: int) -> list[np.ndarray]:
             if total > max_pixels:
                 raise RequestError(413, f"image {i} is {im.width}x{im.height}: the request's images exceed "
                                         f"{max_pixels} pixels in total")
-        return [_decode(im, i) for i, im in enumerate(opened)]
+        return [_decode(im, blob, i) for i, (im, blob) in enumerate(zip(opened, blobs))]
     finally:
         for im in opened:
             im.close()
@@ -199,9 +199,13 @@ def _open(blob: bytes, i: int) -> Image.Image:
         raise RequestError(422, f"image {i}: corrupt image header: {exc}") from None
 
 
-def _decode(im: Image.Image, i: int) -> np.ndarray:
+def _decode(im: Image.Image, blob: bytes, i: int) -> np.ndarray:
+    """As `predict` and training read a file (manifest.images.image_rgb): EXIF orientation
+    applied, transparency composited over black, 16-bit scaled."""
+    from visionflow.manifest.images import image_rgb
+
     try:
-        return np.asarray(im.convert("RGB"))
+        return image_rgb(im, lambda: np.frombuffer(blob, dtype=np.uint8))
     except Image.DecompressionBombError as exc:
         raise RequestError(413, f"image {i}: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data

@@ -19,7 +19,7 @@ import io
 from pathlib import Path
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -155,12 +155,21 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """
     with Image.open(path) as img:
         _check_pixel_limit(img, Path(path))
-        if img.format == "JPEG" and img.mode == "RGB":
-            fast = _decode_rgb_jpeg(path, _orientation(img), img.size)
-            if fast is not None:
-                return fast
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return image_rgb(img, lambda: np.fromfile(path, dtype=np.uint8))
+
+
+def image_rgb(img: Image.Image, data: Callable[[], np.ndarray]) -> np.ndarray:
+    """An opened (not yet decoded) image as `load_rgb` returns it: (H, W, 3) uint8 RGB, EXIF
+    orientation applied, every mode converted as load_rgb says. `data()` gives the encoded bytes
+    as a uint8 array (read only for an RGB JPEG, which OpenCV decodes). For images that do not
+    come from a file: `serve` and the MLflow pyfunc decode uploads with it, so a served model
+    sees the pixels `predict` and training see."""
+    if img.format == "JPEG" and img.mode == "RGB":
+        fast = _decode_rgb_jpeg(data(), _orientation(img), img.size)
+        if fast is not None:
+            return fast
+    img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
 
 
 # EXIF orientation -> the same pixels as ImageOps.exif_transpose, as numpy views.
@@ -175,7 +184,7 @@ _ORIENT = {
 }
 
 
-def _decode_rgb_jpeg(path: str | Path, orientation: int, size: tuple[int, int]):
+def _decode_rgb_jpeg(data: np.ndarray, orientation: int, size: tuple[int, int]):
     """A baseline or progressive RGB JPEG decoded by OpenCV's libjpeg-turbo straight into a numpy
     array, or None to leave it to Pillow. The pixels are Pillow's (same IDCT and upsampling;
     checked bit for bit in tests/test_coco.py); it skips Pillow's copies (exif_transpose's and
@@ -184,7 +193,6 @@ def _decode_rgb_jpeg(path: str | Path, orientation: int, size: tuple[int, int]):
     refuses it as before; so does anything OpenCV cannot decode to the header's size."""
     import cv2
 
-    data = np.fromfile(path, dtype=np.uint8)
     if data.size < 4 or data[-2] != 0xFF or data[-1] != 0xD9:
         return None
     arr = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
