@@ -79,6 +79,16 @@ def _reset_connection() -> None:
         os.environ.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
 
 
+def _short(exc: BaseException) -> str:
+    """pymongo's first line up to its timeouts and topology dump: "127.0.0.1:9: [Errno 111]
+    Connection refused"."""
+    cause = exc.__cause__ or exc
+    text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    for cut in (" (configured timeouts", ", Timeout:", ", Topology Description"):
+        text = text.split(cut)[0]
+    return text[:200]
+
+
 def connect(attempts: int = CONNECT_ATTEMPTS) -> None:
     """Connect to FiftyOne's database, or raise a UserError saying which database did not
     answer and what to do (never a pymongo traceback).
@@ -99,14 +109,11 @@ def connect(attempts: int = CONNECT_ATTEMPTS) -> None:
             return
         except (ConnectionError, RuntimeError, OSError) as exc:  # FiftyOne's words for "mongod did not answer"
             last = exc
-            cause = exc.__cause__ or exc
-            log.warning("FiftyOne's database did not answer (attempt %d of %d): %s", attempt, attempts,
-                        (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200])
+            log.warning("FiftyOne's database did not answer (attempt %d of %d): %s", attempt, attempts, _short(exc))
             _reset_connection()
             if attempt < attempts:
                 time.sleep(2 * attempt)
-    cause = last.__cause__ or last if last else None
-    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200] if cause else "no answer"
+    detail = _short(last) if last is not None else "no answer"
     raise UserError(f"{_database_words()} did not answer after {attempts} attempts ({detail}). Run "
                     f"`visionflow doctor`; if another FiftyOne process is starting or stopping, run the "
                     f"command again; on a shared machine set FIFTYONE_DATABASE_URI to a MongoDB you run "
