@@ -57,6 +57,17 @@ def test_service_error_is_a_user_error_that_survives_a_process_pool():
                        "ConnectionRefusedError: refused"
 
 
+def test_service_uris_in_messages_lose_their_credentials():
+    from visionflow.core.errors import without_credentials
+
+    assert without_credentials("postgresql://mlflow:s3cret@db.internal:5432/mlflow") == \
+        "postgresql://db.internal:5432/mlflow"
+    assert without_credentials("mongodb://bob:pw@mongo:27017/?authSource=admin") == "mongodb://mongo:27017/?authSource=admin"
+    for unchanged in ("http://127.0.0.1:5000", "sqlite:////tmp/mlflow.db", "file:///srv/mlruns",
+                      "its local database (FIFTYONE_DATABASE_DIR or ~/.fiftyone)"):
+        assert without_credentials(unchanged) == unchanged
+
+
 def test_only_an_unreachable_service_counts_as_a_service_failure():
     try:
         try:

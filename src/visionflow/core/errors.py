@@ -5,6 +5,17 @@ class UserError(Exception):
     pass
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` for messages: the user:password@ of a service URI dropped (postgresql://u:p@db/x ->
+    postgresql://db/x); anything else, a path or a sentence, unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 class DataError(UserError):
     """Bad input data: names the file and the record (line, image id or annotation id)."""
 

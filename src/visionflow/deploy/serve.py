@@ -171,8 +171,9 @@ def _multipart_files(body: bytes, content_type: str) -> list[bytes]:
 
 
 def decode_images(blobs: list[bytes], max_pixels: int) -> list[np.ndarray]:
-    """Encoded PNG/JPEG -> RGB uint8 (H, W, 3), as `predict` reads files. Sizes come from the headers (Image.open does
-    not decode), so a request over `max_pixels` in total is refused before any pixel is."""
+    """Encoded PNG/JPEG -> RGB uint8 (H, W, 3), as `predict` reads files. Sizes come from the
+    headers (Image.open does not decode), so a request over `max_pixels` in total is refused
+    before any pixel is."""
     opened, total = [], 0
     try:
         for i, blob in enumerate(blobs):

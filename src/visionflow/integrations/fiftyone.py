@@ -44,7 +44,7 @@ if "FIFTYONE_DATABASE_URI" not in os.environ:
 
 import fiftyone as fo  # noqa: E402
 
-from visionflow.core.errors import DataError, UserError
+from visionflow.core.errors import DataError, UserError, without_credentials
 from visionflow.core.service import sigterm_as_ctrl_c
 from visionflow.manifest import Category, Sample, image_label
 from visionflow.tasks import get_task  # the registry only: light
@@ -57,10 +57,7 @@ CONNECT_ATTEMPTS = 3
 def _database_words() -> str:
     uri = fo.config.database_uri
     if uri:
-        from urllib.parse import urlsplit, urlunsplit
-
-        parts = urlsplit(uri)  # the credentials stay out of messages
-        return f"the MongoDB at FIFTYONE_DATABASE_URI ({urlunsplit(parts._replace(netloc=parts.netloc.rpartition('@')[2]))})"
+        return f"the MongoDB at FIFTYONE_DATABASE_URI ({without_credentials(uri)})"
     return f"FiftyOne's own mongod (files in {fo.config.database_dir})"
 
 

@@ -230,11 +230,16 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _service_uri(stage, section, paths) -> str:
+    """Where the stage's service was looked for, for messages: without the URI's credentials."""
+    from visionflow.core.errors import without_credentials
+
     if stage.stage.service == "MLflow":
         from visionflow.integrations.mlflow import resolve_tracking_uri
 
-        return resolve_tracking_uri(section.register if stage.stage.sections else section, paths)
-    return os.environ.get("FIFTYONE_DATABASE_URI", "its local database (FIFTYONE_DATABASE_DIR or ~/.fiftyone)")
+        uri = resolve_tracking_uri(section.register if stage.stage.sections else section, paths)
+    else:
+        uri = os.environ.get("FIFTYONE_DATABASE_URI", "its local database (FIFTYONE_DATABASE_DIR or ~/.fiftyone)")
+    return without_credentials(uri)
 
 
 def dvc_changed_stages(params, paths) -> frozenset[str] | None:
