@@ -19,8 +19,8 @@ off in this process and its workers), which is what the loader used before 2026-
 
 Printed: images/s of each, the images/s per core used (workers, or 1 for the main process
 with 0 workers) and the ratio loader/raw per core against each reference (issue 12's goal:
->= 0.8). The first epoch
-(worker start-up, the ram cache's fill) is not timed; the best of `--epochs` timed epochs is.
+>= 0.8). The first epoch (worker start-up, the ram cache's fill) is not timed; the best of
+`--epochs` timed epochs is.
 Both raw references are measured again right before and after each loader row, and its ratios
 use their mean (this machine's speed drifts by up to 1.5x between minutes).
 
