@@ -301,6 +301,8 @@ def test_uint8_batches_normalised_on_the_device_are_the_loaders_batches_bit_for_
     assert len(deferred) == len(reference) == 2
     for (x, y), (x_ref, y_ref) in zip(deferred, reference):
         assert x.dtype == torch.uint8 and x_ref.dtype == torch.float32 and x.shape == x_ref.shape
+        # batched as (B, H, W, 3) memory, no transpose on the CPU: a channels_last view
+        assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         assert torch.equal(normalize(x), x_ref)
         if isinstance(y, list) and y and isinstance(y[0], dict):
             assert all(torch.equal(a[k], b[k]) for a, b in zip(y, y_ref) for k in a)
@@ -310,6 +312,27 @@ def test_uint8_batches_normalised_on_the_device_are_the_loaders_batches_bit_for_
             assert y == y_ref
     with pytest.raises(TypeError, match="uint8"):
         normalize(reference[0][0])
+
+
+def test_chw_tensor_copies_only_what_it_must_and_stack_keeps_channels_last_values():
+    from visionflow.training.loader import chw_tensor, stack
+
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    view = chw_tensor(hwc)  # deferred uint8: a view, channels-last strides
+    assert view.shape == (3, 5, 7) and view.data_ptr() == hwc.ctypes.data and view.stride() == (1, 21, 3)
+    planar = rng.random((3, 5, 7), dtype=np.float32)
+    lut = chw_tensor(planar.transpose(1, 2, 0))  # the LUT's channel-first output: contiguous, no copy
+    assert lut.is_contiguous() and lut.data_ptr() == planar.ctypes.data
+    floats = rng.random((5, 7, 3), dtype=np.float32)
+    copied = chw_tensor(floats)  # anything else: a contiguous copy
+    assert copied.is_contiguous() and torch.equal(copied, torch.from_numpy(floats).permute(2, 0, 1))
+
+    images = [chw_tensor(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)) for _ in range(4)]
+    batch = stack(images)
+    assert batch.shape == (4, 3, 5, 7) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([t.contiguous() for t in images]))
+    assert stack([t.contiguous() for t in images]).is_contiguous()  # channel-first stays channel-first
 
 
 def test_defer_normalization_leaves_a_pipeline_without_a_final_normalize_alone(tmp_path):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visionflow.training.augment import build_eval_transform, build_train_transform
-from visionflow.training.loader import LoaderDataset, stack
+from visionflow.training.loader import LoaderDataset, chw_tensor, stack
 from visionflow.core.config import TrainParams
 from visionflow.core.errors import DataError
 from visionflow.manifest.images import load_rgb
@@ -40,7 +40,7 @@ class ClassificationDataset(LoaderDataset):
 
     def item(self, i: int, record: dict[str, np.ndarray], transform) -> tuple[torch.Tensor, int]:
         image = transform(image=record["image"])["image"]  # (H, W, 3) float32, normalised
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), self.items[i][1]
+        return chw_tensor(image), self.items[i][1]
 
 
 class ClassifyMetric:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visionflow.training.augment import Frame, build_eval_transform, build_train_transform, input_frame, resize_steps
-from visionflow.training.loader import LoaderDataset, stack
+from visionflow.training.loader import LoaderDataset, chw_tensor, stack
 from visionflow.core.config import TrainParams
 from visionflow.models.detectors import build_detector
 from visionflow.manifest.images import load_rgb
@@ -63,7 +63,7 @@ class DetectionDataset(LoaderDataset):
         if "masks" in record:
             inputs["masks"] = record["masks"]
         out = transform(**inputs)
-        return torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))), _target(out, "masks" in record)
+        return chw_tensor(out["image"]), _target(out, "masks" in record)
 
 
 def _transform_inputs(sample_id: str, image: np.ndarray, instances: list[Instance]) -> dict[str, Any]:

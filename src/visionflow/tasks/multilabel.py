@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from visionflow.manifest import Category, Sample
 from visionflow.manifest.images import load_rgb
-from visionflow.training.loader import LoaderDataset, stack
+from visionflow.training.loader import LoaderDataset, chw_tensor, stack
 from visionflow.tasks.base import Normalize, TestScore, mean_std, nanmean_rows
 from visionflow.tasks.classify import ClassifyTask
 
@@ -55,7 +55,7 @@ class MultilabelDataset(LoaderDataset):
 
     def item(self, i: int, record: dict[str, np.ndarray], transform) -> tuple[torch.Tensor, list[int]]:
         image = transform(image=record["image"])["image"]  # (H, W, 3) float32, normalised
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), self.items[i][1]
+        return chw_tensor(image), self.items[i][1]
 
 
 def multi_hot(classes: Sequence[Sequence[int]], k: int, device=None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visionflow.training.augment import Frame, build_eval_transform, build_train_transform, input_frame, resize_steps
-from visionflow.training.loader import LoaderDataset, stack
+from visionflow.training.loader import LoaderDataset, chw_tensor, stack
 from visionflow.core.config import TrainParams
 from visionflow.core.errors import DataError
 from visionflow.evaluation.segmentation import ConfusionAccumulator
@@ -53,7 +53,7 @@ class SegmentationDataset(LoaderDataset):
         # The mask moves with the image (Albumentations applies geometric transforms to `mask`
         # with nearest-neighbour interpolation; pixel-level ones leave it alone).
         out = transform(image=record["image"], mask=record["mask"])
-        x = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))  # (3, S, S) float32
+        x = chw_tensor(out["image"])  # (3, S, S): float32, or uint8 when normalised on the device
         # (S, S) uint8 (class values fit: semantic_mask), made int64 where the loss runs: an eighth
         # of the bytes to hand over, pin and copy (a 640 px int64 mask is 3.3 MB)
         return x, torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=np.uint8))

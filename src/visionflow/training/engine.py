@@ -153,8 +153,10 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, a
         images, targets = images.to(device, non_blocking=True), move_to(targets, device)
         if normalize is not None:
             images = normalize(images)
-        if use_channels_last(channels_last, device):
-            images = images.contiguous(memory_format=torch.channels_last)
+        # uint8 batches arrive channels_last (loader.stack): a no-op on CUDA's default, and made
+        # contiguous where the model runs channel-first (the same layout as float batches)
+        images = images.contiguous(memory_format=torch.channels_last if use_channels_last(channels_last, device)
+                                   else torch.contiguous_format)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = task.loss(model, images, targets)
             loss = sum(losses.values())
