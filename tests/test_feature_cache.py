@@ -136,3 +136,10 @@ def test_a_crashed_feature_cache_run_resumes_to_the_weights_of_a_straight_run(tm
     b = torch.load(resumed.model_dir / "model.pt", weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_cached_features_train_where_the_backbone_runs_channels_last(tmp_path):
+    """channels_last applies to the image batches only: the head's (B, D) feature batches have no
+    channel axis (NHWC on a 2-D tensor is an error). `always` takes the CPU down CUDA's path."""
+    _, paths = _project(tmp_path, "resnet18", feature_cache=True, epochs=1, channels_last="always")
+    assert (paths.model_dir / "model.pt").exists()

@@ -5,6 +5,7 @@ resume of a SIGKILLed train stage with 2 workers and a disk cache, the decoded-i
 `num_workers: auto`."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -312,6 +313,44 @@ def test_uint8_batches_normalised_on_the_device_are_the_loaders_batches_bit_for_
             assert y == y_ref
     with pytest.raises(TypeError, match="uint8"):
         normalize(reference[0][0])
+
+
+@pytest.mark.parametrize("task_name,arch,workers", [("classify", "resnet18", 0), ("segment", "unet", 2),
+                                                    ("detect", "fasterrcnn", 0), ("multilabel", "resnet18", 0)])
+def test_validation_on_uint8_batches_scores_what_float_batches_score(tmp_path, task_name, arch, workers):
+    """On CUDA the val loader hands over uint8 batches too, and the engine gives the tasks'
+    val_metrics (and the calibration) their images through DeviceBatches, normalised on the
+    device: the same numbers as from a loader that normalises."""
+    from visionflow.core.config import ModelParams
+    from visionflow.training.loader import DeviceBatches
+
+    samples = _shapes_samples(tmp_path, 6)
+    if task_name in ("classify", "multilabel"):
+        samples = [dataclasses.replace(s, instances=[], labels=[i % 2] if task_name == "classify" else [0, 1][:1 + i % 2])
+                   for i, s in enumerate(samples)]
+    small = {"unet": {"width": 0.25}, "fasterrcnn": {"backbone": "mobilenet_v2", "width": 0.5}}.get(arch, {})
+    params = TrainParams(model=ModelParams(arch=arch, **small), image_size=64,
+                         batch_size=4, num_workers=workers, device="cpu")
+    task = get_task(task_name, params)
+    torch.manual_seed(0)
+    model = task.build_model(params, 2, pretrained=False).eval()
+
+    def scored(on_device: bool):
+        train_tf, eval_tf = task.build_transforms(params)
+        train_ds, val_ds = task.build_dataset(samples, train_tf, tmp_path), task.build_dataset(samples, eval_tf, tmp_path)
+        _, val_loader, _ = build_loaders(task, params, Paths(tmp_path), train_ds, val_ds, torch.device("cpu"), SINGLE,
+                                         normalize_on_device=on_device)
+        batches = DeviceBatches(val_loader, torch.device("cpu"), channels_last=False)
+        assert (val_ds.device_normalize is not None) == on_device
+        assert next(iter(val_loader))[0].dtype == (torch.uint8 if on_device else torch.float32)
+        assert next(iter(batches))[0].dtype == torch.float32
+        got = task.val_metrics(model, batches, torch.device("cpu"))
+        if task_name == "multilabel":
+            got.update(task.calibrate(model, batches, torch.device("cpu")))
+        return got
+
+    reference, deferred = scored(False), scored(True)
+    assert reference == deferred and reference
 
 
 def test_chw_tensor_copies_only_what_it_must_and_stack_keeps_channels_last_values():

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from visionflow.core.config import TrainParams  # noqa: E402
 from visionflow.training.distributed import gather_digests, init_from_env, shutdown  # noqa: E402
-from visionflow.training.loader import (SeededSampler, WorkerInit, resolve_num_workers,  # noqa: E402
+from visionflow.training.loader import (DeviceBatches, SeededSampler, WorkerInit, resolve_num_workers,  # noqa: E402
                                         set_main_threads)
-from visionflow.training.engine import FitConfig, fit, select_device, seed_everything, write_history_csv  # noqa: E402
+from visionflow.training.engine import (FitConfig, fit, select_device, seed_everything, use_channels_last,  # noqa: E402
+                                         write_history_csv)
 from visionflow.core.files import write_dir, write_json  # noqa: E402
 from visionflow.manifest import read_categories, read_manifest, read_split  # noqa: E402
 from visionflow.core.paths import Paths  # noqa: E402
@@ -114,7 +115,8 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
         "params": params.model_dump(mode="json"),
     }
     trained.load_state_dict(result.best_state)  # what is saved is what the task calibrates on
-    meta.update(task.calibrate(trained.to(device).eval(), val_loader if len(val_ds) else None, device))
+    val_batches = DeviceBatches(val_loader, device, use_channels_last(params.channels_last, device))
+    meta.update(task.calibrate(trained.to(device).eval(), val_batches if len(val_ds) else None, device))
     # the whole network (with the cache, the head trained on features sits in it)
     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     _write_model_dir(paths.model_dir, best_state, meta, A.to_dict(train_tf))
@@ -140,7 +142,8 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
                   normalize_on_device: Optional[bool] = None):
     """The train and val loaders (docs/training-loader.md): seeded sampler, workers sized to the
     machine, pinned memory on CUDA, persistent workers, the decoded-image cache. On CUDA (or with
-    normalize_on_device=True) the train batches stay uint8 and are normalised on the device."""
+    normalize_on_device=True) the train and val batches stay uint8 and are normalised on the
+    device (DeviceBatches, which the engine iterates them through)."""
     threads = set_main_threads()
     train_workers = resolve_num_workers(params.num_workers, len(train_ds), params.batch_size)
     val_workers = resolve_num_workers(params.num_workers, len(val_ds), params.batch_size)
@@ -154,6 +157,8 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
     if normalize_on_device is None:
         normalize_on_device = cuda
     deferred = train_ds.defer_normalization() if normalize_on_device else None
+    if normalize_on_device:  # validation too: the engine hands its batches over through DeviceBatches
+        val_ds.defer_normalization()
     drop_last = len(train_ds) > params.batch_size * dist_info.world_size
     sampler = SeededSampler(len(train_ds), params.seed, dist_info.rank, dist_info.world_size, drop_last=True)
 
@@ -171,7 +176,7 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
                               drop_last=drop_last, **options(train_workers))
     val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, **options(val_workers))
     if dist_info.is_main:
-        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, train batches %s",
+        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s",
                  train_workers, val_workers, threads, params.cache, cuda,
                  "uint8 (normalised on the device)" if deferred is not None else "float32")
     return train_loader, val_loader, sampler

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from visionflow.training.distributed import (SINGLE, DistInfo, barrier, broadcast, mean_over_ranks,
                                             require_same_on_ranks, sync_buffers)
 from visionflow.core.files import write_with
-from visionflow.training.loader import move_to
+from visionflow.training.loader import DeviceBatches
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +144,11 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, a
     n = 0
     # One iterator per epoch: tqdm.auto's asyncio class calls iter() on what it wraps, and a
     # second iter() on a DataLoader restarts its (persistent) workers mid-prefetch.
-    bar = tqdm(iter(loader), total=len(loader), desc=f"epoch {epoch}", leave=False, disable=None)
-    # uint8 batches when the dataset deferred its normalisation to the device (CUDA: see
-    # training/loader.py DeviceNormalize); the same float batch either way
-    normalize = getattr(getattr(loader, "dataset", None), "device_normalize", None)
+    # Images on the device, normalised there when the loader hands over uint8 (CUDA: the same
+    # float batch either way), in the model's memory format (DeviceBatches, training/loader.py)
+    batches = DeviceBatches(loader, device, use_channels_last(channels_last, device), move_targets=True)
+    bar = tqdm(iter(batches), total=len(loader), desc=f"epoch {epoch}", leave=False, disable=None)
     for images, targets in bar:
-        # pinned batches (pin_memory on CUDA) copy while the GPU still works on the last step
-        images, targets = images.to(device, non_blocking=True), move_to(targets, device)
-        if normalize is not None:
-            images = normalize(images)
-        # uint8 batches arrive channels_last (loader.stack): a no-op on CUDA's default, and made
-        # contiguous where the model runs channel-first (the same layout as float batches)
-        images = images.contiguous(memory_format=torch.channels_last if use_channels_last(channels_last, device)
-                                   else torch.contiguous_format)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = task.loss(model, images, targets)
             loss = sum(losses.values())
@@ -225,7 +217,8 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         row.update(mean_over_ranks(losses, dist_info))  # the epoch's loss over every rank's shard
         sync_buffers(model, dist_info)  # validate and checkpoint the weights every rank holds
         if dist_info.is_main and val_loader is not None and len(val_loader.dataset):
-            row.update(task.val_metrics(model, val_loader, device))
+            row.update(task.val_metrics(model, DeviceBatches(val_loader, device, use_channels_last(cfg.channels_last, device)),
+                                        device))
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.perf_counter() - t0, 3)
         row = broadcast(row, dist_info)  # rank 0's metrics decide for everyone

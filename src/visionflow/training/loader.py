@@ -526,6 +526,35 @@ def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out.permute(0, 3, 1, 2) if hwc else out
 
 
+class DeviceBatches:
+    """A loader's (images, targets) batches with the images on `device`: copied non_blocking
+    (pinned batches copy while the GPU still works on the last step), normalised there when the
+    dataset deferred its normalisation (DeviceNormalize: uint8 batches), and image batches
+    (B, C, H, W) in the memory format the model runs in (channels_last, or channel-first; the
+    head's (B, D) feature batches of the feature cache have no channel axis and stay as they
+    are). Targets too with move_targets (training), else as the loader gives them (the tasks'
+    val_metrics and calibrate move what they use). One pass per iter(), like the loader;
+    `dataset` and `len` are the loader's (any iterable of batches with a len will do)."""
+
+    def __init__(self, loader, device: torch.device, channels_last: bool, move_targets: bool = False):
+        self.loader, self.device, self.move_targets = loader, device, move_targets
+        self.dataset = getattr(loader, "dataset", None)  # a plain list of batches has none
+        self.normalize: Optional[DeviceNormalize] = getattr(self.dataset, "device_normalize", None)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        for images, targets in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            if self.normalize is not None:
+                images = self.normalize(images)
+            if images.dim() == 4:
+                images = images.contiguous(memory_format=self.memory_format)
+            yield images, (move_to(targets, self.device) if self.move_targets else targets)
+
+
 def move_to(obj: Any, device: torch.device, non_blocking: bool = True) -> Any:
     """Tensors (also inside lists, tuples and dicts) onto `device`; everything else as is."""
     if isinstance(obj, torch.Tensor):
