@@ -5,6 +5,7 @@ segmentation loss and metrics; stretch and model folders trained before the fiel
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -85,10 +86,11 @@ def test_letterbox_steps_and_frame_of_the_issues_photos():
 
 @pytest.mark.parametrize("h, w", [(1080, 1920), (1280, 480)])
 @pytest.mark.parametrize("train", [True, False])
-def test_a_box_round_trips_through_the_train_and_eval_transforms(h, w, train):
+@pytest.mark.parametrize("resize", ["letterbox", "fit"])
+def test_a_box_round_trips_through_the_train_and_eval_transforms(h, w, train, resize):
     box = [101.3, 57.9, 433.4, 1002.2] if w < h else [733.1, 57.9, 1811.6, 1002.2]
-    tf = (build_train_transform("none", None, 256, normalize=False, boxes=True, resize="letterbox") if train else
-          build_eval_transform(256, normalize=False, boxes=True, resize="letterbox"))
+    tf = (build_train_transform("none", None, 256, normalize=False, boxes=True, resize=resize) if train else
+          build_eval_transform(256, normalize=False, boxes=True, resize=resize))
     out = tf(image=np.zeros((h, w, 3), np.uint8), bboxes=np.array([box], np.float32), labels=[1], instance_ids=[0])
     frame = input_frame(tf, h, w)
     moved = np.asarray(out["bboxes"], np.float64)
@@ -115,6 +117,114 @@ def test_the_same_box_through_predict_and_through_the_exported_graph(h, w, s):
     # stretched, the same photo's box also comes back (a stretch-trained model)
     [flat] = task.predict(RedFinder(), [image], task.build_transforms(detect_params("stretch", size=s))[1], CPU)
     assert np.abs(np.array(flat["boxes"]) - [box]).max() < max(h, w) / s
+
+
+def test_fit_keeps_each_photos_shape_and_pads_a_batch_to_its_largest_only():
+    """resize: fit (detect): longest side to S, no padding per image; a batch of photos of
+    different shapes is padded at the bottom and right to its largest height and width, so the
+    frames have no offset, and a batch of landscape photos is not a square."""
+    from visionflow.training.augment import batch_chw
+
+    tf = build_eval_transform(256, normalize=False, resize="fit")
+    assert [type(t).__name__ for t in tf.transforms] == ["LongestMaxSize", "Normalize"]
+    wide, tall = input_frame(tf, 1080, 1920), input_frame(tf, 1280, 480)
+    assert (wide.rows, wide.cols, wide.top, wide.left) == (144, 256, 0, 0)
+    assert (tall.rows, tall.cols, tall.top, tall.left) == (256, 96, 0, 0)
+    images = [tf(image=np.full((h, w, 3), 200, np.uint8))["image"] for h, w in ((1080, 1920), (1280, 480))]
+    assert [im.shape for im in images] == [(144, 256, 3), (256, 96, 3)]
+    batch = batch_chw(images)
+    assert batch.shape == (2, 3, 256, 256)
+    assert (batch[0, :, :144] > 0.7).all() and (batch[0, :, 144:] == 0).all()
+    assert (batch[1, :, :, :96] > 0.7).all() and (batch[1, :, :, 96:] == 0).all()
+    assert batch_chw([images[0], images[0][:100]]).shape == (2, 3, 144, 256)  # landscape only: 144 rows
+    assert export.preprocess([np.zeros((1080, 1920, 3), np.uint8)] * 2, 256, "fit").shape == (2, 3, 144, 256)
+
+
+def test_the_loader_pads_mixed_sizes_like_prediction_and_pads_the_masks_too():
+    from visionflow.training.loader import chw_tensor, stack
+
+    rng = np.random.default_rng(5)
+    hwc = [rng.integers(1, 255, (h, w, 3), dtype=np.uint8) for h, w in ((30, 64), (64, 20))]
+    for tensors in ([chw_tensor(a) for a in hwc],  # uint8 views, channels-last (CUDA's batches)
+                    [torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))) for a in hwc]):
+        batch = stack(tensors, pad=True)
+        assert batch.shape == (2, 3, 64, 64)
+        from visionflow.training.augment import batch_chw
+        np.testing.assert_array_equal(batch.numpy(), batch_chw(hwc))
+    with pytest.raises(RuntimeError):  # without pad=True (classify, segment) sizes must agree
+        stack([torch.zeros(3, 4, 4), torch.zeros(3, 5, 4)])
+    targets = [{"boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.int64),
+                "masks": torch.ones(1, h, w, dtype=torch.uint8)} for h, w in ((30, 64), (64, 20))]
+    x, ys = DetectTask().collate([(torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))), t)
+                                  for a, t in zip(hwc, targets)])
+    assert x.shape == (2, 3, 64, 64) and [y["masks"].shape for y in ys] == [(1, 64, 64)] * 2
+    assert int(ys[0]["masks"].sum()) == 30 * 64 and int(ys[1]["masks"].sum()) == 64 * 20
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn"])
+def test_a_detector_trains_validates_predicts_and_exports_on_mixed_size_batches(tmp_path, arch):
+    """A real detector with resize: fit: a training step and validation on a batch of a landscape
+    and a portrait image (each unpadded but for the batch), predict mapping boxes (and masks)
+    back to each image, and the TorchScript export (the gate's parity path) giving the same."""
+    s, task = 64, DetectTask()
+    params = detect_params("fit", size=s, score_threshold=0.0)
+    params = params.model_copy(update={"model": params.model.model_copy(update={"arch": arch})})
+    model = task.build_model(params, num_classes=2, pretrained=False)
+    train_tf, eval_tf = task.build_transforms(params)
+    rng = np.random.default_rng(6)
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((90, 160), (160, 60))]
+    items = []
+    for image, box in zip(images, ([20.0, 10.0, 90.0, 60.0], [5.0, 30.0, 50.0, 120.0])):
+        mask = np.zeros(image.shape[:2], np.uint8)
+        x1, y1, x2, y2 = (int(v) for v in box)
+        mask[y1:y2, x1:x2] = 1
+        out = train_tf(image=image, bboxes=np.array([box], np.float32), labels=[1], instance_ids=[0], masks=[mask])
+        target = {"boxes": torch.tensor(np.asarray(out["bboxes"], np.float32)), "labels": torch.tensor([1]),
+                  "masks": torch.from_numpy(np.stack(out["masks"]))}
+        items.append((torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))), target))
+    x, targets = task.collate(items)
+    assert x.shape == (2, 3, s, s) and tuple(items[0][0].shape[1:]) == (36, 64)
+    model.train()
+    losses = task.loss(model, x, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    metrics = task.val_metrics(model, [(x, targets)], CPU)
+    assert {"val_map", "val_map50"} <= set(metrics)
+
+    preds = task.predict(model.eval(), images, eval_tf, CPU)
+    assert all(len(p["boxes"]) for p in preds)
+    for image, pred in zip(images, preds):  # in each image's own pixels
+        h, w = image.shape[:2]
+        b = np.array(pred["boxes"])
+        assert (b[:, 0::2] <= w).all() and (b[:, 1::2] <= h).all()
+        if arch == "maskrcnn":
+            assert len(pred["masks"]) == len(pred["boxes"])
+
+    model_dir = write_model_dir(tmp_path / "fit", "detect", params, drop_resize=False)
+    torch.save(model.state_dict(), model_dir / MODEL_FILE)
+    info = export.export_model(model_dir, "torchscript", tmp_path / "fit.pt")
+    assert info["input"]["shape"] == ["batch", 3, "height", "width"] and info["input"]["resize_mode"] == "fit"
+    predictor = load_predictor(model_dir)
+    exported = export.load_exported(info["path"], "detect")
+    got = task.exported_predictions(exported(export.preprocess(images, s, "fit")), [im.shape[:2] for im in images],
+                                    s, "fit")
+    for ref, out in zip(predictor.predict(images, batch_size=2), got):
+        assert len(ref["boxes"]) == len(out["boxes"]) > 0
+        assert np.abs(np.array(ref["boxes"]) - np.array(out["boxes"])).max() < 1e-3
+        assert np.abs(np.array(ref["scores"]) - np.array(out["scores"])).max() < 1e-4
+
+
+def test_fit_is_for_detect_only():
+    from visionflow.core.config import Params
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["detect"]["train"]["resize"] = "fit"
+    assert Params.model_validate(raw).detect.train.resize == "fit"
+    for task in ("segment", "classify"):
+        bad = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+        bad[task]["train"]["resize"] = "fit"
+        with pytest.raises(Exception, match=f"{task}.train.resize: fit .* is for detect only"):
+            Params.model_validate(bad)
 
 
 class RedFinder(nn.Module):

@@ -176,9 +176,12 @@ class TrainParams(Section):
     model: ModelParams = ModelParams()
     image_size: int = Field(96, ge=16)
     # detect, segment: letterbox (longest side to image_size, aspect ratio kept, padded to a
-    # square) or stretch (both sides to image_size); classify, multilabel always stretch.
+    # square) or stretch (both sides to image_size); detect also fit (longest side to
+    # image_size, no padding: each batch is padded at the bottom and right to its own largest
+    # image, so a batch of 16:9 photos is image_size x 0.56 image_size, not a square);
+    # classify, multilabel always stretch.
     # Model folders trained before this field predict as stretch (deploy/predictor.py).
-    resize: Literal["letterbox", "stretch"] = "letterbox"
+    resize: Literal["letterbox", "stretch", "fit"] = "letterbox"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -370,6 +373,9 @@ class Params(Section):
             if task not in ("classify", "multilabel") and self.branch(task).train.feature_cache:
                 raise ValueError(f"{task}.train.feature_cache: the feature cache is for classify and multilabel "
                                  "(model.mode feature_extract); set it to false")
+            if task != "detect" and self.branch(task).train.resize == "fit":
+                raise ValueError(f"{task}.train.resize: fit (batches of mixed sizes) is for detect only; "
+                                 f"use letterbox{' or stretch' if task == 'segment' else ''}")
             if task != "segment" and self.branch(task).train.dice_weight:
                 raise ValueError(f"{task}.train.dice_weight: the Dice loss is for segment only; set it to 0")
             if task != "classify" and self.branch(task).train.label_smoothing:

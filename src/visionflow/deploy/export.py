@@ -60,7 +60,8 @@ def build_graph(predictor) -> nn.Module:
 def preprocess(images: Sequence[np.ndarray], image_size: int, resize: str = "stretch") -> np.ndarray:
     """RGB uint8 (H, W, 3) images of any size -> the exported graph's input, float32 (B, 3, S, S).
     `resize` is the model's (Task.input_resize): letterbox runs the eval transform's own steps,
-    so the graph sees the pixels PyTorch sees."""
+    so the graph sees the pixels PyTorch sees; fit (detect) gives each image its longest side S,
+    top-left in a batch padded with 0 to the largest (B, 3, H, W), as predict batches them."""
     import cv2
 
     from visionflow.deploy.predictor import as_rgb
@@ -70,10 +71,10 @@ def preprocess(images: Sequence[np.ndarray], image_size: int, resize: str = "str
                          .transpose(2, 0, 1) for im in images]).astype(np.float32)
     import albumentations as A
 
-    from visionflow.training.augment import resize_steps
+    from visionflow.training.augment import batch_chw, resize_steps
 
     steps = A.Compose(resize_steps(image_size, resize))
-    return np.stack([steps(image=as_rgb(im))["image"].transpose(2, 0, 1) for im in images]).astype(np.float32)
+    return batch_chw([steps(image=as_rgb(im))["image"] for im in images]).astype(np.float32)
 
 
 def _synthetic(batch: int, size: int, seed: int = 0) -> np.ndarray:
@@ -236,10 +237,10 @@ def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> di
         "format": fmt, "file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path),
         "task": task, "arch": meta.get("arch"), "classes": list(meta["classes"]),
         "num_classes": int(meta["num_classes"]), "image_size": size,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, size, size],
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": _input_shape(contract.input_resize(meta), size),
                   "layout": "NCHW, RGB channel order", "range": "0..255 (uint8 pixel values as float)",
                   "resize_mode": contract.input_resize(meta), "resize": _resize_words(contract.input_resize(meta), size),
-                  **norm, "dynamic_axes": {"0": "batch"}},
+                  **norm, "dynamic_axes": _dynamic_axes(contract.input_resize(meta))},
         "outputs": [{"name": k, "meaning": v} for k, v in contract.export_outputs.items()],
         "opset": _opset(path) if fmt == "onnx" else None,
         "versions": _versions(fmt),
@@ -247,7 +248,19 @@ def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> di
     }
 
 
+def _input_shape(resize: str, size: int) -> list:
+    return ["batch", 3, "height", "width"] if resize == "fit" else ["batch", 3, size, size]
+
+
+def _dynamic_axes(resize: str) -> dict[str, str]:
+    return {"0": "batch", "2": "height", "3": "width"} if resize == "fit" else {"0": "batch"}
+
+
 def _resize_words(resize: str, size: int) -> str:
+    if resize == "fit":
+        return (f"fit: longest side bilinear to {size} (aspect ratio kept, cv2.INTER_LINEAR), top-left in a batch "
+                f"as high and as wide as its largest image, the rest 0 (boxes are in those pixels; divide by "
+                f"the image's scale to map them back)")
     if resize == "letterbox":
         return (f"letterbox: longest side bilinear to {size} (aspect ratio kept, cv2.INTER_LINEAR), centred on "
                 f"a {size} x {size} canvas of 0 (outputs cover the padding; preprocess / the task map them back)")

@@ -72,13 +72,15 @@ def explain(predictor, images: Sequence[np.ndarray], class_name: Optional[str] =
 
 def model_input(images: Sequence[np.ndarray], transform) -> torch.Tensor:
     """RGB uint8 images through the model's eval transform -> (B, 3, S, S) float32 (a pipeline
-    that carries boxes, as detect's does, is given none)."""
+    that carries boxes, as detect's does, is given none; resize: fit pads to the largest)."""
     boxes = getattr(transform, "processors", {}).get("bboxes")
     fields = {}
     if boxes is not None:
         fields = {"bboxes": np.zeros((0, 4), dtype=np.float32),
                   **{name: [] for name in (boxes.params.label_fields or [])}}
-    return torch.from_numpy(np.stack([transform(image=im, **fields)["image"].transpose(2, 0, 1) for im in images]))
+    from visionflow.training.augment import batch_chw
+
+    return torch.from_numpy(batch_chw([transform(image=im, **fields)["image"] for im in images]))  # fit: padded
 
 
 def class_index(classes: Sequence[str], name: Optional[str]) -> Optional[int]:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.training.augment import Frame, build_eval_transform, build_train_transform, input_frame, resize_steps
+from visionflow.training.augment import (Frame, batch_chw, build_eval_transform, build_train_transform, input_frame,
+                                         resize_steps)
 from visionflow.training.loader import LoaderDataset, chw_tensor, stack
 from visionflow.core.config import TrainParams
 from visionflow.models.detectors import build_detector
@@ -390,8 +391,13 @@ class DetectTask(TaskBase):
         return DetectionDataset(samples, transform, Path(project_root))
 
     def collate(self, batch: list) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """(B, 3, S, S) in [0, 1]; with resize: fit, (B, 3, H, W) of the batch's largest image, the
+        others top-left and padded with 0 (their instance masks too, so they match the input)."""
         images, targets = zip(*batch)
-        return stack(images), list(targets)  # (B, 3, S, S) in [0, 1]
+        x = stack(images, pad=True)
+        h, w = x.shape[-2:]
+        return x, [{**t, "masks": F.pad(t["masks"], (0, w - t["masks"].shape[-1], 0, h - t["masks"].shape[-2]))}
+                   if "masks" in t and t["masks"].shape[-2:] != (h, w) else t for t in targets]
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
         keys = ("boxes", "labels", "masks") if has_masks(model) else ("boxes", "labels")
@@ -424,7 +430,7 @@ class DetectTask(TaskBase):
     @torch.no_grad()
     def predict(self, model, images: list[np.ndarray], transform, device) -> list[dict[str, Any]]:
         fields = NO_BOXES if "bboxes" in getattr(transform, "processors", {}) else {}
-        batch = np.stack([transform(image=im, **fields)["image"].transpose(2, 0, 1) for im in images])  # (B, 3, S, S)
+        batch = batch_chw([transform(image=im, **fields)["image"] for im in images])  # (B, 3, S, S); fit: padded
         was_training = model.training
         model.eval()
         outputs = model(list(torch.from_numpy(batch).to(device)))

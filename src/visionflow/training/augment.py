@@ -90,19 +90,35 @@ def build_eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, 
 
 # --- the resize steps and where an image lands in the model input ---------------------------
 
-ResizeMode = Literal["letterbox", "stretch"]
-RESIZE_MODES = ("letterbox", "stretch")
+ResizeMode = Literal["letterbox", "stretch", "fit"]
+RESIZE_MODES = ("letterbox", "stretch", "fit")
 
 
 def resize_steps(image_size: int, resize: ResizeMode = "stretch", mask_fill: int = 0) -> list[A.BasicTransform]:
-    """The deterministic steps that bring an image of any size to image_size x image_size."""
+    """The deterministic steps that bring an image of any size to image_size x image_size
+    (fit: to its longest side image_size, unpadded; `pad_batch` pads each batch to its largest)."""
     if resize == "stretch":
         return [A.Resize(image_size, image_size)]
+    if resize == "fit":
+        return [A.LongestMaxSize(max_size=image_size)]
     if resize == "letterbox":
         return [A.LongestMaxSize(max_size=image_size),
                 A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
                               border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill)]
     raise UserError(f"train.resize: {resize!r} is not one of {', '.join(RESIZE_MODES)}")
+
+
+def batch_chw(images: Sequence[np.ndarray]) -> np.ndarray:
+    """(H, W, C) images -> one (B, C, H, W) array. Images of different sizes (resize: fit) are
+    placed top-left in a batch as high and as wide as the largest, the rest 0 (the loader's
+    `stack(pad=True)` pads training batches the same way), so their frames need no offset."""
+    h, w = max(im.shape[0] for im in images), max(im.shape[1] for im in images)
+    if all(im.shape[:2] == (h, w) for im in images):
+        return np.stack([im.transpose(2, 0, 1) for im in images])
+    out = np.zeros((len(images), images[0].shape[2], h, w), images[0].dtype)
+    for o, im in zip(out, images):
+        o[:, :im.shape[0], :im.shape[1]] = im.transpose(2, 0, 1)
+    return out
 
 
 @dataclass(frozen=True)

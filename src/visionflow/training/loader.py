@@ -509,20 +509,34 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 3 and not t.is_contiguous() and t.permute(1, 2, 0).is_contiguous()
 
 
-def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def stack(tensors: Sequence[torch.Tensor], pad: bool = False) -> torch.Tensor:
     """torch.stack; in a loader worker, straight into shared memory, as torch's default_collate
     does: the batch then crosses to the main process without another copy (a 640 px float
     batch of 32 is 157 MB). Images with channels-last strides (chw_tensor's uint8 views) are
     stacked as (B, H, W, C) memory, a plain copy, and returned as the (B, C, H, W) view of it:
-    a channels_last batch, the same values."""
+    a channels_last batch, the same values.
+
+    pad: images of different sizes (detect with resize: fit) are placed top-left in a batch as
+    high and as wide as the largest, the rest 0 (as augment.batch_chw pads for prediction)."""
     hwc = _channels_last(tensors[0])
     parts = [t.permute(1, 2, 0) for t in tensors] if hwc else list(tensors)
+    shape = tuple(parts[0].shape)
+    ragged = pad and any(tuple(t.shape) != shape for t in parts)
+    if ragged:
+        spatial = (0, 1) if hwc else (1, 2)
+        shape = tuple(max(t.shape[d] for t in parts) if d in spatial else n for d, n in enumerate(shape))
+    first = parts[0]
     if get_worker_info() is None:
-        out = torch.stack(parts)
+        out = first.new_empty((len(parts), *shape))
     else:
-        first = parts[0]
-        storage = first._typed_storage()._new_shared(sum(t.numel() for t in parts), device=first.device)
-        out = torch.stack(parts, 0, out=first.new(storage).resize_(len(parts), *first.shape))
+        storage = first._typed_storage()._new_shared(len(parts) * math.prod(shape), device=first.device)
+        out = first.new(storage).resize_(len(parts), *shape)
+    if ragged:
+        out.zero_()
+        for o, t in zip(out, parts):
+            o[tuple(slice(0, n) for n in t.shape)].copy_(t)
+    else:
+        torch.stack(parts, 0, out=out)
     return out.permute(0, 3, 1, 2) if hwc else out
 
 
