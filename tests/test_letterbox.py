@@ -225,6 +225,9 @@ def test_fit_is_for_detect_only():
         bad[task]["train"]["resize"] = "fit"
         with pytest.raises(Exception, match=f"{task}.train.resize: fit .* is for detect only"):
             Params.model_validate(bad)
+    raw["detect"]["train"]["model"].update(arch="ssdlite320_mobilenet_v3_large", backbone=None)
+    with pytest.raises(Exception, match="fit gains nothing with ssdlite320_mobilenet_v3_large"):
+        Params.model_validate(raw)
 
 
 class RedFinder(nn.Module):

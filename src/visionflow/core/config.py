@@ -376,6 +376,9 @@ class Params(Section):
             if task != "detect" and self.branch(task).train.resize == "fit":
                 raise ValueError(f"{task}.train.resize: fit (batches of mixed sizes) is for detect only; "
                                  f"use letterbox{' or stretch' if task == 'segment' else ''}")
+            if self.branch(task).train.resize == "fit" and arch.startswith("ssdlite"):
+                raise ValueError(f"{task}.train.resize: fit gains nothing with {arch}, which stretches every "
+                                 "input to image_size x image_size inside the model; use letterbox")
             if task != "segment" and self.branch(task).train.dice_weight:
                 raise ValueError(f"{task}.train.dice_weight: the Dice loss is for segment only; set it to 0")
             if task != "classify" and self.branch(task).train.label_smoothing:

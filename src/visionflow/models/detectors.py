@@ -9,9 +9,10 @@ put the same heads on `params.backbone` (default resnet50) with an FPN:
                P6/P7 for RetinaNet/FCOS), `params.width` as width_mult. torchvision's own
                mobilenet FPN taps two stride-32 layers only, too coarse for small images.
 
-Model input: a list of (3, S, S) float tensors in [0, 1], S = image_size. The internal transform
-normalises (ImageNet mean/std; SSDlite keeps torchvision's [-1, 1] scaling, which its COCO weights
-expect) and never resizes (min_size = max_size = S). Outputs are in those S x S pixels.
+Model input: a list of (3, S, S) float tensors in [0, 1], S = image_size (with train.resize: fit,
+(3, H, W) slices of a batch padded to its largest image, whose longest side is S). The internal
+transform normalises (ImageNet mean/std; SSDlite keeps torchvision's [-1, 1] scaling, which its
+COCO weights expect) and never resizes (min_size = max_size = S). Outputs are in those input pixels.
 
 Weights (never downloaded; enum names come from torchvision's cache, see visionflow.models.classifiers):
     weights           whole model (e.g. COCO_V1, or a state-dict file). Every tensor is loaded;

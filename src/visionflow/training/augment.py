@@ -96,7 +96,8 @@ RESIZE_MODES = ("letterbox", "stretch", "fit")
 
 def resize_steps(image_size: int, resize: ResizeMode = "stretch", mask_fill: int = 0) -> list[A.BasicTransform]:
     """The deterministic steps that bring an image of any size to image_size x image_size
-    (fit: to its longest side image_size, unpadded; `pad_batch` pads each batch to its largest)."""
+    (fit: to its longest side image_size, unpadded; `batch_chw` and the loader's
+    `stack(pad=True)` pad each batch to its largest image)."""
     if resize == "stretch":
         return [A.Resize(image_size, image_size)]
     if resize == "fit":

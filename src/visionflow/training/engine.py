@@ -217,8 +217,8 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         row.update(mean_over_ranks(losses, dist_info))  # the epoch's loss over every rank's shard
         sync_buffers(model, dist_info)  # validate and checkpoint the weights every rank holds
         if dist_info.is_main and val_loader is not None and len(val_loader.dataset):
-            row.update(task.val_metrics(model, DeviceBatches(val_loader, device, use_channels_last(cfg.channels_last, device)),
-                                        device))
+            val_batches = DeviceBatches(val_loader, device, use_channels_last(cfg.channels_last, device))
+            row.update(task.val_metrics(model, val_batches, device))
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.perf_counter() - t0, 3)
         row = broadcast(row, dist_info)  # rank 0's metrics decide for everyone
