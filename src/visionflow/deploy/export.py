@@ -233,27 +233,22 @@ def _describe(meta: dict[str, Any], fmt: str, model_dir: Path, path: Path) -> di
     task, size = meta["task"], int(meta["image_size"])
     contract = get_task(task)
     norm = contract.input_normalization(meta)
+    resize = contract.input_resize(meta)
+    fit = resize == "fit"  # a detector's batches: height and width vary (up to S), as preprocess pads them
     return {
         "format": fmt, "file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path),
         "task": task, "arch": meta.get("arch"), "classes": list(meta["classes"]),
         "num_classes": int(meta["num_classes"]), "image_size": size,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": _input_shape(contract.input_resize(meta), size),
+        "input": {"name": INPUT_NAME, "dtype": "float32",
+                  "shape": ["batch", 3, "height", "width"] if fit else ["batch", 3, size, size],
                   "layout": "NCHW, RGB channel order", "range": "0..255 (uint8 pixel values as float)",
-                  "resize_mode": contract.input_resize(meta), "resize": _resize_words(contract.input_resize(meta), size),
-                  **norm, "dynamic_axes": _dynamic_axes(contract.input_resize(meta))},
+                  "resize_mode": resize, "resize": _resize_words(resize, size),
+                  **norm, "dynamic_axes": {"0": "batch", **({"2": "height", "3": "width"} if fit else {})}},
         "outputs": [{"name": k, "meaning": v} for k, v in contract.export_outputs.items()],
         "opset": _opset(path) if fmt == "onnx" else None,
         "versions": _versions(fmt),
         "source": {"model_dir": str(model_dir), "model_sha256": file_digest(model_dir / MODEL_FILE)},
     }
-
-
-def _input_shape(resize: str, size: int) -> list:
-    return ["batch", 3, "height", "width"] if resize == "fit" else ["batch", 3, size, size]
-
-
-def _dynamic_axes(resize: str) -> dict[str, str]:
-    return {"0": "batch", "2": "height", "3": "width"} if resize == "fit" else {"0": "batch"}
 
 
 def _resize_words(resize: str, size: int) -> str:
