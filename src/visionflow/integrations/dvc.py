@@ -193,13 +193,61 @@ def write_generated(params: Params, paths: Paths) -> list[Path]:
     return written
 
 
+# Where a DVC repository remembers that its dvc.yaml matched: .dvc/tmp is DVC's own scratch
+# folder, ignored by the .dvc/.gitignore that `dvc init` writes.
+MATCHED_FILE = Path("tmp") / "visionflow-dvc-yaml.matched"
+
+
+def _render_inputs(params: Params, paths: Paths) -> str:
+    """A digest of everything `render` reads: the validated params, the project's place (paths in
+    dvc.yaml are relative to it, and code deps to the folder above it that holds src/), this
+    package's source (the stage table, the tasks' outputs, the imports code deps follow) and the
+    libraries that write the YAML. Equal digests render equal dvc.yaml files."""
+    import hashlib
+
+    import pydantic
+
+    h = hashlib.sha256()
+    root = paths.root.resolve()
+    for part in (params.model_dump_json(), str(root), _code_dep(paths, "src"), yaml.__version__, pydantic.VERSION):
+        h.update(part.encode() + b"\0")
+    for f in sorted(PACKAGE_DIR.rglob("*.py")):
+        h.update(f.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def stale_dvc_yaml(params: Params, paths: Paths) -> str | None:
     """Why the project's dvc.yaml must not drive this params.yaml (None when it matches, or when
     there is no dvc.yaml). Every `visionflow stage` asks, so `dvc repro` cannot run stages whose
-    deps DVC does not watch (a new ingest source, a removed branch) without saying so."""
+    deps DVC does not watch (a new ingest source, a removed branch) without saying so.
+
+    Rendering imports every task's module (torch with them: about 3 s), which stages such as
+    split, register and promote do not otherwise need. So a DVC repository remembers in
+    .dvc/tmp the digest of what was rendered (`_render_inputs`) with the dvc.yaml it matched;
+    the next stage renders again only when either differs."""
+    import hashlib
+
     path = paths.root / "dvc.yaml"
-    if not path.exists() or path.read_text(encoding="utf-8") == render(params, paths):
+    if not path.exists():
         return None
+    text = path.read_text(encoding="utf-8")
+    dvc_dir = _dvc_dir(paths)
+    if dvc_dir is None:
+        return None if text == render(params, paths) else _stale_words(path, paths)
+    matched = f"{_render_inputs(params, paths)} {hashlib.sha256(text.encode()).hexdigest()}\n"
+    memo = dvc_dir / MATCHED_FILE
+    if memo.is_file() and memo.read_text(encoding="utf-8", errors="replace") == matched:
+        return None
+    if text != render(params, paths):
+        return _stale_words(path, paths)
+    try:
+        write_text(memo, matched)
+    except OSError:  # a read-only checkout: the next stage renders again
+        pass
+    return None
+
+
+def _stale_words(path: Path, paths: Paths) -> str:
     return (f"{path} does not match {paths.params.name} (sources, branches or code deps changed since it was "
             f"written); run `visionflow dvc-yaml`, then `dvc repro` again")
 
