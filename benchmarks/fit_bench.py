@@ -6,12 +6,14 @@ architecture, random weights, nothing downloaded), the same photos, the same box
     fit        each photo's longest side to --size, unpadded; a batch is padded at the bottom and
                right to its largest photo only (landscape photos: --size x 0.56 --size at 16:9)
 
-Timed, in alternating order round by round: one training step (the task's loss, backward,
-AdamW step) on a batch of --batch photos, and prediction (`Task.predict`: eval transform, model,
-boxes back to each photo's pixels) of the same photos. Reported: median ms of each, the model
-input's size and the ratio letterbox / fit (how many times faster fit is). --aspect picks the
-photos' shape (default 16:9 landscape; `mixed` alternates 16:9 landscape and 3:4 portrait,
-which pads a batch back to a square: no gain expected).
+Timed, in alternating order round by round: training steps (the task's loss, backward, AdamW
+step) on batches of --batch photos, and prediction (`Task.predict`: eval transform, model, boxes
+back to each photo's pixels) of the same batches. Reported: median ms of each, the model inputs'
+sizes and the ratio letterbox / fit (how many times faster fit is). --aspect picks the photos'
+shape: 16:9 (default) is one batch of landscape photos; `mixed` is two batches' worth of 16:9
+landscape and 3:4 portrait photos in turn, and adds a third side, `fit+grouped`: the same photos
+batched by orientation (`AspectBatchSampler` for training, `ModelPredictor.batches` for
+prediction, what `aspect_grouping` does), where plain fit pads each mixed batch back to a square.
 
     .venv/bin/python benchmarks/fit_bench.py                        # 320 px, batch 4, 16:9
     .venv/bin/python benchmarks/fit_bench.py --size 512 --aspect mixed
@@ -75,50 +77,70 @@ def batch_of(task, params, data):
 
 
 def main() -> None:
+    from visionflow.deploy.predictor import ModelPredictor
+    from visionflow.training.loader import AspectBatchSampler
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--aspect", default="16:9", choices=["16:9", "mixed"])
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
-    data = photos(args.batch, args.aspect, args.size)
+    mixed = args.aspect == "mixed"
+    data = photos(args.batch * (2 if mixed else 1), args.aspect, args.size)
     images = [im for im, _ in data]
+    in_turn = [list(range(k, min(k + args.batch, len(data)))) for k in range(0, len(data), args.batch)]
+    plan = {"letterbox": ("letterbox", in_turn), "fit": ("fit", in_turn)}
+    if mixed:
+        landscape = [im.shape[1] >= im.shape[0] for im in images]
+        train_batches = AspectBatchSampler(landscape, args.batch, seed=0).batches()
+        grouper = ModelPredictor.__new__(ModelPredictor)  # its batching rule only
+        grouper.resize = "fit"
+        plan["fit+grouped"] = ("fit", (train_batches, grouper.batches(images, args.batch)))
     sides = {}
-    for resize in ("letterbox", "fit"):
+    for name, (resize, batches) in plan.items():
+        train_idx, predict_idx = batches if isinstance(batches, tuple) else (batches, batches)
         task, params, model = setup(resize, args.size)
-        x, targets = batch_of(task, params, data)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        sides[resize] = dict(task=task, params=params, model=model, x=x, targets=targets, opt=opt,
-                             eval_tf=task.build_transforms(params)[1], train=[], predict=[])
+        sides[name] = dict(task=task, params=params, model=model,
+                           batches=[batch_of(task, params, [data[k] for k in b]) for b in train_idx],
+                           predict_sets=[[images[k] for k in b] for b in predict_idx],
+                           opt=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4),
+                           eval_tf=task.build_transforms(params)[1], train=[], predict=[])
 
     def train_step(s):
         s["model"].train()
-        loss = sum(s["task"].loss(s["model"], s["x"], s["targets"]).values())
-        s["opt"].zero_grad(set_to_none=True)
-        loss.backward()
-        s["opt"].step()
+        for x, targets in s["batches"]:
+            loss = sum(s["task"].loss(s["model"], x, targets).values())
+            s["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            s["opt"].step()
 
     def predict(s):
-        s["task"].predict(s["model"], images, s["eval_tf"], torch.device("cpu"))
+        for batch in s["predict_sets"]:
+            s["task"].predict(s["model"], batch, s["eval_tf"], torch.device("cpu"))
 
     for s in sides.values():  # warm-up
         train_step(s)
         predict(s)
+    names = list(sides)
     for r in range(args.rounds):
-        for name in (("letterbox", "fit") if r % 2 == 0 else ("fit", "letterbox")):
+        for name in (names if r % 2 == 0 else names[::-1]):
             s = sides[name]
             for what, run in (("train", train_step), ("predict", predict)):
                 t0 = time.perf_counter()
                 run(s)
                 s[what].append(time.perf_counter() - t0)
     med = {n: {k: statistics.median(s[k]) * 1000 for k in ("train", "predict")} for n, s in sides.items()}
-    print(f"detect {sides['fit']['params'].model.arch} on {sides['fit']['params'].model.backbone}, {args.batch} photos "
-          f"({args.aspect}), --size {args.size}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+    print(f"detect {sides['fit']['params'].model.arch} on {sides['fit']['params'].model.backbone}, {len(data)} photos "
+          f"({args.aspect}) in batches of {args.batch}, --size {args.size}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds")
     for name, s in sides.items():
-        print(f"  {name:<9} model input {tuple(s['x'].shape)}: train step {med[name]['train']:8.1f} ms, "
+        shapes = ", ".join(f"{tuple(x.shape[2:])}" for x, _ in s["batches"])
+        print(f"  {name:<11} inputs {shapes}: train steps {med[name]['train']:8.1f} ms, "
               f"predict {med[name]['predict']:8.1f} ms")
-    print(f"  letterbox / fit: train step {med['letterbox']['train'] / med['fit']['train']:.2f}x, "
-          f"predict {med['letterbox']['predict'] / med['fit']['predict']:.2f}x")
+    for name in names[1:]:
+        print(f"  letterbox / {name}: train {med['letterbox']['train'] / med[name]['train']:.2f}x, "
+              f"predict {med['letterbox']['predict'] / med[name]['predict']:.2f}x")
 
 
 if __name__ == "__main__":

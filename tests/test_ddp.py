@@ -104,3 +104,50 @@ def test_ranks_that_disagree_on_resume_fail_together(tmp_path):
     for rank in (0, 1):
         assert (tmp_path / f"agree{rank}.txt").read_text() == (
             "DDP ranks disagree on the epoch to resume from: rank 0: 3, rank 1: 0; share the folder")
+
+
+def test_two_ranks_train_a_detector_on_batches_grouped_by_orientation(tmp_path):
+    """resize: fit with aspect_grouping on photos of both orientations: each rank's shard of
+    batches (training/loader.AspectBatchSampler) holds as many steps as the other's, so DDP's
+    collectives pair up and both ranks end with the same weights."""
+    import numpy as np
+    from PIL import Image
+
+    from visionflow.formats import write_format
+    from visionflow.manifest import Category, Instance, Sample
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(22):  # 15 landscape, 7 portrait: buckets of 4 leave leftovers of both kinds
+        h, w = (60, 80) if i % 3 else (80, 48)
+        image = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+        image[8:30, 8:30] = (230, 30, 30)
+        Image.fromarray(image).save(raw / f"p{i}.png")
+        samples.append(Sample(id=f"p{i}", root=str(raw), path=f"p{i}.png", width=w, height=h, sha256="",
+                              instances=[Instance(bbox=[8, 8, 30, 30], category_id=0)]))
+    write_format("coco", samples, [Category(0, "red")], tmp_path / "photos")
+    params_file = make_project(tmp_path, {
+        "ingest": {"sources": [{"name": "photos", "format": "coco", "images": "photos",
+                                "annotations": "photos/annotations.json"}]},
+        "split": {"train": 0.8, "val": 0.1, "test": 0.1},
+        "detect": {"train": {"resize": "fit", "image_size": 64, "epochs": 1, "batch_size": 4}}},
+        name="ddpfit", tasks=("detect",))
+    params, paths = load_params(params_file), Paths(tmp_path)
+    assert params.detect.train.aspect_grouping is None  # on: fit's default
+    for name in ("ingest", "split"):
+        get_stage(name, params).run(params, paths)
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "visionflow.cli", "stage", "train-detect", "--params", str(params_file)]
+    env = {"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    import os
+
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-6000:]
+    assert "grouped by orientation" in out.stderr + out.stdout
+    summary = json.loads(paths.for_task("detect").train_metrics.read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 1
+    digests = summary["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]

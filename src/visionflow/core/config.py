@@ -182,6 +182,10 @@ class TrainParams(Section):
     # classify, multilabel always stretch.
     # Model folders trained before this field predict as stretch (deploy/predictor.py).
     resize: Literal["letterbox", "stretch", "fit"] = "letterbox"
+    # detect with resize fit: each training batch holds landscape or portrait images only, so it
+    # is padded to its own shape, not to a square (training/loader.AspectBatchSampler). null: on
+    # with fit; false: plain shuffled batches. Only fit's batches vary in shape.
+    aspect_grouping: Optional[bool] = None
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -376,6 +380,10 @@ class Params(Section):
             if task != "detect" and self.branch(task).train.resize == "fit":
                 raise ValueError(f"{task}.train.resize: fit (batches of mixed sizes) is for detect only; "
                                  f"use letterbox{' or stretch' if task == 'segment' else ''}")
+            if self.branch(task).train.aspect_grouping and self.branch(task).train.resize != "fit":
+                raise ValueError(f"{task}.train.aspect_grouping: grouping batches by orientation is for resize: fit "
+                                 f"(with {self.branch(task).train.resize} every image has the same shape); "
+                                 "remove it or set resize: fit")
             if self.branch(task).train.resize == "fit" and arch.startswith("ssdlite"):
                 raise ValueError(f"{task}.train.resize: fit gains nothing with {arch}, which stretches every "
                                  "input to image_size x image_size inside the model; use letterbox")

@@ -38,18 +38,21 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
     torch_score, export_score = contract.test_metric(categories), contract.test_metric(categories)
     diff, mismatched, agree = 0.0, 0, None
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        images = [load_rgb(s.image_path(project_root)) for s in chunk]
-        ref_out, ref = contract.reference_outputs(predictor, images)
-        out = exported(preprocess(images, size, resize))
-        got = contract.exported_predictions(out, [im.shape[:2] for im in images], size, resize)
-        d, m = contract.output_diff(ref_out, contract.parity_view(out, got))
-        diff, mismatched = max(diff, d), mismatched + m
-        agreed = contract.agreement(ref, got)
-        if agreed is not None:
-            agree = (agree or 0) + agreed
-        torch_score.process(chunk, ref)
-        export_score.process(chunk, got)
+        loaded = samples[i:i + batch_size]
+        loaded_images = [load_rgb(s.image_path(project_root)) for s in loaded]
+        # both sides get the batches prediction makes (under resize: fit, one per orientation)
+        for batch in predictor.batches(loaded_images, batch_size):
+            chunk, images = [loaded[k] for k in batch], [loaded_images[k] for k in batch]
+            ref_out, ref = contract.reference_outputs(predictor, images)
+            out = exported(preprocess(images, size, resize))
+            got = contract.exported_predictions(out, [im.shape[:2] for im in images], size, resize)
+            d, m = contract.output_diff(ref_out, contract.parity_view(out, got))
+            diff, mismatched = max(diff, d), mismatched + m
+            agreed = contract.agreement(ref, got)
+            if agreed is not None:
+                agree = (agree or 0) + agreed
+            torch_score.process(chunk, ref)
+            export_score.process(chunk, got)
     ref_score, got_score = torch_score.compute(), export_score.compute()
     metric_torch, metric_export = ref_score.value, got_score.value
     same_metric = abs(metric_export - metric_torch) <= metric_tolerance or \

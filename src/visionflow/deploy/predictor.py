@@ -40,14 +40,16 @@ class ModelPredictor:
         self.model.load_state_dict(torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True))
         self.model.eval().to(self.device)
         self.transform = self.task.build_transforms(train_params)[1]
+        self.resize = train_params.resize
         self.task.configure(self.meta)  # settings the train stage chose (multilabel: per-class thresholds)
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for i in range(0, len(images), batch_size):
-            batch = [as_rgb(im) for im in images[i:i + batch_size]]
-            out += self.task.predict(self.model, batch, self.transform, self.device)
+        out: list[dict[str, Any]] = [{} for _ in images]
+        for chunk in self.batches(images, batch_size):
+            batch = [as_rgb(images[i]) for i in chunk]
+            for i, pred in zip(chunk, self.task.predict(self.model, batch, self.transform, self.device)):
+                out[i] = pred
         classes = self.meta["classes"]
         for pred in out:  # names next to ids, for people reading the output
             if "label" in pred:
@@ -55,6 +57,16 @@ class ModelPredictor:
             if "labels" in pred:
                 pred["names"] = [classes[k] for k in pred["labels"]]
         return out
+
+    def batches(self, images: Sequence[np.ndarray], batch_size: int) -> list[list[int]]:
+        """The images' indices in batches, in order. Under resize: fit a batch is padded to its
+        largest image, so landscape and portrait images go in batches of their own (as the
+        train loader groups them); predictions come back in the images' order either way."""
+        from visionflow.training.loader import orientation_batches
+
+        if self.resize != "fit":
+            return [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
+        return orientation_batches([np.shape(im)[1] >= np.shape(im)[0] for im in images], batch_size)
 
     def score(self, samples: Sequence, root: Path, categories: Sequence, settings: Any = None,
               batch_size: int = 32, each: Optional[Callable[[list, list[np.ndarray], list[dict]], None]] = None):

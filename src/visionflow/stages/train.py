@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from visionflow.core.config import TrainParams  # noqa: E402
 from visionflow.training.distributed import gather_digests, init_from_env, shutdown  # noqa: E402
-from visionflow.training.loader import (DeviceBatches, SeededSampler, WorkerInit, resolve_num_workers,  # noqa: E402
+from visionflow.training.loader import (AspectBatchSampler, DeviceBatches, SeededSampler, WorkerInit,  # noqa: E402
+                                        orientation_batches, orientations, resolve_num_workers,
                                         set_main_threads)
 from visionflow.training.engine import (FitConfig, fit, select_device, seed_everything, use_channels_last,  # noqa: E402
                                          write_history_csv)
@@ -160,7 +161,12 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
     if normalize_on_device:  # validation too: the engine hands its batches over through DeviceBatches
         val_ds.defer_normalization()
     drop_last = len(train_ds) > params.batch_size * dist_info.world_size
-    sampler = SeededSampler(len(train_ds), params.seed, dist_info.rank, dist_info.world_size, drop_last=True)
+    grouped = params.resize == "fit" and params.aspect_grouping is not False
+    if grouped:  # batches of one orientation, padded to their own shape (AspectBatchSampler)
+        sampler: Any = AspectBatchSampler(orientations(train_ds.samples), params.batch_size, params.seed,
+                                          dist_info.rank, dist_info.world_size)
+    else:
+        sampler = SeededSampler(len(train_ds), params.seed, dist_info.rank, dist_info.world_size, drop_last=True)
 
     def options(workers: int) -> dict[str, Any]:
         # A generator of its own: the loader draws its workers' base seed from it, never from
@@ -172,13 +178,20 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
         return {**common, "persistent_workers": True,
                 "prefetch_factor": 4 if cuda else 2, "worker_init_fn": WorkerInit(params.seed, dist_info.rank)}
 
-    train_loader = DataLoader(train_ds, batch_size=params.batch_size, sampler=sampler, collate_fn=task.collate,
-                              drop_last=drop_last, **options(train_workers))
-    val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, **options(val_workers))
+    if grouped:
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=task.collate, **options(train_workers))
+        val_loader = DataLoader(val_ds, batch_sampler=orientation_batches(orientations(val_ds.samples),
+                                                                          params.batch_size),
+                                collate_fn=task.collate, **options(val_workers))
+    else:
+        train_loader = DataLoader(train_ds, batch_size=params.batch_size, sampler=sampler, collate_fn=task.collate,
+                                  drop_last=drop_last, **options(train_workers))
+        val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, **options(val_workers))
     if dist_info.is_main:
-        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s",
+        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s%s",
                  train_workers, val_workers, threads, params.cache, cuda,
-                 "uint8 (normalised on the device)" if deferred is not None else "float32")
+                 "uint8 (normalised on the device)" if deferred is not None else "float32",
+                 ", grouped by orientation" if grouped else "")
     return train_loader, val_loader, sampler
 
 

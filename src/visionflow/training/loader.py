@@ -156,6 +156,80 @@ class SeededSampler(Sampler):
         return len(self.base)
 
 
+class AspectBatchSampler(Sampler):
+    """Batches of one orientation (landscape or portrait) for `resize: fit`, whose batches are
+    padded to their largest image: a batch mixing a 16:9 and a 9:16 photo is padded to a square
+    and gains nothing over letterbox (benchmarks/fit_bench.py), one of either kind keeps its
+    shape. What Detectron2's aspect-ratio grouping does, made a pure function of the epoch seed:
+
+    - every rank draws the same permutation of all samples from the epoch seed and walks it,
+      filling one bucket per orientation; a full bucket is a batch. The buckets' leftovers, in
+      the permutation's order, make the last mixed batches (an incomplete one is dropped, as the
+      plain train loader drops its last, unless that would leave a rank no batch at all);
+    - rank r of w takes batches r, r + w, ... of the first (count // w) * w, so every rank takes
+      the same number of steps (DDP needs it) and no sample is seen twice in an epoch (unless
+      there are fewer batches than ranks: then some repeat);
+    - each item is (index, sample_seed) as SeededSampler yields, so augmentations, exact resume
+      and the independence from the number of workers are the same as without grouping.
+    """
+
+    def __init__(self, landscape: Sequence[bool], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.landscape = np.asarray(landscape, bool)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.epoch_seed = seed
+        self._made: tuple[int, list[list[int]]] = (seed, [])
+
+    def set_epoch(self, epoch_seed: int) -> None:
+        self.epoch_seed = epoch_seed
+
+    def batches(self) -> list[list[int]]:
+        """Every rank's batches of this epoch, in order (rank r takes every w-th)."""
+        if self._made[0] != self.epoch_seed or not self._made[1]:
+            self._made = (self.epoch_seed, self._make())
+        return self._made[1]
+
+    def _make(self) -> list[list[int]]:
+        g = torch.Generator()
+        g.manual_seed(self.epoch_seed)
+        order = torch.randperm(len(self.landscape), generator=g).tolist()
+        buckets: dict[bool, list[int]] = {True: [], False: []}
+        out: list[list[int]] = []
+        for i in order:
+            bucket = buckets[bool(self.landscape[i])]
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                out.append(bucket[:])
+                bucket.clear()
+        position = {i: k for k, i in enumerate(order)}
+        rest = sorted(buckets[True] + buckets[False], key=position.__getitem__)
+        out += [rest[k:k + self.batch_size] for k in range(0, len(rest), self.batch_size)]
+        if len(out) > self.world_size and len(out[-1]) < self.batch_size:
+            out.pop()
+        if len(out) < self.world_size:  # fewer batches than ranks: some repeat, so each rank has one
+            return (out * self.world_size)[:self.world_size]
+        return out[:len(out) // self.world_size * self.world_size]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches()[self.rank::self.world_size]:
+            yield [(i, sample_seed(self.epoch_seed, self.rank, i)) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches()[self.rank::self.world_size])
+
+
+def orientation_batches(landscape: Sequence[bool], batch_size: int) -> list[list[int]]:
+    """Indices in order, the landscape ones then the portrait ones, each in batches of
+    batch_size: how validation and prediction batch under resize: fit (unshuffled)."""
+    groups = ([i for i, x in enumerate(landscape) if x], [i for i, x in enumerate(landscape) if not x])
+    return [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+
+
+def orientations(samples: Sequence[Sample]) -> list[bool]:
+    """Whether each sample is landscape (width >= height, after its EXIF orientation), as
+    the manifest records it: what AspectBatchSampler groups by."""
+    return [s.width >= s.height for s in samples]
+
+
 class _Sized:
     def __init__(self, n: int):
         self.n = n
