@@ -217,6 +217,26 @@ def test_instance_stratification_is_deterministic_and_order_free():
     assert a == assign_splits(shuffled, ratios, 5, "instances") != assign_splits(samples, ratios, 6, "instances")
 
 
+def test_a_tiny_instance_dataset_still_gets_an_image_in_every_split():
+    """The vendored CVAT COCO export's shape: 4 photos, 8 classes, most of them in one photo.
+    Serving rare classes first once left test empty (3 / 1 / 0); now each split gets one."""
+    samples = [det_sample(0, [0, 1, 2, 2, 2]), det_sample(1, [3, 4, 4]), det_sample(2, [5, 6, 0]),
+               det_sample(3, [7, 1, 1, 1, 1])]
+    for seed in range(10):
+        splits = assign_splits(samples, {"train": 0.5, "val": 0.25, "test": 0.25}, seed, "instances")
+        assert sorted(len(splits[name]) for name in SPLITS) == [1, 1, 2], (seed, splits)
+        assert len(splits["train"]) == 2, (seed, splits)
+
+
+def test_a_split_left_empty_is_refused_before_anything_is_written(tmp_path):
+    samples = [sample(0, 0), sample(1, 1)]  # two images cannot fill three splits
+    paths = write_project(tmp_path, samples)
+    with pytest.raises(DataError, match=r"manifest.jsonl: 2 samples leave the test split empty \(split.test 0.15\);"
+                                        r".*\(add images, or raise split.test, then run split again\)"):
+        split(SplitParams(), paths)
+    assert not paths.split_file.exists() and not paths.split_report.exists()
+
+
 def test_regex_groups_never_straddle_and_unmatched_are_counted(tmp_path):
     samples = [det_sample(i, [i % 3], path=f"patient{i % 17:02d}/scan{i:03d}.png") for i in range(120)]
     samples += [det_sample(200 + i, [i % 3], path=f"loose/{i}.png") for i in range(4)]

@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from visionflow.core.config import EvaluateParams
+from visionflow.core.errors import DataError
 from visionflow.manifest import read_categories, read_manifest, samples_in_split
 from visionflow.core.paths import Paths
 from visionflow.deploy.predictor import load_predictor
@@ -33,11 +34,12 @@ def evaluate(params: EvaluateParams, paths: Paths) -> dict[str, Any]:
     classes = predictor.meta["classes"]
     categories = read_categories(paths.categories)
     if [c.name for c in categories] != classes:
-        raise ValueError(f"{paths.model_dir}: model classes {classes} differ from {paths.categories} "
-                         f"{[c.name for c in categories]}; re-run train")
+        raise DataError(paths.model_dir, f"model classes {classes} differ from {paths.categories} "
+                        f"{[c.name for c in categories]}", hint="run the train stage again")
     test = samples_in_split(read_manifest(paths.manifest), paths.split_file, "test")
     if not test:
-        raise ValueError(f"{paths.split_file}: the test split is empty")
+        raise DataError(paths.split_file, "the test split is empty: nothing to evaluate on",
+                        hint="raise split.test or add images, then run split again")
     recorder = EmbeddingRecorder(*predictor.task.embedding_module(predictor.model))
     try:
         summary = predictor.task.report_test(params, paths, predictor, test, categories)

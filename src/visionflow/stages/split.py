@@ -71,6 +71,7 @@ def split(params: SplitParams, paths: Paths) -> dict[str, int]:
     splits = assign_splits(samples, {"train": params.train, "val": params.val, "test": params.test},
                            params.seed, mode, units=units, fixed=fixed)
     check_leakage(splits, samples, paths.split_file, groups=keys, pairs=dups.pairs, fixed=fixed)
+    _refuse_empty(splits, params, paths, len(samples), len(set(units.values())))
     _warn_missing_classes(samples, splits, params, names)
     report = split_report(samples, splits, params.seed, names, groups=keys, duplicates=dups)
     report.update(stratify_by=mode, grouping={"group_by": params.group_by, "unmatched": unmatched,
@@ -282,6 +283,20 @@ def _assign_by_instances(groups: dict[str, list[Sample]], ratios: dict[str, floa
     for key in order:  # units without instances balance the image counts
         if key not in chosen:
             give(key, max(active, key=lambda k: demand_images[k]))
+    # Serving rare classes first can leave a split with no unit at all on a tiny dataset (4
+    # photos of 8 classes came out 3 / 1 / 0). With enough units each split gets one, taken from
+    # the split furthest over its image target (its smallest unit).
+    members = {k: [key for key in order if chosen[key] == k] for k in active}
+    total = sum(len(g) for g in groups.values())
+    for name in active:
+        donors = [k for k in active if len(members[k]) > 1]
+        if members[name] or not donors:
+            continue
+        donor = max(donors, key=lambda k: sum(len(groups[u]) for u in members[k]) - ratios[k] * total)
+        unit = min(members[donor], key=lambda u: len(groups[u]))
+        members[donor].remove(unit)
+        members[name].append(unit)
+        chosen[unit] = name
     return chosen
 
 
@@ -360,6 +375,21 @@ def report_numbers(report: dict[str, Any]) -> dict[str, Any]:
 
 def _class_name(cls: Optional[int], names: dict[int, str]) -> str:
     return UNLABELLED if cls is None else names.get(cls, str(cls))
+
+
+def _refuse_empty(splits: dict[str, list[str]], params: SplitParams, paths: Paths, n_samples: int,
+                  n_units: int) -> None:
+    """Training needs a train split and evaluation a test split (both fractions are above 0):
+    refused here, before anything is written, not two stages later."""
+    empty = [name for name in ("train", "test") if not splits[name]]
+    if not empty:
+        return
+    asked = ", ".join(f"split.{name} {getattr(params, name)}" for name in empty)
+    units = f" in {n_units} groups kept together (group_by, duplicates)" if n_units < n_samples else ""
+    raise DataError(paths.manifest, f"{n_samples} samples{units} leave the {' and '.join(empty)} split empty "
+                    f"({asked}); training needs at least one image in train and evaluation one in test",
+                    hint="add images, or raise " + " and ".join(f"split.{name}" for name in empty) +
+                    ", then run split again")
 
 
 def _warn_missing_classes(samples: list[Sample], splits: dict[str, list[str]], params: SplitParams,

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from visionflow.core.config import TrainParams  # noqa: E402
+from visionflow.core.errors import DataError  # noqa: E402
 from visionflow.training.distributed import gather_digests, init_from_env, shutdown  # noqa: E402
 from visionflow.training.loader import (AspectBatchSampler, DeviceBatches, SeededSampler, WorkerInit,  # noqa: E402
                                         orientation_batches, orientations, resolve_num_workers,
@@ -64,7 +65,8 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     train_ds = task.build_dataset([samples[i] for i in split["train"]], train_tf, paths.root)
     val_ds = task.build_dataset([samples[i] for i in split["val"]], eval_tf, paths.root)
     if not len(train_ds):
-        raise ValueError(f"{paths.split_file}: the train split is empty")
+        raise DataError(paths.split_file, "the train split is empty: nothing to train on",
+                        hint="raise split.train or add images, then run split again")
 
     model = task.build_model(params, len(class_names))
     trained = model  # what fit trains and checkpoints: the whole model, or the head on cached features
