@@ -135,3 +135,19 @@ def test_ctrl_c_stops_the_mlflow_ui_quietly(tmp_path):
     assert ui.returncode in (0, 130) and "Traceback" not in out and "CancelledError" not in out, out
     with socket.socket() as s:  # the server and its workers are gone
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_the_end_of_run_summary_names_a_command_that_runs_from_where_the_user_is(tmp_path, monkeypatch):
+    """`visionflow run` ends with the commands that open the UIs: `.venv/bin/visionflow` only
+    where that path exists (the checkout's root), else the script's own path, or plain
+    `visionflow` when PATH finds this one."""
+    from visionflow.integrations.prefect import cli_command
+
+    exe = Path(sys.executable).parent / "visionflow"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(REPO)
+    assert cli_command() == str(exe.relative_to(REPO))
+    monkeypatch.chdir(tmp_path)  # a project elsewhere (seen: /tmp/project printed .venv/bin/visionflow)
+    assert cli_command() == str(exe) and exe.is_file()
+    monkeypatch.setenv("PATH", f"{exe.parent}:/usr/bin:/bin")
+    assert cli_command() == "visionflow"

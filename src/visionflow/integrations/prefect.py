@@ -368,8 +368,23 @@ def _aliases(reg: dict[str, Any], gate: dict[str, Any]) -> str:
     return f"aliases {aliases} ({verdict})"
 
 
+def cli_command() -> str:
+    """How to run this visionflow from the current folder: `visionflow` when PATH finds this
+    one, `.venv/bin/visionflow` at the checkout's root, else the script's absolute path."""
+    import shutil
+
+    exe = Path(sys.executable).parent / "visionflow"
+    if shutil.which("visionflow") == str(exe):
+        return "visionflow"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
 def print_report(results: dict[str, Any], params_file: Path) -> None:
     p = f" --params {params_file}" if params_file != Path("params.yaml").resolve() else ""
+    cli = cli_command()
     tasks = [name.split("-", 1)[1] for name in results if name.startswith("train-")]
     lines = ["", "visionflow pipeline finished"]
     for task in tasks:
@@ -386,8 +401,8 @@ def print_report(results: dict[str, Any], params_file: Path) -> None:
         f"  tracking:      {', '.join(sorted(tracking))}",
         "",
         "Look at it:",
-        f"  MLflow UI:     .venv/bin/visionflow ui mlflow{p}      # http://127.0.0.1:5000",
-        *(f"  FiftyOne App:  .venv/bin/visionflow ui fiftyone --task {t}{p}    # http://127.0.0.1:5151" for t in tasks),
+        f"  MLflow UI:     {cli} ui mlflow{p}      # http://127.0.0.1:5000",
+        *(f"  FiftyOne App:  {cli} ui fiftyone --task {t}{p}    # http://127.0.0.1:5151" for t in tasks),
         "",
     ]
     print("\n".join(lines))
