@@ -2,6 +2,7 @@
 that the committed copies match)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -203,8 +204,6 @@ def _render_inputs(params: Params, paths: Paths) -> str:
     dvc.yaml are relative to it, and code deps to the folder above it that holds src/), this
     package's source (the stage table, the tasks' outputs, the imports code deps follow) and the
     libraries that write the YAML. Equal digests render equal dvc.yaml files."""
-    import hashlib
-
     import pydantic
 
     h = hashlib.sha256()
@@ -225,8 +224,6 @@ def stale_dvc_yaml(params: Params, paths: Paths) -> str | None:
     split, register and promote do not otherwise need. So a DVC repository remembers in
     .dvc/tmp the digest of what was rendered (`_render_inputs`) with the dvc.yaml it matched;
     the next stage renders again only when either differs."""
-    import hashlib
-
     path = paths.root / "dvc.yaml"
     if not path.exists():
         return None

@@ -162,13 +162,6 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
     deferred = train_ds.defer_normalization() if normalize_on_device else None
     if normalize_on_device:  # validation too: the engine hands its batches over through DeviceBatches
         val_ds.defer_normalization()
-    drop_last = len(train_ds) > params.batch_size * dist_info.world_size
-    grouped = params.resize == "fit" and params.aspect_grouping is not False
-    if grouped:  # batches of one orientation, padded to their own shape (AspectBatchSampler)
-        sampler: Any = AspectBatchSampler(orientations(train_ds.samples), params.batch_size, params.seed,
-                                          dist_info.rank, dist_info.world_size)
-    else:
-        sampler = SeededSampler(len(train_ds), params.seed, dist_info.rank, dist_info.world_size, drop_last=True)
 
     def options(workers: int) -> dict[str, Any]:
         # A generator of its own: the loader draws its workers' base seed from it, never from
@@ -180,12 +173,17 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
         return {**common, "persistent_workers": True,
                 "prefetch_factor": 4 if cuda else 2, "worker_init_fn": WorkerInit(params.seed, dist_info.rank)}
 
-    if grouped:
+    grouped = params.resize == "fit" and params.aspect_grouping is not False
+    if grouped:  # batches of one orientation, padded to their own shape (AspectBatchSampler)
+        sampler: Any = AspectBatchSampler(orientations(train_ds.samples), params.batch_size, params.seed,
+                                          dist_info.rank, dist_info.world_size)
         train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=task.collate, **options(train_workers))
         val_loader = DataLoader(val_ds, batch_sampler=orientation_batches(orientations(val_ds.samples),
                                                                           params.batch_size),
                                 collate_fn=task.collate, **options(val_workers))
     else:
+        sampler = SeededSampler(len(train_ds), params.seed, dist_info.rank, dist_info.world_size, drop_last=True)
+        drop_last = len(train_ds) > params.batch_size * dist_info.world_size
         train_loader = DataLoader(train_ds, batch_size=params.batch_size, sampler=sampler, collate_fn=task.collate,
                                   drop_last=drop_last, **options(train_workers))
         val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, **options(val_workers))

@@ -177,14 +177,14 @@ class AspectBatchSampler(Sampler):
         self.landscape = np.asarray(landscape, bool)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.epoch_seed = seed
-        self._made: tuple[int, list[list[int]]] = (seed, [])
+        self._made: Optional[tuple[int, list[list[int]]]] = None  # (epoch seed, its batches)
 
     def set_epoch(self, epoch_seed: int) -> None:
         self.epoch_seed = epoch_seed
 
     def batches(self) -> list[list[int]]:
         """Every rank's batches of this epoch, in order (rank r takes every w-th)."""
-        if self._made[0] != self.epoch_seed or not self._made[1]:
+        if self._made is None or self._made[0] != self.epoch_seed:
             self._made = (self.epoch_seed, self._make())
         return self._made[1]
 
