@@ -1,6 +1,8 @@
 """Every `visionflow stage` checks that dvc.yaml matches params.yaml. Rendering imports every
 task's module (torch), so a DVC repository remembers a match in .dvc/tmp: the memo must save
 that work and must never hide a dvc.yaml that no longer matches."""
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,19 +35,37 @@ def _stale(root: Path):
     return dvc.stale_dvc_yaml(load_params(root / "params.yaml"), Paths(root))
 
 
-def _no_render(*_):
-    raise AssertionError("rendered although the memo says dvc.yaml matched")
+CHECK = """
+import json, sys
+from pathlib import Path
+from visionflow.core.config import load_params
+from visionflow.core.paths import Paths
+from visionflow.integrations.dvc import stale_dvc_yaml
+stale = stale_dvc_yaml(load_params(Path("params.yaml")), Paths(Path(".")))
+print(json.dumps({"stale": stale, "rendered": "torch" in sys.modules}))
+"""
 
 
-def test_a_match_is_remembered_and_the_next_check_does_not_render(repo, monkeypatch):
+def _check_in_a_process(root: Path, package_parent: Path | None = None) -> dict:
+    """The check as a fresh `visionflow stage` process makes it: {"stale": message or None,
+    "rendered": whether it imported the task modules (torch), which only rendering does}.
+    package_parent: a folder holding another copy of the package, put first on the path."""
+    env = {**os.environ, **({"PYTHONPATH": str(package_parent)} if package_parent else {})}
+    out = subprocess.run([sys.executable, "-c", CHECK], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_match_is_remembered_and_the_next_check_does_not_render(repo):
     memo = repo / ".dvc" / dvc.MATCHED_FILE
-    assert _stale(repo) is None and memo.is_file()
+    assert _check_in_a_process(repo) == {"stale": None, "rendered": True}
+    assert memo.is_file()
     assert "tmp" in (repo / ".dvc" / ".gitignore").read_text()  # DVC's scratch folder: git never sees it
-    monkeypatch.setattr(dvc, "render", _no_render)
-    assert _stale(repo) is None
+    assert _check_in_a_process(repo) == {"stale": None, "rendered": False}  # no torch: the memo answered
 
 
-def test_the_memo_never_hides_an_edited_dvc_yaml_or_a_changed_source(repo, monkeypatch):
+def test_the_memo_never_hides_an_edited_dvc_yaml_or_a_changed_source(repo):
     assert _stale(repo) is None
     remembered = (repo / ".dvc" / dvc.MATCHED_FILE).read_text()
 
@@ -69,8 +89,7 @@ def test_the_memo_never_hides_an_edited_dvc_yaml_or_a_changed_source(repo, monke
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     assert _stale(repo) is None
     assert (repo / ".dvc" / dvc.MATCHED_FILE).read_text() != remembered
-    monkeypatch.setattr(dvc, "render", _no_render)
-    assert _stale(repo) is None
+    assert _check_in_a_process(repo) == {"stale": None, "rendered": False}
 
 
 def test_a_garbled_memo_is_ignored(repo):
@@ -83,20 +102,22 @@ def test_a_garbled_memo_is_ignored(repo):
     assert "does not match" in _stale(repo)
 
 
-def test_the_digest_follows_the_package_source_and_the_project_place(repo, tmp_path, monkeypatch):
-    params, paths = load_params(repo / "params.yaml"), Paths(repo)
-    package = tmp_path / "package"
-    shutil.copytree(dvc.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(dvc, "PACKAGE_DIR", package)
-    before = dvc._render_inputs(params, paths)
-    assert dvc._render_inputs(params, paths) == before
-    module = package / "tasks" / "segment.py"  # what a task's module says feeds dvc.yaml
-    module.write_text(module.read_text() + "\n# edited\n")
-    assert dvc._render_inputs(params, paths) != before
-
-    moved = tmp_path / "elsewhere"
+def test_an_edit_of_the_package_source_or_a_moved_project_renders_again(repo, tmp_path):
+    """A copy of the package first on the path (what an edited checkout is): the same source
+    gives the same digest, an edited module a new one. A project copied elsewhere carries its
+    memo along, but the memo names the other place."""
+    assert _check_in_a_process(repo)["stale"] is None  # remembered, by the installed package
+    moved = tmp_path / "team" / "elsewhere"
     shutil.copytree(repo, moved)
-    assert dvc._render_inputs(params, Paths(moved)) != dvc._render_inputs(params, paths)
+    assert _check_in_a_process(moved) == {"stale": None, "rendered": True}
+
+    copy = tmp_path / "checkout"
+    shutil.copytree(dvc.PACKAGE_DIR, copy / "visionflow", ignore=shutil.ignore_patterns("__pycache__"))
+    assert _check_in_a_process(repo, copy) == {"stale": None, "rendered": False}  # byte-equal source
+    module = copy / "visionflow" / "tasks" / "segment.py"  # what a task's module says feeds dvc.yaml
+    module.write_text(module.read_text() + "\n# edited\n")
+    assert _check_in_a_process(repo, copy) == {"stale": None, "rendered": True}
+    assert _check_in_a_process(repo, copy) == {"stale": None, "rendered": False}
 
 
 def test_outside_a_dvc_repository_nothing_is_written_and_staleness_is_still_found(tmp_path):
