@@ -1,8 +1,9 @@
 """onnxruntime against PyTorch eager inference, per task, side by side in one run.
 
 For each task (classify, segment, multilabel; detect has no ONNX export) it builds a model
-folder with the architecture and input size of the repository's params.yaml (random weights:
-latency depends on the architecture and size, not on the weights; no download), exports it to
+folder with the architecture and input size of the repository's params.yaml (random weights, no
+download; or a trained folder with --model-dir: the model's latency depends on the architecture
+and size, the segmenter's post-processing also on how many class edges its masks have), exports it to
 ONNX through the project's own export path (visionflow.deploy.export.export_model, which runs
 the file at batch 1 and 3 against PyTorch before keeping it), and then times, on the same
 synthetic shape images (visionflow.datasets.synth, --image-px square PNGs decoded to RGB):
@@ -19,6 +20,7 @@ torch's: OMP_NUM_THREADS, else the cores). The predictions of both are compared 
 
     .venv/bin/python benchmarks/runtime_bench.py --out /tmp/runtime.json
     .venv/bin/python benchmarks/runtime_bench.py --tasks classify --batches 1 8 --rounds 30 --threads 2
+    .venv/bin/python benchmarks/runtime_bench.py --tasks segment --model-dir segment=models/segment --image-px 640
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def bench_task(task: str, tmp: Path, args) -> dict:
     from visionflow.deploy.predictor import load_predictor
     from visionflow.deploy.runtime import OnnxPredictor
 
-    model_dir = make_model_dir(tmp / task, task)
+    model_dir = args.model_dir.get(task) or make_model_dir(tmp / task, task)
     t0 = time.perf_counter()
     info = export_model(model_dir, "onnx", tmp / f"{task}.onnx")
     export_s = time.perf_counter() - t0
@@ -122,8 +124,20 @@ def main() -> int:
                     "the model resizes them to its image_size)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads of both runtimes "
                     "(default: torch's, OMP_NUM_THREADS or the cores)")
+    ap.add_argument("--model-dir", nargs="+", default=[], metavar="TASK=DIR",
+                    help="time a trained model folder (as the train stage writes it, e.g. segment=models/segment "
+                         "after `visionflow run`) in place of random weights: the segmenter's post-processing "
+                         "depends on its masks (class edges), not only on the architecture")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    try:
+        args.model_dir = {task: Path(folder) for task, folder in (m.split("=", 1) for m in args.model_dir)}
+    except ValueError:
+        ap.error("--model-dir takes TASK=DIR, e.g. segment=models/segment")
+    for task, folder in args.model_dir.items():
+        if task not in TASKS or not (folder / "meta.json").is_file():
+            ap.error(f"--model-dir {task}={folder}: not a task with an ONNX export ({', '.join(TASKS)}) "
+                     "and a model folder with meta.json")
     import torch
 
     if args.threads:

@@ -383,3 +383,62 @@ def test_registry_and_model_directory_predictor(tmp_path):
     expected = task.predict(model, [np.zeros((40, 70, 3), np.uint8)], task.build_transforms(params)[1],
                             torch.device("cpu"))[0]["mask"]
     np.testing.assert_array_equal(pred["mask"], expected)
+
+
+def _reference_mask(logits: np.ndarray, height: int, width: int) -> np.ndarray:
+    """What resize_argmax must give: torch's bilinear resize of every class, then argmax."""
+    full = F.interpolate(torch.from_numpy(logits)[None], size=(height, width), mode="bilinear", align_corners=False)
+    return full[0].argmax(0).numpy().astype(np.uint8)
+
+
+def _object_logits(classes: int, side: int, seed: int) -> np.ndarray:
+    """What a trained segmenter gives: a few discs of different classes on background, soft
+    edges, a little noise (classes change only at the discs' edges)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side]
+    label = np.zeros((side, side), np.int64)
+    for c in range(1, classes):
+        cy, cx, r = rng.uniform(0, side, 2).tolist() + [rng.uniform(0.08, 0.2) * side]
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = c
+    onehot = (label[None] == np.arange(classes)[:, None, None]).astype(np.float32) * 6
+    smooth = F.avg_pool2d(torch.from_numpy(onehot)[None], 5, 1, 2)[0].numpy()
+    return (smooth + rng.normal(0, 0.3, smooth.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("side,height,width", [(96, 128, 128), (96, 480, 640), (64, 1080, 1920), (96, 97, 300),
+                                               (96, 64, 48), (96, 96, 96)])
+def test_resize_argmax_is_torchs_bilinear_then_argmax_pixel_for_pixel(monkeypatch, side, height, width):
+    from visionflow.tasks import segment
+
+    dense = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(segment.F, "interpolate", lambda *a, **k: dense.append(1) or interpolate(*a, **k))
+    rng = np.random.default_rng(side + height)
+    cases = {
+        "objects": _object_logits(5, side, seed=height),  # the edges-only path when enlarging 2x or more
+        "noise": rng.normal(size=(5, side, side)).astype(np.float32),  # a random-init model: the dense path
+        "ties": np.zeros((5, side, side), np.float32),  # every class tied, and classes 2 and 3 in a square
+    }
+    cases["ties"][2:4, side // 4:side // 2, side // 3:side // 2] = 1.0  # the first maximum wins on both paths
+    for name, logits in cases.items():
+        dense.clear()
+        got = segment.resize_argmax(logits, height, width)
+        used_dense = bool(dense)
+        assert got.dtype == np.uint8 and got.shape == (height, width)
+        np.testing.assert_array_equal(got, _reference_mask(logits, height, width), err_msg=name)
+        enlarged = height * width >= 2 * side * side
+        if name == "noise" or not enlarged:
+            assert used_dense, f"{name}: the dense path"
+        else:
+            assert not used_dense, f"{name}: enlarged with few class edges, no dense resize"
+
+
+def test_upsampled_mask_crops_the_letterbox_padding_before_resizing():
+    from visionflow.tasks.segment import upsampled_mask
+    from visionflow.training.augment import input_frame, resize_steps
+
+    logits = torch.from_numpy(_object_logits(4, 64, seed=3))
+    frame = input_frame(resize_steps(64, "letterbox"), 300, 600)  # 64 x 32 of content, padded above and below
+    assert frame.rows < 64
+    crop = logits[:, frame.top:frame.top + frame.rows, frame.left:frame.left + frame.cols].contiguous().numpy()
+    np.testing.assert_array_equal(upsampled_mask(logits, frame), _reference_mask(crop, 300, 600))
