@@ -64,6 +64,45 @@ def test_label_studio_json_and_json_min_exports_are_detected(name):
     assert detect_source(REAL / name).format == "labelstudio"
 
 
+# the real exports whose images are vendored with them (the others' tests render stand-ins)
+WITH_IMAGES = {"cvat-1.1-task-2label": 4, "cvat-coco1.0": 4, "cvat-voc-1.1-2label": 4, "cvat-yolo1.1": 4,
+               "labelimg-voc-2label": 4, "labelimg-yolo": 4, "labelimg-yolo-tree": 2, "roboflow-sharks-coco": 10,
+               "roboflow-sharks-yolov9": 10, "roboflow-voc-chess": 11}
+
+
+@pytest.mark.parametrize("folder", sorted(WITH_IMAGES))
+def test_each_real_export_folder_reads_every_image_through_the_detected_layout(folder):
+    """What `visionflow init FOLDER` and `ingest FOLDER` do: detect, then read. CVAT's COCO 1.0
+    export keeps its images in images/ beside annotations/, and its file_name values are bare."""
+    from visionflow.formats import read_source
+    from visionflow.formats.detect import detect_source
+
+    found = detect_source(REAL / folder)
+    result = read_source(found.format, found.images, found.annotations, "s")
+    assert len(result.samples) == WITH_IMAGES[folder], found.describe()
+    assert all(Path(s.root, s.path).is_file() for s in result.samples)
+
+
+@pytest.mark.parametrize("layout", ["datumaro", "coco2017", "fiftyone", "file-given"])
+def test_coco_images_are_found_where_each_exporter_puts_them(tmp_path, layout):
+    """The CVAT COCO 1.0 export's own files, laid out as other COCO exporters write them."""
+    from visionflow.formats import read_source
+    from visionflow.formats.detect import detect_source
+
+    src = REAL / "cvat-coco1.0"
+    ann, images = {"datumaro": ("annotations/instances_default.json", "images/default"),
+                   "coco2017": ("annotations/instances_val2017.json", "val2017"),
+                   "fiftyone": ("labels.json", "data"),
+                   "file-given": ("annotations/instances_default.json", "images")}[layout]
+    (tmp_path / ann).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "annotations/instances_default.json", tmp_path / ann)
+    shutil.copytree(src / "images", tmp_path / images)
+    (tmp_path / "birds.jpg").write_bytes((src / "images/birds.jpg").read_bytes())  # one name also at the root
+    found = detect_source(tmp_path / ann if layout == "file-given" else tmp_path)
+    assert (found.format, found.images, found.annotations) == ("coco", tmp_path / images, tmp_path / ann)
+    assert len(read_source(found.format, found.images, found.annotations, "s").samples) == 4
+
+
 def test_every_real_export_is_in_the_detection_table():
     exports = {p.name for p in REAL.iterdir() if p.is_dir()}
     assert exports <= set(DETECTED) | {p for p in exports if p.startswith("labelstudio")}, exports - set(DETECTED)

@@ -7,6 +7,8 @@ says what was looked for and lists the candidates, so the user can name the form
 """
 from __future__ import annotations
 
+import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,35 @@ def _json_kind(path: Path) -> Optional[str]:
         if '"annotation_id"' in head and '"data"' not in head:  # Label Studio's JSON-MIN: flat records
             return "labelstudio"
     return None
+
+
+_FILE_NAME = re.compile(r'"file_name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _coco_images(ann: Path) -> Path:
+    """The folder a COCO file's `file_name` values are relative to: of the places exporters put
+    images, the one where most of the first 20 names in the file's head exist (the file's own
+    folder when none has any: the reader then names the missing images). Places, for a file in
+    `annotations/` the export's root and otherwise the file's folder: that folder itself, `images/`
+    (CVAT's COCO 1.0), `images/<subset>/` (Datumaro, CVAT 2), `<subset>/` (COCO's own
+    `instances_val2017.json` + `val2017/`) and `data/` (FiftyOne), the subset taken from the
+    file name after its first underscore."""
+    names = []
+    for raw in _FILE_NAME.findall(_head(ann))[:20]:
+        try:
+            names.append(json.loads(f'"{raw}"'))
+        except ValueError:
+            continue
+    subset = ann.stem.split("_", 1)[1] if "_" in ann.stem else None
+    bases = [ann.parent.parent, ann.parent] if ann.parent.name.lower() == "annotations" else [ann.parent]
+    places = [p for b in bases for p in (b, b / "images", *((b / "images" / subset, b / subset) if subset else ()),
+                                       b / "data")]
+    best, hits = bases[0], 0
+    for place in dict.fromkeys(places):
+        found = sum(1 for n in names if n and (place / n).is_file())
+        if found > hits:
+            best, hits = place, found
+    return best
 
 
 def _xml_root(path: Path) -> Optional[str]:
@@ -105,11 +136,8 @@ def _candidates(path: Path) -> Iterator[Detected]:
         yield Detected("csv", root, root, "_classes.csv per split folder (Roboflow multi-label CSV)")
     coco = [p for p in sorted([*root.glob("*.json"), *root.glob("annotations/*.json")])
             if not p.name.startswith("_") and _json_kind(p) == "coco"]
-    if len(coco) == 1:
-        yield Detected("coco", root, coco[0], f"{coco[0].relative_to(root)} has COCO's images/annotations/categories")
-    elif len(coco) > 1:
-        for p in coco:
-            yield Detected("coco", root, p, f"{p.relative_to(root)} has COCO's images/annotations/categories")
+    for p in coco:
+        yield Detected("coco", _coco_images(p), p, f"{p.relative_to(root)} has COCO's images/annotations/categories")
     for p in sorted(root.glob("*.json")):
         if _json_kind(p) == "labelstudio":
             yield Detected("labelstudio", root, p, f"{p.name} is a list of Label Studio tasks")
@@ -140,7 +168,7 @@ def _file_candidates(path: Path) -> Iterator[Detected]:
     if suffix == ".json":
         kind = _json_kind(path)
         if kind:
-            yield Detected(kind, path.parent, path, f"{path.name} is " +
+            yield Detected(kind, _coco_images(path) if kind == "coco" else path.parent, path, f"{path.name} is " +
                            ("COCO JSON (images/annotations/categories)" if kind == "coco" else "a list of Label Studio tasks"))
     elif suffix == ".xml":
         tag = _xml_root(path)
