@@ -9,7 +9,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -224,3 +226,28 @@ def test_voc_coordinates_is_a_per_source_choice(project, tmp_path):
     assert any(x1 == bx1 + 1 for (x1, *_), (bx1, *_) in shifted if bx1 > 0)  # 1-based reads one pixel less
     with pytest.raises(ValueError, match="voc_coordinates is for format voc"):
         SourceParams(name="c", format="coco", images="x", annotations="y", voc_coordinates="1-based")
+
+
+def test_cvat_segmentation_mask_export_is_read_as_masks_with_its_labelmap_colours(tmp_path):
+    """CVAT's "Segmentation mask 1.1" export: JPEGImages/, SegmentationClass/ and
+    SegmentationObject/ PNGs coloured by labelmap.txt, ImageSets/Segmentation/, and no
+    Annotations/ (as in KirchnerMax/kcl_summerschool_23, which has no licence to vendor). Built
+    here from the vendored CVAT VOC export of the same task, whose files are those plus XMLs."""
+    from visionflow.formats import read_source
+    from visionflow.formats.detect import detect_source
+    from visionflow.manifest.masks import decode_rle
+
+    src = REAL / "cvat-voc-1.1-2label"
+    export = tmp_path / "seg-mask-1.1"
+    shutil.copytree(src, export, ignore=shutil.ignore_patterns("Annotations", "Main"))
+    found = detect_source(export)
+    assert (found.format, found.images, found.annotations) == ("masks", export / "JPEGImages",
+                                                                export / "SegmentationClass")
+    result = read_source(found.format, found.images, found.annotations, "s")
+    names = {c.id: c.name for c in result.categories}
+    assert names[0] == "background" and names[4] == "ellipse" and len(names) == 9  # labelmap.txt's lines
+    assert len(result.samples) == 4 and result.report.counts.get("mask_missing") == 3  # one image was outlined
+    shapes = next(s for s in result.samples if s.path.endswith("shapes.jpg"))
+    ellipse = next(i for i in shapes.instances if i.category_id == 4)  # colour 0,0,128 in labelmap.txt
+    pixels = np.asarray(Image.open(src / "SegmentationClass/shapes.png").convert("RGB"))
+    assert np.array_equal(decode_rle(ellipse.rle, shapes.height, shapes.width, "shapes"), (pixels == [0, 0, 128]).all(-1))

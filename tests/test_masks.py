@@ -191,6 +191,29 @@ def test_rgb_colour_masks(tmp_path):
         read_masks(tmp_path / "img", tmp_path / "masks", "city")
 
 
+def test_cvat_labelmap_is_a_class_table_for_palette_and_rgb_masks(tmp_path):
+    """CVAT's and Datumaro's labelmap.txt: `name:r,g,b:parts:actions`, comments left out; the
+    line index is a palette mask's value, the colour an RGB mask's."""
+    make_image(tmp_path / "img/x.jpg", (6, 4))
+    make_image(tmp_path / "img/y.jpg", (6, 4))
+    (tmp_path / "masks").mkdir()
+    palette = np.zeros((4, 6), np.uint8)
+    palette[:, 4:] = 2
+    save_mask(tmp_path / "masks/x.png", palette)
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[1:, :2] = (250, 50, 83)
+    Image.fromarray(rgb).save(tmp_path / "masks/y.png")
+    (tmp_path / "labelmap.txt").write_text("# label:color_rgb:parts:actions\nbackground:0,0,0::\n"
+                                           "tool:250,50,83::\nhand:0,128,0:finger:\n")
+    res = read_masks(tmp_path / "img", tmp_path / "masks", "cvat")
+    assert [(c.id, c.name) for c in res.categories] == [(0, "background"), (1, "tool"), (2, "hand")]
+    by_path = {s.path: s for s in res.samples}
+    assert [(i.category_id, i.bbox) for i in by_path["x.jpg"].instances] == [(0, [0.0, 0.0, 4.0, 4.0]),
+                                                                              (2, [4.0, 0.0, 6.0, 4.0])]
+    assert [(i.category_id, i.bbox) for i in by_path["y.jpg"].instances] == [(0, [0.0, 0.0, 6.0, 4.0]),
+                                                                              (1, [0.0, 1.0, 2.0, 4.0])]
+
+
 # --- validation ----------------------------------------------------------------------------
 
 def small_dataset(tmp_path: Path) -> tuple[Path, Path]:

@@ -153,8 +153,9 @@ def _candidates(path: Path) -> Iterator[Detected]:
             yield Detected("voc", root, root, f"<annotation> XML files {where} (Pascal VOC: LabelImg, Roboflow)")
     masks = next((root / n for n in ("masks", "SegmentationClass", "labels") if (root / n).is_dir()
                   and next((root / n).rglob("*.png"), None) is not None), None)
-    if masks is not None and (root / "images").is_dir() and ann is None:
-        yield Detected("masks", root / "images", masks, f"images/ with PNG masks in {masks.name}/")
+    images = next((root / n for n in ("images", "JPEGImages") if (root / n).is_dir()), None)
+    if masks is not None and images is not None and ann is None:  # JPEGImages/: CVAT's "Segmentation mask 1.1"
+        yield Detected("masks", images, masks, f"{images.name}/ with PNG masks in {masks.name}/")
     tree = splits or [root]
     class_dirs = [d for t in tree for d in t.iterdir() if d.is_dir() and _images_in(d)]
     if class_dirs and not any(t for t in tree if _images_in(t)) and \

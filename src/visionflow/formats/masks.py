@@ -12,6 +12,9 @@ Layout (`annotations` is the masks folder):
 
 Class table (pixel value -> class; 255 is always "ignore"):
     classes.txt     one name per line; the line index (from 0) is the pixel value
+    labelmap.txt    CVAT's / Datumaro's `name:r,g,b:parts:actions` lines (`#` comments left out):
+                    the line index is the value, r,g,b its colour (CVAT's "Segmentation mask 1.1"
+                    export: JPEGImages/, SegmentationClass/ RGB masks, labelmap.txt)
     .json / .yaml   a list of names (index = value), or a mapping {value: name}; an entry may be
                     {"name": ..., "color": [r, g, b]} so RGB colour masks can be read; an entry
                     for value 255 only gives the colour of the ignore region (it is no class)
@@ -76,7 +79,9 @@ from visionflow.manifest.masks import (IGNORE, PALETTE, decode_rle, encode_rle, 
                                        paint, semantic_mask)
 
 IMAGES_DIR, MASKS_DIR = "images", "masks"
-CLASS_FILES = ("classes.txt", "classes.json", "classes.yaml", "classes.yml")
+# labelmap.txt: CVAT's "Segmentation mask 1.1" (and Datumaro's) `name:r,g,b:parts:actions`, line
+# index (comments left out) = the pixel value of palette masks, the colours those of RGB masks
+CLASS_FILES = ("classes.txt", "classes.json", "classes.yaml", "classes.yml", "labelmap.txt")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SEMANTIC = {"semantic": True}
 
@@ -180,13 +185,17 @@ def read_class_table(path: Path) -> ClassTable:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(path, f"not UTF-8 text ({exc})") from None
-    if path.suffix == ".txt":
+    if path.name == "labelmap.txt":
+        from visionflow.formats.voc import labelmap_rows
+
+        doc: Any = [{"name": name, "color": list(colour)} if colour else name for name, colour in labelmap_rows(path)]
+    elif path.suffix == ".txt":
         lines = text.rstrip().splitlines() if text.strip() else []
         for i, line in enumerate(lines):
             if not line.strip():
                 raise DataError(path, "empty class name", record=f"line {i + 1}",
                                 hint="the line index is the pixel value, so every line needs a name")
-        doc: Any = [line.strip() for line in lines]
+        doc = [line.strip() for line in lines]
     else:
         doc = _load_structured(path, text)
     if isinstance(doc, list):

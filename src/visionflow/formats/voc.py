@@ -318,19 +318,25 @@ def _read_labels(path: Path, source: str) -> list[Category]:
             if not (i == 0 and first == 0)]
 
 
-def _read_colours(path: Path) -> dict[tuple[int, int, int], int]:
-    """RGB -> class index from a CVAT/Datumaro label map (`name:r,g,b:parts:actions`); {} when
-    the file has no colours (plain names)."""
-    colours: dict[tuple[int, int, int], int] = {}
-    names = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines()
-             if ln.split(":", 1)[0].strip() and not ln.lstrip().startswith("#")]
-    offset = 0 if names and names[0].split(":", 1)[0].strip() == "background" else 1
-    for i, line in enumerate(names, offset):
+def labelmap_rows(path: Path) -> list[tuple[str, Optional[tuple[int, int, int]]]]:
+    """A CVAT/Datumaro label map (`name:r,g,b:parts:actions`, `#` comments) or a plain list of
+    names: (name, colour or None) per class line, in file order."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         fields = line.split(":")
+        if not fields[0].strip() or line.lstrip().startswith("#"):
+            continue
         rgb = fields[1].split(",") if len(fields) > 1 else []
-        if len(rgb) == 3 and all(v.strip().isdigit() for v in rgb):
-            colours[tuple(int(v) for v in rgb)] = i  # type: ignore[assignment]
-    return colours
+        colour = tuple(int(v) for v in rgb) if len(rgb) == 3 and all(v.strip().isdigit() for v in rgb) else None
+        rows.append((fields[0].strip(), colour))
+    return rows  # type: ignore[return-value]
+
+
+def _read_colours(path: Path) -> dict[tuple[int, int, int], int]:
+    """RGB -> class index from a CVAT/Datumaro label map; {} when the file has no colours (plain names)."""
+    rows = labelmap_rows(path)
+    offset = 0 if rows and rows[0][0] == "background" else 1
+    return {colour: i for i, (_, colour) in enumerate(rows, offset) if colour is not None}
 
 
 def _categories_from_names(docs: list[tuple[Path, str, ET.Element]], source: str) -> list[Category]:
