@@ -237,6 +237,42 @@ def test_a_split_left_empty_is_refused_before_anything_is_written(tmp_path):
     assert not paths.split_file.exists() and not paths.split_report.exists()
 
 
+def test_a_split_left_empty_by_the_grouping_names_the_grouping(tmp_path):
+    """Frames of one video: every image a (near-)copy of another, so one group that no split
+    fraction can divide. The message says so, not 'raise split.test'."""
+    import dataclasses
+
+    samples = [dataclasses.replace(sample(i, i % 2), sha256="ab" * 32) for i in range(6)]  # 5 exact pairs
+    paths = write_project(tmp_path, samples)
+    with pytest.raises(DataError, match=r"6 samples in 1 group kept together leave the test split empty "
+                                        r"\(split.test 0.15\): 5 exact duplicate pairs keep them together, so they "
+                                        r"cannot fill 3 splits \(add images of other scenes; then run split again\)"):
+        split(SplitParams(), paths)
+    samples = [sample(i, i % 2) for i in range(6)]
+    paths = write_project(tmp_path / "grouped", samples)
+    with pytest.raises(DataError, match=r"6 samples in 1 group kept together .*: split.group_by \{'regex': .*\} "
+                                        r"keep them together.*; or change split.group_by; then run split again"):
+        split(SplitParams(group_by={"regex": r"(\d{3})\d\.png$"}, near_duplicate_threshold=0), paths)
+    assert not paths.split_file.exists()
+
+
+def test_a_split_left_empty_by_near_duplicates_says_which_threshold_to_lower(tmp_path):
+    """Five frames of one scene (one image a little brighter each time): near duplicates."""
+    frames = [sample(i, i % 2) for i in range(5)]
+    write_images(tmp_path / "data", frames[:1])
+    first = Image.open(tmp_path / "data" / frames[0].path).convert("RGB")
+    for k, s in enumerate(frames[1:], 1):
+        ImageEnhance.Brightness(first).enhance(1 + 0.02 * k).save(tmp_path / "data" / s.path)
+    paths = write_project(tmp_path, frames)
+    with pytest.raises(DataError, match=r"5 samples in 1 group kept together .*: \d+ near-duplicate pairs \(pHash "
+                                        r"within split.near_duplicate_threshold 4 bits; frames of one video look like "
+                                        r"this\) keep them together, so they cannot fill 3 splits \(add images of "
+                                        r"other scenes; or lower split.near_duplicate_threshold \(0 turns it off"):
+        split(SplitParams(), paths)
+    split(SplitParams(near_duplicate_threshold=0), paths)  # what the message says to do works
+    assert sorted(i for ids in read_split(paths.split_file).values() for i in ids) == [s.id for s in frames]
+
+
 def test_regex_groups_never_straddle_and_unmatched_are_counted(tmp_path):
     samples = [det_sample(i, [i % 3], path=f"patient{i % 17:02d}/scan{i:03d}.png") for i in range(120)]
     samples += [det_sample(200 + i, [i % 3], path=f"loose/{i}.png") for i in range(4)]

@@ -71,7 +71,7 @@ def split(params: SplitParams, paths: Paths) -> dict[str, int]:
     splits = assign_splits(samples, {"train": params.train, "val": params.val, "test": params.test},
                            params.seed, mode, units=units, fixed=fixed)
     check_leakage(splits, samples, paths.split_file, groups=keys, pairs=dups.pairs, fixed=fixed)
-    _refuse_empty(splits, params, paths, len(samples), len(set(units.values())))
+    _refuse_empty(splits, params, paths, len(samples), len(set(units.values())), dups)
     _warn_missing_classes(samples, splits, params, names)
     report = split_report(samples, splits, params.seed, names, groups=keys, duplicates=dups)
     report.update(stratify_by=mode, grouping={"group_by": params.group_by, "unmatched": unmatched,
@@ -378,18 +378,32 @@ def _class_name(cls: Optional[int], names: dict[int, str]) -> str:
 
 
 def _refuse_empty(splits: dict[str, list[str]], params: SplitParams, paths: Paths, n_samples: int,
-                  n_units: int) -> None:
+                  n_units: int, dups: Duplicates) -> None:
     """Training needs a train split and evaluation a test split (both fractions are above 0):
-    refused here, before anything is written, not two stages later."""
+    refused here, before anything is written, not two stages later. When the images form fewer
+    groups than the splits to fill, the grouping is the cause, and the message says which."""
     empty = [name for name in ("train", "test") if not splits[name]]
     if not empty:
         return
     asked = ", ".join(f"split.{name} {getattr(params, name)}" for name in empty)
-    units = f" in {n_units} groups kept together (group_by, duplicates)" if n_units < n_samples else ""
-    raise DataError(paths.manifest, f"{n_samples} samples{units} leave the {' and '.join(empty)} split empty "
-                    f"({asked}); training needs at least one image in train and evaluation one in test",
-                    hint="add images, or raise " + " and ".join(f"split.{name}" for name in empty) +
-                    ", then run split again")
+    units = f" in {n_units} group{'s' if n_units != 1 else ''} kept together" if n_units < n_samples else ""
+    what = f"{n_samples} samples{units} leave the {' and '.join(empty)} split empty ({asked})"
+    wanted = sum(getattr(params, name) > 0 for name in SPLITS)
+    if not n_units < wanted <= n_samples:  # enough groups, or too few images whatever the grouping
+        raise DataError(paths.manifest, f"{what}; training needs at least one image in train and evaluation "
+                        "one in test", hint="add images, or raise " + " and ".join(f"split.{n}" for n in empty)
+                        + ", then run split again")
+    near = sum(p.reason == "near" for p in dups.pairs)
+    exact = len(dups.pairs) - near
+    causes = ([f"{near} near-duplicate pair{'s' if near > 1 else ''} (pHash within split.near_duplicate_threshold "
+               f"{dups.threshold} bits; frames of one video look like this)"] if near else []) + \
+        ([f"{exact} exact duplicate pair{'s' if exact > 1 else ''}"] if exact else []) + \
+        ([f"split.group_by {params.group_by}"] if params.group_by else [])
+    options = (["lower split.near_duplicate_threshold (0 turns it off, and near-copies of test images may then "
+                "be in train)"] if near else []) + (["change split.group_by"] if params.group_by else [])
+    raise DataError(paths.manifest, f"{what}: {' and '.join(causes) or 'the grouping'} keep them together, "
+                    f"so they cannot fill {wanted} splits",
+                    hint="add images of other scenes" + "".join(f"; or {o}" for o in options) + "; then run split again")
 
 
 def _warn_missing_classes(samples: list[Sample], splits: dict[str, list[str]], params: SplitParams,
