@@ -188,7 +188,7 @@ def read_class_table(path: Path) -> ClassTable:
     if path.name == "labelmap.txt":
         from visionflow.formats.voc import labelmap_rows
 
-        doc: Any = [{"name": name, "color": list(colour)} if colour else name for name, colour in labelmap_rows(path)]
+        doc: Any = [{"name": name, "color": list(colour)} if colour else name for _, name, colour in labelmap_rows(text)]
     elif path.suffix == ".txt":
         lines = text.rstrip().splitlines() if text.strip() else []
         for i, line in enumerate(lines):

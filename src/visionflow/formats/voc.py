@@ -306,10 +306,7 @@ def _read_labels(path: Path, source: str) -> list[Category]:
     if not Path(path).is_file():
         raise DataError(path, "labels file not found")
     names: list[str] = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        name = line.split(":", 1)[0].strip()
-        if not name or line.lstrip().startswith("#"):
-            continue
+    for lineno, name, _ in labelmap_rows(Path(path).read_text(encoding="utf-8")):
         if name in names:
             raise DataError(path, f"duplicate label {name!r}", record=f"line {lineno}")
         names.append(name)
@@ -318,25 +315,25 @@ def _read_labels(path: Path, source: str) -> list[Category]:
             if not (i == 0 and first == 0)]
 
 
-def labelmap_rows(path: Path) -> list[tuple[str, Optional[tuple[int, int, int]]]]:
+def labelmap_rows(text: str) -> list[tuple[int, str, Optional[tuple[int, int, int]]]]:
     """A CVAT/Datumaro label map (`name:r,g,b:parts:actions`, `#` comments) or a plain list of
-    names: (name, colour or None) per class line, in file order."""
+    names: (line number, name, colour or None) per class line, in file order."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for lineno, line in enumerate(text.splitlines(), 1):
         fields = line.split(":")
         if not fields[0].strip() or line.lstrip().startswith("#"):
             continue
         rgb = fields[1].split(",") if len(fields) > 1 else []
         colour = tuple(int(v) for v in rgb) if len(rgb) == 3 and all(v.strip().isdigit() for v in rgb) else None
-        rows.append((fields[0].strip(), colour))
+        rows.append((lineno, fields[0].strip(), colour))
     return rows  # type: ignore[return-value]
 
 
 def _read_colours(path: Path) -> dict[tuple[int, int, int], int]:
     """RGB -> class index from a CVAT/Datumaro label map; {} when the file has no colours (plain names)."""
-    rows = labelmap_rows(path)
-    offset = 0 if rows and rows[0][0] == "background" else 1
-    return {colour: i for i, (_, colour) in enumerate(rows, offset) if colour is not None}
+    rows = labelmap_rows(Path(path).read_text(encoding="utf-8"))
+    offset = 0 if rows and rows[0][1] == "background" else 1
+    return {colour: i for i, (_, _, colour) in enumerate(rows, offset) if colour is not None}
 
 
 def _categories_from_names(docs: list[tuple[Path, str, ET.Element]], source: str) -> list[Category]:
