@@ -393,8 +393,8 @@ def _refuse_empty(splits: dict[str, list[str]], params: SplitParams, paths: Path
         raise DataError(paths.manifest, f"{what}; training needs at least one image in train and evaluation "
                         "one in test", hint="add images, or raise " + " and ".join(f"split.{n}" for n in empty)
                         + ", then run split again")
-    near = sum(p.reason == "near" for p in dups.pairs)
-    exact = len(dups.pairs) - near
+    counted = dups.summary(n_examples=0)
+    near, exact = counted["near_pairs"], counted["exact_pairs"]
     causes = ([f"{near} near-duplicate pair{'s' if near > 1 else ''} (pHash within split.near_duplicate_threshold "
                f"{dups.threshold} bits; frames of one video look like this)"] if near else []) + \
         ([f"{exact} exact duplicate pair{'s' if exact > 1 else ''}"] if exact else []) + \
