@@ -245,9 +245,15 @@ def test_cvat_segmentation_mask_export_is_read_as_masks_with_its_labelmap_colour
                                                                 export / "SegmentationClass")
     result = read_source(found.format, found.images, found.annotations, "s")
     names = {c.id: c.name for c in result.categories}
-    assert names[0] == "background" and names[4] == "ellipse" and len(names) == 9  # labelmap.txt's lines
+    # labelmap.txt's 9 lines: its first, background, is the unlabelled region, not a category
+    assert 0 not in names and names[4] == "ellipse" and len(names) == 8 and "background" not in names.values()
     assert len(result.samples) == 4 and result.report.counts.get("mask_missing") == 3  # one image was outlined
     shapes = next(s for s in result.samples if s.path.endswith("shapes.jpg"))
     ellipse = next(i for i in shapes.instances if i.category_id == 4)  # colour 0,0,128 in labelmap.txt
     pixels = np.asarray(Image.open(src / "SegmentationClass/shapes.png").convert("RGB"))
     assert np.array_equal(decode_rle(ellipse.rle, shapes.height, shapes.width, "shapes"), (pixels == [0, 0, 128]).all(-1))
+    # no region for the background (black): detect gets no whole-image "background" box
+    covered = np.zeros(pixels.shape[:2], bool)
+    for inst in shapes.instances:
+        covered |= decode_rle(inst.rle, shapes.height, shapes.width, "shapes")
+    assert np.array_equal(~covered, (pixels == 0).all(-1))

@@ -64,9 +64,10 @@ def voc_dataset(tmp_path: Path) -> tuple[Path, Path]:
     return voc / "JPEGImages", voc / "SegmentationClass"
 
 
-def mask_of(sample: Sample) -> np.ndarray:
-    """Rebuild the class-value mask from a sample's instances and ignore region."""
-    values = np.full((sample.height, sample.width), 254, np.uint8)  # 254: not covered
+def mask_of(sample: Sample, uncovered: int = 254) -> np.ndarray:
+    """Rebuild the class-value mask from a sample's instances and ignore region (pixels no
+    instance covers: `uncovered`; 0 for a table whose value 0 is the background)."""
+    values = np.full((sample.height, sample.width), uncovered, np.uint8)
     for inst in sample.instances:
         values[decode_rle(inst.rle, sample.height, sample.width, sample.id)] = inst.category_id
     if "ignore_rle" in sample.attributes:
@@ -83,20 +84,22 @@ def by_path(result) -> dict[str, Sample]:
 def test_read_voc_export(tmp_path):
     images, masks = voc_dataset(tmp_path)
     res = read_masks(images, masks, "voc")
-    assert [(c.id, c.name, c.source_ids) for c in res.categories][:2] == [(0, "background", {"voc": 0}),
-                                                                        (1, "aeroplane", {"voc": 1})]
-    assert len(res.categories) == 21
+    # value 0, named background, is the unlabelled region, no category (as the VOC reader has it)
+    assert [(c.id, c.name, c.source_ids) for c in res.categories][:2] == [(1, "aeroplane", {"voc": 1}),
+                                                                        (2, "bicycle", {"voc": 2})]
+    assert [c.name for c in res.categories] == VOC_CLASSES[1:]
     s = by_path(res)
     a = s["2007_000032.jpg"]
     assert a.id == "voc/2007_000032.jpg" and a.root == images.as_posix() and (a.width, a.height) == (40, 30)
     assert a.sha256 == sha256_file(images / "2007_000032.jpg") and a.group == a.id
-    assert [i.category_id for i in a.instances] == [0, 1, 15]  # background is a class like any other
-    plane = a.instances[1]
+    assert [i.category_id for i in a.instances] == [1, 15]
+    plane = a.instances[0]
     assert plane.bbox == [8.0, 5.0, 30.0, 20.0] and plane.area == 15 * 22  # x2 = last column + 1
     assert plane.iscrowd is False and plane.attributes == {"semantic": True} and plane.polygons == []
     assert isinstance(plane.rle["counts"], str) and plane.rle["size"] == [30, 40]
-    assert (mask_of(a) == voc_masks()["2007_000032"]).all()  # every pixel in exactly one region
-    assert a.instances[2].bbox == [2.0, 22.0, 6.0, 28.0]
+    assert (mask_of(a, uncovered=0) == voc_masks()["2007_000032"]).all()
+    assert (mask_of(a) == 254).sum() == (voc_masks()["2007_000032"] == 0).sum()  # background: in no region
+    assert a.instances[1].bbox == [2.0, 22.0, 6.0, 28.0]
     # Image without a mask: kept, no instances, counted with the mask path it looked for.
     c = s["2007_000039.jpg"]
     assert c.instances == [] and c.attributes == {}
@@ -146,11 +149,13 @@ def test_ade_like_greyscale_masks_json_table_inside_folder(tmp_path):
     s = res.samples[0]
     assert s.path == "training/ADE_train_00000001.jpg" and [i.category_id for i in s.instances] == [0, 7, 12]
     assert "ignore_rle" not in s.attributes and res.report.total == 0
-    # Non-contiguous ids are written as classes.json and read back the same.
+    # Written VOC-style: 0 background (no pixel here), the categories 1..K in id order; read back,
+    # every pixel has its class name again.
     out = write_masks(res.samples, res.categories, tmp_path / "out", project_root=tmp_path)
-    assert json.loads((tmp_path / "out/classes.json").read_text()) == {"0": "other", "7": "bed", "12": "floor"}
+    assert (tmp_path / "out/classes.txt").read_text().splitlines() == ["background", "other", "bed", "floor"]
     again = read_masks(tmp_path / "out/images", out, "ade")
-    assert (mask_of(again.samples[0]) == values).all()
+    assert [(c.id, c.name) for c in again.categories] == [(1, "other"), (2, "bed"), (3, "floor")]
+    assert (mask_of(again.samples[0]) == np.array([1, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 3], np.uint8)[values]).all()
 
 
 def test_yaml_list_table_and_16bit_masks(tmp_path):
@@ -206,12 +211,49 @@ def test_cvat_labelmap_is_a_class_table_for_palette_and_rgb_masks(tmp_path):
     (tmp_path / "labelmap.txt").write_text("# label:color_rgb:parts:actions\nbackground:0,0,0::\n"
                                            "tool:250,50,83::\nhand:0,128,0:finger:\n")
     res = read_masks(tmp_path / "img", tmp_path / "masks", "cvat")
-    assert [(c.id, c.name) for c in res.categories] == [(0, "background"), (1, "tool"), (2, "hand")]
+    assert [(c.id, c.name) for c in res.categories] == [(1, "tool"), (2, "hand")]  # background: no category
     by_path = {s.path: s for s in res.samples}
-    assert [(i.category_id, i.bbox) for i in by_path["x.jpg"].instances] == [(0, [0.0, 0.0, 4.0, 4.0]),
-                                                                              (2, [4.0, 0.0, 6.0, 4.0])]
-    assert [(i.category_id, i.bbox) for i in by_path["y.jpg"].instances] == [(0, [0.0, 0.0, 6.0, 4.0]),
-                                                                              (1, [0.0, 1.0, 2.0, 4.0])]
+    assert [(i.category_id, i.bbox) for i in by_path["x.jpg"].instances] == [(2, [4.0, 0.0, 6.0, 4.0])]
+    assert [(i.category_id, i.bbox) for i in by_path["y.jpg"].instances] == [(1, [0.0, 1.0, 2.0, 4.0])]
+
+
+@pytest.mark.parametrize("name", ["background", "_background_", "__background__", "BG", "Background"])
+def test_value_0_named_background_is_no_category(tmp_path, name):
+    """labelme's VOC export writes `_background_`, torchvision `__background__`: value 0 with a
+    background name is the unlabelled region; a value 0 with another name is a class."""
+    make_image(tmp_path / "img/x.png", (6, 4))
+    values = np.zeros((4, 6), np.uint8)
+    values[1:3, 1:4] = 1
+    save_mask(tmp_path / "masks/x.png", values)
+    (tmp_path / "classes.txt").write_text(f"{name}\nthing\n")
+    res = read_masks(tmp_path / "img", tmp_path / "masks", "s")
+    assert [(c.id, c.name) for c in res.categories] == [(1, "thing")]
+    assert [(i.category_id, i.bbox) for i in res.samples[0].instances] == [(1, [1.0, 1.0, 4.0, 3.0])]
+    (tmp_path / "classes.txt").write_text("road\nthing\n")
+    res = read_masks(tmp_path / "img", tmp_path / "masks", "s")
+    assert [c.name for c in res.categories] == ["road", "thing"]
+    assert [i.category_id for i in res.samples[0].instances] == [0, 1]
+
+
+def test_only_background_is_refused_naming_the_table_or_the_masks(tmp_path):
+    make_image(tmp_path / "img/x.png", (6, 4))
+    save_mask(tmp_path / "masks/x.png", np.zeros((4, 6), np.uint8))
+    (tmp_path / "classes.txt").write_text("background\n")
+    with pytest.raises(DataError, match=r"classes\.txt: the class table names only the background \('background' "
+                                        r"at value 0\)"):
+        read_masks(tmp_path / "img", tmp_path / "masks", "s")
+    (tmp_path / "classes.txt").write_text("background\nthing\n")
+    with pytest.raises(DataError, match=r"masks: all 1 masks read hold only the background \(value 0, 'background' "
+                                        r"in classes\.txt\) or the ignore value 255"):
+        read_masks(tmp_path / "img", tmp_path / "masks", "s")
+    values = np.zeros((4, 6), np.uint8)
+    values[0, 0] = 1
+    save_mask(tmp_path / "masks/x.png", values)
+    make_image(tmp_path / "img/empty.png", (6, 4))
+    save_mask(tmp_path / "masks/empty.png", np.zeros((4, 6), np.uint8))
+    res = read_masks(tmp_path / "img", tmp_path / "masks", "s")  # a background-only image is a sample
+    assert {s.path: len(s.instances) for s in res.samples} == {"empty.png": 0, "x.png": 1}
+    assert res.report.total == 0
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -320,16 +362,19 @@ def test_writer_counts_what_masks_cannot_hold(tmp_path):
     out = write_masks([sample], cats, tmp_path / "out", report=report)
     assert report.counts == {"polygon_rasterised": 2, "instance_overlap_flattened": 1, "box_only_dropped": 1,
                              "crowd_flag_dropped": 1, "attributes_dropped": 2, "image_labels_dropped": 1,
-                             "group_dropped": 1, "instance_identity_lost": 2, "unlabelled_as_ignore": 1}
+                             "group_dropped": 1, "instance_identity_lost": 2}
     assert report.examples["instance_overlap_flattened"] == ["c/p.jpg instance #0 (category 0)"]
     assert "c/p.jpg instance #2" in report.examples["box_only_dropped"][0]
     with Image.open(out / "p.png") as img:
         values = np.asarray(img)
-    assert (values[2:6, 2:10] == 0).all() and (values[6:10, 6:12] == 1).all()  # later instance on top
-    assert (values[6:8, 2:6] == 0).all() and values[0, 0] == 255  # box-only not painted; no background
+    # VOC-style values: 0 background (what no instance covers), cat 1, dog 2
+    assert (tmp_path / "out/classes.txt").read_text().splitlines() == ["background", "cat", "dog"]
+    assert (values[2:6, 2:10] == 1).all() and (values[6:10, 6:12] == 2).all()  # later instance on top
+    assert (values[6:8, 2:6] == 1).all() and values[0, 0] == 0  # box-only not painted: background
     back = read_masks(tmp_path / "out/images", out, "c")
-    cat0 = back.samples[0].instances[0]
-    assert cat0.category_id == 0 and cat0.bbox == [2.0, 0.0, 15.0, 8.0]  # polygons rasterised, merged
+    assert [(c.id, c.name) for c in back.categories] == [(1, "cat"), (2, "dog")]
+    cat = back.samples[0].instances[0]
+    assert cat.category_id == 1 and cat.bbox == [2.0, 0.0, 15.0, 8.0]  # polygons rasterised, merged
 
 
 def test_writer_background_class_and_bad_ids(tmp_path):
@@ -341,15 +386,20 @@ def test_writer_background_class_and_bad_ids(tmp_path):
                       report=report)
     with Image.open(out / "p.png") as img:
         values = np.asarray(img)
-    assert values[0, 0] == 1 and (values[2:8, 2:10] == 0).all()  # unpainted -> the background class
-    assert report.counts == {"polygon_rasterised": 1}
+    # a category named background (any case) is value 0, with the pixels no instance covers
+    assert values[0, 0] == 0 and (values[2:8, 2:10] == 1).all()
+    assert report.counts == {"polygon_rasterised": 1, "background_category_merged": 1}
+    assert report.examples["background_category_merged"] == ["category 1 ('Background')"]
+    assert (tmp_path / "out/classes.txt").read_text().splitlines() == ["background", "cat"]
     # Uncompressed (column-major list) RLE is painted too; one of the wrong size is refused.
     sample.instances = [Instance([14, 0, 15, 12], 0, rle={"size": [12, 16], "counts": [12 * 14, 12, 12]})]
     out = write_masks([sample], [Category(0, "cat"), Category(1, "background")], tmp_path / "out2")
     with Image.open(out / "p.png") as img:
-        assert np.asarray(img)[:, 14].tolist() == [0] * 12 and np.asarray(img)[:, 13].tolist() == [1] * 12
+        assert np.asarray(img)[:, 14].tolist() == [1] * 12 and np.asarray(img)[:, 13].tolist() == [0] * 12
     sample.instances[0].rle = {"size": [10, 16], "counts": [160]}
     with pytest.raises(ValueError, match=r"c/p\.jpg instance #0: RLE size \[10, 16\] is not the image's"):
         write_masks([sample], [Category(0, "cat")], tmp_path / "out3")
-    with pytest.raises(ValueError, match=r"category 300 \('x'\) cannot be a mask pixel value"):
-        write_masks([sample], [Category(0, "cat"), Category(300, "x")], tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"255 categories do not fit a mask: its values are 1\.\.254"):
+        write_masks([sample], [Category(i, f"c{i}") for i in range(255)], tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"category id 0 \('dog'\) given twice"):
+        write_masks([sample], [Category(0, "cat"), Category(0, "dog")], tmp_path / "bad")

@@ -183,6 +183,10 @@ def test_annotations_folder_or_root_and_labels_file(tmp_path):
     assert [(c.id, c.name) for c in via_folder.categories][:2] == [(1, "aeroplane"), (2, "bicycle")]
     assert len(via_folder.categories) == 20
     assert by_path(via_folder)["2007_000032.jpg"].instances[1].category_id == 15
+    # labelme's VOC export names line 0 `_background_` (class_names.txt): the same background
+    (voc / "labelmap.txt").write_text("".join(f"{n}\n" for n in ["_background_"] + VOC_CLASSES))
+    labelme = read_voc(voc / "JPEGImages", voc / "Annotations", "voc")
+    assert [(c.id, c.name) for c in labelme.categories] == [(c.id, c.name) for c in via_folder.categories]
     with pytest.raises(DataError, match="not a VOC folder"):
         read_voc(voc / "JPEGImages", voc / "missing", "voc")
 

@@ -48,6 +48,14 @@ _CLIP_TOLERANCE = 1e-6  # pixels
 # Exporters round coordinates (YOLO: 6 decimals of the image size; Roboflow's COCO: x + w a few
 # tenths past the edge): clipping by less than half a pixel is rounding, not a data problem.
 SUBPIXEL_TOLERANCE = 0.5  # pixels
+# What mask formats call the unlabelled class at value 0: VOC and CVAT/Datumaro label maps write
+# `background`, labelme's VOC export `_background_`, torchvision's models `__background__`.
+BACKGROUND_NAMES = frozenset({"background", "_background_", "__background__", "bg"})
+
+
+def is_background(name: str) -> bool:
+    """A class table's name for the unlabelled pixels (value 0), not a category."""
+    return name.strip().lower() in BACKGROUND_NAMES
 
 
 class ConversionReport:

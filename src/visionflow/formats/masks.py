@@ -10,7 +10,8 @@ Layout (`annotations` is the masks folder):
                                                  validation, test), it becomes the sample's
                                                  attributes["split"] (the path keeps the folder)
 
-Class table (pixel value -> class; 255 is always "ignore"):
+Class table (pixel value -> class; 255 is always "ignore"; a value 0 named background,
+_background_, __background__ or bg (any case) is the unlabelled background, no category):
     classes.txt     one name per line; the line index (from 0) is the pixel value
     labelmap.txt    CVAT's / Datumaro's `name:r,g,b:parts:actions` lines (`#` comments left out):
                     the line index is the value, r,g,b its colour (CVAT's "Segmentation mask 1.1"
@@ -28,8 +29,10 @@ Canonical representation of one mask:
     bbox = pixel bounds in continuous xyxy (x2 = last column + 1), area = pixel count,
     iscrowd = False, attributes = {"semantic": True}
     the ignore region (255) -> Sample.attributes["ignore_rle"] (same RLE encoding)
-    background (value 0, whatever its name) is a class like any other, so every pixel of a mask
-    is in exactly one RLE and masks round-trip pixel-equal. Category ids are the class values.
+    background (value 0 with a background name, see `formats.is_background`) -> no instance: its
+    pixels are the ones no instance covers, what the segment task trains as its class 0 and the
+    detect task never boxes (as in the VOC reader). A value 0 with any other name is a class like
+    the rest. Category ids are the class values; masks round-trip pixel-equal.
 
 Validation policy (errors stop the read; counted problems are fixed or dropped and reported):
 
@@ -46,6 +49,8 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | mask not a readable PNG, or an unsupported mode       | DataError naming the mask                   |
 | no image; no mask; no mask named as any image; no     | DataError naming both folders and an        |
 |   mask usable (all lost to the counted kinds)         |   example image and mask name               |
+| class table naming only the background; every mask   | DataError naming the table / masks folder   |
+|   background only                                     |                                             |
 | mask_missing: image without a mask                    | sample kept without instances, counted      |
 | mask_orphan: mask without an image                    | mask ignored, counted                       |
 | mask_not_png: non-PNG file in the masks folder        | file ignored, counted                       |
@@ -54,10 +59,11 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | image_unreadable (COMMON_POLICIES)                    | image skipped with its mask, counted        |
 
 Writer: `out_dir/images/[split/]<path>`, `out_dir/masks/[split/]<path without ext>.png` as
-palette PNGs (a fixed VOC-style palette, index = category id, 255 = ignore; the split folder when
-every sample has a train/val/test split) and `out_dir/classes.txt` (or
-`classes.json` when the ids are not 0..K-1). Instances are painted in manifest order (later on
-top), the ignore region last; see WRITE_POLICIES for what a mask cannot hold.
+palette PNGs (a fixed VOC-style palette; 0 = background, the pixels no instance covers; the
+categories in id order are 1..K, as the VOC writer numbers them; 255 = ignore; the split folder
+when every sample has a train/val/test split) and `out_dir/classes.txt` (`background`, then the
+categories). Instances are painted in manifest order (later on top), the ignore region last;
+see WRITE_POLICIES for what a mask cannot hold.
 """
 from __future__ import annotations
 
@@ -72,8 +78,8 @@ from PIL import Image
 
 from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, ConversionReport, FormatResult, check_inside, clip_box, copy_image,
-                                probe, safe_relpath)
-from visionflow.core.files import write_json, write_text, write_with
+                                is_background, probe, safe_relpath)
+from visionflow.core.files import write_text, write_with
 from visionflow.manifest import SPLIT_FOLDERS, SPLITS, Category, Instance, Sample
 from visionflow.manifest.masks import (IGNORE, PALETTE, decode_rle, encode_rle, instance_mask,  # noqa: F401
                                        paint, semantic_mask)
@@ -86,7 +92,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SEMANTIC = {"semantic": True}
 
 MASK_POLICIES: dict[str, str] = {
-    "mask_missing": "image kept without instances (no mask PNG with its relative path)",
+    "mask_missing": "image kept without instances, so it trains as background only (no mask PNG with its "
+                    "relative path)",
     "mask_orphan": "mask ignored (no image with the same relative path)",
     "mask_not_png": "file in the masks folder ignored (masks must be PNG: lossy formats change class values)",
     "mask_size_mismatch": "image skipped with its mask (mask and image sizes differ)",
@@ -103,7 +110,8 @@ WRITE_POLICIES: dict[str, str] = {
     "split_dropped": "split not written: not every sample has a train/val/test split, so the tree is flat",
     "image_labels_dropped": "image-level labels are not written",
     "group_dropped": "sample group is not written",
-    "unlabelled_as_ignore": "pixels covered by no instance written as 255 (no 'background' category)",
+    "background_category_merged": "a category with a background name is written as value 0, with the pixels "
+                                  "no instance covers; read back, value 0 is background, not a category",
 }
 
 
@@ -121,7 +129,8 @@ def read_masks(images_root: Path, annotations: Path, source: str, root: Optional
     if not masks_dir.is_dir():
         raise DataError(masks_dir, "masks folder not found", hint="check ingest.sources[].annotations")
     table = read_class_table(find_class_table(masks_dir))
-    categories = [Category(id=v, name=n, source_ids={source: v}) for v, n in table.names.items()]
+    background = 0 if is_background(table.names.get(0, "")) else None
+    categories = [Category(id=v, name=n, source_ids={source: v}) for v, n in table.names.items() if v != background]
     report = ConversionReport({**COMMON_POLICIES, **MASK_POLICIES})
     masks = _list_masks(masks_dir, table.path, report)
     root = images_root.as_posix() if root is None else root
@@ -129,15 +138,25 @@ def read_masks(images_root: Path, annotations: Path, source: str, root: Optional
     by_split = _split_layout(masks_dir, table.path)
     images = _list_images(images_root, masks_dir)
     _check_names_match(images, masks, images_root, masks_dir)
+    if not categories:
+        raise DataError(table.path, f"the class table names only the background ({table.names[0]!r} at value 0)",
+                        hint="add a line per class: the line index is the pixel value")
+    read = 0  # samples kept with their mask
     for key, rel in images.items():
-        sample = _to_sample(images_root, rel, masks.pop(key, None), masks_dir, table, source, root, report)
+        mask_rel = masks.pop(key, None)
+        sample = _to_sample(images_root, rel, mask_rel, masks_dir, table, background, source, root, report)
         if sample is not None:
+            read += mask_rel is not None
             if by_split and SPLIT_FOLDERS.get(PurePosixPath(rel).parts[0].lower()) and "/" in rel:
                 sample.attributes["split"] = SPLIT_FOLDERS[PurePosixPath(rel).parts[0].lower()]
             samples.append(sample)
     for rel in masks.values():
         report.add("mask_orphan", f"{masks_dir / rel}: no image {_key(rel)}.* in {images_root}")
     if not any(s.instances for s in samples):
+        if read:
+            raise DataError(masks_dir, f"all {read} masks read hold only the background (value 0, "
+                            f"{table.names[0]!r} in {table.path.name}) or the ignore value 255",
+                            hint="check that the masks are the class masks, not empty exports")
         raise DataError(masks_dir, "no mask could be used: " + "; ".join(report.lines()),
                         hint="see the counted kinds")
     return FormatResult(categories, samples, report)
@@ -297,7 +316,7 @@ def _key(rel: str) -> str:
 
 
 def _to_sample(images_root: Path, rel: str, mask_rel: Optional[str], masks_dir: Path, table: ClassTable,
-               source: str, root: str, report: ConversionReport) -> Optional[Sample]:
+               background: Optional[int], source: str, root: str, report: ConversionReport) -> Optional[Sample]:
     image = images_root / rel
     probed = probe(image, (None, None), report, str(image))
     if probed is None:
@@ -314,7 +333,7 @@ def _to_sample(images_root: Path, rel: str, mask_rel: Optional[str], masks_dir: 
         report.add("mask_size_mismatch", f"{mask_path} is {values.shape[1]}x{values.shape[0]}, "
                                          f"image {image} is {width}x{height}")
         return None
-    sample.instances, ignore = _instances(values, report, str(mask_path))
+    sample.instances, ignore = _instances(values, background, report, str(mask_path))
     if ignore is not None:
         sample.attributes["ignore_rle"] = ignore
     return sample
@@ -364,10 +383,13 @@ def _colours_to_values(rgb: np.ndarray, table: ClassTable, path: Path) -> np.nda
     return np.asarray(lut, dtype=np.uint8)[inverse.ravel()].reshape(rgb.shape[:2])
 
 
-def _instances(values: np.ndarray, report: ConversionReport, where: str) -> tuple[list[Instance], Optional[dict]]:
+def _instances(values: np.ndarray, background: Optional[int], report: ConversionReport,
+               where: str) -> tuple[list[Instance], Optional[dict]]:
     instances, ignore = [], None
     height, width = values.shape
     for value in np.unique(values).tolist():
+        if value == background:  # the pixels no instance covers
+            continue
         pixels = values == value
         rle = encode_rle(pixels)
         if value == IGNORE:
@@ -394,9 +416,11 @@ def write_masks(samples: Iterable[Sample], categories: list[Category], out_dir: 
     as it came (`mask_missing`) instead of as an all-background image.
     """
     out_dir, project_root = Path(out_dir), Path(project_root)
-    ids = _check_categories(categories)
-    background = next((c.id for c in categories if c.name.lower() == "background"), IGNORE)
+    values = mask_values(categories)
     losses = ConversionReport(WRITE_POLICIES)
+    for c in categories:
+        if values[c.id] == 0:
+            losses.add("background_category_merged", f"category {c.id} ({c.name!r})")
     used: dict[str, str] = {}
     samples = list(samples)
     by_split = bool(samples) and all(s.attributes.get("split") in SPLITS for s in samples)
@@ -407,25 +431,30 @@ def write_masks(samples: Iterable[Sample], categories: list[Category], out_dir: 
             raise ValueError(f"samples {used[mask_rel]} and {s.id} would share the mask {mask_rel!r}")
         used[mask_rel] = s.id
         _count_sample_losses(s, losses, by_split)
-        canvas = paint(s, ids, background, losses)
+        canvas = paint(s, values, 0, losses)
         if canvas is not None:
             write_with(out_dir / MASKS_DIR / mask_rel, lambda tmp, c=canvas: _palette_png(c).save(tmp, format="PNG"))
         if copy_images:
             copy_image(s, out_dir / IMAGES_DIR / rel, project_root)
-    _write_class_table(categories, out_dir)
+    names = ["background", *(c.name for c in sorted(categories, key=lambda c: c.id) if values[c.id])]
+    write_text(out_dir / "classes.txt", "".join(f"{n}\n" for n in names))
     if report is not None:
         report.merge(losses)
     return out_dir / MASKS_DIR
 
 
-def _check_categories(categories: list[Category]) -> set[int]:
-    ids = set()
-    for c in categories:
-        if not 0 <= c.id < IGNORE or c.id in ids:
-            raise ValueError(f"category {c.id} ({c.name!r}) cannot be a mask pixel value: masks hold distinct "
-                             f"values 0..254 (255 = ignore); renumber the categories")
-        ids.add(c.id)
-    return ids
+def mask_values(categories: list[Category]) -> dict[int, int]:
+    """Category id -> pixel value: 0 for a category with a background name (the unlabelled
+    pixels), the others 1..K in id order (the VOC writer's numbering)."""
+    values: dict[int, int] = {}
+    for c in sorted(categories, key=lambda c: c.id):
+        if c.id in values:
+            raise ValueError(f"category id {c.id} ({c.name!r}) given twice")
+        values[c.id] = 0 if is_background(c.name) else 1 + sum(1 for v in values.values() if v)
+    if max(values.values(), default=0) >= IGNORE:
+        raise ValueError(f"{max(values.values())} categories do not fit a mask: its values are 1..254 for "
+                         f"classes (0 background, 255 ignore)")
+    return values
 
 
 def _split_relpath(path: str, split: str) -> str:
@@ -461,12 +490,3 @@ def _palette_png(values: np.ndarray) -> Image.Image:
     img = Image.frombytes("P", (values.shape[1], values.shape[0]), values.tobytes())
     img.putpalette(PALETTE)
     return img
-
-
-def _write_class_table(categories: list[Category], out_dir: Path) -> None:
-    ordered = sorted(categories, key=lambda c: c.id)
-    if [c.id for c in ordered] == list(range(len(ordered))):
-        write_text(out_dir / "classes.txt", "".join(f"{c.name}\n" for c in ordered))
-    else:  # gaps: a txt file cannot skip a value
-        write_json(out_dir / "classes.json", {str(c.id): c.name for c in ordered})
-

@@ -97,8 +97,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from visionflow.core.errors import DataError
-from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clip_box, probe,
-                                safe_relpath)
+from visionflow.formats import (COMMON_POLICIES, copy_image, ConversionReport, FormatResult, check_inside, clip_box,
+                                is_background, probe, safe_relpath)
 from visionflow.manifest import SPLIT_FOLDERS, Category, Instance, Sample
 from visionflow.manifest.masks import IGNORE, PALETTE, encode_rle, instance_mask
 
@@ -302,7 +302,8 @@ def _parse_xml(path: Path) -> ET.Element:
 
 
 def _read_labels(path: Path, source: str) -> list[Category]:
-    """Categories in file order; ids are the line index (background, if first, is 0 and no category)."""
+    """Categories in file order; ids are the line index (background, if first, is 0 and no category;
+    `is_background` names it)."""
     if not Path(path).is_file():
         raise DataError(path, "labels file not found")
     names: list[str] = []
@@ -310,7 +311,7 @@ def _read_labels(path: Path, source: str) -> list[Category]:
         if name in names:
             raise DataError(path, f"duplicate label {name!r}", record=f"line {lineno}")
         names.append(name)
-    first = 0 if names and names[0] == "background" else 1
+    first = 0 if names and is_background(names[0]) else 1
     return [Category(id=i, name=n, source_ids={source: i}) for i, n in enumerate(names, first)
             if not (i == 0 and first == 0)]
 
@@ -332,7 +333,7 @@ def labelmap_rows(text: str) -> list[tuple[int, str, Optional[tuple[int, int, in
 def _read_colours(path: Path) -> dict[tuple[int, int, int], int]:
     """RGB -> class index from a CVAT/Datumaro label map; {} when the file has no colours (plain names)."""
     rows = labelmap_rows(Path(path).read_text(encoding="utf-8"))
-    offset = 0 if rows and rows[0][1] == "background" else 1
+    offset = 0 if rows and is_background(rows[0][1]) else 1
     return {colour: i for i, (_, _, colour) in enumerate(rows, offset) if colour is not None}
 
 

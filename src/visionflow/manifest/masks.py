@@ -9,7 +9,7 @@ pixels that count for nothing.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Mapping, Optional, Protocol
 
 import numpy as np
 from pycocotools import mask as mask_util
@@ -60,8 +60,9 @@ def instance_mask(inst: Instance, height: int, width: int, where: str) -> Option
     return None
 
 
-def paint(s: Sample, ids: set[int], background: int, losses: Losses) -> Optional[np.ndarray]:
-    """(H, W) uint8 class values; instances in manifest order (later on top), the ignore region last."""
+def paint(s: Sample, values: Mapping[int, int], background: int, losses: Losses) -> Optional[np.ndarray]:
+    """(H, W) uint8 class values: `values[category_id]` for each instance in manifest order (later
+    on top), `background` where none is, IGNORE for the ignore region (painted last)."""
     ignore_rle = s.attributes.get("ignore_rle")
     if not s.instances and ignore_rle is None:
         return None
@@ -72,7 +73,7 @@ def paint(s: Sample, ids: set[int], background: int, losses: Losses) -> Optional
     flattened: set[int] = set()
     for i, inst in enumerate(s.instances):
         where = f"{s.id} instance #{i}"
-        if inst.category_id not in ids:
+        if inst.category_id not in values:
             raise ValueError(f"{where}: category id {inst.category_id} is not in the category table")
         pixels = instance_mask(inst, h, w, where)
         if pixels is None:
@@ -81,15 +82,13 @@ def paint(s: Sample, ids: set[int], background: int, losses: Losses) -> Optional
         if inst.rle is None:
             losses.add("polygon_rasterised", where)
         flattened.update(j for j in np.unique(owner[pixels]).tolist() if j >= 0 and cats[j] != inst.category_id)
-        canvas[pixels], owner[pixels] = inst.category_id, i
+        canvas[pixels], owner[pixels] = values[inst.category_id], i
     if ignore_rle is not None:
         pixels = decode_rle(ignore_rle, h, w, f"{s.id} ignore_rle")
         flattened.update(j for j in np.unique(owner[pixels]).tolist() if j >= 0)
         canvas[pixels], owner[pixels] = IGNORE, len(cats)
     for j in sorted(flattened):
         losses.add("instance_overlap_flattened", f"{s.id} instance #{j} (category {cats[j]})")
-    if background == IGNORE and (owner < 0).any():
-        losses.add("unlabelled_as_ignore", f"{s.id}: {int((owner < 0).sum())} px")
     return canvas
 
 
@@ -100,8 +99,7 @@ def semantic_mask(s: Sample) -> np.ndarray:
     bad = sorted({i.category_id for i in s.instances if not 0 <= i.category_id < IGNORE - 1})
     if bad:
         raise ValueError(f"{s.id}: category ids {bad} do not fit a uint8 target (0..253, 255 = ignore)")
-    shifted = [Instance(**{**vars(i), "category_id": i.category_id + 1}) for i in s.instances]
-    canvas = paint(Sample(**{**vars(s), "instances": shifted}), {i.category_id for i in shifted}, 0,
+    canvas = paint(s, {i.category_id: i.category_id + 1 for i in s.instances}, 0,
                    _NoLosses())  # the losses a mask file would report do not apply
     return np.zeros((s.height, s.width), dtype=np.uint8) if canvas is None else canvas
 
