@@ -1,7 +1,10 @@
 """COCO object-detection / instance-segmentation JSON <-> canonical samples.
 
 Reading maps:
-    image `file_name`          -> Sample.path (POSIX, relative to the images root); id "<source>/<path>"
+    image `file_name`          -> Sample.path (POSIX, relative to the images root); id "<source>/<path>".
+                                  Label Studio's COCO export writes the task's image URL when it did
+                                  not copy the image (`/data/upload/<n>/<name>`, `/data/local-files/?d=`):
+                                  read as the Label Studio reader reads it (labelstudio.resolve_task_path)
     image `labels` [cat ids]   -> Sample.labels (image-level classes; our synth dataset writes them)
     image `group`              -> Sample.group (default: the sample id)
     ann `bbox` [x, y, w, h]    -> Instance.bbox [x1, y1, x2, y2] = [x, y, x + w, y + h], absolute pixels
@@ -82,6 +85,7 @@ import numpy as np
 from visionflow.core.errors import DataError
 from visionflow.formats import (COMMON_POLICIES, SUBPIXEL_TOLERANCE, ConversionReport, FormatResult, check_inside,
                                 clean_polygons, clip_box, copy_image, load_json, probe, safe_relpath)
+from visionflow.formats.labelstudio import resolve_task_path, task_path_candidates
 from visionflow.manifest.images import (FRAME_POLICIES, coords_absurd, exif_orientation, raw_to_displayed)
 from visionflow.core.files import write_json
 from visionflow.manifest import SPLIT_FOLDERS, Category, Instance, Sample
@@ -219,8 +223,12 @@ def _read_images(doc: dict, path: Path, images_root: Path, cat_ids: set[int]) ->
         if not (_is_int(iid) or isinstance(iid, str)) or iid in images:
             raise DataError(path, "missing, malformed or duplicate image id", record=record)
         try:
-            rel = safe_relpath(img.get("file_name"))
-            check_inside(images_root, rel)
+            name = img.get("file_name")
+            if isinstance(name, str) and task_path_candidates(name):  # Label Studio's COCO export
+                rel = resolve_task_path(name, images_root)
+            else:
+                rel = safe_relpath(name)
+                check_inside(images_root, rel)
         except ValueError as exc:
             raise DataError(path, f"unsafe file_name: {exc}", record=record,
                             hint="paths must stay inside the dataset root") from None

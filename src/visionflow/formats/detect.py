@@ -66,20 +66,24 @@ def _coco_images(ann: Path) -> Path:
     `annotations/` the export's root and otherwise the file's folder: that folder itself, `images/`
     (CVAT's COCO 1.0), `images/<subset>/` (Datumaro, CVAT 2), `<subset>/` (COCO's own
     `instances_val2017.json` + `val2017/`) and `data/` (FiftyOne), the subset taken from the
-    file name after its first underscore."""
-    names = []
+    file name after its first underscore. Label Studio's `/data/upload/<n>/<name>` file names
+    count as the names the COCO reader reads them as."""
+    from visionflow.formats.labelstudio import task_path_candidates
+
+    names: list[list[str]] = []  # per image: the names it may have (Label Studio's URLs: several)
     for raw in _FILE_NAME.findall(_head(ann))[:20]:
         try:
-            names.append(json.loads(f'"{raw}"'))
+            name = json.loads(f'"{raw}"')
         except ValueError:
             continue
+        names.append(task_path_candidates(name) or [name] if isinstance(name, str) else [])
     subset = ann.stem.split("_", 1)[1] if "_" in ann.stem else None
     bases = [ann.parent.parent, ann.parent] if ann.parent.name.lower() == "annotations" else [ann.parent]
     places = [p for b in bases for p in (b, b / "images", *((b / "images" / subset, b / subset) if subset else ()),
                                        b / "data")]
     best, hits = bases[0], 0
     for place in dict.fromkeys(places):
-        found = sum(1 for n in names if n and (place / n).is_file())
+        found = sum(1 for cands in names if any(n and (place / n).is_file() for n in cands))
         if found > hits:
             best, hits = place, found
     return best

@@ -30,6 +30,7 @@ Reading maps (coordinates in Label Studio are PERCENT of the image size; x right
         "ab12cd34-img.jpg" -> "img.jpg"), so both the raw upload folder and the original files work
     data.image `/data/local-files/?d=<rel>`     -> `<rel>` (URL-decoded; images root = the document root)
     data.image relative path                    -> as is
+    (`resolve_task_path`; the COCO reader maps Label Studio's COCO `file_name`s the same way)
     data.group                                  -> Sample.group (default: the sample id)
     data.split                                  -> Sample.attributes["split"] (train, val/valid/validation,
         test; another value kept as written, which split.keep_existing refuses by name)
@@ -282,24 +283,38 @@ def _image_path(task: dict, images_root: Path, path: Path) -> str:
     if _REMOTE.match(url):
         raise DataError(path, f"image {url!r} is a URL; images are never downloaded", record=record,
                         hint="download the images and point `images` at the folder that holds them")
+    try:
+        return resolve_task_path(url, images_root)
+    except ValueError as exc:
+        raise DataError(path, f"unsafe image path: {exc}", record=record,
+                        hint="paths must stay inside the dataset root") from None
+
+
+def task_path_candidates(url: str) -> Optional[list[str]]:
+    """The names under the images root that Label Studio's own image URLs stand for, or None
+    for any other path: `/data/upload/<project>/<name>` -> [<name>, <name> without the upload
+    prefix], `/data/local-files/?d=<rel>` -> [<rel>]."""
     upload = _UPLOAD.match(url)
     if upload:
         candidates = [upload.group(1)]
         stripped = _UPLOAD_PREFIX.match(upload.group(1).rsplit("/", 1)[-1])
         if stripped:
             candidates.append(upload.group(1)[: -len(stripped.group(0))] + stripped.group(1))
-    elif url.startswith("/data/local-files/"):
-        candidates = [_local_file(url)]
-    else:
-        candidates = [url]
-    try:
-        rels = [safe_relpath(c) for c in candidates]
-        for rel in rels:
-            check_inside(images_root, rel)
-    except ValueError as exc:
-        raise DataError(path, f"unsafe image path: {exc}", record=record,
-                        hint="paths must stay inside the dataset root") from None
-    # The upload name as stored, else the original name; if neither exists `probe` reports the first.
+        return candidates
+    if url.startswith("/data/local-files/"):
+        return [_local_file(url)]
+    return None
+
+
+def resolve_task_path(url: str, images_root: Path) -> str:
+    """A task's image path (Label Studio's URL forms or a relative path) as a checked path
+    relative to the images root: the upload name as stored, else the original name; if neither
+    exists, the first (which `probe` then reports). ValueError for a path outside the root.
+    The COCO reader resolves Label Studio's COCO exports (whose `file_name` is the task's URL
+    when the export did not copy the images) with it too."""
+    rels = [safe_relpath(c) for c in task_path_candidates(url) or [url]]
+    for rel in rels:
+        check_inside(images_root, rel)
     return next((rel for rel in rels if (images_root / rel).is_file()), rels[0])
 
 

@@ -30,6 +30,14 @@ Rows (one instance per line, all coordinates normalised to 0..1 by the image wid
     oriented box  `cls x1 y1 x2 y2 x3 y3 x4 y4` (YOLO-OBB: 4 corners of a rectangle) -> polygons [the 4
                   corners], bbox = their bounds, attributes {"obb": true}; in a source whose other
                   polygon rows have other point counts, an 8-value row is a 4-point polygon (no marker)
+    pose          `cls cx cy w h x1 y1 [v1] ... xk yk [vk]` when the dataset declares its keypoints:
+                  data.yaml `kpt_shape: [k, 2 or 3]` (Ultralytics), or Label Studio's YOLO export
+                  (classes.txt + notes.json whose categories list `keypoints`: k names, 3 values each)
+                  -> the box, and attributes "keypoints" [x, y, v, ...] in pixels with COCO visibility
+                  (v as written; without v a point at 0 0 is v = 0, Ultralytics' "missing", others 2),
+                  "num_keypoints" (v > 0) and, from notes.json, "keypoint_names". Without a
+                  declaration a pose row's count is a polygon's or an odd one, so pose datasets need
+                  it (Ultralytics needs kpt_shape to train them too)
 An image without a label file, or with an empty (zero-byte) one, is a background sample. A read
 that finds no image, no label file for any image, or loses every row is refused (DataError
 naming what was looked for and where): an empty result is never a success.
@@ -42,7 +50,9 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | problem                                             | policy                                        |
 |-----------------------------------------------------|-----------------------------------------------|
 | invalid YAML, no `names`, `nc` != number of names,  | DataError naming the file                     |
-|   duplicate or empty class name, non-int class id   |                                               |
+|   duplicate or empty class name, non-int class id,  |                                               |
+|   `kpt_shape` not [k >= 1, 2 or 3]; notes.json not  |                                               |
+|   JSON or its categories' keypoint lists differ     |                                               |
 | obj.data: no `names`, names file missing, `classes` | DataError naming obj.data and the line        |
 |   != number of names, a line not `key = value`      |                                               |
 | split entry resolving outside the images root       | DataError naming the file and the key         |
@@ -62,6 +72,8 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 |   class id that is not an integer                   |                                               |
 | row_columns: not 4 box values nor an even number    | row dropped, counted (e.g. a confidence       |
 |   >= 6 of polygon coordinates after the class id    |   column, pose keypoints with visibility)     |
+|   (pose datasets: 4 box values, or 4 + k * d)       |                                               |
+| keypoint_clipped: keypoint outside the image        | moved onto the image edge, counted            |
 | row_not_normalized: a coordinate < -1 or > 2        | row dropped, counted (pixel units, absurd)    |
 | box_clipped: box partly outside the image by more   | box clipped to the image, counted (less: the  |
 |   than half a pixel                                 |   6-decimal rounding; clipped, not counted)   |
@@ -99,6 +111,7 @@ images/<split>/<path below any "images" and split folder>. Losses, counted in `r
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, NamedTuple, Optional
@@ -114,7 +127,9 @@ from visionflow.manifest import SPLITS, Category, Instance, Sample
 
 YOLO_POLICIES: dict[str, str] = {
     "row_unparsable": "row dropped (a value is not a finite number or the class id is not an integer)",
-    "row_columns": "row dropped (neither 4 box values nor an even number >= 6 of polygon coordinates)",
+    "row_columns": "row dropped (neither 4 box values nor an even number >= 6 of polygon coordinates; in a "
+                   "pose dataset, neither 4 box values nor 4 + k * d with its kpt_shape [k, d])",
+    "keypoint_clipped": "keypoint outside the image moved onto its edge",
     "row_not_normalized": "row dropped (a coordinate outside [-1, 2]: not normalised to the image size)",
     "polygon_clipped": "polygon points outside the image moved onto its edge",
     "label_orphan": "label file without an image ignored",
@@ -149,6 +164,13 @@ _CLIP_TOLERANCE = SUBPIXEL_TOLERANCE
 _RIGHT_ANGLE_TOLERANCE = 0.01  # |cos| of a corner angle below this (0.6 degrees): a rectangle
 
 
+class Pose(NamedTuple):
+    """A pose dataset's keypoints per row: k points of d values (x, y[, visibility])."""
+    k: int
+    d: int
+    names: Optional[list[str]] = None  # Label Studio's keypoint labels, in row order
+
+
 class _Image(NamedTuple):
     rel: str  # relative to images_root, checked
     split: Optional[str]
@@ -169,14 +191,17 @@ def read_yolo(images_root: Path, annotations: Path, source: str, root: Optional[
     if annotations.is_dir():
         annotations = find_annotation_file(annotations)
     base = annotations.parent  # data.yaml / obj.data entries are relative to their own folder
+    pose: Optional[Pose] = None
     if annotations.suffix.lower() in (".yaml", ".yml"):
         doc = _load_yaml(annotations)
         names = _names_from_yaml(doc, annotations)
         entries = _yaml_entries(doc, annotations)
+        pose = _pose_from_yaml(doc, annotations)
     elif annotations.suffix.lower() == ".data":
         names, entries = _read_darknet_data(annotations)
     else:
         names = _names_from_file(annotations)
+        pose = _pose_from_notes(annotations.parent / "notes.json")
         has_tree = (images_root / "images").is_dir()
         entries = [_Entry(None, "images" if has_tree else ".", annotations, "class-names file layout")]
         base = images_root
@@ -194,7 +219,7 @@ def read_yolo(images_root: Path, annotations: Path, source: str, root: Optional[
     for img in images:
         label_rel = label_relpath(img.rel)
         used_labels.add(label_rel)
-        sample = _to_sample(img, label_rel, images_root, root, source, names, report, stats)
+        sample = _to_sample(img, label_rel, images_root, root, source, names, report, stats, pose)
         if sample is not None:
             samples.append(sample)
     _count_orphans(images_root, label_roots, used_labels | lists, annotations, report)
@@ -278,6 +303,38 @@ def _names_from_yaml(doc: dict, path: Path) -> dict[int, str]:
     if nc is not None and nc != len(table):
         raise DataError(path, f"`nc` is {nc} but `names` has {len(table)} classes", hint="make them agree")
     return _check_names(dict(sorted(table.items())), path)
+
+
+def _pose_from_yaml(doc: dict, path: Path) -> Optional[Pose]:
+    """Ultralytics' `kpt_shape: [k, d]` (d = 2: x y; d = 3: x y visibility), or None."""
+    shape = doc.get("kpt_shape")
+    if shape is None:
+        return None
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in shape) and shape[0] >= 1 and shape[1] in (2, 3)):
+        raise DataError(path, f"`kpt_shape` is {shape!r}, expected [k, d] with k >= 1 keypoints of d = 2 (x y) or "
+                        f"3 (x y visibility) values", record="`kpt_shape`")
+    return Pose(shape[0], shape[1])
+
+
+def _pose_from_notes(path: Path) -> Optional[Pose]:
+    """Label Studio's YOLO export writes notes.json beside classes.txt; with keypoints in the
+    labelling config every category lists the keypoint labels, and each row carries them as
+    x y visibility triples in that order (label-studio-sdk's process_keypoints_for_yolo)."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not JSON ({exc})", hint="re-export from Label Studio, or remove the file") from None
+    cats = doc.get("categories") if isinstance(doc, dict) else None
+    lists = [tuple(c["keypoints"]) for c in cats or [] if isinstance(c, dict) and c.get("keypoints")]
+    if not lists:
+        return None
+    if len(set(lists)) > 1:
+        raise DataError(path, f"categories list different keypoints ({sorted(set(lists))}); a YOLO pose row has one "
+                        f"layout for every class", hint="give every category the same keypoints")
+    return Pose(len(lists[0]), 3, [str(n) for n in lists[0]])
 
 
 def _names_from_file(path: Path) -> dict[int, str]:
@@ -478,13 +535,13 @@ def _label_dir(image_dir: str) -> str:
 
 
 def _to_sample(img: _Image, label_rel: str, images_root: Path, root: str, source: str, names: dict[int, str],
-               report: ConversionReport, stats: _Stats) -> Optional[Sample]:
+               report: ConversionReport, stats: _Stats, pose: Optional[Pose] = None) -> Optional[Sample]:
     probed = probe(images_root / img.rel, (None, None), report, f"{img.where} ({img.rel})")
     if probed is None:
         return None
     width, height, sha = probed
     label = _label_file(images_root, label_rel)
-    instances = _read_label_file(label, names, width, height, report, stats) if label is not None else []
+    instances = _read_label_file(label, names, width, height, report, stats, pose) if label is not None else []
     sid = f"{source}/{img.rel}"
     return Sample(id=sid, root=root, path=img.rel, width=width, height=height, sha256=sha, instances=instances,
                   group=sid, attributes={"split": img.split} if img.split else {})
@@ -501,7 +558,7 @@ def _label_file(images_root: Path, rel: str) -> Optional[Path]:
 
 
 def _read_label_file(path: Path, names: dict[int, str], width: int, height: int,
-                     report: ConversionReport, stats: _Stats) -> list[Instance]:
+                     report: ConversionReport, stats: _Stats, pose: Optional[Pose] = None) -> list[Instance]:
     stats.label_files += 1  # a zero-byte file (CVAT writes them) is an image with no objects
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -511,7 +568,7 @@ def _read_label_file(path: Path, names: dict[int, str], width: int, height: int,
     for lineno, line in enumerate(lines, 1):
         if line.strip():
             stats.rows += 1
-            inst = _parse_row(line, path, lineno, names, width, height, report)
+            inst = _parse_row(line, path, lineno, names, width, height, report, pose)
             if inst is not None:
                 instances.append(inst)
     stats.instances += len(instances)
@@ -519,7 +576,7 @@ def _read_label_file(path: Path, names: dict[int, str], width: int, height: int,
 
 
 def _parse_row(line: str, path: Path, lineno: int, names: dict[int, str], width: int, height: int,
-               report: ConversionReport) -> Optional[Instance]:
+               report: ConversionReport, pose: Optional[Pose] = None) -> Optional[Instance]:
     where = f"{path}:{lineno}"
     if "," in line:
         raise DataError(path, "values are separated by commas", record=f"line {lineno}",
@@ -537,17 +594,27 @@ def _parse_row(line: str, path: Path, lineno: int, names: dict[int, str], width:
         raise DataError(path, f"class id {cls} is not in the names table (ids {min(names)}..{max(names)})",
                         record=f"line {lineno}", hint="fix the label row or the class names")
     n = len(coords)
-    if n != 4 and (n < 6 or n % 2):
+    keypoints = pose is not None and n == 4 + pose.k * pose.d
+    if pose is not None and n != 4 and not keypoints:
+        report.add("row_columns", f"{where}: {n} values after the class id (kpt_shape [{pose.k}, {pose.d}]: "
+                                  f"4 or {4 + pose.k * pose.d})")
+        return None
+    if n != 4 and (n < 6 or n % 2) and not keypoints:
         report.add("row_columns", f"{where}: {n} values after the class id")
         return None
-    if any(v < _NORMALIZED_RANGE[0] or v > _NORMALIZED_RANGE[1] for v in coords):
+    if any(v < _NORMALIZED_RANGE[0] or v > _NORMALIZED_RANGE[1] for v in (coords[:4] if keypoints else coords)):
         report.add("row_not_normalized", f"{where}: {line.strip()[:80]!r}")
         return None
-    if n == 4:
-        cx, cy, w, h = coords
+    if n == 4 or keypoints:
+        cx, cy, w, h = coords[:4]
         box = clip_box([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height],
                        width, height, report, where, tolerance=_CLIP_TOLERANCE)
-        return None if box is None else Instance(bbox=box, category_id=cls)
+        if box is None:
+            return None
+        attributes = _keypoints(coords[4:], pose, width, height, report, where) if keypoints else {}
+        if attributes is None:
+            return None
+        return Instance(bbox=box, category_id=cls, attributes=attributes)
     pixels = [v * (width if i % 2 == 0 else height) for i, v in enumerate(coords)]
     obb = n == 8 and is_rectangle(pixels)  # checked before clipping moves corners onto the edge
     ring = _clip_ring(coords, width, height, report, where)
@@ -557,6 +624,40 @@ def _parse_row(line: str, path: Path, lineno: int, names: dict[int, str], width:
         return None
     return Instance(bbox=box, category_id=cls, polygons=clean_polygons([ring], report, where),
                     attributes={OBB: True} if obb else {})
+
+
+def _keypoints(values: list[float], pose: Pose, width: int, height: int, report: ConversionReport,
+               where: str) -> Optional[dict[str, Any]]:
+    """A pose row's keypoint values -> the COCO-style attributes (docs/manifest.md): pixels, and
+    visibility as written (d = 3) or, for d = 2, 0 for Ultralytics' missing point (0, 0) and 2
+    otherwise. A point with v = 0 is (0, 0), as COCO writes it."""
+    out: list[float] = []
+    clipped = False
+    for j in range(pose.k):
+        x, y = values[j * pose.d], values[j * pose.d + 1]
+        if pose.d == 3:
+            v = values[j * pose.d + 2]
+            if v not in (0, 1, 2):
+                report.add("row_unparsable", f"{where}: keypoint {j + 1} visibility {v:g} is not 0, 1 or 2")
+                return None
+        else:
+            v = 0 if x == 0 and y == 0 else 2
+        if v == 0:
+            out += [0.0, 0.0, 0]
+            continue
+        if not (_NORMALIZED_RANGE[0] <= x <= _NORMALIZED_RANGE[1] and _NORMALIZED_RANGE[0] <= y <= _NORMALIZED_RANGE[1]):
+            report.add("row_not_normalized", f"{where}: keypoint {j + 1} at ({x:g}, {y:g})")
+            return None
+        px, py = x * width, y * height
+        cx, cy = min(max(px, 0.0), float(width)), min(max(py, 0.0), float(height))
+        clipped |= max(abs(cx - px), abs(cy - py)) > _CLIP_TOLERANCE
+        out += [cx, cy, int(v)]
+    if clipped:
+        report.add("keypoint_clipped", f"{where}: keypoints outside the {width}x{height} image moved onto its edge")
+    attributes: dict[str, Any] = {"keypoints": out, "num_keypoints": sum(1 for v in out[2::3] if v > 0)}
+    if pose.names:
+        attributes["keypoint_names"] = list(pose.names)
+    return attributes
 
 
 def is_rectangle(ring: list[float]) -> bool:
