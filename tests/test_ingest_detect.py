@@ -47,7 +47,7 @@ DETECTED = {  # every real export in tests/data/real/ by its folder: the format 
     "labelimg-voc-2label": "voc", "labelimg-yolo": "yolo", "labelimg-yolo-tree": "yolo",
     "mmpose-coco-keypoints": "coco", "panopticapi-sample": "coco", "roboflow-sharks-coco": "coco",
     "roboflow-sharks-yolov9": "yolo", "roboflow-skinproblem-multilabel": "csv", "roboflow-voc-chess": "voc",
-    "voc-devkit-mmdet": "voc", "labelstudio-keypoints-yolo": "yolo", "labelstudio-mixed-yolo": "yolo",
+    "voc-devkit-mmdet": "voc", "labelstudio-keypoints-yolo": "yolo", "labelstudio-mixed-yolo": "yolo", "labelstudio-obb-yolo": "yolo",
     "labelstudio-keypoints-coco": "coco", "labelstudio-polygon-coco": "coco",
 }
 

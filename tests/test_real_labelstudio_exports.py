@@ -162,3 +162,39 @@ def test_a_bad_kpt_shape_is_refused_naming_the_file(tmp_path, shape):
     data = write_pose_dataset(tmp_path, shape, ["0 0.5 0.5 0.2 0.4"])
     with pytest.raises(DataError, match=r"data\.yaml \[`kpt_shape`\]: `kpt_shape` is .* expected \[k, d\]"):
         read_source("yolo", data.parent, data, "u")
+
+
+def test_yolo_obb_export_rows_are_the_rotated_rectangles_corners(tmp_path):
+    """Label Studio's "YOLO OBB" export (`is_obb`) of 25 rotated rectangles: each row is an
+    oriented box whose corners are the rectangle's, turned clockwise by `rotation` about its
+    top-left corner as Label Studio draws it. The SDK's test images have no extension (`/image1`),
+    so the stand-ins are named <label stem>.jpg."""
+    import math
+
+    export = tmp_path / "obb"
+    shutil.copytree(REAL / "labelstudio-obb-yolo", export)
+    tasks = json.loads((REAL / "labelstudio-obb/data_obb.json").read_text())
+    expected = {}
+    for task in tasks:
+        res = task["annotations"][0]["result"]
+        size = (res[0]["original_width"], res[0]["original_height"])
+        stem = next(p.stem for p in (export / "labels").iterdir() if p.stem.endswith("__" + task["data"]["image"][1:]))
+        stand_in(export / "images" / f"{stem}.jpg", *size)
+        corners = []
+        for r in res:
+            v, (w, h) = r["value"], size
+            x, y, bw, bh = v["x"] * w / 100, v["y"] * h / 100, v["width"] * w / 100, v["height"] * h / 100
+            c, s = math.cos(math.radians(v["rotation"])), math.sin(math.radians(v["rotation"]))
+            pts = [(x, y), (x + bw * c, y + bw * s), (x + bw * c - bh * s, y + bw * s + bh * c), (x - bh * s, y + bh * c)]
+            corners.append((v["rectanglelabels"][0], [min(max(q, 0.0), lim) for p in pts for q, lim in zip(p, size)]))
+        expected[f"images/{stem}.jpg"] = corners
+    found = detect_source(export)
+    read = read_source(found.format, found.images, found.annotations, "ls")
+    names = {c.id: c.name for c in read.categories}
+    got = {s.path: [(names[i.category_id], i.polygons[0]) for i in s.instances if i.attributes == {"obb": True}]
+           for s in read.samples}
+    assert sum(map(len, got.values())) == 25 == sum(len(t["annotations"][0]["result"]) for t in tasks)
+    for path, corners in expected.items():
+        assert [n for n, _ in got[path]] == [n for n, _ in corners]
+        for (_, ring), (_, want) in zip(got[path], corners):
+            assert ring == pytest.approx(want, abs=1e-3)
