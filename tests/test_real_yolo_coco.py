@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from visionflow.core.errors import DataError
-from visionflow.formats import read_source, write_format
+from visionflow.formats import ConversionReport, read_source, write_format
 from visionflow.formats.yolo import write_yolo
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -265,6 +266,27 @@ def test_person_keypoints_are_kept(tmp_path):
     assert len(kept) == 14 and all(len(k) == 51 for _, k in kept) and res.report.total == 0
     target = write_format("coco", res.samples, res.categories, tmp_path / "out", project_root=Path("."))
     assert_same(read_source("coco", tmp_path / "out", target, "kp"), res)
+
+
+def test_person_keypoints_go_to_yolo_pose_and_back(tmp_path):
+    """COCO person keypoints written as Ultralytics pose data (kpt_shape [17, 3], box + keypoint
+    rows) and read back: the same keypoints; the person outlines a pose row cannot hold counted."""
+    root = copy_with_stand_ins(REAL / "mmpose-coco-keypoints", tmp_path / "kp", "test_coco.json")
+    res = read_source("coco", root, root / "test_coco.json", "kp")
+    report = ConversionReport()
+    target = write_format("yolo", res.samples, res.categories, tmp_path / "out", project_root=Path("."), report=report)
+    assert yaml.safe_load(target.read_text())["kpt_shape"] == [17, 3]
+    outlined = sum(1 for s in res.samples for i in s.instances if i.polygons or i.rle is not None)
+    assert report.counts["pose_outline_dropped"] == outlined > 0
+    back = read_source("yolo", tmp_path / "out", target, "kp")
+    by_path = {Path(s.path).name: s for s in back.samples}
+    for s in res.samples:
+        got = by_path[Path(s.path).name].instances
+        assert len(got) == len(s.instances)
+        for a, b in zip(s.instances, got):
+            assert b.bbox == pytest.approx(a.bbox, abs=1e-6) and b.polygons == []
+            assert b.attributes["keypoints"] == pytest.approx(a.attributes["keypoints"], abs=1e-6)
+            assert b.attributes["num_keypoints"] == a.attributes["num_keypoints"]
 
 
 def test_coco_with_no_image_found_fails_naming_where_it_looked(tmp_path):

@@ -108,6 +108,14 @@ images/<split>/<path below any "images" and split folder>. Losses, counted in `r
 | group_dropped                          | group not written (read back as the sample id)          |
 | sample_attributes_dropped              | attributes other than `split` not written               |
 | split_assigned                         | a sample without a split, among split ones: train       |
+| pose_outline_dropped                   | in a pose dataset (see below) a polygon or mask is not  |
+|                                        | written: pose rows hold a box and keypoints             |
+
+Keypoints: when every instance that has `keypoints` has the same number k of them, the
+dataset is written as Ultralytics pose data: data.yaml `kpt_shape: [k, 3]` and every row
+`cls cx cy w h x1 y1 v1 ... xk yk vk` (normalised; an instance without keypoints, or a point
+with v = 0, gets 0 0 0), which the reader reads back. `keypoint_names` is not written (counted
+with the attributes dropped); with keypoint counts that differ, keypoints are dropped (counted).
 """
 from __future__ import annotations
 
@@ -150,6 +158,7 @@ WRITE_POLICIES: dict[str, str] = {
     "group_dropped": "sample group not written (read back as the sample id)",
     "sample_attributes_dropped": "sample attributes other than `split` not written",
     "split_assigned": "sample without a split written to the train split (other samples have splits)",
+    "pose_outline_dropped": "polygon or mask not written: in a pose dataset every row is a box with keypoints",
 }
 
 OBB = "obb"  # Instance.attributes[OBB] is True: the polygon is an oriented box's 4 corners (docs/manifest.md)
@@ -727,6 +736,7 @@ def write_yolo(samples: Iterable[Sample], categories: list[Category], out_dir: P
     report = report if report is not None else ConversionReport()
     report.policies.update(WRITE_POLICIES)
     class_of = {c.id: k for k, c in enumerate(categories)}
+    pose_k = _pose_k(samples)
     any_split = any(s.attributes.get("split") in SPLITS for s in samples)
     placed: dict[str, str] = {}
     splits: set[str] = set()
@@ -738,7 +748,7 @@ def write_yolo(samples: Iterable[Sample], categories: list[Category], out_dir: P
         placed[rel] = s.id
         splits.add(split or "")
         _count_sample_losses(s, report)
-        rows = [r for i, inst in enumerate(s.instances) if (r := _row(inst, i, class_of, s, report)) is not None]
+        rows = [r for i, inst in enumerate(s.instances) if (r := _row(inst, i, class_of, s, report, pose_k)) is not None]
         write_text(out_dir / label_relpath(rel), "".join(r + "\n" for r in rows))
         if copy_images:
             copy_image(s, out_dir / rel, Path(project_root))
@@ -748,6 +758,8 @@ def write_yolo(samples: Iterable[Sample], categories: list[Category], out_dir: P
             doc[key] = f"images/{key}"
     if not any_split:  # Ultralytics needs train and val; without a split both are everything
         doc.update(train="images", val="images")
+    if pose_k:
+        doc["kpt_shape"] = [pose_k, 3]
     doc.update(nc=len(categories), names={k: c.name for k, c in enumerate(categories)},
                source_category_ids={k: c.id for k, c in enumerate(categories)})
     target = out_dir / "data.yaml"
@@ -785,15 +797,25 @@ def _count_sample_losses(s: Sample, report: ConversionReport) -> None:
         report.add("sample_attributes_dropped", f"{s.id}: {', '.join(extra)}")
 
 
+def _pose_k(samples: list[Sample]) -> Optional[int]:
+    """k when every (non-crowd) instance with keypoints has the same k of them, else None."""
+    lengths = {len(kps) for s in samples for i in s.instances
+               if not i.iscrowd and isinstance(kps := i.attributes.get("keypoints"), list) and kps}
+    return lengths.pop() // 3 if len(lengths) == 1 and next(iter(lengths)) % 3 == 0 else None
+
+
 def _row(inst: Instance, index: int, class_of: dict[int, int], s: Sample,
-         report: ConversionReport) -> Optional[str]:
-    """One label row: `cls cx cy w h` for a box, `cls x1 y1 ...` for a polygon, normalised."""
+         report: ConversionReport, pose_k: Optional[int] = None) -> Optional[str]:
+    """One label row: `cls cx cy w h` for a box, `cls x1 y1 ...` for a polygon, normalised; in a
+    pose dataset (`pose_k`), the box and its keypoints."""
     where = f"{s.id} instance {index}"
     if inst.category_id not in class_of:
         raise ValueError(f"{where}: category id {inst.category_id} is not in the category table")
     if inst.iscrowd:
         report.add("crowd_dropped", where)
         return None
+    if pose_k:
+        return _pose_row(inst, class_of[inst.category_id], s, report, where, pose_k)
     ring = _ring_to_write(inst, s, report, where)
     # An oriented box is written as its 4 corners, which is how YOLO-OBB holds it: not a loss.
     dropped = sorted(k for k in inst.attributes if not (k == OBB and ring is not None and len(ring) == 8))
@@ -810,6 +832,22 @@ def _row(inst: Instance, index: int, class_of: dict[int, int], s: Sample,
         if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip([min(xs), min(ys), max(xs), max(ys)], inst.bbox)):
             report.add("box_not_polygon_bounds", f"{where}: box {inst.bbox}")
         values = [v / (s.width if i % 2 == 0 else s.height) for i, v in enumerate(ring)]
+    return " ".join([str(cls)] + [f"{v:.10g}" for v in values])
+
+
+def _pose_row(inst: Instance, cls: int, s: Sample, report: ConversionReport, where: str, k: int) -> str:
+    if inst.polygons or inst.rle is not None:
+        report.add("pose_outline_dropped", where)
+    dropped = sorted(set(inst.attributes) - {"keypoints", "num_keypoints"})
+    if dropped:
+        report.add("instance_attributes_dropped", f"{where}: {', '.join(dropped)}")
+    if inst.area is not None:
+        report.add("area_dropped", f"{where}: area {inst.area:g}")
+    x1, y1, x2, y2 = inst.bbox
+    values: list[float] = [(x1 + x2) / 2 / s.width, (y1 + y2) / 2 / s.height, (x2 - x1) / s.width, (y2 - y1) / s.height]
+    kps = inst.attributes.get("keypoints") or [0, 0, 0] * k
+    for x, y, v in zip(kps[0::3], kps[1::3], kps[2::3]):
+        values += [0, 0, 0] if not v else [x / s.width, y / s.height, int(v)]
     return " ".join([str(cls)] + [f"{v:.10g}" for v in values])
 
 
