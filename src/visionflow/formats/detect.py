@@ -117,9 +117,11 @@ def _candidates(path: Path) -> Iterator[Detected]:
         yield from _file_candidates(path)
         return
     root = path
-    if (root / "annotations.xml").is_file() and _xml_root(root / "annotations.xml") == "annotations":
-        images = root / "images" if (root / "images").is_dir() else root
-        yield Detected("cvat", images, root / "annotations.xml", "annotations.xml with an <annotations> root (CVAT for images 1.1)")
+    # CVAT writes annotations.xml beside images/; FiftyOne's CVATImageDataset labels.xml beside data/
+    for name in ("annotations.xml", "labels.xml"):
+        if (root / name).is_file() and _xml_root(root / name) == "annotations":
+            images = next((root / n for n in ("images", "data") if (root / n).is_dir()), root)
+            yield Detected("cvat", images, root / name, f"{name} with an <annotations> root (CVAT for images 1.1)")
     for name in ("data.yaml", "dataset.yaml"):
         if (root / name).is_file():
             yield Detected("yolo", root, root / name, f"{name} (YOLO / Ultralytics)")
@@ -130,7 +132,9 @@ def _candidates(path: Path) -> Iterator[Detected]:
         for name in () if (root / "obj.data").is_file() else ("obj.names", "classes.txt"):
             labels = root / "labels"
             beside = any(p.name != name for p in root.glob("*.txt")) and _images_in(root)  # LabelImg, flat
-            if (root / name).is_file() and (labels.is_dir() or any(root.glob("obj_*_data")) or beside):
+            # FiftyOne's YOLOv4Dataset: obj.names, images.txt, data/ with each label beside its image
+            in_data = (root / "data").is_dir() and any((root / "data").glob("*.txt")) and _images_in(root / "data")
+            if (root / name).is_file() and (labels.is_dir() or any(root.glob("obj_*_data")) or beside or in_data):
                 yield Detected("yolo", root, root / name, f"{name} with YOLO label files (darknet / YOLO 1.1)")
                 break
     splits = _split_folders(root)
@@ -145,11 +149,14 @@ def _candidates(path: Path) -> Iterator[Detected]:
     for p in sorted(root.glob("*.json")):
         if _json_kind(p) == "labelstudio":
             yield Detected("labelstudio", root, p, f"{p.name} is a list of Label Studio tasks")
-    ann = next((root / n for n in ("Annotations", "annotations") if (root / n).is_dir()
+    # VOC's Annotations/; FiftyOne's VOCDetectionDataset writes labels/*.xml beside data/
+    ann = next((root / n for n in ("Annotations", "annotations", "labels") if (root / n).is_dir()
                 and any((root / n).glob("*.xml"))), None)
     if ann is not None and _xml_root(next(ann.glob("*.xml"))) == "annotation":
-        images = next((root / n for n in ("JPEGImages", "images", "Images") if (root / n).is_dir()), root)
-        yield Detected("voc", images, root, f"{ann.name}/*.xml with <annotation> roots (Pascal VOC)")
+        images = next((root / n for n in ("JPEGImages", "images", "Images", "data") if (root / n).is_dir()), root)
+        # the devkit root (its ImageSets/ and Segmentation*/ are read too); FiftyOne's labels/ as such
+        yield Detected("voc", images, ann if ann.name == "labels" else root,
+                       f"{ann.name}/*.xml with <annotation> roots (Pascal VOC)")
     elif ann is None:
         flat = [d for d in [root, *splits] if any(_xml_root(x) == "annotation" for x in sorted(d.glob("*.xml"))[:3])]
         if flat:
@@ -157,13 +164,14 @@ def _candidates(path: Path) -> Iterator[Detected]:
             yield Detected("voc", root, root, f"<annotation> XML files {where} (Pascal VOC: LabelImg, Roboflow)")
     masks = next((root / n for n in ("masks", "SegmentationClass", "labels") if (root / n).is_dir()
                   and next((root / n).rglob("*.png"), None) is not None), None)
-    images = next((root / n for n in ("images", "JPEGImages") if (root / n).is_dir()), None)
-    if masks is not None and images is not None and ann is None:  # JPEGImages/: CVAT's "Segmentation mask 1.1"
+    # JPEGImages/: CVAT's "Segmentation mask 1.1"; data/ + labels/: FiftyOne's ImageSegmentationDirectory
+    images = next((root / n for n in ("images", "JPEGImages", "data") if (root / n).is_dir()), None)
+    if masks is not None and images is not None and ann is None:
         yield Detected("masks", images, masks, f"{images.name}/ with PNG masks in {masks.name}/")
     tree = splits or [root]
     class_dirs = [d for t in tree for d in t.iterdir() if d.is_dir() and _images_in(d)]
     if class_dirs and not any(t for t in tree if _images_in(t)) and \
-            not {d.name.lower() for d in class_dirs} & {"images", "jpegimages", "masks", "labels"}:
+            not {d.name.lower() for d in class_dirs} & {"images", "jpegimages", "masks", "labels", "data"}:
         yield Detected("imagefolder", root, root, f"{len(class_dirs)} class folders of images"
                        + (f" under {', '.join(s.name for s in splits)}" if splits else ""))
 

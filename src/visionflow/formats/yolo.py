@@ -164,7 +164,7 @@ WRITE_POLICIES: dict[str, str] = {
 OBB = "obb"  # Instance.attributes[OBB] is True: the polygon is an oriented box's 4 corners (docs/manifest.md)
 IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"}
 _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
-_DARKNET_LISTS = {"train.txt", "val.txt", "valid.txt", "test.txt"}
+_DARKNET_LISTS = {"train.txt", "val.txt", "valid.txt", "test.txt", "images.txt"}  # images.txt: FiftyOne's YOLOv4
 _DARKNET_SPLITS = {"train": "train", "valid": "val", "val": "val", "test": "test"}  # obj.data keys
 _NORMALIZED_RANGE = (-1.0, 2.0)  # beyond it a coordinate is more than an image size off: not normalised
 # Normalised values written with 6 decimals (CVAT, LabelImg, Ultralytics) land up to
