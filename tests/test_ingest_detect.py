@@ -49,6 +49,7 @@ DETECTED = {  # every real export in tests/data/real/ by its folder: the format 
     "roboflow-sharks-yolov9": "yolo", "roboflow-skinproblem-multilabel": "csv", "roboflow-voc-chess": "voc",
     "voc-devkit-mmdet": "voc", "labelstudio-keypoints-yolo": "yolo", "labelstudio-mixed-yolo": "yolo", "labelstudio-obb-yolo": "yolo",
     "labelstudio-keypoints-coco": "coco", "labelstudio-polygon-coco": "coco",
+    "roboflow-dhcn-semantic-masks": "masks",
 }
 
 
@@ -70,7 +71,7 @@ def test_label_studio_json_and_json_min_exports_are_detected(name):
 # the real exports whose images are vendored with them (the others' tests render stand-ins)
 WITH_IMAGES = {"cvat-1.1-task-2label": 4, "cvat-coco1.0": 4, "cvat-voc-1.1-2label": 4, "cvat-yolo1.1": 4,
                "labelimg-voc-2label": 4, "labelimg-yolo": 4, "labelimg-yolo-tree": 2, "roboflow-sharks-coco": 10,
-               "roboflow-sharks-yolov9": 10, "roboflow-voc-chess": 11}
+               "roboflow-sharks-yolov9": 10, "roboflow-voc-chess": 11, "roboflow-dhcn-semantic-masks": 6}
 
 
 @pytest.mark.parametrize("folder", sorted(WITH_IMAGES))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -403,3 +404,50 @@ def test_writer_background_class_and_bad_ids(tmp_path):
         write_masks([sample], [Category(i, f"c{i}") for i in range(255)], tmp_path / "bad")
     with pytest.raises(ValueError, match=r"category id 0 \('dog'\) given twice"):
         write_masks([sample], [Category(0, "cat"), Category(0, "dog")], tmp_path / "bad")
+
+
+# --- Roboflow's "PNG Masks for Semantic Segmentation" export (real, tests/data/real) ---------
+
+ROBOFLOW = Path(__file__).parent / "data/real/roboflow-dhcn-semantic-masks"
+
+
+def test_roboflow_semantic_masks_export_is_detected_and_read_with_its_classes_and_splits():
+    """Each split folder holds <stem>.jpg, <stem>_mask.png ('L', pixel value = class) and a
+    `Pixel Value, Class` table; expected values are read from the PNGs and tables with PIL/csv."""
+    import csv
+
+    from visionflow.formats import read_source
+    from visionflow.formats.detect import detect_source
+
+    found = detect_source(ROBOFLOW)
+    assert (found.format, found.images, found.annotations) == ("masks", ROBOFLOW, ROBOFLOW)
+    res = read_source(found.format, found.images, found.annotations, "rf")
+    with open(ROBOFLOW / "train/_classes.csv") as fh:
+        rows = [(int(v), n.strip()) for v, n in list(csv.reader(fh))[1:]]
+    assert rows[0] == (0, "background")
+    assert [(c.id, c.name) for c in res.categories] == rows[1:]  # background: no category
+    masks = sorted(ROBOFLOW.glob("*/*_mask.png"))
+    assert len(res.samples) == len(masks) == 6 and res.report.total == 0
+    splits = {"train": "train", "valid": "val", "test": "test"}
+    for s in res.samples:
+        mask = ROBOFLOW / s.path.replace(".jpg", "_mask.png")
+        values, counts = np.unique(np.asarray(Image.open(mask)), return_counts=True)
+        assert [(i.category_id, i.area) for i in s.instances] == [(int(v), float(n)) for v, n in zip(values, counts) if v]
+        assert s.attributes["split"] == splits[s.path.split("/")[0]]
+
+
+def test_roboflow_masks_need_their_table_and_equal_tables_across_splits(tmp_path):
+    from visionflow.formats import read_source
+
+    export = tmp_path / "rf"
+    shutil.copytree(ROBOFLOW, export)
+    (export / "valid/_classes.csv").write_text("Pixel Value, Class\n0, background\n1, wall\n")
+    with pytest.raises(DataError, match=r"valid/_classes\.csv: differs from .*test/_classes\.csv"):
+        read_source("masks", export, export, "rf")
+    for t in export.glob("*/_classes.csv"):
+        t.unlink()
+    with pytest.raises(DataError, match=r"rf: masks named <image>_mask\.png beside the images, but no _classes\.csv"):
+        read_source("masks", export, export, "rf")
+    (export / "_classes.csv").write_text("Value,Name\n0,background\n")
+    with pytest.raises(DataError, match=r"_classes\.csv \[line 1\]: header is \['Value', 'Name'\]"):
+        read_source("masks", export, export, "rf")

@@ -140,7 +140,11 @@ def _candidates(path: Path) -> Iterator[Detected]:
     splits = _split_folders(root)
     if any((s / "_annotations.coco.json").is_file() for s in splits) or (root / "_annotations.coco.json").is_file():
         yield Detected("coco", root, root, "_annotations.coco.json per split folder (Roboflow COCO export)")
-    if any((s / "_classes.csv").is_file() for s in splits) or (root / "_classes.csv").is_file():
+    tables = [t for t in [*(s / "_classes.csv" for s in splits), root / "_classes.csv"] if t.is_file()]
+    if tables and _head(tables[0]).lower().replace(" ", "").startswith("pixelvalue,class"):
+        yield Detected("masks", root, root, "_classes.csv (Pixel Value, Class) with <image>_mask.png beside the "
+                                            "images (Roboflow semantic segmentation masks)")
+    elif tables:
         yield Detected("csv", root, root, "_classes.csv per split folder (Roboflow multi-label CSV)")
     coco = [p for p in sorted([*root.glob("*.json"), *root.glob("annotations/*.json")])
             if not p.name.startswith("_") and _json_kind(p) == "coco"]

@@ -10,12 +10,20 @@ Layout (`annotations` is the masks folder):
                                                  validation, test), it becomes the sample's
                                                  attributes["split"] (the path keeps the folder)
 
+Roboflow's "PNG Masks for Semantic Segmentation" export (images and masks given as one folder):
+
+    train/x_jpg.rf.ab12.jpg        an image
+    train/x_jpg.rf.ab12_mask.png   its mask: beside it, the image's stem + "_mask.png"
+    train/_classes.csv             "Pixel Value, Class" then "0, background", "1, cabinet", ...
+    valid/..., test/...            one table per split folder (all equal), or one flat folder
+
 Class table (pixel value -> class; 255 is always "ignore"; a value 0 named background,
 _background_, __background__ or bg (any case) is the unlabelled background, no category):
     classes.txt     one name per line; the line index (from 0) is the pixel value
     labelmap.txt    CVAT's / Datumaro's `name:r,g,b:parts:actions` lines (`#` comments left out):
                     the line index is the value, r,g,b its colour (CVAT's "Segmentation mask 1.1"
                     export: JPEGImages/, SegmentationClass/ RGB masks, labelmap.txt)
+    _classes.csv    Roboflow's `Pixel Value, Class` table (see above)
     .json / .yaml   a list of names (index = value), or a mapping {value: name}; an entry may be
                     {"name": ..., "color": [r, g, b]} so RGB colour masks can be read; an entry
                     for value 255 only gives the colour of the ignore region (it is no class)
@@ -39,6 +47,7 @@ Validation policy (errors stop the read; counted problems are fixed or dropped a
 | problem                                               | policy                                      |
 |-------------------------------------------------------|---------------------------------------------|
 | masks folder or class table missing; two class tables | DataError naming the folder / files         |
+|   (Roboflow: split folders' _classes.csv that differ) |                                             |
 | class table malformed (empty line, bad value, dup     | DataError naming the file and line / class  |
 |   name or colour, invalid JSON/YAML)                  |                                             |
 | image or mask path unsafe or resolving outside root   | DataError naming the file                   |
@@ -88,6 +97,7 @@ IMAGES_DIR, MASKS_DIR = "images", "masks"
 # labelmap.txt: CVAT's "Segmentation mask 1.1" (and Datumaro's) `name:r,g,b:parts:actions`, line
 # index (comments left out) = the pixel value of palette masks, the colours those of RGB masks
 CLASS_FILES = ("classes.txt", "classes.json", "classes.yaml", "classes.yml", "labelmap.txt")
+ROBOFLOW_TABLE, ROBOFLOW_SUFFIX = "_classes.csv", "_mask"  # masks beside their images (Roboflow)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SEMANTIC = {"semantic": True}
 
@@ -128,15 +138,18 @@ def read_masks(images_root: Path, annotations: Path, source: str, root: Optional
     images_root, masks_dir = Path(images_root), Path(annotations)
     if not masks_dir.is_dir():
         raise DataError(masks_dir, "masks folder not found", hint="check ingest.sources[].annotations")
-    table = read_class_table(find_class_table(masks_dir))
+    beside = roboflow_layout(images_root, masks_dir)
+    table = read_class_table(_roboflow_table(masks_dir) if beside else find_class_table(masks_dir))
     background = 0 if is_background(table.names.get(0, "")) else None
     categories = [Category(id=v, name=n, source_ids={source: v}) for v, n in table.names.items() if v != background]
     report = ConversionReport({**COMMON_POLICIES, **MASK_POLICIES})
-    masks = _list_masks(masks_dir, table.path, report)
+    suffix = ROBOFLOW_SUFFIX if beside else ""
+    masks = _list_masks(masks_dir, table.path, report, suffix)
     root = images_root.as_posix() if root is None else root
     samples = []
-    by_split = _split_layout(masks_dir, table.path)
-    images = _list_images(images_root, masks_dir)
+    by_split = _split_layout(masks_dir, table.path) if not beside else \
+        any(p.is_dir() and p.name.lower() in SPLIT_FOLDERS for p in masks_dir.iterdir())
+    images = _list_images(images_root, masks_dir, suffix)
     _check_names_match(images, masks, images_root, masks_dir)
     if not categories:
         raise DataError(table.path, f"the class table names only the background ({table.names[0]!r} at value 0)",
@@ -187,6 +200,28 @@ def _split_layout(masks_dir: Path, table_path: Path) -> bool:
     return bool(top) and all(p.is_dir() and p.name.lower() in SPLIT_FOLDERS for p in top)
 
 
+def roboflow_layout(images_root: Path, masks_dir: Path) -> bool:
+    """Images and masks in one folder, each mask named <image stem>_mask.png (Roboflow's export)."""
+    if Path(images_root).resolve() != Path(masks_dir).resolve():
+        return False
+    return next(Path(masks_dir).rglob(f"*{ROBOFLOW_SUFFIX}.png"), None) is not None
+
+
+def _roboflow_table(folder: Path) -> Path:
+    """The _classes.csv of the folder or, in a split export, of its split folders (all equal)."""
+    found = [p for p in [folder / ROBOFLOW_TABLE, *(d / ROBOFLOW_TABLE for d in sorted(folder.iterdir())
+                                                    if d.is_dir() and d.name.lower() in SPLIT_FOLDERS)] if p.is_file()]
+    if not found:
+        raise DataError(folder, f"masks named <image>{ROBOFLOW_SUFFIX}.png beside the images, but no {ROBOFLOW_TABLE} in "
+                        f"it or its split folders", hint="put Roboflow's _classes.csv (Pixel Value, Class) there")
+    first = found[0].read_bytes()
+    for other in found[1:]:
+        if other.read_bytes().strip() != first.strip():
+            raise DataError(other, f"differs from {found[0]}: the splits must share one class table",
+                            hint="re-export the dataset, or make the tables equal")
+    return found[0]
+
+
 def find_class_table(masks_dir: Path) -> Path:
     """The class table inside the masks folder, else next to it; two candidates are an error."""
     for folder in (masks_dir, masks_dir.parent):
@@ -204,7 +239,9 @@ def read_class_table(path: Path) -> ClassTable:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(path, f"not UTF-8 text ({exc})") from None
-    if path.name == "labelmap.txt":
+    if path.name == ROBOFLOW_TABLE:
+        doc = _roboflow_rows(path, text)
+    elif path.name == "labelmap.txt":
         from visionflow.formats.voc import labelmap_rows
 
         doc: Any = [{"name": name, "color": list(colour)} if colour else name for _, name, colour in labelmap_rows(text)]
@@ -229,6 +266,25 @@ def read_class_table(path: Path) -> ClassTable:
     for value, entry in sorted(items, key=lambda kv: kv[0]):
         _add_class(table, value, entry)
     return table
+
+
+def _roboflow_rows(path: Path, text: str) -> dict[int, str]:
+    """Roboflow's `Pixel Value, Class` table -> {value: name}."""
+    import csv
+    import io
+
+    rows = [[c.strip() for c in r] for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    if not rows or [c.lower() for c in rows[0][:2]] != ["pixel value", "class"]:
+        raise DataError(path, f"header is {rows[0] if rows else 'missing'}, expected 'Pixel Value, Class'",
+                        record="line 1")
+    out: dict[int, str] = {}
+    for lineno, row in enumerate(rows[1:], 2):
+        if len(row) < 2 or not row[0].isdigit():
+            raise DataError(path, f"row {row} is not '<pixel value>, <class>'", record=f"line {lineno}")
+        if int(row[0]) in out:
+            raise DataError(path, f"value {row[0]} given twice", record=f"line {lineno}")
+        out[int(row[0])] = row[1]
+    return out
 
 
 def _load_structured(path: Path, text: str) -> Any:
@@ -273,25 +329,30 @@ def _add_class(table: ClassTable, value: int, entry: Any) -> None:
         table.names[value] = name
 
 
-def _list_masks(masks_dir: Path, table_path: Path, report: ConversionReport) -> dict[str, str]:
-    """Key (relative path without extension) -> mask path relative to the masks folder."""
+def _list_masks(masks_dir: Path, table_path: Path, report: ConversionReport, suffix: str = "") -> dict[str, str]:
+    """Key (relative path without extension) -> mask path relative to the masks folder. With a
+    `suffix` (Roboflow: "_mask"), masks are the PNGs whose stem ends with it, beside the images
+    and tables (not counted as anything); the key drops it."""
     masks: dict[str, str] = {}
     for path in sorted(p for p in masks_dir.rglob("*") if p.is_file() and p != table_path):
+        if suffix and not (path.suffix.lower() == ".png" and path.stem.endswith(suffix)):
+            continue
         rel = _checked_rel(masks_dir, path)
         if path.suffix.lower() != ".png":
             report.add("mask_not_png", f"{path}: not a .png file")
             continue
-        masks[_key(rel)] = rel
+        masks[_key(rel)[:len(_key(rel)) - len(suffix)]] = rel
     return masks
 
 
-def _list_images(images_root: Path, masks_dir: Path) -> dict[str, str]:
-    """Key -> image path relative to the images root, skipping the masks folder if it is inside."""
+def _list_images(images_root: Path, masks_dir: Path, suffix: str = "") -> dict[str, str]:
+    """Key -> image path relative to the images root, skipping the masks folder if it is inside
+    (with a mask `suffix`, images and masks share folders: the masks are skipped by name)."""
     masks_abs = masks_dir.resolve()
     images: dict[str, str] = {}
     for path in sorted(images_root.rglob("*")):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file() or \
-                path.parent.resolve().is_relative_to(masks_abs):
+                (path.stem.endswith(suffix) if suffix else path.parent.resolve().is_relative_to(masks_abs)):
             continue
         rel = _checked_rel(images_root, path)
         key = _key(rel)
