@@ -76,7 +76,7 @@ def _coco_images(ann: Path) -> Path:
             name = json.loads(f'"{raw}"')
         except ValueError:
             continue
-        names.append(task_path_candidates(name) or [name] if isinstance(name, str) else [])
+        names.append(task_path_candidates(name) or [name])
     subset = ann.stem.split("_", 1)[1] if "_" in ann.stem else None
     bases = [ann.parent.parent, ann.parent] if ann.parent.name.lower() == "annotations" else [ann.parent]
     places = [p for b in bases for p in (b, b / "images", *((b / "images" / subset, b / subset) if subset else ()),

@@ -341,7 +341,8 @@ def _list_masks(masks_dir: Path, table_path: Path, report: ConversionReport, suf
         if path.suffix.lower() != ".png":
             report.add("mask_not_png", f"{path}: not a .png file")
             continue
-        masks[_key(rel)[:len(_key(rel)) - len(suffix)]] = rel
+        key = _key(rel)
+        masks[key[:len(key) - len(suffix)]] = rel
     return masks
 
 
@@ -508,12 +509,14 @@ def mask_values(categories: list[Category]) -> dict[int, int]:
     """Category id -> pixel value: 0 for a category with a background name (the unlabelled
     pixels), the others 1..K in id order (the VOC writer's numbering)."""
     values: dict[int, int] = {}
+    classes = 0
     for c in sorted(categories, key=lambda c: c.id):
         if c.id in values:
             raise ValueError(f"category id {c.id} ({c.name!r}) given twice")
-        values[c.id] = 0 if is_background(c.name) else 1 + sum(1 for v in values.values() if v)
-    if max(values.values(), default=0) >= IGNORE:
-        raise ValueError(f"{max(values.values())} categories do not fit a mask: its values are 1..254 for "
+        classes += not is_background(c.name)
+        values[c.id] = 0 if is_background(c.name) else classes
+    if classes >= IGNORE:
+        raise ValueError(f"{classes} categories do not fit a mask: its values are 1..254 for "
                          f"classes (0 background, 255 ignore)")
     return values
 
