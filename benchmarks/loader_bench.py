@@ -25,6 +25,7 @@ Both raw references are measured again right before and after each loader row, a
 use their mean (this machine's speed drifts by up to 1.5x between minutes).
 
     nice -n 10 .venv/bin/python benchmarks/loader_bench.py                 # 400 photos, 224 and 640 px
+    .venv/bin/python benchmarks/loader_bench.py --n 300 --image-size 640 --breakdown   # where the time goes
     .venv/bin/python benchmarks/loader_bench.py --n 1000 --workers 0 1 --image-size 224 --out /tmp/loader.json
 """
 from __future__ import annotations
@@ -155,6 +156,49 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
     return n / best
 
 
+def breakdown(paths: list[Path], image_size: int, preset: str, batch: int, rounds: int = 3) -> dict[str, float]:
+    """Where a 640 px photo's time goes, in ms per image, measured interleaved photo by photo in
+    this process (so the machine's drift touches every column alike): Pillow's and OpenCV's raw
+    decodes, load_rgb (the header read and the decode), the record (load_rgb and the resize
+    prefix), the item (the record and the augmentations, seeded; uint8, as for CUDA) and the
+    batched fetch and collate of the train loader with 0 workers, per image."""
+    from visionflow.core.config import AugmentParams, TrainParams
+    from visionflow.manifest import Sample
+    from visionflow.manifest.images import load_rgb
+    from visionflow.tasks import get_task
+    from visionflow.training import memory
+
+    memory.tune_allocator()  # as build_loaders does
+    root = paths[0].parent
+    samples = []
+    for p in paths:
+        with Image.open(p) as im:
+            samples.append(Sample(id=p.stem, root=str(root), path=p.name, width=im.width, height=im.height,
+                                  sha256=p.stem, labels=[0]))
+    params = TrainParams(image_size=image_size, batch_size=batch, num_workers=0,
+                         augment=AugmentParams(preset=preset), device="cpu")
+    task = get_task("classify", params)
+    ds = task.build_dataset(samples, task.build_transforms(params)[0], root)
+    ds.defer_normalization()
+    cols = {"raw PIL": _pil_decode, "raw OpenCV": _cv2_decode, "load_rgb": lambda i: load_rgb(paths[i]),
+            "record": lambda i: ds.record(i), "item": lambda i: ds[(i, 1000 + i)]}
+    total = dict.fromkeys([*cols, "loader (batched, collated)"], 0.0)
+    n = 0
+    for r in range(rounds):
+        for start in range(0, len(paths) - batch + 1, batch):
+            idx = range(start, start + batch)
+            for i in idx:
+                for name, f in cols.items():
+                    t0 = time.perf_counter()
+                    f(paths[i]) if name.startswith("raw") else f(i)
+                    total[name] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            task.collate(ds.__getitems__([(i, 7 * r + i) for i in idx]))
+            total["loader (batched, collated)"] += time.perf_counter() - t0
+            n += batch
+    return {k: v / n * 1e3 for k, v in total.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=400)
@@ -174,11 +218,21 @@ def main() -> None:
     ap.add_argument("--decoders", nargs="+", default=["opencv"], choices=["opencv", "pillow"],
                     help="the loader's image decode: opencv (load_rgb's own path for RGB JPEGs) and/or pillow "
                          "(that path switched off: the loader before 2026-12-05)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only where the time goes: ms per image of the raw decodes, load_rgb, the record, the "
+                         "item and the batched loader (classify, 0 workers), interleaved photo by photo")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     paths = make_photos(args.cache / f"photos-{args.n}", args.n)
+    if args.breakdown:
+        for size in args.image_size:
+            ms = breakdown(paths, size, args.preset, args.batch)
+            print(f"{size} px, ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+            loader = ms["loader (batched, collated)"]
+            print(f"  loader/raw per core: {ms['raw PIL'] / loader:.2f} (PIL) {ms['raw OpenCV'] / loader:.2f} (OpenCV)")
+        return
     first, first_cv2 = raw_rate(paths, args.repeat), raw_rate(paths, args.repeat, _cv2_decode)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {len(paths)} JPEGs at 640 px")
     print(f"raw PIL decode: {first:8.1f} images/s (1 core); raw OpenCV decode: {first_cv2:8.1f} images/s "

@@ -24,6 +24,7 @@ from visionflow.training.distributed import gather_digests, init_from_env, shutd
 from visionflow.training.loader import (AspectBatchSampler, DeviceBatches, SeededSampler, WorkerInit,  # noqa: E402
                                         orientation_batches, orientations, resolve_num_workers,
                                         set_main_threads)
+from visionflow.training import memory  # noqa: E402
 from visionflow.training.engine import (FitConfig, fit, select_device, seed_everything, use_channels_last,  # noqa: E402
                                          write_history_csv)
 from visionflow.core.files import write_dir, write_json  # noqa: E402
@@ -148,6 +149,7 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
     normalize_on_device=True) the train and val batches stay uint8 and are normalised on the
     device (DeviceBatches, which the engine iterates them through)."""
     threads = set_main_threads()
+    tuned = memory.tune_allocator()  # the items' and batches' pages reused, not faulted in afresh
     train_workers = resolve_num_workers(params.num_workers, len(train_ds), params.batch_size)
     val_workers = resolve_num_workers(params.num_workers, len(val_ds), params.batch_size)
     if params.cache != "none":
@@ -188,10 +190,10 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
                                   drop_last=drop_last, **options(train_workers))
         val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, **options(val_workers))
     if dist_info.is_main:
-        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s%s",
+        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s%s%s",
                  train_workers, val_workers, threads, params.cache, cuda,
                  "uint8 (normalised on the device)" if deferred is not None else "float32",
-                 ", grouped by orientation" if grouped else "")
+                 ", grouped by orientation" if grouped else "", ", allocator tuned" if tuned else "")
     return train_loader, val_loader, sampler
 
 

@@ -45,6 +45,7 @@ from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler
 from visionflow.core.errors import UserError
 from visionflow.manifest import Sample
 from visionflow.manifest.images import load_rgb
+from visionflow.training import memory
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class WorkerInit:
         # parent's pool threads, which do not exist there, and hangs (seen once the main process
         # had resized large images before forking, e.g. filling the ram cache).
         torch.set_num_threads(1)
+        memory.tune_allocator()  # a forked worker has it already; a spawned one sets it here
         s = _seed_int(self.seed, self.rank, worker_id)
         random.seed(s)
         np.random.seed(s)
@@ -239,27 +241,31 @@ class _Sized:
 
 
 @contextmanager
-def seeded_globals(seed: int) -> Iterator[None]:
-    """python's, numpy's and torch's global generators seeded for the block, then restored in the
-    main process (with 0 workers, a sample must not move the training's own generators). A loader
-    worker's generators are its own: seeded, not saved and restored (numpy's state alone costs
-    0.14 ms to save and restore, half of a small image's whole item)."""
-    # the CPU generator, not torch.manual_seed: that also queues a (lazy) CUDA seeding with a stack
-    # trace, 0.5 ms
+def kept_globals() -> Iterator[None]:
+    """python's, numpy's and torch's CPU global generators restored after the block in the main
+    process (with 0 workers, loading must not move the training's own generators). A loader
+    worker's generators are its own: nothing is saved (numpy's state alone costs 0.14 ms to save
+    and restore, half of a small image's whole item)."""
+    if get_worker_info() is not None:
+        yield
+        return
     cpu = torch.default_generator
-    restore = get_worker_info() is None
-    if restore:
-        py, npy, th = random.getstate(), np.random.get_state(), cpu.get_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    cpu.manual_seed(seed)
+    py, npy, th = random.getstate(), np.random.get_state(), cpu.get_state()
     try:
         yield
     finally:
-        if restore:
-            random.setstate(py)
-            np.random.set_state(npy)
-            cpu.set_state(th)
+        random.setstate(py)
+        np.random.set_state(npy)
+        cpu.set_state(th)
+
+
+def seed_globals(seed: int) -> None:
+    """python's, numpy's and torch's CPU global generators seeded for one sample (the CPU
+    generator, not torch.manual_seed: that also queues a lazy CUDA seeding with a stack trace,
+    0.5 ms)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
 
 
 # --- the records: deterministic prefix of the pipeline, cached ---------------------------------
@@ -433,13 +439,26 @@ class LoaderDataset(Dataset, abc.ABC):
         """The training example from a (cached) record and the rest of the pipeline."""
 
     def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self._get(key)
+        with kept_globals():
+            return self._get(key)
+
+    def __getitems__(self, keys: Sequence) -> list:
+        """A batch's examples (DataLoader's batched fetch): the same examples as one by one, with
+        the global generators saved and restored once per batch instead of once per sample."""
+        if not any(isinstance(key, tuple) for key in keys):
+            return [self._get(key) for key in keys]
+        with kept_globals():
+            return [self._get(key) for key in keys]
+
+    def _get(self, key):
         i, seed = key if isinstance(key, tuple) else (key, None)
         record = self.record(i)
-        if seed is None:
-            return self.item(i, record, self._rest)
-        with seeded_globals(seed):
+        if seed is not None:
+            seed_globals(seed)
             self._rest.set_random_seed(seed)
-            return self.item(i, record, self._rest)
+        return self.item(i, record, self._rest)
 
     # --- the record (decoded, resized-to-fit image and its targets), cached ---
     def record(self, i: int) -> dict[str, np.ndarray]:
@@ -602,9 +621,12 @@ def stack(tensors: Sequence[torch.Tensor], pad: bool = False) -> torch.Tensor:
     first = parts[0]
     if get_worker_info() is None:
         out = first.new_empty((len(parts), *shape))
+        if out.device.type == "cpu":
+            memory.advise_huge(out)  # 2 MiB pages: a 39 MB batch faults 20 times, not 9,600
     else:
         storage = first._typed_storage()._new_shared(len(parts) * math.prod(shape), device=first.device)
         out = first.new(storage).resize_(len(parts), *shape)
+        memory.populate(out)  # shared memory takes no huge pages: its pages populated in one call
     if ragged:
         out.zero_()
         for o, t in zip(out, parts):
