@@ -118,16 +118,8 @@ def _decoder(name: str):
         images._decode_rgb_jpeg = own
 
 
-def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
-                batch: int, epochs: int, batches: str = "float32", task_name: str = "classify") -> float:
-    import torch
-
-    from visionflow.core.config import AugmentParams, TrainParams
-    from visionflow.core.paths import Paths
+def _samples(paths: list[Path], task_name: str) -> list:
     from visionflow.manifest import Instance, Sample
-    from visionflow.stages.train import build_loaders
-    from visionflow.tasks import get_task
-    from visionflow.training.distributed import SINGLE
 
     samples = []
     for i, p in enumerate(paths):
@@ -137,6 +129,20 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
         samples.append(Sample(id=p.stem, root=str(p.parent), path=p.name, width=w, height=h,
                               sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
                               **({"labels": [i % 5]} if task_name == "classify" else {"instances": [box]})))
+    return samples
+
+
+def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
+                batch: int, epochs: int, batches: str = "float32", task_name: str = "classify") -> float:
+    import torch
+
+    from visionflow.core.config import AugmentParams, TrainParams
+    from visionflow.core.paths import Paths
+    from visionflow.stages.train import build_loaders
+    from visionflow.tasks import get_task
+    from visionflow.training.distributed import SINGLE
+
+    samples = _samples(paths, task_name)
     params = TrainParams(image_size=image_size, batch_size=batch, num_workers=workers, cache=cache,
                          augment=AugmentParams(preset=preset), device="cpu")
     task = get_task(task_name, params)
@@ -156,29 +162,24 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
     return n / best
 
 
-def breakdown(paths: list[Path], image_size: int, preset: str, batch: int, rounds: int = 3) -> dict[str, float]:
+def breakdown(paths: list[Path], image_size: int, preset: str, batch: int, task_name: str = "classify",
+              rounds: int = 3) -> dict[str, float]:
     """Where a 640 px photo's time goes, in ms per image, measured interleaved photo by photo in
     this process (so the machine's drift touches every column alike): Pillow's and OpenCV's raw
-    decodes, load_rgb (the header read and the decode), the record (load_rgb and the resize
-    prefix), the item (the record and the augmentations, seeded; uint8, as for CUDA) and the
-    batched fetch and collate of the train loader with 0 workers, per image."""
+    decodes, load_rgb (the header read and the decode), the record (load_rgb, the resize or
+    letterbox prefix and, for segment, the mask), the item (the record and the augmentations,
+    seeded; uint8, as for CUDA) and the batched fetch and collate of the train loader with 0
+    workers, per image."""
     from visionflow.core.config import AugmentParams, TrainParams
-    from visionflow.manifest import Sample
     from visionflow.manifest.images import load_rgb
     from visionflow.tasks import get_task
     from visionflow.training import memory
 
     memory.tune_allocator()  # as build_loaders does
-    root = paths[0].parent
-    samples = []
-    for p in paths:
-        with Image.open(p) as im:
-            samples.append(Sample(id=p.stem, root=str(root), path=p.name, width=im.width, height=im.height,
-                                  sha256=p.stem, labels=[0]))
     params = TrainParams(image_size=image_size, batch_size=batch, num_workers=0,
                          augment=AugmentParams(preset=preset), device="cpu")
-    task = get_task("classify", params)
-    ds = task.build_dataset(samples, task.build_transforms(params)[0], root)
+    task = get_task(task_name, params)
+    ds = task.build_dataset(_samples(paths, task_name), task.build_transforms(params)[0], paths[0].parent)
     ds.defer_normalization()
     cols = {"raw PIL": _pil_decode, "raw OpenCV": _cv2_decode, "load_rgb": lambda i: load_rgb(paths[i]),
             "record": lambda i: ds.record(i), "item": lambda i: ds[(i, 1000 + i)]}
@@ -220,7 +221,7 @@ def main() -> None:
                          "(that path switched off: the loader before 2026-12-05)")
     ap.add_argument("--breakdown", action="store_true",
                     help="only where the time goes: ms per image of the raw decodes, load_rgb, the record, the "
-                         "item and the batched loader (classify, 0 workers), interleaved photo by photo")
+                         "item and the batched loader (--task, 0 workers), interleaved photo by photo")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -228,8 +229,8 @@ def main() -> None:
     paths = make_photos(args.cache / f"photos-{args.n}", args.n)
     if args.breakdown:
         for size in args.image_size:
-            ms = breakdown(paths, size, args.preset, args.batch)
-            print(f"{size} px, ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+            ms = breakdown(paths, size, args.preset, args.batch, args.task)
+            print(f"{args.task} {size} px, ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
             loader = ms["loader (batched, collated)"]
             print(f"  loader/raw per core: {ms['raw PIL'] / loader:.2f} (PIL) {ms['raw OpenCV'] / loader:.2f} (OpenCV)")
         return

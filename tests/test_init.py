@@ -1,5 +1,6 @@
 """Your own data in one step: format detection, `visionflow init`, and stages that refuse to
 run against a dvc.yaml that no longer matches params.yaml."""
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from visionflow.core.format_names import FORMATS  # noqa: E402
 from visionflow.datasets.synth import render_dataset  # noqa: E402
 from visionflow.formats import read_source, write_format  # noqa: E402
 from visionflow.formats.detect import detect_source  # noqa: E402
+from visionflow.integrations.prefect import STARTUP_TIMEOUT_VAR  # noqa: E402
 from visionflow.stages import pipeline_stages  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -152,12 +154,45 @@ def test_init_on_a_real_roboflow_export_keeps_its_split_and_only_fitting_branche
     assert params.ingest.sources[0].images == params.ingest.sources[0].annotations == "sharks"
 
 
+def _fresh_prefect(tmp_path: Path, **env: str) -> dict:
+    """The environment of a machine that never ran Prefect: a new PREFECT_HOME, so Prefect's
+    temporary server migrates a new database on its first start (21 s on an idle 2-core machine
+    here, past Prefect's own 20 s wait), and no server or timeout set by the caller."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", STARTUP_TIMEOUT_VAR)}
+    return {**clean, "PREFECT_HOME": str(tmp_path / "fresh-prefect-home"), **env}
+
+
 def test_a_data_error_inside_a_stage_under_run_is_one_clean_error(project, tmp_path):
+    """Also the first `visionflow run` on a machine: the temporary server's first start (a new
+    database) is waited for; Prefect's own 20 s wait failed `make demo` on a fresh machine."""
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["ingest"]["sources"] = [{"name": "gone", "path": str(tmp_path / "no-such-export")}]
     raw.pop("synth", None)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    out = subprocess.run([str(BIN / "visionflow"), "run"], cwd=project, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([str(BIN / "visionflow"), "run"], cwd=project, capture_output=True, text=True, timeout=400,
+                         env=_fresh_prefect(tmp_path))
     text = out.stdout + out.stderr
     assert out.returncode == 2 and "no-such-export: no such file or folder" in out.stderr, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+    assert (tmp_path / "fresh-prefect-home").is_dir()  # the flow ran on a server of its own, first start
+
+
+def test_prefects_server_not_answering_is_one_clean_error_that_says_what_to_set(project, tmp_path):
+    out = subprocess.run([str(BIN / "visionflow"), "run"], cwd=project, capture_output=True, text=True, timeout=300,
+                         env=_fresh_prefect(tmp_path, **{STARTUP_TIMEOUT_VAR: "1"}))
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert "temporary server did not answer within 1 s" in out.stderr and STARTUP_TIMEOUT_VAR in out.stderr, text[-3000:]
+    assert "PREFECT_API_URL" in out.stderr and "Traceback" not in text, text[-3000:]
+    assert not (project / "data").exists()  # nothing ran
+
+
+def test_prefects_startup_wait_is_raised_unless_the_user_set_it():
+    code = ("import os, visionflow.integrations.prefect as p; "
+            f"print(os.environ[{STARTUP_TIMEOUT_VAR!r}], p.STARTUP_TIMEOUT_S)")
+    clean = {k: v for k, v in os.environ.items() if k != STARTUP_TIMEOUT_VAR}
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=60)
+    assert ours.stdout.split() == ["180", "180"], ours.stderr[-2000:]
+    theirs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**clean, STARTUP_TIMEOUT_VAR: "45"}, timeout=60)
+    assert theirs.stdout.split()[0] == "45", theirs.stderr[-2000:]

@@ -17,6 +17,11 @@ from typing import Any, Callable
 # Prefect's temporary server sends telemetry heartbeats; offline they fail with noisy
 # tracebacks, and a pipeline has no business calling home. Users can still opt in.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Without PREFECT_API_URL, Prefect starts a temporary server and waits 20 s for it. Its first start
+# on a machine migrates a new database: 21 s on an idle 2-core machine here, so `make demo` on a
+# fresh machine failed with a traceback. A warm start takes 11 s. A user's own setting is kept.
+STARTUP_TIMEOUT_VAR, STARTUP_TIMEOUT_S = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180
+os.environ.setdefault(STARTUP_TIMEOUT_VAR, str(STARTUP_TIMEOUT_S))
 
 FLOW_FILE = "flows/pipeline.py"
 FLOW_NAME = "pipeline"
@@ -80,6 +85,7 @@ def name_stages_in_logs() -> None:
 def run_pipeline(params_file: Path, task_runner: str | None = None) -> dict[str, Any]:
     """Run the flow with the task runner named here, else params.yaml's run.task_runner."""
     from visionflow.core.config import load_params
+    from visionflow.core.errors import UserError
 
     load_params(params_file)  # bad params fail here, with the file's name, before Prefect starts
     if not os.environ.get("PREFECT_API_URL"):
@@ -92,7 +98,16 @@ def run_pipeline(params_file: Path, task_runner: str | None = None) -> dict[str,
     flow = load_flow(params_file.parent)  # imports prefect, which sets up its own handlers
     name_stages_in_logs()
     # a project's own flow may take params_file only; the runner is then its params.yaml's
-    return flow(params_file=str(params_file), **({"task_runner": task_runner} if task_runner else {}))
+    try:
+        return flow(params_file=str(params_file), **({"task_runner": task_runner} if task_runner else {}))
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        raise UserError(
+            f"Prefect's temporary server did not answer within {os.environ.get(STARTUP_TIMEOUT_VAR)} s "
+            f"({STARTUP_TIMEOUT_VAR}); nothing ran. On a slow or busy machine set {STARTUP_TIMEOUT_VAR} "
+            f"higher, or start a server once (`prefect server start`) and point runs at it with "
+            f"PREFECT_API_URL=http://127.0.0.1:4200/api. Prefect said: {str(exc)[:300]}") from None
 
 
 def stage_runner(params, name: str | None = None):
