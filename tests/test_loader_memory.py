@@ -94,6 +94,11 @@ def _thp_mode() -> str:
 def test_advise_huge_marks_big_batches_only_and_the_opt_out_turns_it_off(monkeypatch):
     small = torch.empty(1 << 20, dtype=torch.uint8)
     assert memory.advise_huge(small) is False  # under 2 huge pages: left alone
+    middle = torch.empty(16 << 20, dtype=torch.uint8)
+    monkeypatch.setattr(memory, "_tuned", True)  # under the tuned mmap threshold: reused heap pages
+    assert memory.advise_huge(middle) is False
+    monkeypatch.setattr(memory, "_tuned", False)  # glibc's own threshold: possibly a fresh mapping
+    assert memory.advise_huge(middle) is True
     before = _anon_huge_kib()
     big = torch.empty(48 << 20, dtype=torch.uint8)
     assert memory.advise_huge(big) is True

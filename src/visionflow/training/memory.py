@@ -11,8 +11,9 @@ epoch after epoch: on this project's 2-core benchmark machine that cost more tha
   pages the last one freed. Left alone when the environment sets glibc's malloc itself
   (MALLOC_*_ variables or glibc.malloc tunables), when another allocator is preloaded, and when
   VISIONFLOW_LOADER_MEMORY=default.
-- `advise_huge(t)`: a fresh batch buffer of at least 4 MiB is marked MADV_HUGEPAGE before it is
-  written, so it faults in 2 MiB pages where transparent huge pages are on or `madvise`.
+- `advise_huge(t)`: a fresh batch buffer of at least 4 MiB (32 MiB with the allocator tuned:
+  smaller ones are reused heap memory then) is marked MADV_HUGEPAGE before it is written, so it
+  faults in 2 MiB pages where transparent huge pages are on or `madvise`.
 - `populate(t)`: a fresh shared-memory batch (a worker's) has its pages populated in one call
   (MADV_POPULATE_WRITE, Linux 5.14+) instead of one fault per page.
 
@@ -94,8 +95,12 @@ def _advise(t: torch.Tensor, advice: int, align: int) -> bool:
 
 def advise_huge(t: torch.Tensor) -> bool:
     """Mark a fresh (not yet written) CPU buffer of at least 2 huge pages for transparent huge
-    pages. True when the kernel took the advice."""
-    return t.numel() * t.element_size() >= 2 * HUGE and _advise(t, MADV_HUGEPAGE, HUGE)
+    pages. True when the kernel took the advice. With the allocator tuned, a buffer under its
+    mmap threshold is reused heap memory, already faulted in: left alone (no heap range flagged)."""
+    n = t.numel() * t.element_size()
+    if n < 2 * HUGE or (_tuned and n < MMAP_THRESHOLD):
+        return False
+    return _advise(t, MADV_HUGEPAGE, HUGE)
 
 
 def populate(t: torch.Tensor) -> bool:
