@@ -181,8 +181,8 @@ def breakdown(paths: list[Path], image_size: int, preset: str, batch: int, task_
     task = get_task(task_name, params)
     ds = task.build_dataset(_samples(paths, task_name), task.build_transforms(params)[0], paths[0].parent)
     ds.defer_normalization()
-    cols = {"raw PIL": _pil_decode, "raw OpenCV": _cv2_decode, "load_rgb": lambda i: load_rgb(paths[i]),
-            "record": lambda i: ds.record(i), "item": lambda i: ds[(i, 1000 + i)]}
+    cols = {"raw PIL": lambda i: _pil_decode(paths[i]), "raw OpenCV": lambda i: _cv2_decode(paths[i]),
+            "load_rgb": lambda i: load_rgb(paths[i]), "record": ds.record, "item": lambda i: ds[(i, 1000 + i)]}
     total = dict.fromkeys([*cols, "loader (batched, collated)"], 0.0)
     n = 0
     for r in range(rounds):
@@ -191,7 +191,7 @@ def breakdown(paths: list[Path], image_size: int, preset: str, batch: int, task_
             for i in idx:
                 for name, f in cols.items():
                     t0 = time.perf_counter()
-                    f(paths[i]) if name.startswith("raw") else f(i)
+                    f(i)
                     total[name] += time.perf_counter() - t0
             t0 = time.perf_counter()
             task.collate(ds.__getitems__([(i, 7 * r + i) for i in idx]))

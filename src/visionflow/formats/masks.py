@@ -513,8 +513,9 @@ def mask_values(categories: list[Category]) -> dict[int, int]:
     for c in sorted(categories, key=lambda c: c.id):
         if c.id in values:
             raise ValueError(f"category id {c.id} ({c.name!r}) given twice")
-        classes += not is_background(c.name)
-        values[c.id] = 0 if is_background(c.name) else classes
+        background = is_background(c.name)
+        classes += not background
+        values[c.id] = 0 if background else classes
     if classes >= IGNORE:
         raise ValueError(f"{classes} categories do not fit a mask: its values are 1..254 for "
                          f"classes (0 background, 255 ignore)")
