@@ -24,9 +24,16 @@ with 0 workers) and the ratio loader/raw per core against each reference (issue 
 Both raw references are measured again right before and after each loader row, and its ratios
 use their mean (this machine's speed drifts by up to 1.5x between minutes).
 
+`--photo-size 1920x1080` (or a phone's 4032x3024) writes larger photos instead, and `--decode
+reduced full` measures each loader row with both train.decode settings: reduced decodes a JPEG at
+1/2, 1/4 or 1/8 of its size inside the IDCT where that is still at least image_size, so the loader
+can outrun the raw references, which always decode every pixel.
+
     nice -n 10 .venv/bin/python benchmarks/loader_bench.py                 # 400 photos, 224 and 640 px
     .venv/bin/python benchmarks/loader_bench.py --n 300 --image-size 640 --breakdown   # where the time goes
     .venv/bin/python benchmarks/loader_bench.py --n 1000 --workers 0 1 --image-size 224 --out /tmp/loader.json
+    .venv/bin/python benchmarks/loader_bench.py --photo-size 4032x3024 --n 96 --image-size 224 --workers 0 \
+        --batches uint8 --decode reduced full                               # train.decode on phone photos
 """
 from __future__ import annotations
 
@@ -61,8 +68,8 @@ def _photos() -> list[np.ndarray]:
         return out
 
 
-def make_photos(folder: Path, n: int) -> list[Path]:
-    """n JPEGs (quality 90) at 640x480 or 480x640; a complete folder is reused."""
+def make_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
+    """n JPEGs (quality 90) at `size` (width, height) or turned (portrait); a complete folder is reused."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"photo_{i:05d}.jpg" for i in range(n)]
     if all(p.exists() for p in paths):
@@ -74,8 +81,7 @@ def make_photos(folder: Path, n: int) -> list[Path]:
         w, h = src.size
         cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        size = (640, 480) if i % 3 else (480, 640)
-        img = src.crop((x0, y0, x0 + cw, y0 + ch)).resize(size, Image.BICUBIC)
+        img = src.crop((x0, y0, x0 + cw, y0 + ch)).resize(size if i % 3 else size[::-1], Image.BICUBIC)
         arr = np.asarray(img).astype(np.float32) * rng.uniform(0.8, 1.2, 3)
         arr = arr if i % 2 else arr[:, ::-1]
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
@@ -133,7 +139,8 @@ def _samples(paths: list[Path], task_name: str) -> list:
 
 
 def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
-                batch: int, epochs: int, batches: str = "float32", task_name: str = "classify") -> float:
+                batch: int, epochs: int, batches: str = "float32", task_name: str = "classify",
+                decode: str = "reduced") -> float:
     import torch
 
     from visionflow.core.config import AugmentParams, TrainParams
@@ -144,7 +151,7 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
 
     samples = _samples(paths, task_name)
     params = TrainParams(image_size=image_size, batch_size=batch, num_workers=workers, cache=cache,
-                         augment=AugmentParams(preset=preset), device="cpu")
+                         augment=AugmentParams(preset=preset), device="cpu", decode=decode)
     task = get_task(task_name, params)
     train_tf, eval_tf = task.build_transforms(params)
     train_ds = task.build_dataset(samples, train_tf, root)
@@ -219,6 +226,13 @@ def main() -> None:
     ap.add_argument("--decoders", nargs="+", default=["opencv"], choices=["opencv", "pillow"],
                     help="the loader's image decode: opencv (load_rgb's own path for RGB JPEGs) and/or pillow "
                          "(that path switched off: the loader before 2026-12-05)")
+    ap.add_argument("--photo-size", default="640x480",
+                    help="the photos' size, WxH (a third of them turned to portrait): 640x480 (the issue's "
+                         "640 px photos), or e.g. 1920x1080 or 4032x3024 (a phone's) to see train.decode at work")
+    ap.add_argument("--decode", nargs="+", default=["reduced"], choices=["reduced", "full"],
+                    help="train.decode for the classify loader rows: reduced (JPEGs at 1/2-1/8 scale where that "
+                         "is still at least image_size; the default) and/or full. The raw references always "
+                         "decode in full")
     ap.add_argument("--breakdown", action="store_true",
                     help="only where the time goes: ms per image of the raw decodes, load_rgb, the record, the "
                          "item and the batched loader (--task, 0 workers), interleaved photo by photo")
@@ -226,7 +240,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    paths = make_photos(args.cache / f"photos-{args.n}", args.n)
+    photo_w, _, photo_h = args.photo_size.partition("x")
+    photo = (int(photo_w), int(photo_h))
+    folder = f"photos-{args.n}" if photo == (640, 480) else f"photos-{args.n}-{args.photo_size}"
+    paths = make_photos(args.cache / folder, args.n, photo)
     if args.breakdown:
         for size in args.image_size:
             ms = breakdown(paths, size, args.preset, args.batch, args.task)
@@ -235,35 +252,38 @@ def main() -> None:
             print(f"  loader/raw per core: {ms['raw PIL'] / loader:.2f} (PIL) {ms['raw OpenCV'] / loader:.2f} (OpenCV)")
         return
     first, first_cv2 = raw_rate(paths, args.repeat), raw_rate(paths, args.repeat, _cv2_decode)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {len(paths)} JPEGs at 640 px")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {len(paths)} JPEGs at "
+          f"{args.photo_size} (a third turned)")
     print(f"raw PIL decode: {first:8.1f} images/s (1 core); raw OpenCV decode: {first_cv2:8.1f} images/s "
           f"(at the start; each row's ratios use the references measured around it)")
     rows = []
     for size in args.image_size:
         for cache in ("none", "ram"):
             for batches in args.batches:
-                for w, decoder in ((w, d) for w in args.workers for d in args.decoders):
+                for w, decoder, decode in ((w, d, m) for w in args.workers for d in args.decoders
+                                           for m in args.decode):
                     # the references again, just before and after the row: this machine's speed
                     # drifts by up to 1.5x between minutes, so each ratio uses its own neighbours
                     before = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
                     with _decoder(decoder):
                         rate = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
-                                           batches, args.task)
+                                           batches, args.task, decode)
                     after = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
                     raw, raw_cv2 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                     cores = max(1, w)
                     ratio, ratio_cv2 = rate / cores / raw, rate / cores / raw_cv2
                     rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
-                                 "decoder": decoder, "raw_pil": round(raw, 1), "raw_cv2": round(raw_cv2, 1),
+                                 "decoder": decoder, "decode": decode, "raw_pil": round(raw, 1),
+                                 "raw_cv2": round(raw_cv2, 1),
                                  "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
                                  "ratio_per_core": round(ratio, 3), "ratio_per_core_cv2": round(ratio_cv2, 3)})
                     print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w} "
-                          f"{decoder:7s}: "
+                          f"{decoder:7s} {decode:7s}: "
                           f"{rate:8.1f} images/s, {rate / cores:8.1f} per core, loader/raw per core "
                           f"{ratio:5.2f} (PIL) {ratio_cv2:5.2f} (OpenCV); raw {raw:6.1f} / {raw_cv2:6.1f}")
     if args.out:
         args.out.write_text(json.dumps({"raw_images_per_s": round(first, 1), "raw_cv2_images_per_s": round(first_cv2, 1),
-                                        "n": len(paths), "task": args.task,
+                                        "n": len(paths), "task": args.task, "photo_size": args.photo_size,
                                         "preset": args.preset, "batch": args.batch, "rows": rows}, indent=2) + "\n")
 
 

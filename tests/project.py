@@ -93,3 +93,25 @@ def kill_training_after_epoch(cmd: list[str], cwd: Path, checkpoint: Path, epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return checkpoint_epoch(checkpoint)
+
+
+def write_model_folder(root: Path, task_name: str, params, drop: tuple[str, ...] = ()) -> Path:
+    """A model folder as the train stage writes it (model.pt, meta.json with `params`), the
+    weights a seeded random init of the task's model with 2 classes; `drop` leaves those params
+    out of meta.json, as visionflow wrote it before they existed."""
+    import json
+
+    import torch
+
+    from visionflow.deploy.predictor import META_FILE, MODEL_FILE
+    from visionflow.tasks import get_task
+
+    torch.manual_seed(0)  # the same weights in every run
+    model = get_task(task_name).build_model(params, 2, pretrained=False)
+    root.mkdir(parents=True)
+    torch.save(model.state_dict(), root / MODEL_FILE)
+    dumped = {k: v for k, v in params.model_dump(mode="json").items() if k not in drop}
+    (root / META_FILE).write_text(json.dumps({"task": task_name, "arch": params.model.arch, "num_classes": 2,
+                                              "classes": ["a", "b"], "image_size": params.image_size,
+                                              "params": dumped}))
+    return root

@@ -4,7 +4,6 @@ the train-time transforms, predict and the export path; letterbox padding is ign
 segmentation loss and metrics; stretch and model folders trained before the field behave as before."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import albumentations as A
@@ -18,7 +17,7 @@ from torch import nn
 
 from visionflow.core.config import AugmentParams, ModelParams, TrainParams
 from visionflow.deploy import export
-from visionflow.deploy.predictor import META_FILE, MODEL_FILE, load_predictor
+from visionflow.deploy.predictor import MODEL_FILE, load_predictor
 from visionflow.manifest import Category, Instance, Sample
 from visionflow.manifest.masks import IGNORE, encode_rle
 from visionflow.tasks import get_task
@@ -27,6 +26,8 @@ from visionflow.tasks.detect import DetectionsGraph, DetectTask
 from visionflow.tasks.segment import LogitsMaskGraph, SegmentTask
 from visionflow.training.augment import build_eval_transform, build_train_transform, input_frame, resize_steps
 from visionflow.training.loader import split_transform
+
+from project import write_model_folder
 
 CPU = torch.device("cpu")
 RED = (230, 30, 30)
@@ -424,17 +425,8 @@ def test_letterbox_is_the_default_and_params_yaml_says_it_for_detect_and_segment
 
 
 def write_model_dir(root, task_name: str, params: TrainParams, drop_resize: bool):
-    task = get_task(task_name)
-    model = task.build_model(params, 2, pretrained=False)
-    root.mkdir(parents=True)
-    torch.save(model.state_dict(), root / MODEL_FILE)
-    dumped = params.model_dump(mode="json")
-    if drop_resize:  # meta.json as visionflow wrote it before train.resize existed
-        dumped.pop("resize")
-    (root / META_FILE).write_text(json.dumps({"task": task_name, "arch": params.model.arch, "num_classes": 2,
-                                              "classes": ["a", "b"], "image_size": params.image_size,
-                                              "params": dumped}))
-    return root
+    # drop_resize: meta.json as visionflow wrote it before train.resize existed
+    return write_model_folder(root, task_name, params, drop=("resize",) if drop_resize else ())
 
 
 @pytest.mark.parametrize("task_name", ["detect", "segment"])

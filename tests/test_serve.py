@@ -136,6 +136,7 @@ def test_health_and_metadata(server):
     assert httpx.get(f"{server}/health", timeout=TIMEOUT).json() == {"status": "ok"}
     meta = httpx.get(f"{server}/metadata", timeout=TIMEOUT).json()
     assert meta["task"] == "classify" and meta["classes"] == CLASSES and meta["input_size"] == [32, 32]
+    assert meta["decode"] == "full"  # its meta.json predates train.decode: trained on full decodes
     assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS, "max_concurrency": 1}
 
 

@@ -256,11 +256,6 @@ def cmd_explain(args) -> int:
     source = open_source(args.images)
     if source.kind != "images":
         raise UserError(f"{args.images}: explain takes images (a folder, glob or file), not a video")
-    items = []
-    for item in source.items():
-        if item.image is None:
-            raise UserError(f"{item.key['path']}: not a readable image ({item.error})")
-        items.append((item.key["path"], item.image))
     with tempfile.TemporaryDirectory(prefix="visionflow-explain-") as tmp:
         if is_registry_uri(args.model):
             from visionflow.integrations.mlflow import download_model_dir
@@ -272,6 +267,11 @@ def cmd_explain(args) -> int:
         from visionflow.evaluation.explain import explain_images
 
         predictor = load_predictor(model_dir)
+        items = []
+        for item in source.items(predictor.fit):  # JPEGs read as the model was trained on them
+            if item.image is None:
+                raise UserError(f"{item.key['path']}: not a readable image ({item.error})")
+            items.append((item.key["path"], item.image))
         result = explain_images(predictor, items, Path(args.out), args.class_name, filters=args.filters,
                                 min_score=args.min_score)
     n = result["images"]

@@ -215,6 +215,12 @@ class TrainParams(Section):
     # Decoded, resized images: none (decode every epoch) | ram (decoded once, up front; refused
     # when it would not fit in memory) | disk (.npy files under models/checkpoints/decoded/)
     cache: Literal["none", "ram", "disk"] = "none"
+    # classify, multilabel: reduced decodes a JPEG at 1/2, 1/4 or 1/8 of its size inside the
+    # IDCT wherever that is still at least image_size on both sides (a 4032x3024 photo for
+    # 224 px: 1/8, about 5x faster), in training and in every reader of the model (evaluate,
+    # predict, serve); full decodes every pixel. detect, segment always decode in full.
+    # Model folders trained before this field predict with full (deploy/predictor.py).
+    decode: Literal["reduced", "full"] = "reduced"
     # classify, multilabel with model.mode feature_extract: the frozen backbone's features of
     # every train and val image computed once (eval pipeline), the head trained on them.
     # Needs augment preset none (no transforms): the features of an augmented image would
@@ -387,6 +393,11 @@ class Params(Section):
             if self.branch(task).train.resize == "fit" and arch.startswith("ssdlite"):
                 raise ValueError(f"{task}.train.resize: fit gains nothing with {arch}, which stretches every "
                                  "input to image_size x image_size inside the model; use letterbox")
+            train = self.branch(task).train
+            if task in ("detect", "segment") and train.decode == "reduced" and "decode" in train.model_fields_set:
+                raise ValueError(f"{task}.train.decode: reduced is for classify and multilabel (no pixel "
+                                 f"coordinates in their predictions); {task} decodes every image in full: "
+                                 "set decode: full or remove it")
             if task != "segment" and self.branch(task).train.dice_weight:
                 raise ValueError(f"{task}.train.dice_weight: the Dice loss is for segment only; set it to 0")
             if task != "classify" and self.branch(task).train.label_smoothing:

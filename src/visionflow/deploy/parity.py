@@ -24,8 +24,6 @@ from visionflow.tasks import get_task
 
 def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root: Path, tolerance: float,
             metric_tolerance: float, batch_size: int) -> dict[str, Any]:
-    from visionflow.manifest.images import load_rgb
-
     from visionflow.manifest import Category
 
     meta = predictor.meta
@@ -39,7 +37,7 @@ def _parity(predictor, exported: ExportedModel, samples: Sequence, project_root:
     diff, mismatched, agree = 0.0, 0, None
     for i in range(0, len(samples), batch_size):
         loaded = samples[i:i + batch_size]
-        loaded_images = [load_rgb(s.image_path(project_root)) for s in loaded]
+        loaded_images = [predictor.read(s.image_path(project_root)) for s in loaded]  # as trained (train.decode)
         # both sides get the batches prediction makes (under resize: fit, one per orientation)
         for batch in predictor.batches(loaded_images, batch_size):
             chunk, images = [loaded[k] for k in batch], [loaded_images[k] for k in batch]

@@ -147,9 +147,11 @@ class Item:
 
 @dataclass
 class Source:
-    """Resolved `--images`: `items()` yields Items lazily; `total` sizes the progress bar."""
+    """Resolved `--images`: `items(fit)` yields Items lazily, image files read with load_rgb's
+    `fit` (a model's predictor.reader_fit: JPEGs reduced as it was trained; None: in full);
+    `total` sizes the progress bar."""
     kind: str  # "images" or "video"
-    items: Callable[[], Iterator[Item]]
+    items: Callable[..., Iterator[Item]]
     total: int | None
     ignored: list[str] = field(default_factory=list)  # files that are not images (by extension)
 
@@ -173,12 +175,12 @@ def open_source(spec: str, every_nth_frame: int = 1) -> Source:
     ignored = [str(p) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
     if not images:
         raise UserError(f"{spec}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
-    return Source("images", lambda: (_read_image(p) for p in images), len(images), ignored)
+    return Source("images", lambda fit=None: (_read_image(p, fit) for p in images), len(images), ignored)
 
 
-def _read_image(path: Path) -> Item:
+def _read_image(path: Path, fit=None) -> Item:
     try:
-        return Item({"path": str(path)}, load_rgb(path))
+        return Item({"path": str(path)}, load_rgb(path, fit))
     except _READ_ERRORS as exc:
         return Item({"path": str(path)}, None, f"{exc.__class__.__name__}: {exc}")
 
@@ -194,7 +196,7 @@ def _video_source(path: Path, every_nth_frame: int) -> Source:
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     cap.release()
 
-    def frames() -> Iterator[Item]:
+    def frames(fit=None) -> Iterator[Item]:  # decoded frames: no JPEG to reduce
         cap = cv2.VideoCapture(str(path))
         try:
             index = 0
@@ -304,7 +306,9 @@ def predict_to_file(model: BatchModel, source: Source, out: Path | None, batch_s
     skipped: list[tuple[str, str]] = []
     counts: Counter[str] = Counter()
     predicted = objects = written = 0
-    bar = tqdm(source.items(), total=source.total, unit="img" if source.kind == "images" else "frame",
+    from visionflow.deploy.predictor import reader_fit
+
+    bar = tqdm(source.items(reader_fit(model.meta)), total=source.total, unit="img" if source.kind == "images" else "frame",
                desc="predict", file=sys.stderr, disable=not progress or None)
 
     def consume(writer: _Writer | None) -> None:

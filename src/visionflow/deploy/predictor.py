@@ -42,6 +42,13 @@ class ModelPredictor:
         self.transform = self.task.build_transforms(train_params)[1]
         self.resize = train_params.resize
         self.task.configure(self.meta)  # settings the train stage chose (multilabel: per-class thresholds)
+        self.fit = reader_fit(self.meta)  # JPEGs reduced as in training (train.decode), or None
+
+    def read(self, path: str | Path) -> np.ndarray:
+        """An image file as the model was trained on it: load_rgb, JPEGs reduced under its train.decode."""
+        from visionflow.manifest.images import load_rgb
+
+        return load_rgb(path, self.fit)
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[dict[str, Any]]:
@@ -74,12 +81,10 @@ class ModelPredictor:
         loaded one batch at a time; `each(samples, images, predictions)` sees every batch (the
         evaluate stage writes predictions and picks grid images there). The one scoring path of
         the evaluate stage and the promotion gate."""
-        from visionflow.manifest.images import load_rgb
-
         metric = self.task.test_metric(categories, settings)
         for i in range(0, len(samples), batch_size):
             chunk = list(samples[i:i + batch_size])
-            images = [load_rgb(s.image_path(root)) for s in chunk]
+            images = [self.read(s.image_path(root)) for s in chunk]
             preds = self.predict(images, batch_size=batch_size)
             metric.process(chunk, preds)
             if each is not None:
@@ -96,6 +101,28 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"expected uint8 RGB images, got {image.dtype}")
     return np.ascontiguousarray(image)
+
+
+def decode_of(meta: dict[str, Any]) -> str:
+    """How a model's readers decode its JPEGs: "reduced" (train.decode: reduced, for a task that
+    reduces: classify, multilabel) or "full". Model folders trained before train.decode existed
+    were trained on full decodes."""
+    from visionflow.tasks import task_of
+
+    decode = (meta.get("params") or {}).get("decode", "full")
+    return decode if get_task(task_of(meta)).reduces_decode else "full"
+
+
+def reader_fit(meta: dict[str, Any]):
+    """manifest.images.load_rgb's `fit` for a model (its meta.json): every reader of the model
+    (evaluate, predict, serve, the pyfunc, the promotion gate) decodes as its training did."""
+    from visionflow.tasks import task_of
+    from visionflow.training.augment import decode_fit, resize_steps
+
+    if decode_of(meta) != "reduced":
+        return None
+    steps = resize_steps(int(meta["image_size"]), get_task(task_of(meta)).input_resize(meta))
+    return decode_fit(steps, "reduced")
 
 
 def load_predictor(model_dir: str | Path, device: str = "cpu") -> ModelPredictor:

@@ -34,8 +34,9 @@ INPUT_COLUMN = "image"
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG
 
 
-def decode_image(value: Any) -> np.ndarray:
-    """One cell of the `image` column -> RGB uint8 (H, W, 3)."""
+def decode_image(value: Any, fit=None) -> np.ndarray:
+    """One cell of the `image` column -> RGB uint8 (H, W, 3); encoded JPEGs reduced under `fit`
+    (the predictor's: as the model was trained). Arrays pass as they are."""
     if isinstance(value, np.ndarray):
         arr = value
         if arr.ndim == 2:
@@ -55,15 +56,15 @@ def decode_image(value: Any) -> np.ndarray:
             raise ValueError(f"image cell is neither PNG/JPEG bytes nor base64 text: {exc}") from exc
     from visionflow.manifest.images import image_rgb
 
-    with Image.open(io.BytesIO(data)) as im:  # as `predict` reads files: EXIF orientation applied
-        return image_rgb(im, lambda: np.frombuffer(data, dtype=np.uint8))
+    with Image.open(io.BytesIO(data)) as im:  # as `predict` reads files: EXIF orientation applied,
+        return image_rgb(im, lambda: np.frombuffer(data, dtype=np.uint8), fit)  # JPEGs reduced as trained
 
 
 def predict_frame(predictor, frame: pd.DataFrame) -> pd.DataFrame:
     """Apply `predictor` (visionflow.deploy.predictor.ModelPredictor) to the `image` column of `frame`."""
     if INPUT_COLUMN not in frame.columns:
         raise ValueError(f"input needs a column {INPUT_COLUMN!r}, got columns {list(frame.columns)}")
-    images = [decode_image(v) for v in frame[INPUT_COLUMN].tolist()]
+    images = [decode_image(v, getattr(predictor, "fit", None)) for v in frame[INPUT_COLUMN].tolist()]
     preds = predictor.predict(images) if images else []
     columns = predictor.task.frame_columns(preds)  # the task's output columns, in its order
     return pd.DataFrame({name: pd.Series(values, dtype=dtype) for name, (values, dtype) in columns.items()})

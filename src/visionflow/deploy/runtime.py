@@ -208,6 +208,15 @@ class OnnxPredictor:
         batch = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # a file exported without a dynamic axis
         self.providers = list(self.session.get_providers())
+        from visionflow.deploy.predictor import reader_fit
+
+        self.fit = reader_fit(meta)  # JPEGs reduced as in training (train.decode), or None
+
+    def read(self, path: str | Path) -> np.ndarray:
+        """An image file as the model was trained on it (ModelPredictor.read)."""
+        from visionflow.manifest.images import load_rgb
+
+        return load_rgb(path, self.fit)
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The graph's outputs for float32 (B, 3, S, S); a fixed-batch file runs in chunks of its

@@ -33,7 +33,7 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -68,6 +68,7 @@ class ServedModel:
     """What the app needs: predict(list of RGB uint8 (H, W, 3)) -> [{"label", "name", "confidence"}]."""
     predict: Callable[[list[np.ndarray]], list[dict[str, Any]]]
     metadata: dict[str, Any]
+    fit: Optional[Callable[[int, int], tuple[int, int]]] = None  # JPEGs reduced as trained (predictor.reader_fit)
 
 
 # --- loading ---
@@ -84,7 +85,10 @@ def load_served_model(model: str, tracking_uri: str | None = None, runtime: str 
     if registered and not tracking_uri:
         raise UserError(f"{model}: no tracking URI (set register.tracking_uri in params.yaml, "
                         "$MLFLOW_TRACKING_URI or --tracking-uri)")
+    from visionflow.deploy.predictor import reader_fit
+
     loaded = load_batch_model(model, lambda: tracking_uri, runtime)
+    fit = reader_fit(loaded.meta)
 
     def predict(images: list[np.ndarray]) -> list[dict[str, Any]]:
         return [loaded.contract.served_record(r) for r in loaded.predict(images)]
@@ -93,7 +97,7 @@ def load_served_model(model: str, tracking_uri: str | None = None, runtime: str 
         from pathlib import Path
 
         return ServedModel(predict, {"source": str(Path(model).resolve()), **_meta_fields(loaded.meta),
-                                     "runtime": loaded.runtime})
+                                     "runtime": loaded.runtime}, fit)
     from visionflow.integrations import mlflow as tracking
 
     try:
@@ -101,13 +105,17 @@ def load_served_model(model: str, tracking_uri: str | None = None, runtime: str 
     except Exception as exc:  # MLflow's own exception types; the model did load, so say what failed
         raise UserError(f"{model}: loaded, but its registry entry cannot be read from {tracking_uri}: "
                         f"{exc}") from None
-    return ServedModel(predict, {**info, "model_uri": model, **_meta_fields(loaded.meta), "runtime": loaded.runtime})
+    return ServedModel(predict, {**info, "model_uri": model, **_meta_fields(loaded.meta), "runtime": loaded.runtime},
+                       fit)
 
 
 def _meta_fields(meta: dict[str, Any]) -> dict[str, Any]:
     size = meta.get("image_size")
+    from visionflow.deploy.predictor import decode_of
+
     return {"task": meta.get("task"), "arch": meta.get("arch"), "classes": list(meta.get("classes", [])),
-            "num_classes": meta.get("num_classes"), "input_size": [size, size] if size else None}
+            "num_classes": meta.get("num_classes"), "input_size": [size, size] if size else None,
+            "decode": decode_of(meta) if meta.get("task") else None}
 
 
 # --- request parsing (pure functions; RequestError for the client's mistakes) ---
@@ -170,10 +178,10 @@ def _multipart_files(body: bytes, content_type: str) -> list[bytes]:
     return files
 
 
-def decode_images(blobs: list[bytes], max_pixels: int) -> list[np.ndarray]:
+def decode_images(blobs: list[bytes], max_pixels: int, fit=None) -> list[np.ndarray]:
     """Encoded PNG/JPEG -> RGB uint8 (H, W, 3), as `predict` reads files. Sizes come from the
     headers (Image.open does not decode), so a request over `max_pixels` in total is refused
-    before any pixel is."""
+    before any pixel is. `fit`: JPEGs reduced as the model was trained (ServedModel.fit)."""
     opened, total = [], 0
     try:
         for i, blob in enumerate(blobs):
@@ -183,7 +191,7 @@ def decode_images(blobs: list[bytes], max_pixels: int) -> list[np.ndarray]:
             if total > max_pixels:
                 raise RequestError(413, f"image {i} is {im.width}x{im.height}: the request's images exceed "
                                         f"{max_pixels} pixels in total")
-        return [_decode(im, blob, i) for i, (im, blob) in enumerate(zip(opened, blobs))]
+        return [_decode(im, blob, i, fit) for i, (im, blob) in enumerate(zip(opened, blobs))]
     finally:
         for im in opened:
             im.close()
@@ -200,13 +208,13 @@ def _open(blob: bytes, i: int) -> Image.Image:
         raise RequestError(422, f"image {i}: corrupt image header: {exc}") from None
 
 
-def _decode(im: Image.Image, blob: bytes, i: int) -> np.ndarray:
+def _decode(im: Image.Image, blob: bytes, i: int, fit=None) -> np.ndarray:
     """As `predict` and training read a file (manifest.images.image_rgb): EXIF orientation
     applied, transparency composited over black, 16-bit scaled."""
     from visionflow.manifest.images import image_rgb
 
     try:
-        return image_rgb(im, lambda: np.frombuffer(blob, dtype=np.uint8))
+        return image_rgb(im, lambda: np.frombuffer(blob, dtype=np.uint8), fit)
     except Image.DecompressionBombError as exc:
         raise RequestError(413, f"image {i}: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
@@ -311,7 +319,7 @@ def build_app(model: ServedModel, limits: Limits):
         try:
             blobs = read_images(body, request.headers.get("content-type", ""))
             # Decoding is CPU work too: off the event loop, with the model.
-            images = await loop.run_in_executor(pool, decode_images, blobs, limits.max_pixels)
+            images = await loop.run_in_executor(pool, decode_images, blobs, limits.max_pixels, model.fit)
         except RequestError as exc:
             return _json_response(exc.status, {"detail": str(exc)})
         predictions = await loop.run_in_executor(pool, model.predict, images)

@@ -483,14 +483,13 @@ def explain_test_grid(predictor, samples: Sequence, root: Path, figures: Path, k
 
     from visionflow.core.files import write_json
     from visionflow.evaluation.report import grid_pick
-    from visionflow.manifest.images import load_rgb
 
     picks = sorted(grid_pick(len(samples), k))
     if not picks:
         return None
     classes = list(predictor.meta["classes"])
     chosen = [samples[i] for i in picks]
-    images = [load_rgb(s.image_path(root)) for s in chosen]
+    images = [predictor.read(s.image_path(root)) for s in chosen]
     explained = explain(predictor, images, min_score=min_score)
     trues = [", ".join(classes[c] for c in sorted(set(s.labels)) if 0 <= c < len(classes)) or None for s in chosen]
     grid = render_grid(images, explained, figures / EXPLAIN_GRID, trues)

@@ -143,7 +143,13 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
+# The size an image of (height, width) pixels is brought to for the model (rows, cols): what a
+# reduced decode must not go below (augment.DecodeFit; None decodes every image in full).
+Fit = Callable[[int, int], tuple[int, int]]
+REDUCTIONS = (8, 4, 2)  # libjpeg's scaled IDCT: 1/8, 1/4, 1/2
+
+
+def load_rgb(path: str | Path, fit: Fit | None = None) -> np.ndarray:
     """The image as (H, W, 3) uint8 RGB, EXIF orientation applied.
 
     Every mode is converted explicitly, because Pillow's `convert("RGB")` clips 16-bit data to
@@ -152,22 +158,51 @@ def load_rgb(path: str | Path) -> np.ndarray:
       LA, RGBA, PA, P with transparency -> composited over black (transparent pixels are 0)
       I;16*, I (16-bit)  -> scaled by 255/65535, then grey -> RGB
       F                  -> assumed 0..255, clipped, then grey -> RGB
+
+    fit: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size inside the IDCT (`jpeg_reduction`)
+    when that is still at least fit(height, width) in both directions; the image is then that
+    much smaller (ceil(side / factor)). Other formats decode in full.
     """
     with Image.open(path) as img:
         _check_pixel_limit(img, Path(path))
-        return image_rgb(img, lambda: np.fromfile(path, dtype=np.uint8))
+        return image_rgb(img, lambda: np.fromfile(path, dtype=np.uint8), fit)
 
 
-def image_rgb(img: Image.Image, data: Callable[[], np.ndarray]) -> np.ndarray:
+def jpeg_reduction(img: Image.Image, orientation: int, fit: Fit | None) -> int:
+    """The largest factor f of REDUCTIONS for which the JPEG, decoded at 1/f of its size (each side
+    ceil(side / f)), is still at least fit(height, width) of its displayed (EXIF-oriented) size in
+    both directions; 1 when none is, for other formats, or without fit. Quality: the scaled IDCT
+    averages each 8x8 block's frequencies, so the pixels are a proper downscale, where a resize by
+    more than 2x with INTER_LINEAR skips pixels."""
+    if fit is None or img.format != "JPEG":
+        return 1
+    w, h = img.size  # stored
+    rows, cols = fit(*((w, h) if orientation in _SWAPS_AXES else (h, w)))
+    if orientation in _SWAPS_AXES:
+        rows, cols = cols, rows  # the stored frame's
+    for f in REDUCTIONS:
+        if -(-h // f) >= rows and -(-w // f) >= cols:
+            return f
+    return 1
+
+
+def image_rgb(img: Image.Image, data: Callable[[], np.ndarray], fit: Fit | None = None) -> np.ndarray:
     """An opened (not yet decoded) image as `load_rgb` returns it: (H, W, 3) uint8 RGB, EXIF
-    orientation applied, every mode converted as load_rgb says. `data()` gives the encoded bytes
-    as a uint8 array (read only for an RGB JPEG, which OpenCV decodes). For images that do not
-    come from a file: `serve` and the MLflow pyfunc decode uploads with it, so a served model
-    sees the pixels `predict` and training see."""
+    orientation applied, every mode converted as load_rgb says, JPEGs reduced under `fit` as
+    load_rgb says. `data()` gives the encoded bytes as a uint8 array (read only for an RGB JPEG,
+    which OpenCV decodes). For images that do not come from a file: `serve` and the MLflow pyfunc
+    decode uploads with it, so a served model sees the pixels `predict` and training see."""
+    orientation = _orientation(img) if img.format == "JPEG" else 1
+    factor = jpeg_reduction(img, orientation, fit)
     if img.format == "JPEG" and img.mode == "RGB":
-        fast = _decode_rgb_jpeg(data(), _orientation(img), img.size)
+        fast = _decode_rgb_jpeg(data(), orientation, img.size, factor)
         if fast is not None:
             return fast
+    if factor > 1:  # Pillow's draft: the same scaled IDCT as OpenCV's reduced modes, bit for bit
+        w, h = img.size
+        img.draft(img.mode, (w // factor, h // factor))
+        if img.size != (-(-w // factor), -(-h // factor)):
+            raise ImageReadError(f"JPEG reduced by {factor} decoded to {img.size}, not the expected size")
     img = ImageOps.exif_transpose(img)
     return _to_rgb(img)
 
@@ -184,22 +219,28 @@ _ORIENT = {
 }
 
 
-def _decode_rgb_jpeg(data: np.ndarray, orientation: int, size: tuple[int, int]):
+def _decode_rgb_jpeg(data: np.ndarray, orientation: int, size: tuple[int, int], factor: int = 1):
     """A baseline or progressive RGB JPEG decoded by OpenCV's libjpeg-turbo straight into a numpy
     array, or None to leave it to Pillow. The pixels are Pillow's (same IDCT and upsampling;
-    checked bit for bit in tests/test_coco.py); it skips Pillow's copies (exif_transpose's and
-    the RGBX -> RGB packing of np.asarray): 1.6 ms instead of 3.9 ms for a 640x480 photo here.
+    checked bit for bit in tests/test_coco.py, and at 1/2, 1/4 and 1/8 scale, Pillow's draft, in
+    tests/test_reduced_decode.py); it skips Pillow's copies (exif_transpose's and the RGBX -> RGB
+    packing of np.asarray): 1.6 ms instead of 3.9 ms for a 640x480 photo here.
     A file that does not end in the JPEG end-of-image marker (truncated) goes to Pillow, which
     refuses it as before; so does anything OpenCV cannot decode to the header's size."""
     import cv2
 
     if data.size < 4 or data[-2] != 0xFF or data[-1] != 0xD9:
         return None
-    arr = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-    if arr is None or arr.shape != (size[1], size[0], 3):
+    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION | _CV2_REDUCED[factor]
+    arr = cv2.imdecode(data, flags)
+    if arr is None or arr.shape != (-(-size[1] // factor), -(-size[0] // factor), 3):
         return None
     turn = _ORIENT.get(orientation)
     return np.ascontiguousarray(turn(arr)) if turn else arr
+
+
+# OpenCV's reduced colour modes without their BGR bit (IMREAD_REDUCED_COLOR_2 is 16 | IMREAD_COLOR)
+_CV2_REDUCED = {1: 0, 2: 16, 4: 32, 8: 64}
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

@@ -190,10 +190,11 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
                                   drop_last=drop_last, **options(train_workers))
         val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, **options(val_workers))
     if dist_info.is_main:
-        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s%s%s",
+        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s%s%s%s",
                  train_workers, val_workers, threads, params.cache, cuda,
                  "uint8 (normalised on the device)" if deferred is not None else "float32",
-                 ", grouped by orientation" if grouped else "", ", allocator tuned" if tuned else "")
+                 ", grouped by orientation" if grouped else "", ", allocator tuned" if tuned else "",
+                 ", JPEGs decoded reduced where at least image_size" if getattr(train_ds, "fit", None) else "")
     return train_loader, val_loader, sampler
 
 

@@ -133,8 +133,17 @@ class TaskBase:
     """What every task is built with (visionflow.tasks.get_task): the TrainParams it trains with,
     where its loss has settings (segment: dice_weight); None when it only predicts."""
 
+    # train.decode: reduced applies (JPEGs decoded at 1/2-1/8 scale, augment.decode_fit): tasks
+    # whose predictions carry no pixel coordinates (classify, multilabel)
+    reduces_decode = False
+
     def __init__(self, params: Optional[TrainParams] = None):
         self.params = params
+
+    @property
+    def decode_mode(self) -> str:
+        """What the datasets decode with: train.decode where this task reduces, else full."""
+        return self.params.decode if self.params is not None and self.reduces_decode else "full"
 
     def eval_outputs(self, paths) -> list:
         """What the evaluate stage writes besides predictions and figures (DVC outs)."""

@@ -17,7 +17,6 @@ from visionflow.training.augment import build_eval_transform, build_train_transf
 from visionflow.training.loader import LoaderDataset, chw_tensor, stack
 from visionflow.core.config import TrainParams
 from visionflow.core.errors import DataError
-from visionflow.manifest.images import load_rgb
 from visionflow.manifest import Category, Sample, image_label
 from visionflow.models.classifiers import build_classifier
 from visionflow.tasks.base import Normalize, TaskBase, TestScore, eval_batch, mean_std
@@ -28,15 +27,15 @@ log = logging.getLogger(__name__)
 class ClassificationDataset(LoaderDataset):
     """(image (3, S, S) float32 normalised, class id); decoding and seeding: LoaderDataset."""
 
-    def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
-        super().__init__(samples, transform, project_root)
+    def __init__(self, samples: Sequence[Sample], transform, project_root: Path, decode: str = "full"):
+        super().__init__(samples, transform, project_root, decode)
         self.items = [(s.image_path(project_root), image_label(s)) for s in samples]
         missing = [str(p) for p, y in self.items if y is None]
         if missing:
             raise ValueError(f"{len(missing)} samples have no class (no image label, no instance), e.g. {missing[:3]}")
 
     def raw(self, i: int, extras: bool = True) -> dict[str, np.ndarray]:
-        return {"image": load_rgb(self.items[i][0])}
+        return {"image": self.read(self.items[i][0])}
 
     def item(self, i: int, record: dict[str, np.ndarray], transform) -> tuple[torch.Tensor, int]:
         image = transform(image=record["image"])["image"]  # (H, W, 3) float32, normalised
@@ -73,6 +72,7 @@ class ClassifyMetric:
 
 class ClassifyTask(TaskBase):
     name = "classify"
+    reduces_decode = True
 
     def fits(self, data) -> Optional[str]:
         # one image-level class per image, on most images (others fall back to their largest object)
@@ -224,7 +224,7 @@ class ClassifyTask(TaskBase):
                 build_eval_transform(params.image_size))
 
     def build_dataset(self, samples, transform, project_root) -> Dataset:
-        return ClassificationDataset(samples, transform, Path(project_root))
+        return ClassificationDataset(samples, transform, Path(project_root), self.decode_mode)
 
     def collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = zip(*batch)

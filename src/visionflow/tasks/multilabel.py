@@ -27,7 +27,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visionflow.manifest import Category, Sample
-from visionflow.manifest.images import load_rgb
 from visionflow.training.loader import LoaderDataset, chw_tensor, stack
 from visionflow.tasks.base import Normalize, TestScore, mean_std, nanmean_rows
 from visionflow.tasks.classify import ClassifyTask
@@ -46,12 +45,12 @@ def image_classes(sample: Sample) -> list[int]:
 class MultilabelDataset(LoaderDataset):
     """(image (3, S, S) float32 normalised, class ids); decoding and seeding: LoaderDataset."""
 
-    def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
-        super().__init__(samples, transform, project_root)
+    def __init__(self, samples: Sequence[Sample], transform, project_root: Path, decode: str = "full"):
+        super().__init__(samples, transform, project_root, decode)
         self.items = [(s.image_path(project_root), image_classes(s)) for s in samples]
 
     def raw(self, i: int, extras: bool = True) -> dict[str, np.ndarray]:
-        return {"image": load_rgb(self.items[i][0])}
+        return {"image": self.read(self.items[i][0])}
 
     def item(self, i: int, record: dict[str, np.ndarray], transform) -> tuple[torch.Tensor, list[int]]:
         image = transform(image=record["image"])["image"]  # (H, W, 3) float32, normalised
@@ -178,7 +177,7 @@ class MultilabelTask(ClassifyTask):
     thresholds: Optional[list[float]] = None  # per class, from meta.json (configure)
 
     def build_dataset(self, samples, transform, project_root) -> Dataset:
-        return MultilabelDataset(samples, transform, Path(project_root))
+        return MultilabelDataset(samples, transform, Path(project_root), self.decode_mode)
 
     def collate(self, batch: list) -> tuple[torch.Tensor, list[list[int]]]:
         images, classes = zip(*batch)

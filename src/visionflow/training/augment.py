@@ -174,6 +174,38 @@ def input_frame(transform: A.Compose | Sequence[A.BasicTransform], height: int, 
     return Frame(height, width, top, left, rows, cols)
 
 
+DecodeMode = Literal["reduced", "full"]
+DECODE_MODES = ("reduced", "full")
+
+
+class DecodeFit:
+    """What a reduced JPEG decode must not go below (manifest.images.load_rgb's `fit`): the
+    (rows, cols) a height x width image fills in the model input through the pipeline's leading
+    resize steps (`input_frame`). Picklable, for loader workers."""
+
+    def __init__(self, transform: A.Compose | Sequence[A.BasicTransform]):
+        steps = transform.transforms if isinstance(transform, A.Compose) else transform
+        self.steps = list(steps)
+
+    def __call__(self, height: int, width: int) -> tuple[int, int]:
+        frame = input_frame(self.steps, height, width)
+        return frame.rows, frame.cols
+
+
+def decode_fit(transform, decode: DecodeMode, task_reduces: bool = True) -> Optional[DecodeFit]:
+    """load_rgb's `fit` for a model's pipeline: a DecodeFit with decode: reduced, for a task whose
+    predictions carry no pixel coordinates (`task_reduces`: classify, multilabel) and a pipeline
+    that starts with a resize; None (every image decoded in full) otherwise."""
+    if decode not in DECODE_MODES:
+        raise UserError(f"train.decode: {decode!r} is not one of {', '.join(DECODE_MODES)}")
+    if decode != "reduced" or not task_reduces or transform is None:
+        return None
+    steps = transform.transforms if isinstance(transform, A.Compose) else transform
+    if not steps or not isinstance(steps[0], (A.Resize, A.LongestMaxSize)):
+        return None
+    return DecodeFit(transform)
+
+
 def _normalize(imagenet: bool) -> A.BasicTransform:
     if imagenet:
         return A.Normalize(IMAGENET_MEAN, IMAGENET_STD)

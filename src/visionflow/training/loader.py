@@ -45,6 +45,7 @@ from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler
 from visionflow.core.errors import UserError
 from visionflow.manifest import Sample
 from visionflow.manifest.images import load_rgb
+from visionflow.training.augment import decode_fit
 from visionflow.training import memory
 
 log = logging.getLogger(__name__)
@@ -396,8 +397,9 @@ class LoaderDataset(Dataset, abc.ABC):
     "bboxes" (N, 4) with their "labels" and "instance_ids"} and
     `item(i, record, transform)` -> the training example. Keys may be an index or (index, seed)."""
 
-    def __init__(self, samples: Sequence[Sample], transform, project_root: Path):
+    def __init__(self, samples: Sequence[Sample], transform, project_root: Path, decode: str = "full"):
         self.samples, self.root = list(samples), Path(project_root)
+        self.decode = decode
         self.device_normalize: Optional[DeviceNormalize] = None  # set by defer_normalization
         self.transform = transform  # the full pipeline (what to_dict serialises); see split_transform
         self.cache_mode, self.cache_dir = "none", None
@@ -417,6 +419,13 @@ class LoaderDataset(Dataset, abc.ABC):
             self.defer_normalization()
         # the image alone through the prefix (its boxes, masks are in the cached record already)
         self._prefix_image = A.Compose(list(self._prefix.transforms)) if self._prefix is not None else None
+        # JPEGs decoded at 1/2-1/8 scale where that stays at least the prefix's output (`read`)
+        self.fit = decode_fit(self._prefix, self.decode)
+
+    def read(self, path: Path) -> np.ndarray:
+        """An image file as the model's other readers see it (ModelPredictor.read): load_rgb,
+        JPEGs reduced under train.decode (`fit`)."""
+        return load_rgb(path, self.fit)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -500,6 +509,8 @@ class LoaderDataset(Dataset, abc.ABC):
         import json
 
         spec = json.dumps(A.to_dict(self._prefix) if self._prefix is not None else None, sort_keys=True, default=str)
+        if self.fit is not None:  # reduced JPEG decodes are other pixels
+            spec += "/decode: reduced"
         return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
     def _read_disk(self, i: int) -> Optional[np.ndarray]:
