@@ -7,6 +7,7 @@ from the heap and stay there for reuse once freed; without it, the freed pages g
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -101,7 +102,10 @@ def test_advise_huge_marks_big_batches_only_and_the_opt_out_turns_it_off(monkeyp
     assert memory.advise_huge(middle) is False
     monkeypatch.setattr(memory, "_tuned", False)  # glibc's own threshold: possibly a fresh mapping
     assert memory.advise_huge(middle) is True
-    big = torch.empty(48 << 20, dtype=torch.uint8)
+    # A fresh mapping of its own, as glibc gives a batch over its mmap threshold when its heap has
+    # no free chunk that large. (In a long-running process glibc may serve 48 MiB from freed heap
+    # memory instead, which an earlier batch's advice may have flagged already: not a fresh buffer.)
+    big, _keep = _fresh_mapping(48 << 20)
     inner = big.data_ptr() + (8 << 20)
     assert "hg" not in _vm_flags(inner)
     assert memory.advise_huge(big) is True
@@ -111,8 +115,14 @@ def test_advise_huge_marks_big_batches_only_and_the_opt_out_turns_it_off(monkeyp
     big.fill_(7)
     assert int(big[::4096].sum()) == 7 * big[::4096].numel()  # the bytes are what was written
     monkeypatch.setenv(memory.OPT_OUT, "default")
-    plain = torch.empty(48 << 20, dtype=torch.uint8)
+    plain, _keep_plain = _fresh_mapping(48 << 20)
     assert memory.advise_huge(plain) is False and "hg" not in _vm_flags(plain.data_ptr() + (8 << 20))
+
+
+def _fresh_mapping(n: int) -> tuple[torch.Tensor, mmap.mmap]:
+    """A uint8 tensor over a new anonymous mapping of n bytes (keep the mmap alive with it)."""
+    buf = mmap.mmap(-1, n)
+    return torch.frombuffer(buf, dtype=torch.uint8), buf
 
 
 @pytest.mark.skipif(not GLIBC, reason="madvise through glibc on Linux")

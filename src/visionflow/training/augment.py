@@ -192,13 +192,13 @@ class DecodeFit:
         return frame.rows, frame.cols
 
 
-def decode_fit(transform, decode: DecodeMode, task_reduces: bool = True) -> Optional[DecodeFit]:
-    """load_rgb's `fit` for a model's pipeline: a DecodeFit with decode: reduced, for a task whose
-    predictions carry no pixel coordinates (`task_reduces`: classify, multilabel) and a pipeline
-    that starts with a resize; None (every image decoded in full) otherwise."""
+def decode_fit(transform, decode: DecodeMode) -> Optional[DecodeFit]:
+    """load_rgb's `fit` for a pipeline: a DecodeFit with decode: reduced and a pipeline that starts
+    with a resize; None (every image decoded in full) otherwise. Which tasks reduce at all is the
+    task's `reduces_decode` (TaskBase.decode_mode, deploy.predictor.decode_of)."""
     if decode not in DECODE_MODES:
         raise UserError(f"train.decode: {decode!r} is not one of {', '.join(DECODE_MODES)}")
-    if decode != "reduced" or not task_reduces or transform is None:
+    if decode != "reduced" or transform is None:
         return None
     steps = transform.transforms if isinstance(transform, A.Compose) else transform
     if not steps or not isinstance(steps[0], (A.Resize, A.LongestMaxSize)):
