@@ -109,8 +109,7 @@ def decode_of(meta: dict[str, Any]) -> str:
     were trained on full decodes."""
     from visionflow.tasks import task_of
 
-    decode = (meta.get("params") or {}).get("decode", "full")
-    return decode if get_task(task_of(meta)).reduces_decode else "full"
+    return get_task(task_of(meta)).decode_for((meta.get("params") or {}).get("decode", "full"))
 
 
 def reader_fit(meta: dict[str, Any]):

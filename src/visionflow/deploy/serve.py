@@ -110,9 +110,9 @@ def load_served_model(model: str, tracking_uri: str | None = None, runtime: str 
 
 
 def _meta_fields(meta: dict[str, Any]) -> dict[str, Any]:
-    size = meta.get("image_size")
     from visionflow.deploy.predictor import decode_of
 
+    size = meta.get("image_size")
     return {"task": meta.get("task"), "arch": meta.get("arch"), "classes": list(meta.get("classes", [])),
             "num_classes": meta.get("num_classes"), "input_size": [size, size] if size else None,
             "decode": decode_of(meta) if meta.get("task") else None}

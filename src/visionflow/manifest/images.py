@@ -181,9 +181,15 @@ def jpeg_reduction(img: Image.Image, orientation: int, fit: Fit | None) -> int:
     if orientation in _SWAPS_AXES:
         rows, cols = cols, rows  # the stored frame's
     for f in REDUCTIONS:
-        if -(-h // f) >= rows and -(-w // f) >= cols:
+        reduced_w, reduced_h = reduced_size((w, h), f)
+        if reduced_h >= rows and reduced_w >= cols:
             return f
     return 1
+
+
+def reduced_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(width, height) of a JPEG of `size` decoded at 1/factor: each side ceil(side / factor)."""
+    return -(-size[0] // factor), -(-size[1] // factor)
 
 
 def image_rgb(img: Image.Image, data: Callable[[], np.ndarray], fit: Fit | None = None) -> np.ndarray:
@@ -201,7 +207,7 @@ def image_rgb(img: Image.Image, data: Callable[[], np.ndarray], fit: Fit | None 
     if factor > 1:  # Pillow's draft: the same scaled IDCT as OpenCV's reduced modes, bit for bit
         w, h = img.size
         img.draft(img.mode, (w // factor, h // factor))
-        if img.size != (-(-w // factor), -(-h // factor)):
+        if img.size != reduced_size((w, h), factor):
             raise ImageReadError(f"JPEG reduced by {factor} decoded to {img.size}, not the expected size")
     img = ImageOps.exif_transpose(img)
     return _to_rgb(img)
@@ -233,7 +239,8 @@ def _decode_rgb_jpeg(data: np.ndarray, orientation: int, size: tuple[int, int], 
         return None
     flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION | _CV2_REDUCED[factor]
     arr = cv2.imdecode(data, flags)
-    if arr is None or arr.shape != (-(-size[1] // factor), -(-size[0] // factor), 3):
+    width, height = reduced_size(size, factor)
+    if arr is None or arr.shape != (height, width, 3):
         return None
     turn = _ORIENT.get(orientation)
     return np.ascontiguousarray(turn(arr)) if turn else arr

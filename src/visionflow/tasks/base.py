@@ -140,10 +140,14 @@ class TaskBase:
     def __init__(self, params: Optional[TrainParams] = None):
         self.params = params
 
+    def decode_for(self, decode: str) -> str:
+        """What a train.decode setting means for this task: itself where the task reduces, else full."""
+        return decode if self.reduces_decode else "full"
+
     @property
     def decode_mode(self) -> str:
         """What the datasets decode with: train.decode where this task reduces, else full."""
-        return self.params.decode if self.params is not None and self.reduces_decode else "full"
+        return self.decode_for(self.params.decode) if self.params is not None else "full"
 
     def eval_outputs(self, paths) -> list:
         """What the evaluate stage writes besides predictions and figures (DVC outs)."""
