@@ -1,9 +1,11 @@
 """One rank of gpu_bench.py's DDP figure, started by `torchrun --standalone --nproc-per-node N`.
 
 Trains a randomly initialised classifier with visionflow.training.engine.fit on a manifest of JPEGs,
-with the train stage's data path: the classify task's dataset, training transform and collate,
-a DistributedSampler and a DataLoader with `--workers` workers. Rank 0 writes the per-epoch
-images/s (the epoch's images over all ranks / the epoch's training seconds) to `--out`.
+with the train stage's data path: the classify task's dataset, training transform and collate
+through the train stage's own `build_loaders` (its seeded sampler sharded by rank, `--workers`
+persistent workers, pinned memory and uint8 batches normalised on the GPU on CUDA). Rank 0 writes
+the per-epoch images/s (the epoch's images over all ranks / the epoch's training seconds) and the
+engine's `data_wait` (the share of the training pass rank 0 waited for its next batch) to `--out`.
 
 The process group is NCCL on CUDA and gloo on the CPU. visionflow.training.distributed.init_from_env
 treats WORLD_SIZE 1 as a plain single process (no process group, no DDP wrapper), so with one
@@ -24,9 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 
 from visionflow.core.config import ModelParams, TrainParams
+from visionflow.core.paths import Paths
+from visionflow.stages.train import build_loaders
 from visionflow.training.distributed import DistInfo, init_from_env, shutdown
 from visionflow.training.engine import FitConfig, fit, select_device
 from visionflow.manifest import image_label, read_manifest
@@ -66,19 +69,12 @@ def main() -> None:
     task = get_task("classify", params)
     samples = read_manifest(args.manifest)
     num_classes = max(image_label(s) for s in samples) + 1
-    train_tf, _ = task.build_transforms(params)
+    train_tf, eval_tf = task.build_transforms(params)
     dataset = task.build_dataset(samples, train_tf, Path(args.root))
-    if device.type == "cuda":  # as the train stage does: uint8 batches, normalised on the GPU by fit
-        dataset.defer_normalization()
-    loader_gen = torch.Generator()
-    sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=params.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=params.batch_size, sampler=sampler, collate_fn=task.collate,
-                        num_workers=params.num_workers, generator=loader_gen, drop_last=True)
-
-    def reseed(seed: int) -> None:  # as the train stage does
-        loader_gen.manual_seed(seed)
-        sampler.set_epoch(seed)
-        train_tf.set_random_seed(seed * info.world_size + info.rank)
+    no_val = task.build_dataset([], eval_tf, Path(args.root))
+    # the train stage's loaders: on CUDA uint8 batches, normalised on the GPU by fit (DeviceBatches)
+    loader, _, sampler = build_loaders(task, params, Paths(Path(args.root)), dataset, no_val, device, info)
+    reseed = sampler.set_epoch  # as the train stage does: shuffle and augmentation seeds from (seed, epoch)
 
     model = task.build_model(params, num_classes)
     net = model
@@ -95,8 +91,8 @@ def main() -> None:
 
     images = len(loader) * params.batch_size * info.world_size  # per epoch, all ranks
     epochs = [{"epoch": int(r["epoch"]), "seconds": r["seconds"], "images": images,
-               "images_per_s": round(images / r["seconds"], 2), "train_loss": round(r["train_loss"], 4)}
-              for r in result.history]
+               "images_per_s": round(images / r["seconds"], 2), "train_loss": round(r["train_loss"], 4),
+               "data_wait": r["data_wait"]} for r in result.history]
     later = epochs[1:] or epochs
     if info.is_main:
         Path(args.out).write_text(json.dumps({
@@ -105,6 +101,7 @@ def main() -> None:
             "batch_per_process": args.batch, "loader_workers": args.workers, "epochs": epochs,
             "first_epoch_images_per_s": epochs[0]["images_per_s"],
             "images_per_s": round(sum(e["images"] for e in later) / sum(e["seconds"] for e in later), 2),
+            "data_wait": round(sum(e["data_wait"] * e["seconds"] for e in later) / sum(e["seconds"] for e in later), 4),
         }, indent=2) + "\n")
     if info.enabled:
         shutdown(info)

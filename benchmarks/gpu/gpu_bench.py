@@ -333,6 +333,7 @@ def section_loader(cfg: dict, device: torch.device, report: dict, figures: dict,
 def section_ddp(cfg: dict, device: torch.device, report: dict, figures: dict, folder: Path, files,
                 work: Path, nproc: int = 1) -> None:
     from visionflow.manifest import write_manifest
+    from visionflow.training.loader import STARVED
 
     workers = max(cfg["workers"])
     batch = cfg["rn_batch"]
@@ -364,13 +365,15 @@ def section_ddp(cfg: dict, device: torch.device, report: dict, figures: dict, fo
     else:
         raise RuntimeError(f"torchrun exited with {proc.returncode}")
     res = json.loads(out.read_text())
-    rows = [[e["epoch"], f"{e['seconds']:.2f}", e["images"], f"{e['images_per_s']:,.1f}", f"{e['train_loss']:.3f}"]
-            for e in res["epochs"]]
-    print(table(["epoch", "seconds", "images", "images/s", "train_loss"], rows))
+    rows = [[e["epoch"], f"{e['seconds']:.2f}", e["images"], f"{e['images_per_s']:,.1f}", f"{e['train_loss']:.3f}",
+             f"{100 * e['data_wait']:.0f}%"] for e in res["epochs"]]
+    print(table(["epoch", "seconds", "images", "images/s", "train_loss", "waiting for data"], rows))
     print(f"   DDP completed: world size {res['world_size']}, backend {res['backend']}, device {res['device']}; "
           f"{res['images_per_s']:,.1f} images/s over epochs 2-{len(res['epochs'])} "
           f"(epoch 1, the warm-up: {res['first_epoch_images_per_s']:,.1f}); torchrun wall {wall:.1f} s")
-    print("   each epoch starts its loader workers anew (no persistent_workers), as the train stage does")
+    print(f"   the train stage's loaders (persistent, seeded workers; pinned memory and uint8 batches on CUDA); "
+          f"from epoch 2 on, rank 0 waited for its next batch {100 * res['data_wait']:.0f}% of the training pass "
+          f"({'starved' if res['data_wait'] >= STARVED else 'fed'})")
     gpu = report.get("resnet50", {}).get("amp_engine_images_per_s")
     best_loader = max((v["images_per_s"] for v in report.get("loader", {}).get("workers", {}).values()), default=None)
     if gpu and best_loader:
@@ -380,6 +383,7 @@ def section_ddp(cfg: dict, device: torch.device, report: dict, figures: dict, fo
     report["ddp"] = res
     figures["ddp.images_per_s"] = res["images_per_s"]
     figures["ddp.first_epoch_images_per_s"] = res["first_epoch_images_per_s"]
+    figures["ddp.data_wait"] = res["data_wait"]
     figures["ddp.world_size"] = res["world_size"]
 
 

@@ -21,9 +21,10 @@ from visionflow.training.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E40
 from visionflow.core.config import TrainParams  # noqa: E402
 from visionflow.core.errors import DataError  # noqa: E402
 from visionflow.training.distributed import gather_digests, init_from_env, shutdown  # noqa: E402
-from visionflow.training.loader import (AspectBatchSampler, DeviceBatches, SeededSampler, WorkerInit,  # noqa: E402
-                                        orientation_batches, orientations, resolve_num_workers,
-                                        set_main_threads)
+from visionflow.training.loader import (STARVED, AspectBatchSampler, DeviceBatches, SeededSampler,  # noqa: E402
+                                        WorkerInit, available_cores, available_memory, loader_advice,
+                                        local_world_size, orientation_batches, orientations,
+                                        resolve_num_workers, set_main_threads)
 from visionflow.training import memory  # noqa: E402
 from visionflow.training.engine import (FitConfig, fit, select_device, seed_everything, use_channels_last,  # noqa: E402
                                          write_history_csv)
@@ -105,7 +106,9 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     if dist_info.is_main:
         log.info("training %s (%s) on %s x%d: %d train / %d val images, %d classes", params.model.arch, paths.task,
                  device, dist_info.world_size, len(train_ds), len(val_ds), len(class_names))
-    result = fit(task, trained, train_loader, val_loader, cfg, paths.checkpoint_dir, device, reseed, dist_info=dist_info)
+    watch = LoaderWatch(paths.task, params, task, train_ds, train_loader) if not params.feature_cache else None
+    result = fit(task, trained, train_loader, val_loader, cfg, paths.checkpoint_dir, device, reseed, on_epoch=watch,
+                 dist_info=dist_info)
     digests = gather_digests(model.state_dict(), dist_info)
     if not dist_info.is_main:
         shutdown(dist_info)
@@ -198,7 +201,32 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
     return train_loader, val_loader, sampler
 
 
-RUN_FACTS = ("seconds",)  # per-epoch facts of one run, not of its inputs: kept out of DVC's outputs
+# per-epoch facts of one run, not of its inputs: kept out of DVC's outputs (run.json, logged to MLflow)
+RUN_FACTS = ("seconds", "data_wait", "images_per_s")
+
+
+class LoaderWatch:
+    """fit's on_epoch: warns once per run when an epoch's training pass waited for its data
+    (`data_wait`, engine.train_one_epoch) STARVED of its time or more, naming the loader settings
+    that would feed it (loader_advice). Epoch 1 is not judged: it starts the workers and fills the
+    cache."""
+
+    def __init__(self, branch: str, params: TrainParams, task, train_ds, train_loader):
+        self.branch, self.params, self.task = branch, params, task
+        self.train_ds, self.workers = train_ds, int(getattr(train_loader, "num_workers", 0))
+        self.warned = False
+
+    def __call__(self, row: dict[str, float]) -> None:
+        if self.warned or row["epoch"] < 2 or row.get("data_wait", 0.0) < STARVED:
+            return
+        self.warned = True
+        tips = loader_advice(self.workers, max(1, available_cores() // local_world_size()), self.params.cache,
+                             self.train_ds.estimate_bytes() if self.params.cache == "none" else 0, available_memory(),
+                             self.task.reduces_decode and self.params.decode == "full")
+        log.warning("%s.train: epoch %d spent %.0f%% of its training pass waiting for data (%.0f images/s): the "
+                    "loader cannot keep up. Try %s (docs/training-loader.md, \"Is the loader keeping up?\")",
+                    self.branch, row["epoch"], 100 * row["data_wait"], row.get("images_per_s", 0.0),
+                    "; ".join(tips))
 
 
 def _known_metrics(task) -> tuple[str, ...]:

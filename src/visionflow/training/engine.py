@@ -2,7 +2,9 @@
 
 Device selection, AMP and channels_last (CUDA; on the CPU too with `always`), AdamW or SGD, warmup then cosine or step LR
 (per step), gradient clipping, per-epoch atomic checkpoints, exact resume, early stopping,
-progress bars, and DDP under torchrun (see visionflow.training.distributed).
+progress bars, and DDP under torchrun (see visionflow.training.distributed). Each epoch's row
+also says whether the data kept up: `data_wait`, the share of the training pass spent waiting
+for the next batch, and `images_per_s` (docs/training-loader.md, "Is the loader keeping up?").
 
 Exact resume: every epoch reseeds torch, numpy, python and, through `reseed`, the loader's
 shuffling and per-sample augmentation seeds from (seed, epoch) (visionflow.training.loader: the
@@ -148,7 +150,13 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, a
     # float batch either way), in the model's memory format (DeviceBatches, training/loader.py)
     batches = DeviceBatches(loader, device, use_channels_last(channels_last, device), move_targets=True)
     bar = tqdm(iter(batches), total=len(loader), desc=f"epoch {epoch}", leave=False, disable=None)
+    # Is the model kept waiting? Time blocked on the next batch, against the whole pass. The
+    # loss read at the end of each step waits for the device, so on CUDA too a wait here is
+    # time the device had nothing to do (docs/training-loader.md, "Is the loader keeping up?").
+    start = waited_since = time.perf_counter()
+    waited = 0.0
     for images, targets in bar:
+        waited += time.perf_counter() - waited_since
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = task.loss(model, images, targets)
             loss = sum(losses.values())
@@ -167,8 +175,12 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, a
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        waited_since = time.perf_counter()
+    elapsed = max(time.perf_counter() - start, 1e-9)
     out = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
     out["train_loss"] = sum(sums.values()) / max(n, 1)
+    out["data_wait"] = round(min(1.0, waited / elapsed), 4)  # share of the pass spent waiting for data
+    out["images_per_s"] = round(n / elapsed, 2)  # this process's training images per second
     return out
 
 
@@ -215,6 +227,7 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         losses = train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip,
                                  epoch, cfg.channels_last)
         row.update(mean_over_ranks(losses, dist_info))  # the epoch's loss over every rank's shard
+        row["images_per_s"] = round(row["images_per_s"] * dist_info.world_size, 2)  # all ranks together
         sync_buffers(model, dist_info)  # validate and checkpoint the weights every rank holds
         if dist_info.is_main and val_loader is not None and len(val_loader.dataset):
             val_batches = DeviceBatches(val_loader, device, use_channels_last(cfg.channels_last, device))

@@ -90,6 +90,35 @@ def resolve_num_workers(requested: Union[int, str], n_samples: int, batch_size: 
     return auto_num_workers(n_samples, batch_size) if requested == "auto" else int(requested)
 
 
+STARVED = 0.3  # an epoch whose training pass waited this share of its time for data gets loader_advice
+
+
+def loader_advice(workers: int, cores: int, cache: str, cache_bytes: int, available: int,
+                  decode_reducible: bool) -> list[str]:
+    """What would feed a training process that waits for its data (the engine's `data_wait`),
+    from its loader's settings: more workers while it has spare cores (`cores`: its share of the
+    machine's), the decoded-image cache (ram where the split's records fit as use_cache's rule
+    says, else disk), reduced JPEG decoding where the task allows it and it is off. When every
+    option is on, what is left to change."""
+    tips = []
+    most = min(MAX_AUTO_WORKERS, cores - 1)
+    if workers < most:
+        tips.append(f"num_workers: {most} (now {workers}; this process has {cores} cores, and `auto` picks "
+                    f"{most} for a dataset of 8 batches or more)")
+    if cache == "none":
+        if cache_bytes <= 0.8 * available:
+            tips.append(f"cache: ram (each image decoded once: about {_gib(cache_bytes)} of the "
+                        f"{_gib(available)} available)")
+        else:
+            tips.append(f"cache: disk (ram would need about {_gib(cache_bytes)}, {_gib(available)} is available)")
+    if decode_reducible:
+        tips.append("decode: reduced (JPEGs decoded at 1/2, 1/4 or 1/8 scale wherever that still covers image_size)")
+    if not tips:
+        tips.append("every loader option is on already: a lighter augmentation preset, a smaller image_size or "
+                    "more CPU cores per training process")
+    return tips
+
+
 def set_main_threads() -> int:
     """The training process's intra-op threads: its share of the cores (all of them without
     torchrun), unless OMP_NUM_THREADS says otherwise. Returns the thread count."""
