@@ -8,8 +8,9 @@
    each with channels_last), timed by benchmarks/dense_train_bench.py's bench_one.
 3. The data loader against the GPU: a folder of 640x480 JPEG photos (noise + shapes), read by
    visionflow's classification dataset with the training transform (resize to 224, the
-   `light` preset, normalisation) and the task's collate, through a torch DataLoader with
-   pin_memory, for several num_workers; each rate is compared with figure 1's AMP rate
+   `light` preset, normalisation) and the task's collate, through the train stage's own
+   build_loaders (pinned memory and uint8 batches on CUDA), for several num_workers; each rate
+   is compared with figure 1's AMP rate
    ("fed" when the loader delivers at least what the GPU consumes, else "starved").
 4. A 1-node DDP run: `torchrun --standalone --nproc-per-node 1` of benchmarks/gpu/ddp_worker.py
    (NCCL on CUDA, gloo on the CPU), visionflow.training.engine.fit on those JPEGs with the real loader.
@@ -255,26 +256,28 @@ def build_samples(folder: Path, files: list[tuple[str, int]], count: int, width:
 
 
 def loader_rate(folder: Path, files, cfg: dict, workers: int, device: torch.device) -> dict:
-    """Images/s that visionflow's classification dataset + collate deliver through a DataLoader
-    (pin_memory on CUDA, each uint8 batch copied to the device and normalised there). The first
-    `max(1, workers)` batches (one per worker, started together) are not timed; then
-    `max(min_measure, 2 x workers)`."""
-    from torch.utils.data import DataLoader
-
+    """Images/s that visionflow's classification dataset + collate deliver through the train
+    stage's own loaders (`build_loaders`: the seeded sampler, `workers` persistent workers,
+    prefetching, the tuned allocator; on CUDA pinned memory, and each uint8 batch copied to the
+    device and normalised there). The first `max(1, workers)` batches (one per worker, started
+    together) are not timed; then `max(min_measure, 2 x workers)`."""
     from visionflow.core.config import TrainParams
+    from visionflow.core.paths import Paths
+    from visionflow.stages.train import build_loaders
     from visionflow.tasks import get_task
+    from visionflow.training.distributed import SINGLE
 
     batch = cfg["rn_batch"]
     params = TrainParams(image_size=cfg["rn_size"], batch_size=batch, num_workers=workers)
     task = get_task("classify", params)
-    train_tf, _ = task.build_transforms(params)
+    train_tf, eval_tf = task.build_transforms(params)
     skip, measure = max(1, workers), max(cfg["min_measure"], 2 * workers)
     samples = build_samples(folder, files, (skip + measure) * batch, cfg["width"], cfg["height"])
     dataset = task.build_dataset(samples, train_tf, folder)
-    # as the train stage does on CUDA: uint8 batches, normalised on the device after the copy
-    normalize = dataset.defer_normalization() if device.type == "cuda" else None
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=task.collate, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator().manual_seed(0))
+    loader, _, sampler = build_loaders(task, params, Paths(folder), dataset, task.build_dataset([], eval_tf, folder),
+                                       device, SINGLE)
+    sampler.set_epoch(0)
+    normalize = dataset.device_normalize  # on CUDA: uint8 batches, normalised on the device after the copy
     start = time.perf_counter()
     first = t0 = None
     images_timed = 0
@@ -301,8 +304,8 @@ def section_loader(cfg: dict, device: torch.device, report: dict, figures: dict,
     sizes = [p.stat().st_size for p in folder.glob("*.jpg")]
     print(f"\n== 3. Data loader against the GPU: {len(files)} JPEGs {cfg['width']}x{cfg['height']} "
           f"(mean {np.mean(sizes) / 1024:.0f} KiB), visionflow classify dataset + train transform to "
-          f"{cfg['rn_size']} px + collate, batch {cfg['rn_batch']}, pin_memory={device.type == 'cuda'}, "
-          f"{_cpus()} CPUs")
+          f"{cfg['rn_size']} px + collate through the train stage's build_loaders, batch {cfg['rn_batch']}, "
+          f"pin_memory={device.type == 'cuda'}, {_cpus()} CPUs")
     if gpu:
         print(f"   GPU consumption: ResNet-50 AMP training at the same size and batch, {gpu:,.1f} images/s (figure 1)")
     else:
