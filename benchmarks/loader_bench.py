@@ -10,8 +10,9 @@ into a cache folder, then measures in the same run:
           visionflow.manifest.images.load_rgb)
   loader  the train stage's own loader (visionflow.stages.train.build_loaders: classify dataset,
           seeded sampler, `--preset` augmentation, normalisation, collate into batches) with
-          each `--workers` count, with `cache: none` and `ram`, and with float32 batches (what CPU
-          training gets) and uint8 batches (what CUDA training gets: normalised on the device)
+          each `--workers` count, with `cache: none` and `ram` (`--caches`: also `disk`), and with
+          float32 batches (what CPU training gets) and uint8 batches (what CUDA training gets:
+          normalised on the device)
 
 With `--decoders pillow opencv` each loader row is measured twice, alternating: with the
 loader's own decode (OpenCV for RGB JPEGs) and with Pillow's (load_rgb's OpenCV path switched
@@ -217,6 +218,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per setting (best kept)")
     ap.add_argument("--repeat", type=int, default=2, help="raw decode passes (best kept)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "visionflow-loader-bench")
+    ap.add_argument("--caches", nargs="+", default=["none", "ram"], choices=["none", "ram", "disk"],
+                    help="train.cache settings to measure (disk: .npy records under <--cache>/models/checkpoints/"
+                         "decoded, written in the first, untimed epoch or kept from an earlier run)")
     ap.add_argument("--batches", nargs="+", default=["float32", "uint8"], choices=["float32", "uint8"],
                     help="float32: normalised by the loader (CPU training); uint8: normalised on the device "
                          "after the copy (CUDA training; the device's work is not timed here)")
@@ -258,7 +262,7 @@ def main() -> None:
           f"(at the start; each row's ratios use the references measured around it)")
     rows = []
     for size in args.image_size:
-        for cache in ("none", "ram"):
+        for cache in args.caches:
             for batches in args.batches:
                 for w, decoder, decode in ((w, d, m) for w in args.workers for d in args.decoders
                                            for m in args.decode):
