@@ -412,7 +412,8 @@ def test_training_on_uint8_batches_gives_the_weights_of_float_batches(tmp_path):
                                  None, None, 0)
         results.append((losses, model.state_dict()))
     (loss_a, state_a), (loss_b, state_b) = results
-    assert loss_a == loss_b
+    assert {k: v for k, v in loss_a.items() if k.startswith("train_")} == \
+        {k: v for k, v in loss_b.items() if k.startswith("train_")}  # data_wait, images_per_s: timings
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
