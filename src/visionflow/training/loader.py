@@ -55,6 +55,7 @@ MAX_AUTO_WORKERS = 8
 # process: starting workers costs more than loading a few batches (the test suite's datasets).
 MIN_BATCHES_FOR_WORKERS = 8
 CACHE_VERSION = 1  # bump when the record layout or its pixels change (disk cache keys)
+RAM_SHARE = 0.8  # cache: ram is refused when the records need more than this share of the available memory
 
 
 # --- threads and workers ----------------------------------------------------------------------
@@ -104,9 +105,9 @@ def loader_advice(workers: int, cores: int, cache: str, cache_bytes: int, availa
     most = min(MAX_AUTO_WORKERS, cores - 1)
     if workers < most:
         tips.append(f"num_workers: {most} (now {workers}; this process has {cores} cores, and `auto` picks "
-                    f"{most} for a dataset of 8 batches or more)")
+                    f"{most} for a dataset of {MIN_BATCHES_FOR_WORKERS} batches or more)")
     if cache == "none":
-        if cache_bytes <= 0.8 * available:
+        if cache_bytes <= RAM_SHARE * available:
             tips.append(f"cache: ram (each image decoded once: about {_gib(cache_bytes)} of the "
                         f"{_gib(available)} available)")
         else:
@@ -563,7 +564,7 @@ class LoaderDataset(Dataset, abc.ABC):
         if mode == "ram":
             need = self.estimate_bytes()
             free = (available or available_memory)()
-            if need > 0.8 * free:
+            if need > RAM_SHARE * free:
                 raise UserError(f"{what}: ram needs about {_gib(need)} for {len(self)} decoded images, "
                                 f"but {_gib(free)} of memory is available; use cache: disk or none, "
                                 f"or a smaller image_size")
