@@ -102,7 +102,7 @@ class _Records:
 
 
 def test_the_watch_warns_once_after_the_first_epoch_and_only_when_starved(caplog, monkeypatch):
-    monkeypatch.setattr("visionflow.stages.train.available_cores", lambda: 8)
+    monkeypatch.setattr("visionflow.training.loader.available_cores", lambda: 8)
     monkeypatch.setattr("visionflow.stages.train.available_memory", lambda: 32 * GIB)
     params = TrainParams(num_workers=0, cache="none", decode="full")
     watch = LoaderWatch("classify", params, ClassifyTask(params), _Records(GIB), DataLoader(_Images()))

@@ -22,9 +22,8 @@ from visionflow.core.config import TrainParams  # noqa: E402
 from visionflow.core.errors import DataError  # noqa: E402
 from visionflow.training.distributed import gather_digests, init_from_env, shutdown  # noqa: E402
 from visionflow.training.loader import (STARVED, AspectBatchSampler, DeviceBatches, SeededSampler,  # noqa: E402
-                                        WorkerInit, available_cores, available_memory, loader_advice,
-                                        local_world_size, orientation_batches, orientations,
-                                        resolve_num_workers, set_main_threads)
+                                        WorkerInit, available_memory, loader_advice, orientation_batches,
+                                        orientations, process_cores, resolve_num_workers, set_main_threads)
 from visionflow.training import memory  # noqa: E402
 from visionflow.training.engine import (FitConfig, fit, select_device, seed_everything, use_channels_last,  # noqa: E402
                                          write_history_csv)
@@ -220,7 +219,7 @@ class LoaderWatch:
         if self.warned or row["epoch"] < 2 or row.get("data_wait", 0.0) < STARVED:
             return
         self.warned = True
-        tips = loader_advice(self.workers, max(1, available_cores() // local_world_size()), self.params.cache,
+        tips = loader_advice(self.workers, process_cores(), self.params.cache,
                              self.train_ds.estimate_bytes() if self.params.cache == "none" else 0, available_memory(),
                              self.task.reduces_decode and self.params.decode == "full")
         log.warning("%s.train: epoch %d spent %.0f%% of its training pass waiting for data (%.0f images/s): the "

@@ -75,16 +75,25 @@ def local_world_size() -> int:
         return 1
 
 
+def process_cores(cores: Optional[int] = None, local_world: Optional[int] = None) -> int:
+    """One training process's share of the machine's cores (all of them without torchrun)."""
+    cores = available_cores() if cores is None else cores
+    return max(1, cores // (local_world_size() if local_world is None else local_world))
+
+
+def max_workers(cores: int) -> int:
+    """The most loader workers a process with `cores` cores gets: one core fewer (the main process
+    trains), at most MAX_AUTO_WORKERS; 0 with fewer than two."""
+    return max(0, min(MAX_AUTO_WORKERS, cores - 1))
+
+
 def auto_num_workers(n_samples: int, batch_size: int, cores: Optional[int] = None,
                      local_world: Optional[int] = None) -> int:
-    """Workers for one training process: its share of the cores minus one (the main process
-    trains), at most MAX_AUTO_WORKERS; 0 with fewer than two cores per process or when an
-    epoch has fewer than MIN_BATCHES_FOR_WORKERS batches."""
-    cores = available_cores() if cores is None else cores
-    per_process = cores // (local_world_size() if local_world is None else local_world)
-    if per_process < 2 or math.ceil(n_samples / max(1, batch_size)) < MIN_BATCHES_FOR_WORKERS:
+    """Workers for one training process: max_workers of its share of the cores; 0 when an epoch
+    has fewer than MIN_BATCHES_FOR_WORKERS batches."""
+    if math.ceil(n_samples / max(1, batch_size)) < MIN_BATCHES_FOR_WORKERS:
         return 0
-    return min(MAX_AUTO_WORKERS, per_process - 1)
+    return max_workers(process_cores(cores, local_world))
 
 
 def resolve_num_workers(requested: Union[int, str], n_samples: int, batch_size: int) -> int:
@@ -102,7 +111,7 @@ def loader_advice(workers: int, cores: int, cache: str, cache_bytes: int, availa
     says, else disk), reduced JPEG decoding where the task allows it and it is off. When every
     option is on, what is left to change."""
     tips = []
-    most = min(MAX_AUTO_WORKERS, cores - 1)
+    most = max_workers(cores)
     if workers < most:
         tips.append(f"num_workers: {most} (now {workers}; this process has {cores} cores, and `auto` picks "
                     f"{most} for a dataset of {MIN_BATCHES_FOR_WORKERS} batches or more)")
@@ -124,7 +133,7 @@ def set_main_threads() -> int:
     """The training process's intra-op threads: its share of the cores (all of them without
     torchrun), unless OMP_NUM_THREADS says otherwise. Returns the thread count."""
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, available_cores() // local_world_size()))
+        torch.set_num_threads(process_cores())
     return torch.get_num_threads()
 
 
