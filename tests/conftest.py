@@ -50,7 +50,7 @@ def _start_mongod() -> "subprocess.Popen | None":
     return proc
 
 
-_MONGOD = _start_mongod()
+_MONGOD: "subprocess.Popen | None" = None
 os.environ["FIFTYONE_DATABASE_DIR"] = str(_STATE / "fiftyone-db")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
@@ -64,6 +64,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config) -> None:
+    """Start our mongod before any test module is imported (so before anything imports
+    fiftyone). Under pytest-xdist (`make test`) each worker is a session of its own with its own
+    mongod; the controlling process runs no test, so it starts none."""
+    global _MONGOD
+    controller = getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ
+    if not controller:
+        _MONGOD = _start_mongod()
 
 
 @pytest.fixture(scope="session")

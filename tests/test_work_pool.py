@@ -31,7 +31,10 @@ def server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-           "PREFECT_UI_ENABLED": "false"}
+           "PREFECT_UI_ENABLED": "false",
+           # the CLI prints through rich, which wraps at 80 columns without a terminal: a long
+           # tmp path (a pytest-xdist worker's adds a folder) would break across lines
+           "COLUMNS": "1000"}
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
     with open(log, "w") as out:
