@@ -36,6 +36,7 @@ def test_example_params_and_dvc_yaml_are_current():
     assert (EXAMPLE / "flows" / "pipeline.py").is_file()  # the link to the repository's flows
 
 
+@pytest.mark.slow
 def test_dvc_repro_in_the_example_folder(tmp_path):
     if not (SOURCE_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"{SOURCE_DIR} not installed (apt-get install dataset-fashion-mnist; .ci/run does)")

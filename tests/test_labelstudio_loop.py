@@ -41,8 +41,9 @@ from project import REPO, free_port  # noqa: E402
 from relabel_project import relabel_project  # noqa: E402
 
 LS = Path(os.environ.get("VISIONFLOW_LABEL_STUDIO") or REPO / ".venv-labelstudio/bin/label-studio")
-pytestmark = pytest.mark.skipif(not LS.exists(), reason=f"{LS} not installed: `make labelstudio` (make test and "
-                                                        ".ci/run install it)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not LS.exists(), reason=f"{LS} not installed: `make labelstudio` (make test and "
+                                                         ".ci/run install it)")]
 USER, PASSWORD = "reviewer@example.com", "visionflow-test-pw"
 SCREENSHOT = os.environ.get("VISIONFLOW_SCREENSHOT_DIR")  # set to keep the screenshot (README's image)
 
