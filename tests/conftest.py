@@ -111,16 +111,6 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(_STATE, ignore_errors=True)
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """Files with end-to-end (`slow`) tests first, each file's tests in their own order. Under
-    pytest-xdist (`make test`: --dist loadfile --no-loadscope-reorder) every file goes to a worker
-    as a whole, in this order: the long files start at once and the short ones fill the workers
-    in at the end. (xdist's own order, most tests first, would start the one-test end-to-end
-    files, the longest, last.)"""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI (CI=true, as .ci/run runs) a skipped test is a failure: .ci/run installs what every
