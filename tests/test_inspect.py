@@ -272,3 +272,32 @@ def test_inspect_stage_writes_into_the_database_named_by_uri(external_mongod, tm
     # Nowhere else: FiftyOne started no database of its own, and this session's is untouched.
     assert not default_dir.exists() or not any(default_dir.iterdir())
     assert not fo.dataset_exists(name)
+
+
+def test_the_app_tracks_nothing_unless_asked(built, tmp_path):
+    """`visionflow ui fiftyone` in a user's environment (no FIFTYONE_DO_NOT_TRACK): the App's page
+    reads `doNotTrack` from its server, true, so it sends no analytics and asks for no cookies."""
+    import urllib.request
+
+    params, _, _, _ = built
+    make_project(tmp_path / "proj", name="dnt")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "FIFTYONE_DO_NOT_TRACK"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "visionflow"), "ui", "fiftyone", "--dataset",
+                             params.dataset_name, "--port", str(port), "--params", str(tmp_path / "proj" / "params.yaml")],
+                            cwd=tmp_path / "proj", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        seen = []
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:  # the App prints its URL once its server answers
+            seen.append(line)
+            if f"http://127.0.0.1:{port}/datasets/" in line or time.monotonic() > deadline:
+                break
+        assert f"http://127.0.0.1:{port}/datasets/" in "".join(seen), "".join(seen)[-3000:]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=b'{"query": "{ doNotTrack }"}',
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert json.load(resp) == {"data": {"doNotTrack": True}}
+    finally:
+        stop_group(proc)

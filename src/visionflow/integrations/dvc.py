@@ -177,7 +177,7 @@ def write_generated(params: Params, paths: Paths) -> list[Path]:
     if (dvc_dir := _dvc_dir(paths)) and not _page_configured(dvc_dir):
         # dvc runs as a command (no module imports dvc); it keeps the rest of .dvc/config as it is
         subprocess.run([sys.executable, "-m", "dvc", "config", "--project", "plots.html_template", PAGE],
-                       cwd=paths.root, check=True, capture_output=True)
+                       cwd=paths.root, check=True, capture_output=True, env=dvc_env())
         written.append(dvc_dir / "config")
     if (want := wanted_remote(params)) and not dvc_dir:
         raise UserError(f"params.yaml remote.url is {want['url']} but {paths.root} is not a DVC repository; "
@@ -260,8 +260,18 @@ def records_runs(params: Params, paths: Paths) -> bool:
     return _dvc_dir(paths) is not None and (paths.root / "dvc.yaml").exists() and stale_dvc_yaml(params, paths) is None
 
 
+def dvc_env() -> dict[str, str]:
+    """The environment of the dvc commands visionflow runs itself (`visionflow run`'s `dvc status`
+    and `dvc commit` around its stages, `visionflow dvc-yaml`'s `dvc config` and `dvc remote`):
+    this one with DVC's usage analytics off. Unless a repository sets core.analytics false, DVC
+    starts a `dvc daemon analytics` process after every command, which imports DVC again and
+    posts to analytics.dvc.org. The user's own `dvc` commands keep their settings."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+
 def _dvc(paths: Paths, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=paths.root, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=paths.root, capture_output=True, text=True,
+                         env=dvc_env())
     if out.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed in {paths.root}: {(out.stderr or out.stdout).strip()}")
     return out.stdout

@@ -41,6 +41,11 @@ from urllib.parse import quote
 # supported MongoDB" notice on every start; users with their own database keep the check.
 if "FIFTYONE_DATABASE_URI" not in os.environ:
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+# FiftyOne sends usage analytics by default, from the library and from the App in the browser
+# (which also asks for cookie consent on its first page). A pipeline has no business calling
+# home: off unless FIFTYONE_DO_NOT_TRACK=false is set. The App's server, a child process,
+# inherits it, and its page reads it (the `doNotTrack` query).
+os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 import fiftyone as fo  # noqa: E402
 
