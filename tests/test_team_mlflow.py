@@ -163,3 +163,12 @@ def test_serve_answers_a_request_with_the_champion_from_the_server(team, tmp_pat
     [exp] = load_predictor(paths.for_task("classify").model_dir).predict([load_rgb(image)])
     assert got["label"] == exp["label"] and got["confidence"] == pytest.approx(exp["confidence"], abs=1e-5)
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in (tmp_path / "serve.log").read_text()
+
+
+def test_doctor_finds_the_team_server(team):
+    """`visionflow doctor` in the project that registers to the team's MLflow server: its line
+    for the branch's store is ok, from the server's /health."""
+    paths, params_file, url, _, _ = team
+    out = _cli("doctor", "--params", str(params_file), cwd=paths.root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"ok       MLflow (classify): {url}: the server answered /health" in out.stdout.splitlines(), out.stdout

@@ -125,3 +125,21 @@ def test_prefect_server_refuses_strangers_and_visionflow_passes_the_auth_string(
     assert seen["runs"][0]["parameters"] == {"params_file": str(params)}
     assert any("auth probe ran" in m for m in seen["logs"]), seen["logs"]
     assert SECRET not in out.stdout
+
+
+def test_doctor_checks_the_login_without_showing_it(server, tmp_path):
+    """`visionflow doctor` against the server with a login: ok with the right auth string, a
+    problem saying what to set without it or with a wrong one; the secret in no output."""
+    make_project(tmp_path / "proj", name="doc")
+    params = str(tmp_path / "proj" / "params.yaml")
+    url = server["env"]["PREFECT_API_URL"]
+    for auth, expected, rc in ((AUTH, f"ok       Prefect: PREFECT_API_URL {url} answered and took PREFECT_API_AUTH_STRING", 0),
+                               (None, f"problem  Prefect: PREFECT_API_URL {url} asks for a login (401): set "
+                                      "PREFECT_API_AUTH_STRING", 1),
+                               ("vf-team:wrong", f"problem  Prefect: PREFECT_API_URL {url} refused "
+                                                 "PREFECT_API_AUTH_STRING (401)", 1)):
+        env = {**server["env"], **({"PREFECT_API_AUTH_STRING": auth} if auth else {})}
+        out = _run(env, str(BIN / "visionflow"), "doctor", "--params", params, cwd=tmp_path / "proj")
+        assert out.returncode == rc, out.stdout[-3000:] + out.stderr[-3000:]
+        assert any(line.startswith(expected) for line in out.stdout.splitlines()), out.stdout
+        assert SECRET not in out.stdout + out.stderr

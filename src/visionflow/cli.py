@@ -144,6 +144,12 @@ def cmd_ui(args) -> int:
     return launch_app(name, host=args.host, port=args.port or 5151)
 
 
+def cmd_doctor(args) -> int:
+    from visionflow.doctor import run
+
+    return run(Path(args.params))
+
+
 def cmd_weights(args) -> int:
     from visionflow.models.classifiers import install_offline_weights
 
@@ -459,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--task", default=None, help="which branch's MLflow store / FiftyOne dataset (default: the first)")
     ui.add_argument("--dataset", default=None, help="fiftyone: open this dataset instead (e.g. one `predict --fiftyone` made)")
     ui.set_defaults(fn=cmd_ui)
+
+    doc = with_params(sub.add_parser("doctor", help="check the install, the device, FiftyOne's database and the "
+                                                   "project's MLflow, Prefect and DVC set-up; what to do about each problem"))
+    doc.set_defaults(fn=cmd_doctor)
 
     w = sub.add_parser("weights", help="offline pretrained weights")
     wsub = w.add_subparsers(dest="weights_command", required=True)

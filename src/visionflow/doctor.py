@@ -1,12 +1,37 @@
-"""Post-install checks for traps recorded in docs/troubleshooting.md.
+"""`visionflow doctor`: what this machine and project have, each check one line, and what to do
+about each problem (docs/troubleshooting.md has the longer story).
 
-Run by `make` after installing; fails loudly instead of leaving a half-working stack.
+    ok       the check passed
+    info     what it found, nothing to fix (the device, where runs go)
+    problem  what is wrong, and what to do; the command then exits 1
+
+Checks, in order: the install (torchvision's C++ operators load: a CPU-only torch breaks them;
+FiftyOne's mongod binary, unless FIFTYONE_DATABASE_URI names a MongoDB of your own), the device,
+FiftyOne's database (one connection attempt: it starts FiftyOne's own mongod as a stage would,
+or asks the MongoDB at FIFTYONE_DATABASE_URI), then, for the project of `--params`: each branch's
+MLflow store (a sqlite file, a server answering /health, a database's port), the Prefect API
+(PREFECT_API_URL answers, and takes PREFECT_API_AUTH_STRING if it asks for a login; else the
+temporary server each run starts) and DVC (dvc.yaml and .dvc/config as
+`visionflow dvc-yaml` would write them). It writes nothing into the project.
+
+`make` runs `python -m visionflow.doctor --install-check` after installing: the install checks
+only, quiet unless one fails.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Callable, Iterator, Optional
+from urllib.parse import urlsplit
+
+Check = tuple[str, str, str]  # (status: ok | info | problem, what, detail)
+TIMEOUT = 5.0  # seconds a server gets to answer
 
 
 def check_install() -> list[str]:
@@ -18,7 +43,7 @@ def check_install() -> list[str]:
     spec = importlib.util.find_spec("fiftyone")
     if spec is None or spec.origin is None:
         problems.append("fiftyone is not installed")
-    else:
+    elif not os.environ.get("FIFTYONE_DATABASE_URI"):
         mongod = Path(spec.origin).parent / "db" / "bin" / "mongod"
         if not mongod.exists():
             problems.append(
@@ -28,8 +53,186 @@ def check_install() -> list[str]:
     return problems
 
 
+def _install() -> Iterator[Check]:
+    problems = check_install()
+    for p in problems:
+        yield "problem", "install", p
+    if not problems:
+        import torch
+        import torchvision
+
+        yield "ok", "install", (f"python {sys.version.split()[0]}, torch {torch.__version__}, torchvision "
+                                f"{torchvision.__version__} (its C++ operators load)" + (", FiftyOne's mongod in place"
+                                if not os.environ.get("FIFTYONE_DATABASE_URI") else ""))
+
+
+def _device() -> Iterator[Check]:
+    import torch
+
+    from visionflow.training.loader import process_cores
+
+    cores = process_cores()
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        yield "info", "device", f"{len(names)} CUDA GPU(s): {', '.join(names)}; {cores} CPU cores for the loader"
+    else:
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        yield "info", "device", f"no CUDA GPU visible (torch is {build}): training runs on {cores} CPU cores"
+
+
+def _fiftyone() -> Iterator[Check]:
+    from visionflow.integrations import fiftyone as vfo
+
+    t0 = time.monotonic()
+    why, where = vfo.ping(), vfo.database_words()
+    if why is None:
+        yield "ok", "FiftyOne database", f"{where} answered in {time.monotonic() - t0:.1f} s"
+    elif os.environ.get("FIFTYONE_DATABASE_URI"):
+        yield "problem", "FiftyOne database", (f"{where} did not answer ({why}): start that MongoDB, or fix or "
+                                               "unset FIFTYONE_DATABASE_URI (unset: FiftyOne runs a mongod of its own)")
+    else:
+        yield "problem", "FiftyOne database", (f"{where} did not answer ({why}): a mongod left over from a killed "
+                                               "process can be stopped with `pkill -f fiftyone/db/bin/mongod`; or run "
+                                               "a MongoDB yourself and set FIFTYONE_DATABASE_URI (docs/troubleshooting.md)")
+
+
+def _http_ok(url: str, headers: Optional[dict[str, str]] = None) -> Optional[str]:
+    """None when GET `url` answers 2xx within TIMEOUT, else why not (one line)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=TIMEOUT) as resp:
+            return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def _tcp_ok(host: str, port: int) -> Optional[str]:
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT):
+            return None
+    except OSError as exc:
+        return str(exc)
+
+
+def _mlflow(params, paths) -> Iterator[Check]:
+    from visionflow.core.errors import without_credentials
+    from visionflow.integrations.mlflow import resolve_tracking_uri
+
+    seen: set[str] = set()
+    for task in params.tasks:
+        uri = resolve_tracking_uri(params.branch(task).register, paths)
+        if uri in seen:
+            continue
+        seen.add(uri)
+        shown, what = without_credentials(uri), f"MLflow ({task})"
+        parts = urlsplit(uri)
+        if parts.scheme == "sqlite":
+            db = Path(uri.split(":///", 1)[-1])
+            if db.is_file():
+                yield "ok", what, f"{shown}: the store's file is there"
+            elif os.access(db.parent if db.parent.exists() else paths.root, os.W_OK):
+                yield "info", what, f"{shown}: no store yet; the register stage creates it"
+            else:
+                yield "problem", what, f"{shown}: {db.parent} is not writable; set register.tracking_uri"
+        elif parts.scheme in ("http", "https"):
+            why = _http_ok(uri.rstrip("/") + "/health")
+            if why is None:
+                yield "ok", what, f"{shown}: the server answered /health"
+            else:
+                yield "problem", what, (f"{shown}: the server did not answer /health ({why}); start it, or fix "
+                                        "register.tracking_uri / $MLFLOW_TRACKING_URI (docs/scale-out.md)")
+        elif parts.hostname:  # a database store (postgresql://, mysql://): its port
+            port = parts.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(parts.scheme.split("+")[0], 0)
+            why = _tcp_ok(parts.hostname, port) if port else "no port"
+            if why is None:
+                yield "ok", what, f"{shown}: the database's port {port} answers"
+            else:
+                yield "problem", what, f"{shown}: cannot reach {parts.hostname}:{port} ({why})"
+        else:
+            yield "info", what, f"{shown}: not checked (a {parts.scheme or 'local'} store)"
+
+
+def _prefect() -> Iterator[Check]:
+    import base64
+
+    from visionflow.core.errors import without_credentials
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        yield "info", "Prefect", "no PREFECT_API_URL: each `visionflow run` starts a temporary server of its own"
+        return
+    shown, api = without_credentials(api), api.rstrip("/")
+    why = _http_ok(api + "/health")  # open without a login (for probes)
+    if why is not None:
+        yield "problem", "Prefect", (f"PREFECT_API_URL {shown} did not answer /health ({why}): start the server, "
+                                     "fix PREFECT_API_URL, or unset it to use a temporary server")
+        return
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    why = _http_ok(api + "/admin/version", headers)  # behind the server's login, when it has one
+    if why is None:
+        yield "ok", "Prefect", f"PREFECT_API_URL {shown} answered" + (" and took PREFECT_API_AUTH_STRING" if auth else "")
+    elif why == "HTTP 401":
+        yield "problem", "Prefect", (f"PREFECT_API_URL {shown} refused PREFECT_API_AUTH_STRING (401): set the "
+                                     "server's user:password there" if auth else
+                                     f"PREFECT_API_URL {shown} asks for a login (401): set PREFECT_API_AUTH_STRING "
+                                     "to the server's user:password (docs/scale-out.md)")
+    else:
+        yield "problem", "Prefect", f"PREFECT_API_URL {shown} answered /health but not its API ({why})"
+
+
+def _dvc(params, paths) -> Iterator[Check]:
+    from visionflow.integrations.dvc import check_generated
+
+    if not (paths.root / ".dvc").is_dir():
+        yield "info", "DVC", f"{paths.root} is not a DVC repository (`git init && dvc init` makes it one)"
+        return
+    stale = check_generated(params, paths)
+    for line in stale:
+        yield "problem", "DVC", line
+    if not stale:
+        yield "ok", "DVC", "dvc.yaml, its plot templates and .dvc/config are as `visionflow dvc-yaml` writes them"
+
+
+def checks(params_file: Optional[Path]) -> Iterator[Check]:
+    """Every check's line, in order; the project's only when `params_file` exists."""
+    sections: list[Callable[[], Iterator[Check]]] = [_install, _device, _fiftyone]
+    yield from (c for section in sections for c in section())
+    if params_file is None or not params_file.is_file():
+        yield "info", "project", f"no {params_file or 'params.yaml'}: the project's checks are skipped (--params)"
+        return
+    from visionflow.core.config import ConfigError, load_params
+    from visionflow.core.errors import UserError
+    from visionflow.core.paths import Paths
+
+    try:
+        params = load_params(params_file)
+    except (ConfigError, UserError) as exc:
+        yield "problem", "project", str(exc)
+        return
+    paths = Paths(params_file.parent)
+    yield from _mlflow(params, paths)
+    yield from _prefect()
+    yield from _dvc(params, paths)
+
+
+def run(params_file: Optional[Path], out=sys.stdout) -> int:
+    """Print every check; 1 when any found a problem."""
+    problems = 0
+    for status, what, detail in checks(params_file):
+        problems += status == "problem"
+        print(f"{status:<8} {what}: {detail}", file=out, flush=True)
+    print(f"{problems} problem(s)" if problems else "no problems found", file=out)
+    return 1 if problems else 0
+
+
 def main() -> int:
-    problems = check_install() if "--install-check" in sys.argv else []
+    """`python -m visionflow.doctor --install-check`: the install checks only, quiet unless one
+    fails (make); without the flag, every check for ./params.yaml (`visionflow doctor`)."""
+    if "--install-check" not in sys.argv:
+        return run(Path("params.yaml"))
+    problems = check_install()
     for p in problems:
         print(f"visionflow doctor: {p}", file=sys.stderr)
     return 1 if problems else 0

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 CONNECT_ATTEMPTS = 3
 
 
-def _database_words() -> str:
+def database_words() -> str:
     uri = fo.config.database_uri
     if uri:
         return f"the MongoDB at FIFTYONE_DATABASE_URI ({without_credentials(uri)})"
@@ -91,6 +91,16 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
+def ping() -> Optional[str]:
+    """One attempt to connect to FiftyOne's database (`visionflow doctor`): None when it answered,
+    else pymongo's reason in one line."""
+    try:
+        connect(attempts=1)
+    except UserError as exc:
+        return _short(exc.__cause__) if exc.__cause__ is not None else str(exc)
+    return None
+
+
 def connect(attempts: int = CONNECT_ATTEMPTS) -> None:
     """Connect to FiftyOne's database, or raise a UserError saying which database did not
     answer and what to do (never a pymongo traceback).
@@ -116,7 +126,7 @@ def connect(attempts: int = CONNECT_ATTEMPTS) -> None:
             if attempt < attempts:
                 time.sleep(2 * attempt)
     detail = _short(last) if last is not None else "no answer"
-    raise UserError(f"{_database_words()} did not answer after {attempts} attempts ({detail}). Run "
+    raise UserError(f"{database_words()} did not answer after {attempts} attempts ({detail}). Run "
                     f"`visionflow doctor`; if another FiftyOne process is starting or stopping, run the "
                     f"command again; on a shared machine set FIFTYONE_DATABASE_URI to a MongoDB you run "
                     f"(docs/troubleshooting.md)") from last

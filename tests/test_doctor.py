@@ -1,0 +1,98 @@
+"""`visionflow doctor` (the command the FiftyOne connection error points at): one line per check,
+exit 1 with what to do when something is wrong, never a traceback. The team servers' checks
+(an MLflow server, a Prefect server with a login) are in test_team_mlflow.py and
+test_team_prefect_auth.py, beside those servers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from project import free_port, make_project  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def doctor(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "visionflow"), "doctor", "--params", str(root / "params.yaml")], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _lines(out: str) -> dict[str, str]:
+    """{what: 'status detail'} from doctor's output; a check with several lines (DVC: one per
+    stale file) has them joined by newlines."""
+    found: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        status, _, rest = line.partition(" ")
+        what, _, detail = rest.strip().partition(": ")
+        if status in ("ok", "info", "problem"):
+            found.setdefault(what, []).append(f"{status} {detail}")
+    return {what: "\n".join(v) for what, v in found.items()}
+
+
+def _dvc_repo(root: Path, env: dict[str, str]) -> None:
+    quiet = {**env, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=root, env=quiet, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, env=quiet, check=True)
+
+
+def test_a_healthy_project_has_no_problems(tmp_path):
+    """This session's mongod (FIFTYONE_DATABASE_URI, conftest), a sqlite store not made yet, no
+    Prefect server of our own, and a DVC repository whose dvc.yaml `visionflow dvc-yaml` wrote."""
+    root = tmp_path / "proj"
+    make_project(root, name="healthy")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    _dvc_repo(root, env)
+    subprocess.run([str(BIN / "visionflow"), "dvc-yaml"], cwd=root, env=env, check=True, capture_output=True)
+    out = doctor(root, env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = _lines(out.stdout)
+    assert lines["install"].startswith("ok python 3."), lines
+    assert "torchvision" in lines["install"] and "C++ operators load" in lines["install"]
+    assert lines["device"].startswith("info "), lines
+    assert lines["FiftyOne database"].startswith(f"ok the MongoDB at FIFTYONE_DATABASE_URI ({os.environ['FIFTYONE_DATABASE_URI']}"), lines
+    assert lines["MLflow (classify)"] == f"info sqlite:///{root.resolve() / 'mlflow.db'}: no store yet; the register stage creates it"
+    assert not (root / "mlflow.db").exists()  # doctor writes nothing into the project
+    assert lines["Prefect"].startswith("info no PREFECT_API_URL"), lines
+    assert lines["DVC"].startswith("ok dvc.yaml"), lines
+    assert out.stdout.rstrip().endswith("no problems found")
+
+
+def test_every_problem_is_one_line_saying_what_to_do(tmp_path):
+    """Nothing answers: FiftyOne's MongoDB, the MLflow server and the Prefect API are closed
+    loopback ports, and dvc.yaml is stale. Exit 1, each problem named with what to do."""
+    root = tmp_path / "proj"
+    closed = [free_port() for _ in range(3)]
+    make_project(root, {"classify": {"register": {"tracking_uri": f"http://127.0.0.1:{closed[0]}"}}}, name="sick")
+    env = {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{closed[1]}/?serverSelectionTimeoutMS=300",
+           "PREFECT_API_URL": f"http://127.0.0.1:{closed[2]}/api"}
+    _dvc_repo(root, env)
+    (root / "dvc.yaml").write_text("stages: {}\n")  # hand-made, not what the stage table says
+    out = doctor(root, env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
+    lines = _lines(out.stdout)
+    assert lines["install"].startswith("ok "), lines  # the rest still ran
+    fo = lines["FiftyOne database"]
+    assert fo.startswith(f"problem the MongoDB at FIFTYONE_DATABASE_URI (mongodb://127.0.0.1:{closed[1]}/"), fo
+    assert "did not answer" in fo and "fix or unset FIFTYONE_DATABASE_URI" in fo, fo
+    ml = lines["MLflow (classify)"]
+    assert ml.startswith(f"problem http://127.0.0.1:{closed[0]}: the server did not answer /health"), ml
+    assert "register.tracking_uri" in ml
+    pf = lines["Prefect"]
+    assert pf.startswith(f"problem PREFECT_API_URL http://127.0.0.1:{closed[2]}/api did not answer /health"), pf
+    dvc = lines["DVC"].splitlines()
+    assert f"problem {root / 'dvc.yaml'} is out of date with the stage table; run `visionflow dvc-yaml`" in dvc, dvc
+    assert all(line.startswith("problem ") and line.endswith("run `visionflow dvc-yaml`") for line in dvc), dvc
+    assert out.stdout.rstrip().endswith(f"{3 + len(dvc)} problem(s)"), out.stdout
+
+
+def test_without_a_params_file_the_machine_is_still_checked(tmp_path):
+    out = subprocess.run([str(BIN / "visionflow"), "doctor"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = _lines(out.stdout)
+    assert lines["project"] == "info no params.yaml: the project's checks are skipped (--params)", lines
+    assert lines["FiftyOne database"].startswith("ok "), lines
