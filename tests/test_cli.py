@@ -107,6 +107,78 @@ def test_every_stage_a_message_names_exists():
     assert named  # the pattern matches what the messages look like
 
 
+def _cli_mentions() -> list[tuple[str, str]]:
+    """(file, command line) for every visionflow command the docs and the code's messages show:
+    in backticks (README, docs, examples, src, flows) and on the lines of fenced code blocks."""
+    import re
+
+    quoted = re.compile(r"`((?:[\w./]*/)?visionflow(?: [^`\n]*)?)`")
+    fenced = re.compile(r"^```[a-z]*\n(.*?)^```", re.M | re.S)
+    files = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "examples").glob("*/README.md"),
+             *(REPO / "src").rglob("*.py"), *(REPO / "flows").glob("*.py")]
+    found = []
+    for path in files:
+        text = path.read_text()
+        found += [(path.name, m) for m in quoted.findall(text)]
+        if path.suffix == ".md":
+            found += [(path.name, line.strip()) for block in fenced.findall(text) for line in block.splitlines()
+                      if re.match(r"\s*(?:[\w./]*/)?visionflow ", line)]
+    return found
+
+
+def _cli_problem(parser, line: str):
+    """Why `line` would not parse (a command, subcommand, app or option that does not exist), or
+    None. Placeholders (<task>, NAME, ...) and what follows them are not checked."""
+    import argparse
+    import shlex
+
+    try:
+        words = shlex.split(line.split("#")[0])
+    except ValueError:
+        words = line.split()
+    words = words[1:]  # after (.venv/bin/)visionflow
+    p, where, i = parser, "visionflow", 0
+    while i < len(words):
+        w = words[i]
+        i += 1
+        if any(c in w for c in "<>|[]{}$") or w.isupper() or w in ("...", "&&", ";"):
+            return None
+        if w.startswith("-"):
+            opt = w.split("=")[0]
+            if opt.startswith("-v") and set(opt[1:]) == {"v"}:
+                opt = "-v"  # a count: -vv
+            action = p._option_string_actions.get(opt)
+            if action is None:
+                return f"`{where}` has no option {opt}"
+            if action.nargs != 0 and "=" not in w:
+                i += 1  # its value
+            continue
+        sub = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None and w not in sub.choices:
+            return f"`{where}` has no command {w!r}"
+        if sub is not None:
+            p, where = sub.choices[w], f"{where} {w}"
+            continue
+        fixed = [a for a in p._actions if not a.option_strings and a.choices]
+        if fixed and w not in fixed[0].choices:
+            return f"`{where}` has no {fixed[0].dest} {w!r}"
+    return None
+
+
+def test_every_command_the_docs_and_messages_show_exists():
+    """A message or a doc that tells the user to run a command names one the CLI has, with
+    options it takes (an error once pointed at `visionflow doctor` before it existed)."""
+    from visionflow.cli import build_parser
+
+    parser, mentions = build_parser(), _cli_mentions()
+    wrong = sorted({(f, line, why) for f, line in mentions if (why := _cli_problem(parser, line))})
+    assert not wrong, wrong
+    assert len(mentions) > 150  # the patterns find what the docs look like
+    assert _cli_problem(parser, "visionflow doktor") == "`visionflow` has no command 'doktor'"
+    assert _cli_problem(parser, "visionflow ui fiftyone --tsk detect") == "`visionflow ui` has no option --tsk"
+    assert _cli_problem(parser, "visionflow ui tensorboard") == "`visionflow ui` has no app 'tensorboard'"
+
+
 def test_ctrl_c_stops_the_mlflow_ui_quietly(tmp_path):
     """Ctrl-C (SIGINT to the command) stops `ui mlflow` and its server without a traceback
     (uvicorn answered the SIGINT it was sent with a KeyboardInterrupt / CancelledError one)."""
