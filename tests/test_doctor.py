@@ -73,6 +73,7 @@ def test_every_problem_is_one_line_saying_what_to_do(tmp_path):
     out = doctor(root, env)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
+    assert "did not answer (attempt" not in out.stderr, out.stderr  # said once, on its check's line
     lines = _lines(out.stdout)
     assert lines["install"].startswith("ok "), lines  # the rest still ran
     fo = lines["FiftyOne database"]

@@ -95,13 +95,13 @@ def ping() -> Optional[str]:
     """One attempt to connect to FiftyOne's database (`visionflow doctor`): None when it answered,
     else pymongo's reason in one line."""
     try:
-        connect(attempts=1)
+        connect(attempts=1, warn=False)
     except UserError as exc:
         return _short(exc.__cause__) if exc.__cause__ is not None else str(exc)
     return None
 
 
-def connect(attempts: int = CONNECT_ATTEMPTS) -> None:
+def connect(attempts: int = CONNECT_ATTEMPTS, warn: bool = True) -> None:
     """Connect to FiftyOne's database, or raise a UserError saying which database did not
     answer and what to do (never a pymongo traceback).
 
@@ -121,7 +121,8 @@ def connect(attempts: int = CONNECT_ATTEMPTS) -> None:
             return
         except (ConnectionError, RuntimeError, OSError) as exc:  # FiftyOne's words for "mongod did not answer"
             last = exc
-            log.warning("FiftyOne's database did not answer (attempt %d of %d): %s", attempt, attempts, _short(exc))
+            if warn:  # each failed attempt (ping: its caller says it once)
+                log.warning("FiftyOne's database did not answer (attempt %d of %d): %s", attempt, attempts, _short(exc))
             _reset_connection()
             if attempt < attempts:
                 time.sleep(2 * attempt)
