@@ -57,6 +57,7 @@ def test_a_healthy_project_has_no_problems(tmp_path):
     assert not (root / "mlflow.db").exists()  # doctor writes nothing into the project
     assert lines["Prefect"].startswith("info no PREFECT_API_URL"), lines
     assert lines["DVC"].startswith("ok dvc.yaml"), lines
+    assert lines["DVC remote"].startswith("info none (params.yaml remote.url"), lines
     assert out.stdout.rstrip().endswith("no problems found")
 
 
@@ -64,11 +65,15 @@ def test_every_problem_is_one_line_saying_what_to_do(tmp_path):
     """Nothing answers: FiftyOne's MongoDB, the MLflow server and the Prefect API are closed
     loopback ports, and dvc.yaml is stale. Exit 1, each problem named with what to do."""
     root = tmp_path / "proj"
-    closed = [free_port() for _ in range(3)]
-    make_project(root, {"classify": {"register": {"tracking_uri": f"http://127.0.0.1:{closed[0]}"}}}, name="sick")
+    closed = [free_port() for _ in range(4)]
+    make_project(root, {"classify": {"register": {"tracking_uri": f"http://127.0.0.1:{closed[0]}"}},
+                        "remote": {"url": "s3://team/dvc", "endpoint_url": f"http://127.0.0.1:{closed[3]}"}},
+                 name="sick")
     env = {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{closed[1]}/?serverSelectionTimeoutMS=300",
-           "PREFECT_API_URL": f"http://127.0.0.1:{closed[2]}/api"}
+           "PREFECT_API_URL": f"http://127.0.0.1:{closed[2]}/api", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-shown", "AWS_DEFAULT_REGION": "us-east-1"}
     _dvc_repo(root, env)
+    subprocess.run([str(BIN / "visionflow"), "dvc-yaml"], cwd=root, env=env, check=True, capture_output=True)
     (root / "dvc.yaml").write_text("stages: {}\n")  # hand-made, not what the stage table says
     out = doctor(root, env)
     assert out.returncode == 1, out.stdout + out.stderr
@@ -87,7 +92,11 @@ def test_every_problem_is_one_line_saying_what_to_do(tmp_path):
     dvc = lines["DVC"].splitlines()
     assert f"problem {root / 'dvc.yaml'} is out of date with the stage table; run `visionflow dvc-yaml`" in dvc, dvc
     assert all(line.startswith("problem ") and line.endswith("run `visionflow dvc-yaml`") for line in dvc), dvc
-    assert out.stdout.rstrip().endswith(f"{3 + len(dvc)} problem(s)"), out.stdout
+    remote = lines["DVC remote"]
+    assert remote.startswith(f"problem 'storage' = s3://team/dvc at http://127.0.0.1:{closed[3]}: the store did not "
+                             "answer"), remote
+    assert "fix remote.endpoint_url" in remote and "s3cr3t-never-shown" not in out.stdout + out.stderr
+    assert out.stdout.rstrip().endswith(f"{4 + len(dvc)} problem(s)"), out.stdout
 
 
 def test_without_a_params_file_the_machine_is_still_checked(tmp_path):
@@ -97,3 +106,52 @@ def test_without_a_params_file_the_machine_is_still_checked(tmp_path):
     lines = _lines(out.stdout)
     assert lines["project"] == "info no params.yaml: the project's checks are skipped (--params)", lines
     assert lines["FiftyOne database"].startswith("ok "), lines
+
+
+def test_an_s3_remote_without_credentials_says_which_to_set(tmp_path, monkeypatch):
+    """botocore's own credential search (environment, AWS_PROFILE, the files under ~/.aws) finds
+    nothing: the line names the variables to set (the team test has a bucket that answers)."""
+    from visionflow.doctor import _s3_bucket_problem
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup off the machine
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    why = _s3_bucket_problem("team", f"http://127.0.0.1:{free_port()}")
+    assert why is not None and why.startswith("no S3 credentials in this environment: set AWS_ACCESS_KEY_ID and "
+                                              "AWS_SECRET_ACCESS_KEY"), why
+
+
+def test_credentials_in_config_local_count_as_dvc_takes_them(tmp_path, monkeypatch):
+    """`dvc remote modify --local storage access_key_id ...` puts the keys in .dvc/config.local
+    (not committed): the remote's settings merge them over .dvc/config, and the bucket check uses
+    them (so it gets as far as the endpoint, here a closed port, instead of asking for keys)."""
+    from visionflow.doctor import _s3_bucket_problem
+    from visionflow.integrations.dvc import default_remote
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=root, env=env, check=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    port = free_port()
+    for args in (["init", "-q"], ["remote", "add", "-d", "storage", "s3://team/dvc"],
+                 ["remote", "modify", "storage", "endpointurl", f"http://127.0.0.1:{port}"],
+                 ["remote", "modify", "--local", "storage", "access_key_id", "local-key"],
+                 ["remote", "modify", "--local", "storage", "secret_access_key", "local-secret"]):
+        subprocess.run([*dvc, *args], cwd=root, env=env, check=True, capture_output=True)
+    assert "local-secret" not in (root / ".dvc" / "config").read_text()
+    name, remote = default_remote(root / ".dvc")
+    assert name == "storage" and remote == {"url": "s3://team/dvc", "endpointurl": f"http://127.0.0.1:{port}",
+                                            "access_key_id": "local-key", "secret_access_key": "local-secret"}
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    why = _s3_bucket_problem("team", remote["endpointurl"], remote)
+    assert why is not None and why.startswith("the store did not answer"), why
+    assert "local-secret" not in why

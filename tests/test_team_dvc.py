@@ -82,6 +82,11 @@ def test_push_to_s3_then_a_fresh_clone_pulls_and_reproduces_nothing(tmp_path):
         _run([str(BIN / "visionflow"), "dvc-yaml", "--check"], root)
         remotes = _run([*DVC, "remote", "list"], root)
         assert f"s3://{BUCKET}/cache" in remotes and "storage" in remotes, remotes
+        # `visionflow doctor` reaches the bucket with this environment's credentials, never shows them
+        doctor = _run([str(BIN / "visionflow"), "doctor"], root)
+        assert (f"ok       DVC remote: 'storage' = s3://{BUCKET}/cache at {endpoint}: the bucket answers with this "
+                "environment's credentials") in doctor.splitlines(), doctor
+        assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in doctor
         _run(["git", "add", "-A"], root)
         _run(["git", "commit", "-qm", "project"], root)
 

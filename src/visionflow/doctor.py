@@ -11,8 +11,9 @@ FiftyOne's database (one connection attempt: it starts FiftyOne's own mongod as 
 or asks the MongoDB at FIFTYONE_DATABASE_URI), then, for the project of `--params`: each branch's
 MLflow store (a sqlite file, a server answering /health, a database's port), the Prefect API
 (PREFECT_API_URL answers, and takes PREFECT_API_AUTH_STRING if it asks for a login; else the
-temporary server each run starts) and DVC (dvc.yaml and .dvc/config as
-`visionflow dvc-yaml` would write them). It writes nothing into the project.
+temporary server each run starts) and DVC (dvc.yaml and .dvc/config as `visionflow dvc-yaml`
+would write them; the default remote's folder or S3 bucket, with this environment's
+credentials). It writes nothing into the project.
 
 `make` runs `python -m visionflow.doctor --install-check` after installing: the install checks
 only, quiet unless one fails.
@@ -193,6 +194,76 @@ def _dvc(params, paths) -> Iterator[Check]:
         yield "problem", "DVC", line
     if not stale:
         yield "ok", "DVC", "dvc.yaml, its plot templates and .dvc/config are as `visionflow dvc-yaml` writes them"
+    yield from _dvc_remote(paths.root / ".dvc")
+
+
+def _dvc_remote(dvc_dir: Path) -> Iterator[Check]:
+    """The default remote `dvc push` and `dvc pull` use: a folder must be there and writable; an
+    S3 bucket (AWS or an S3-compatible endpoint) must answer a HEAD with this environment's
+    credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws), which are never
+    printed. Other kinds are named, not checked."""
+    from visionflow.integrations.dvc import default_remote
+
+    found = default_remote(dvc_dir)
+    if found is None:
+        yield "info", "DVC remote", "none (params.yaml remote.url, then `visionflow dvc-yaml`; docs/scale-out.md)"
+        return
+    name, remote = found
+    url, endpoint = remote.get("url", ""), remote.get("endpointurl")
+    what = f"{name!r} = {url}" + (f" at {endpoint}" if endpoint else "")
+    scheme = urlsplit(url).scheme
+    if scheme == "s3":
+        why = _s3_bucket_problem(urlsplit(url).netloc, endpoint, remote)
+        if why is None:
+            yield "ok", "DVC remote", f"{what}: the bucket answers with this environment's credentials"
+        else:
+            yield "problem", "DVC remote", f"{what}: {why}"
+    elif scheme in ("", "file"):
+        folder = (dvc_dir.parent / urlsplit(url).path) if scheme else (dvc_dir / url)
+        if folder.is_dir() and os.access(folder, os.W_OK):
+            yield "ok", "DVC remote", f"{what}: the folder is there and writable"
+        else:
+            yield "problem", "DVC remote", f"{what}: {folder} is not a writable folder; create it or fix remote.url"
+    else:
+        yield "info", "DVC remote", f"{what}: a {scheme} remote, not checked (`dvc push` will say)"
+
+
+def _s3_bucket_problem(bucket: str, endpoint: Optional[str], remote: Optional[dict[str, str]] = None) -> Optional[str]:
+    """None when HEAD on the bucket succeeds, else what to do (one line, no credentials). The
+    remote's own settings (`dvc remote modify --local`: access_key_id, secret_access_key,
+    profile, credentialpath) come first, as DVC takes them."""
+    try:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ProfileNotFound
+    except ImportError:
+        return "boto3 is not installed: install visionflow[team] (DVC's S3 remote needs it too)"
+    remote = remote or {}
+    config = Config(connect_timeout=TIMEOUT, read_timeout=TIMEOUT, retries={"max_attempts": 1})
+    keys = {"aws_access_key_id": remote.get("access_key_id"), "aws_secret_access_key": remote.get("secret_access_key"),
+            "aws_session_token": remote.get("session_token")}
+    if remote.get("credentialpath"):
+        os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", remote["credentialpath"])  # this process only
+    try:
+        session = boto3.session.Session(profile_name=remote.get("profile"))
+        session.client("s3", endpoint_url=endpoint, config=config, **{k: v for k, v in keys.items() if v}) \
+            .head_bucket(Bucket=bucket)
+    except ProfileNotFound as exc:
+        return f"{exc}: fix AWS_PROFILE or the remote's profile (`dvc remote modify --local`)"
+    except NoCredentialsError:
+        return ("no S3 credentials in this environment: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE); they never go into .dvc/config")
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", "")) or str(exc.response.get("ResponseMetadata", {})
+                                                                          .get("HTTPStatusCode", "?"))
+        if code in ("404", "NoSuchBucket"):
+            return f"no bucket {bucket!r} there: create it, or fix remote.url"
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"the store refused this environment's credentials ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        return f"the store answered {code}"
+    except BotoCoreError as exc:  # the endpoint did not answer
+        return f"the store did not answer ({exc}); start it, or fix remote.endpoint_url"
+    return None
 
 
 def checks(params_file: Optional[Path]) -> Iterator[Check]:

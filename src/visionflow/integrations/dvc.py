@@ -142,6 +142,23 @@ def configured_remote(dvc_dir: Path, name: str) -> dict[str, str]:
     return found
 
 
+def default_remote(dvc_dir: Path) -> tuple[str, dict[str, str]] | None:
+    """(name, settings) of the repository's default remote, or None: .dvc/config with
+    .dvc/config.local over it, as DVC merges them (credentials may sit in config.local)."""
+    import configparser
+
+    merged: dict[str, dict[str, str]] = {}
+    for file in ("config", "config.local"):
+        config = configparser.ConfigParser(interpolation=None)
+        path = dvc_dir / file
+        config.read_string(path.read_text() if path.exists() else "")
+        for section in config.sections():
+            key = section.strip("'").replace('"', "").replace(" ", ":")
+            merged.setdefault(key, {}).update(config[section])
+    name = merged.get("core", {}).get("remote")
+    return (name, merged.get(f"remote:{name}", {})) if name else None
+
+
 def _remote_stale(params: Params, dvc_dir: Path) -> str | None:
     want = wanted_remote(params)
     if want is None:
