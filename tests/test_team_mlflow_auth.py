@@ -22,6 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import mlflow_readback as readback  # noqa: E402
 from team_services import (S3_ENV, mlflow_tracking_server, postgres_database, s3_server)  # noqa: E402
+from project import make_project as make_params  # noqa: E402  (params.yaml of a tiny project)
 from test_register import make_project  # noqa: E402  (the model folder and reports register reads)
 
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -149,3 +150,28 @@ def test_writer_registers_reader_reads_but_cannot_write_anonymous_is_refused(ser
     recorded = str([run["params"], run["tags"], read_json(paths.registration), caplog.text])
     for secret in (ADMIN[1], WRITER[1], READER[1], S3_ENV["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in recorded
+
+
+def test_doctor_checks_the_login_without_showing_it(server, monkeypatch):
+    """`visionflow doctor`'s line for a store behind the basic-auth app (the users the test above
+    created): ok with the writer's login, a problem saying what to check or set with a wrong
+    password or none, and no password in any line."""
+    from visionflow.core.config import load_params
+    from visionflow.core.paths import Paths
+    from visionflow.doctor import _mlflow
+
+    tmp, url = server
+    root = tmp / "doctor"
+    make_params(root, {"classify": {"register": {"tracking_uri": url}}}, name="doc")
+    params, paths = load_params(root / "params.yaml"), Paths(root)
+    for user, expected in ((WRITER, f"ok: {url}: the server answered and took the login of user {WRITER[0]!r}"),
+                           ((WRITER[0], "not-her-password"), f"problem: {url}: the server did not accept the "
+                                                             f"credentials of user {WRITER[0]!r} (401): check "
+                                                             "MLFLOW_TRACKING_PASSWORD"),
+                           (None, f"problem: {url}: the server asks for a login (401): set MLFLOW_TRACKING_USERNAME "
+                                  "and MLFLOW_TRACKING_PASSWORD")):
+        with as_user(monkeypatch, user):
+            (status, what, detail), = _mlflow(params, paths)
+        line = f"{status}: {detail}"
+        assert what == "MLflow (classify)" and line.startswith(expected), line
+        assert WRITER[1] not in line and "not-her-password" not in line

@@ -9,7 +9,8 @@ Checks, in order: the install (torchvision's C++ operators load: a CPU-only torc
 FiftyOne's mongod binary, unless FIFTYONE_DATABASE_URI names a MongoDB of your own), the device,
 FiftyOne's database (one connection attempt: it starts FiftyOne's own mongod as a stage would,
 or asks the MongoDB at FIFTYONE_DATABASE_URI), then, for the project of `--params`: each branch's
-MLflow store (a sqlite file, a server answering /health, a database's port), the Prefect API
+MLflow store (a sqlite file; a server answering, and taking MLFLOW_TRACKING_USERNAME /
+_PASSWORD if it asks for a login; a database's port), the Prefect API
 (PREFECT_API_URL answers, and takes PREFECT_API_AUTH_STRING if it asks for a login; else the
 temporary server each run starts) and DVC (dvc.yaml and .dvc/config as `visionflow dvc-yaml`
 would write them; the default remote's folder or S3 bucket, with this environment's
@@ -137,12 +138,7 @@ def _mlflow(params, paths) -> Iterator[Check]:
             else:
                 yield "problem", what, f"{shown}: {db.parent} is not writable; set register.tracking_uri"
         elif parts.scheme in ("http", "https"):
-            why = _http_ok(uri.rstrip("/") + "/health")
-            if why is None:
-                yield "ok", what, f"{shown}: the server answered /health"
-            else:
-                yield "problem", what, (f"{shown}: the server did not answer /health ({why}); start it, or fix "
-                                        "register.tracking_uri / $MLFLOW_TRACKING_URI (docs/scale-out.md)")
+            yield _mlflow_server(uri, shown, what)
         elif parts.hostname:  # a database store (postgresql://, mysql://): its port
             port = parts.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(parts.scheme.split("+")[0], 0)
             why = _tcp_ok(parts.hostname, port) if port else "no port"
@@ -152,6 +148,34 @@ def _mlflow(params, paths) -> Iterator[Check]:
                 yield "problem", what, f"{shown}: cannot reach {parts.hostname}:{port} ({why})"
         else:
             yield "info", what, f"{shown}: not checked (a {parts.scheme or 'local'} store)"
+
+
+def _mlflow_server(uri: str, shown: str, what: str) -> Check:
+    """/health (open), then one read behind the server's login, when it has one (the basic-auth
+    app): with MLFLOW_TRACKING_USERNAME / _PASSWORD (or MLFLOW_TRACKING_TOKEN), never printed."""
+    import base64
+
+    uri = uri.rstrip("/")
+    why = _http_ok(uri + "/health")
+    if why is not None:
+        return "problem", what, (f"{shown}: the server did not answer /health ({why}); start it, or fix "
+                                 "register.tracking_uri / $MLFLOW_TRACKING_URI (docs/scale-out.md)")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    headers = ({"Authorization": "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()} if user
+               else {"Authorization": f"Bearer {token}"} if token else {})
+    why = _http_ok(uri + "/api/2.0/mlflow/experiments/search?max_results=1", headers)
+    login = f" and took the login of user {user!r}" if user else " and took MLFLOW_TRACKING_TOKEN" if token else ""
+    if why is None:
+        return "ok", what, f"{shown}: the server answered{login}"
+    if why == "HTTP 401" and (user or token):
+        return "problem", what, (f"{shown}: the server did not accept the credentials of "
+                                 f"{f'user {user!r}' if user else 'MLFLOW_TRACKING_TOKEN'} (401): check "
+                                 f"{'MLFLOW_TRACKING_PASSWORD' if user else 'MLFLOW_TRACKING_TOKEN'}")
+    if why == "HTTP 401":
+        return "problem", what, (f"{shown}: the server asks for a login (401): set MLFLOW_TRACKING_USERNAME and "
+                                 "MLFLOW_TRACKING_PASSWORD in this environment (never in params.yaml)")
+    return "problem", what, f"{shown}: the server answered /health but not its API ({why})"
 
 
 def _prefect() -> Iterator[Check]:
