@@ -1,5 +1,5 @@
 """A pipeline has no business calling home: the usage analytics of the tools visionflow drives
-are off unless the user turns them on (README, "Configuration").
+are off unless the user turns them on (README, "Where to look": the table of each tool's setting).
 
 DVC's is checked on the real tool: after a command, DVC starts an analytics daemon (a second
 process that imports DVC and posts to DVC_ANALYTICS_ENDPOINT, here a loopback server that
