@@ -42,7 +42,7 @@ def test_a_healthy_project_has_no_problems(tmp_path):
     """This session's mongod (FIFTYONE_DATABASE_URI, conftest), a sqlite store not made yet, no
     Prefect server of our own, and a DVC repository whose dvc.yaml `visionflow dvc-yaml` wrote."""
     root = tmp_path / "proj"
-    make_project(root, name="healthy")
+    make_project(root, name="healthy", tasks=("classify", "detect"))  # one store for both: one line
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     _dvc_repo(root, env)
     subprocess.run([str(BIN / "visionflow"), "dvc-yaml"], cwd=root, env=env, check=True, capture_output=True)
@@ -53,7 +53,8 @@ def test_a_healthy_project_has_no_problems(tmp_path):
     assert "torchvision" in lines["install"] and "C++ operators load" in lines["install"]
     assert lines["device"].startswith("info "), lines
     assert lines["FiftyOne database"].startswith(f"ok the MongoDB at FIFTYONE_DATABASE_URI ({os.environ['FIFTYONE_DATABASE_URI']}"), lines
-    assert lines["MLflow (classify)"] == f"info sqlite:///{root.resolve() / 'mlflow.db'}: no store yet; the register stage creates it"
+    assert lines["MLflow (classify, detect)"] == (f"info sqlite:///{root.resolve() / 'mlflow.db'}: no store yet; the "
+                                                  "register stage creates it"), lines
     assert not (root / "mlflow.db").exists()  # doctor writes nothing into the project
     assert lines["Prefect"].startswith("info no PREFECT_API_URL"), lines
     assert lines["DVC"].startswith("ok dvc.yaml"), lines

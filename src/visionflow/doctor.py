@@ -121,13 +121,11 @@ def _mlflow(params, paths) -> Iterator[Check]:
     from visionflow.core.errors import without_credentials
     from visionflow.integrations.mlflow import resolve_tracking_uri
 
-    seen: set[str] = set()
+    stores: dict[str, list[str]] = {}  # one line per store, naming the branches that register there
     for task in params.tasks:
-        uri = resolve_tracking_uri(params.branch(task).register, paths)
-        if uri in seen:
-            continue
-        seen.add(uri)
-        shown, what = without_credentials(uri), f"MLflow ({task})"
+        stores.setdefault(resolve_tracking_uri(params.branch(task).register, paths), []).append(task)
+    for uri, tasks in stores.items():
+        shown, what = without_credentials(uri), f"MLflow ({', '.join(tasks)})"
         parts = urlsplit(uri)
         if parts.scheme == "sqlite":
             db = Path(uri.split(":///", 1)[-1])
