@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 from project import free_port, make_project  # noqa: E402
 
@@ -109,23 +111,29 @@ def test_without_a_params_file_the_machine_is_still_checked(tmp_path):
     assert lines["FiftyOne database"].startswith("ok "), lines
 
 
-def test_an_s3_remote_without_credentials_says_which_to_set(tmp_path, monkeypatch):
-    """botocore's own credential search (environment, AWS_PROFILE, the files under ~/.aws) finds
-    nothing: the line names the variables to set (the team test has a bucket that answers)."""
-    from visionflow.doctor import _s3_bucket_problem
-
+@pytest.fixture
+def no_aws_credentials(tmp_path, monkeypatch):
+    """botocore finds no credentials of this machine's: none in the environment, no profile, no
+    files under ~/.aws, no instance-metadata lookup off the machine."""
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup off the machine
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def test_an_s3_remote_without_credentials_says_which_to_set(no_aws_credentials):
+    """botocore's own credential search (environment, AWS_PROFILE, the files under ~/.aws) finds
+    nothing: the line names the variables to set (the team test has a bucket that answers)."""
+    from visionflow.doctor import _s3_bucket_problem
+
     why = _s3_bucket_problem("team", f"http://127.0.0.1:{free_port()}")
     assert why is not None and why.startswith("no S3 credentials in this environment: set AWS_ACCESS_KEY_ID and "
                                               "AWS_SECRET_ACCESS_KEY"), why
 
 
-def test_credentials_in_config_local_count_as_dvc_takes_them(tmp_path, monkeypatch):
+def test_credentials_in_config_local_count_as_dvc_takes_them(tmp_path, no_aws_credentials):
     """`dvc remote modify --local storage access_key_id ...` puts the keys in .dvc/config.local
     (not committed): the remote's settings merge them over .dvc/config, and the bucket check uses
     them (so it gets as far as the endpoint, here a closed port, instead of asking for keys)."""
@@ -147,12 +155,19 @@ def test_credentials_in_config_local_count_as_dvc_takes_them(tmp_path, monkeypat
     name, remote = default_remote(root / ".dvc")
     assert name == "storage" and remote == {"url": "s3://team/dvc", "endpointurl": f"http://127.0.0.1:{port}",
                                             "access_key_id": "local-key", "secret_access_key": "local-secret"}
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     why = _s3_bucket_problem("team", remote["endpointurl"], remote)
     assert why is not None and why.startswith("the store did not answer"), why
     assert "local-secret" not in why
+
+
+def test_a_remotes_credentialpath_is_read_as_dvc_reads_it(tmp_path, no_aws_credentials):
+    """`dvc remote modify --local storage credentialpath FILE`: the check takes the keys from that
+    file (so it reaches the endpoint, a closed port here), and leaves this process's environment
+    as it was."""
+    from visionflow.doctor import _s3_bucket_problem
+
+    creds = tmp_path / "team-credentials"
+    creds.write_text("[default]\naws_access_key_id = file-key\naws_secret_access_key = file-secret\n")
+    why = _s3_bucket_problem("team", f"http://127.0.0.1:{free_port()}", {"credentialpath": str(creds)})
+    assert why is not None and why.startswith("the store did not answer"), why
+    assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == str(tmp_path / "none")

@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 Check = tuple[str, str, str]  # (status: ok | info | problem, what, detail)
@@ -109,6 +109,13 @@ def _http_ok(url: str, headers: Optional[dict[str, str]] = None) -> Optional[str
         return str(getattr(exc, "reason", exc))
 
 
+def _basic_auth(user_password: str) -> dict[str, str]:
+    """The Authorization header of HTTP basic auth for "user:password"."""
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(user_password.encode()).decode()}
+
+
 def _tcp_ok(host: str, port: int) -> Optional[str]:
     try:
         with socket.create_connection((host, port), timeout=TIMEOUT):
@@ -151,8 +158,6 @@ def _mlflow(params, paths) -> Iterator[Check]:
 def _mlflow_server(uri: str, shown: str, what: str) -> Check:
     """/health (open), then one read behind the server's login, when it has one (the basic-auth
     app): with MLFLOW_TRACKING_USERNAME / _PASSWORD (or MLFLOW_TRACKING_TOKEN), never printed."""
-    import base64
-
     uri = uri.rstrip("/")
     why = _http_ok(uri + "/health")
     if why is not None:
@@ -160,7 +165,7 @@ def _mlflow_server(uri: str, shown: str, what: str) -> Check:
                                  "register.tracking_uri / $MLFLOW_TRACKING_URI (docs/scale-out.md)")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    headers = ({"Authorization": "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()} if user
+    headers = (_basic_auth(f"{user}:{password or ''}") if user
                else {"Authorization": f"Bearer {token}"} if token else {})
     why = _http_ok(uri + "/api/2.0/mlflow/experiments/search?max_results=1", headers)
     login = f" and took the login of user {user!r}" if user else " and took MLFLOW_TRACKING_TOKEN" if token else ""
@@ -177,8 +182,6 @@ def _mlflow_server(uri: str, shown: str, what: str) -> Check:
 
 
 def _prefect() -> Iterator[Check]:
-    import base64
-
     from visionflow.core.errors import without_credentials
 
     api = os.environ.get("PREFECT_API_URL")
@@ -192,7 +195,7 @@ def _prefect() -> Iterator[Check]:
                                      "fix PREFECT_API_URL, or unset it to use a temporary server")
         return
     auth = os.environ.get("PREFECT_API_AUTH_STRING")
-    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    headers = _basic_auth(auth) if auth else {}
     why = _http_ok(api + "/admin/version", headers)  # behind the server's login, when it has one
     if why is None:
         yield "ok", "Prefect", f"PREFECT_API_URL {shown} answered" + (" and took PREFECT_API_AUTH_STRING" if auth else "")
@@ -256,6 +259,7 @@ def _s3_bucket_problem(bucket: str, endpoint: Optional[str], remote: Optional[di
     profile, credentialpath) come first, as DVC takes them."""
     try:
         import boto3
+        import botocore.session
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ProfileNotFound
     except ImportError:
@@ -264,10 +268,11 @@ def _s3_bucket_problem(bucket: str, endpoint: Optional[str], remote: Optional[di
     config = Config(connect_timeout=TIMEOUT, read_timeout=TIMEOUT, retries={"max_attempts": 1})
     keys = {"aws_access_key_id": remote.get("access_key_id"), "aws_secret_access_key": remote.get("secret_access_key"),
             "aws_session_token": remote.get("session_token")}
-    if remote.get("credentialpath"):
-        os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", remote["credentialpath"])  # this process only
     try:
-        session = boto3.session.Session(profile_name=remote.get("profile"))
+        core = botocore.session.Session()
+        if remote.get("credentialpath"):
+            core.set_config_variable("credentials_file", remote["credentialpath"])
+        session = boto3.session.Session(botocore_session=core, profile_name=remote.get("profile"))
         session.client("s3", endpoint_url=endpoint, config=config, **{k: v for k, v in keys.items() if v}) \
             .head_bucket(Bucket=bucket)
     except ProfileNotFound as exc:
@@ -290,8 +295,8 @@ def _s3_bucket_problem(bucket: str, endpoint: Optional[str], remote: Optional[di
 
 def checks(params_file: Optional[Path]) -> Iterator[Check]:
     """Every check's line, in order; the project's only when `params_file` exists."""
-    sections: list[Callable[[], Iterator[Check]]] = [_install, _device, _fiftyone]
-    yield from (c for section in sections for c in section())
+    for section in (_install, _device, _fiftyone):
+        yield from section()
     if params_file is None or not params_file.is_file():
         yield "info", "project", f"no {params_file or 'params.yaml'}: the project's checks are skipped (--params)"
         return

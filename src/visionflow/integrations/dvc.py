@@ -127,17 +127,28 @@ def wanted_remote(params: Params) -> dict[str, str] | None:
     return remote
 
 
+def _config_sections(dvc_dir: Path, *files: str) -> dict[str, dict[str, str]]:
+    """The sections of these files under .dvc/ (later files over earlier ones, as DVC merges
+    config.local over config), keyed "core", "remote:NAME", ... whatever quoting DVC wrote."""
+    import configparser
+
+    merged: dict[str, dict[str, str]] = {}
+    for file in files:
+        config = configparser.ConfigParser(interpolation=None)
+        path = dvc_dir / file
+        config.read_string(path.read_text() if path.exists() else "")
+        for section in config.sections():
+            key = section.strip("'").replace('"', "").replace(" ", ":")
+            merged.setdefault(key, {}).update(config[section])
+    return merged
+
+
 def configured_remote(dvc_dir: Path, name: str) -> dict[str, str]:
     """The remote `name` as .dvc/config has it (its url, endpointurl, ...) and whether it is the
     default ("default": the core.remote setting)."""
-    import configparser
-
-    config = configparser.ConfigParser(interpolation=None)
-    path = dvc_dir / "config"
-    config.read_string(path.read_text() if path.exists() else "")
-    sections = {s.strip("'").replace('"', "").replace(" ", ":"): s for s in config.sections()}
-    found = dict(config[sections[f"remote:{name}"]]) if f"remote:{name}" in sections else {}
-    if "core" in sections and config[sections["core"]].get("remote") == name:
+    sections = _config_sections(dvc_dir, "config")
+    found = dict(sections.get(f"remote:{name}", {}))
+    if sections.get("core", {}).get("remote") == name:
         found["default"] = "true"
     return found
 
@@ -145,18 +156,9 @@ def configured_remote(dvc_dir: Path, name: str) -> dict[str, str]:
 def default_remote(dvc_dir: Path) -> tuple[str, dict[str, str]] | None:
     """(name, settings) of the repository's default remote, or None: .dvc/config with
     .dvc/config.local over it, as DVC merges them (credentials may sit in config.local)."""
-    import configparser
-
-    merged: dict[str, dict[str, str]] = {}
-    for file in ("config", "config.local"):
-        config = configparser.ConfigParser(interpolation=None)
-        path = dvc_dir / file
-        config.read_string(path.read_text() if path.exists() else "")
-        for section in config.sections():
-            key = section.strip("'").replace('"', "").replace(" ", ":")
-            merged.setdefault(key, {}).update(config[section])
-    name = merged.get("core", {}).get("remote")
-    return (name, merged.get(f"remote:{name}", {})) if name else None
+    sections = _config_sections(dvc_dir, "config", "config.local")
+    name = sections.get("core", {}).get("remote")
+    return (name, sections.get(f"remote:{name}", {})) if name else None
 
 
 def _remote_stale(params: Params, dvc_dir: Path) -> str | None:
