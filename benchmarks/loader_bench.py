@@ -20,8 +20,9 @@ off in this process and its workers), which is what the loader used before 2026-
 
 Printed: images/s of each, the images/s per core used (workers, or 1 for the main process
 with 0 workers) and the ratio loader/raw per core against each reference (issue 12's goal:
->= 0.8). The first epoch (worker start-up, the ram cache's fill) is not timed; the best of
-`--epochs` timed epochs is.
+>= 0.8). With workers, the main process's own CPU time per image (receiving the batches) is
+printed beside it: it is not counted in the cores used. The first epoch (worker start-up, the
+ram cache's fill) is not timed; the best of `--epochs` timed epochs is.
 Both raw references are measured again right before and after each loader row, and its ratios
 use their mean (this machine's speed drifts by up to 1.5x between minutes).
 
@@ -33,6 +34,8 @@ can outrun the raw references, which always decode every pixel.
     nice -n 10 .venv/bin/python benchmarks/loader_bench.py                 # 400 photos, 224 and 640 px
     .venv/bin/python benchmarks/loader_bench.py --n 300 --image-size 640 --breakdown   # where the time goes
     .venv/bin/python benchmarks/loader_bench.py --n 1000 --workers 0 1 --image-size 224 --out /tmp/loader.json
+    .venv/bin/python benchmarks/loader_bench.py --n 300 --image-size 640 --caches none --batches uint8 \
+        --workers 0 1 --slots on off                                        # the workers' batch slots
     .venv/bin/python benchmarks/loader_bench.py --photo-size 4032x3024 --n 96 --image-size 224 --workers 0 \
         --batches uint8 --decode reduced full                               # train.decode on phone photos
 """
@@ -111,6 +114,21 @@ def raw_rate(paths: list[Path], repeat: int, decode=_pil_decode) -> float:
 
 
 @contextlib.contextmanager
+def _slots(on: bool):
+    """off: the train stage's loaders without batch slots (each worker batch in a fresh
+    shared-memory segment, as before 2026-12-06's fourteenth session)."""
+    from visionflow.stages import train
+
+    own = train.slots_for
+    if not on:
+        train.slots_for = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        train.slots_for = own
+
+
+@contextlib.contextmanager
 def _decoder(name: str):
     """pillow: load_rgb's OpenCV path for RGB JPEGs switched off (in this process, and in the
     loader's workers, which fork from it)."""
@@ -159,15 +177,15 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
     val_ds = task.build_dataset(samples[:1], eval_tf, root)
     loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"), SINGLE,
                                        normalize_on_device=batches == "uint8")
-    best = float("inf")
+    best, main_cpu = float("inf"), 0.0
     for epoch in range(epochs + 1):  # the first epoch starts the workers: not timed
         sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = sum(len(images) for images, _ in loader)
-        if epoch:
-            best = min(best, time.perf_counter() - t0)
+        if epoch and time.perf_counter() - t0 < best:
+            best, main_cpu = time.perf_counter() - t0, time.process_time() - c0
     del loader
-    return n / best
+    return n / best, main_cpu / n * 1e3
 
 
 def breakdown(paths: list[Path], image_size: int, preset: str, batch: int, task_name: str = "classify",
@@ -230,6 +248,10 @@ def main() -> None:
     ap.add_argument("--decoders", nargs="+", default=["opencv"], choices=["opencv", "pillow"],
                     help="the loader's image decode: opencv (load_rgb's own path for RGB JPEGs) and/or pillow "
                          "(that path switched off: the loader before 2026-12-05)")
+    ap.add_argument("--slots", nargs="+", default=["on"], choices=["on", "off"],
+                    help="the workers' batch slots (visionflow.training.batch_slots): on (the loader's own) and/or "
+                         "off (a fresh shared-memory segment per batch: the loader before them); rows with "
+                         "workers only")
     ap.add_argument("--photo-size", default="640x480",
                     help="the photos' size, WxH (a third of them turned to portrait): 640x480 (the issue's "
                          "640 px photos), or e.g. 1920x1080 or 4032x3024 (a phone's) to see train.decode at work")
@@ -264,27 +286,30 @@ def main() -> None:
     for size in args.image_size:
         for cache in args.caches:
             for batches in args.batches:
-                for w, decoder, decode in ((w, d, m) for w in args.workers for d in args.decoders
-                                           for m in args.decode):
+                for w, decoder, decode, slots in ((w, d, m, sl) for w in args.workers for d in args.decoders
+                                                  for m in args.decode for sl in (args.slots if w else ["on"])):
                     # the references again, just before and after the row: this machine's speed
                     # drifts by up to 1.5x between minutes, so each ratio uses its own neighbours
                     before = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
-                    with _decoder(decoder):
-                        rate = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
+                    with _decoder(decoder), _slots(slots == "on"):
+                        rate, main_ms = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
                                            batches, args.task, decode)
                     after = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
                     raw, raw_cv2 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                     cores = max(1, w)
                     ratio, ratio_cv2 = rate / cores / raw, rate / cores / raw_cv2
                     rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
-                                 "decoder": decoder, "decode": decode, "raw_pil": round(raw, 1),
+                                 "decoder": decoder, "decode": decode, "slots": slots if w else None,
+                                 "raw_pil": round(raw, 1),
                                  "raw_cv2": round(raw_cv2, 1),
                                  "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
+                                 "main_cpu_ms_per_image": round(main_ms, 3),
                                  "ratio_per_core": round(ratio, 3), "ratio_per_core_cv2": round(ratio_cv2, 3)})
                     print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w} "
-                          f"{decoder:7s} {decode:7s}: "
+                          f"{decoder:7s} {decode:7s}{' slots ' + slots if w else ''}: "
                           f"{rate:8.1f} images/s, {rate / cores:8.1f} per core, loader/raw per core "
-                          f"{ratio:5.2f} (PIL) {ratio_cv2:5.2f} (OpenCV); raw {raw:6.1f} / {raw_cv2:6.1f}")
+                          f"{ratio:5.2f} (PIL) {ratio_cv2:5.2f} (OpenCV); raw {raw:6.1f} / {raw_cv2:6.1f}"
+                          + (f"; main process {main_ms:.2f} ms CPU an image" if w else ""))
     if args.out:
         args.out.write_text(json.dumps({"raw_images_per_s": round(first, 1), "raw_cv2_images_per_s": round(first_cv2, 1),
                                         "n": len(paths), "task": args.task, "photo_size": args.photo_size,

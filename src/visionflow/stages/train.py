@@ -25,6 +25,7 @@ from visionflow.training.loader import (STARVED, AspectBatchSampler, DeviceBatch
                                         WorkerInit, available_memory, loader_advice, orientation_batches,
                                         orientations, process_cores, resolve_num_workers, set_main_threads)
 from visionflow.training import memory  # noqa: E402
+from visionflow.training.batch_slots import SlotCollate, slots_for  # noqa: E402
 from visionflow.training.engine import (FitConfig, fit, select_device, seed_everything, use_channels_last,  # noqa: E402
                                          write_history_csv)
 from visionflow.core.files import write_dir, write_json  # noqa: E402
@@ -173,24 +174,28 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
         # workers and once per run with persistent ones.
         common = {"num_workers": workers, "pin_memory": cuda, "generator": torch.Generator()}
         if not workers:
-            return common
-        return {**common, "persistent_workers": True,
-                "prefetch_factor": 4 if cuda else 2, "worker_init_fn": WorkerInit(params.seed, dist_info.rank)}
+            return {**common, "collate_fn": task.collate}
+        prefetch = 4 if cuda else 2
+        # the workers' batches reach this process through shared memory they reuse (batch_slots.py)
+        slots = slots_for(workers, prefetch, pin=cuda)
+        return {**common, "persistent_workers": True, "prefetch_factor": prefetch,
+                "collate_fn": SlotCollate(task.collate) if slots is not None else task.collate,
+                "worker_init_fn": WorkerInit(params.seed, dist_info.rank, slots)}
 
     grouped = params.resize == "fit" and params.aspect_grouping is not False
     if grouped:  # batches of one orientation, padded to their own shape (AspectBatchSampler)
         sampler: Any = AspectBatchSampler(orientations(train_ds.samples), params.batch_size, params.seed,
                                           dist_info.rank, dist_info.world_size)
-        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=task.collate, **options(train_workers))
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, **options(train_workers))
         val_loader = DataLoader(val_ds, batch_sampler=orientation_batches(orientations(val_ds.samples),
                                                                           params.batch_size),
-                                collate_fn=task.collate, **options(val_workers))
+                                **options(val_workers))
     else:
         sampler = SeededSampler(len(train_ds), params.seed, dist_info.rank, dist_info.world_size, drop_last=True)
         drop_last = len(train_ds) > params.batch_size * dist_info.world_size
-        train_loader = DataLoader(train_ds, batch_size=params.batch_size, sampler=sampler, collate_fn=task.collate,
-                                  drop_last=drop_last, **options(train_workers))
-        val_loader = DataLoader(val_ds, batch_size=params.batch_size, collate_fn=task.collate, **options(val_workers))
+        train_loader = DataLoader(train_ds, batch_size=params.batch_size, sampler=sampler, drop_last=drop_last,
+                                  **options(train_workers))
+        val_loader = DataLoader(val_ds, batch_size=params.batch_size, **options(val_workers))
     if dist_info.is_main:
         log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s%s%s%s",
                  train_workers, val_workers, threads, params.cache, cuda,

@@ -46,6 +46,7 @@ from visionflow.core.errors import UserError
 from visionflow.manifest import Sample
 from visionflow.manifest.images import load_rgb
 from visionflow.training.augment import decode_fit
+from visionflow.training.batch_slots import BatchSlots, shared_buffer
 from visionflow.training import memory
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,12 @@ class WorkerInit:
     """worker_init_fn: one torch thread per worker (the workers already divide the cores), and
     the worker's global generators seeded from (seed, rank, worker id). Picklable."""
 
-    def __init__(self, seed: int, rank: int = 0):
-        self.seed, self.rank = seed, rank
+    def __init__(self, seed: int, rank: int = 0, slots: Optional[BatchSlots] = None):
+        self.seed, self.rank, self.slots = seed, rank, slots
 
     def __call__(self, worker_id: int) -> None:
+        if self.slots is not None:  # its batches leave through the loader's slots (SlotCollate)
+            self.slots.start_worker(worker_id)
         # OpenCV's thread count is left alone: cv2.setNumThreads in a forked child joins the
         # parent's pool threads, which do not exist there, and hangs (seen once the main process
         # had resized large images before forking, e.g. filling the ram cache).
@@ -674,9 +677,8 @@ def stack(tensors: Sequence[torch.Tensor], pad: bool = False) -> torch.Tensor:
         if out.device.type == "cpu":
             memory.advise_huge(out)  # 2 MiB pages: a 39 MB batch faults 20 times, not 9,600
     else:
-        storage = first._typed_storage()._new_shared(len(parts) * math.prod(shape), device=first.device)
-        out = first.new(storage).resize_(len(parts), *shape)
-        memory.populate(out)  # shared memory takes no huge pages: its pages populated in one call
+        # shared memory: a slot of the worker's (batch_slots.py) or a fresh segment, populated
+        out = shared_buffer(len(parts) * math.prod(shape), first.dtype).view(len(parts), *shape)
     if ragged:
         out.zero_()
         for o, t in zip(out, parts):

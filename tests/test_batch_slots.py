@@ -1,0 +1,174 @@
+"""Loader workers reuse their shared-memory batches (visionflow.training.batch_slots).
+
+What must hold: every batch a consumer gets is the batch a loader without workers gives, bit for
+bit, even when the consumer keeps every batch of several epochs (a slot is only written again
+after its batch was copied out), the slots are really reused (far fewer storages cross than
+batches), and what the collate hides or repeats is never reused.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+import test_loader as T  # noqa: E402
+
+from visionflow.core.config import AugmentParams, TrainParams  # noqa: E402
+from visionflow.core.paths import Paths  # noqa: E402
+from visionflow.stages.train import build_loaders  # noqa: E402
+from visionflow.tasks import get_task  # noqa: E402
+from visionflow.training import batch_slots, memory  # noqa: E402
+from visionflow.training.batch_slots import BatchSlots, SlotCollate  # noqa: E402
+from visionflow.training.distributed import SINGLE  # noqa: E402
+from visionflow.training.loader import SeededSampler, WorkerInit, stack  # noqa: E402
+
+
+def _epochs(task_name: str, samples, root: Path, workers: int, epochs: int = 3):
+    """Every batch of `epochs` epochs of the train stage's loader, all kept; and its slots."""
+    params = TrainParams(image_size=48, batch_size=2, num_workers=workers, augment=AugmentParams(preset="medium"),
+                         device="cpu")
+    task = get_task(task_name, params)
+    train_tf, eval_tf = task.build_transforms(params)
+    train_ds = task.build_dataset(samples, train_tf, root)
+    val_ds = task.build_dataset(samples[:2], eval_tf, root)
+    loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"), SINGLE,
+                                       normalize_on_device=True)
+    kept = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        kept.append(list(loader))
+    slots = loader.worker_init_fn.slots if workers else None
+    return kept, slots
+
+
+def _flat(kept) -> list[torch.Tensor]:
+    out = []
+    for epoch in kept:
+        for images, targets in epoch:
+            out.append(images)
+            if isinstance(targets, torch.Tensor):
+                out.append(targets)
+            else:  # detect: a list of dicts of tensors
+                out.extend(v for t in targets for v in t.values())
+    return out
+
+
+@pytest.mark.parametrize("task_name", ["classify", "segment", "detect"])
+def test_kept_batches_of_two_workers_are_those_of_none_and_the_slots_are_reused(tmp_path, task_name):
+    samples = T._same_image_samples(tmp_path, 16) if task_name == "classify" else T._shapes_samples(tmp_path, 16)
+    ref, _ = _epochs(task_name, samples, tmp_path, workers=0)
+    got, slots = _epochs(task_name, samples, tmp_path, workers=2)
+    a, b = _flat(ref), _flat(got)
+    assert len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+    # the images came through the slots: copies in this process's own memory, as laid out
+    assert slots is not None and slots._received
+    images = [images for epoch in got for images, _ in epoch]
+    assert not any(x.is_shared() for x in images)
+    if task_name == "classify":
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x in images)
+    # 24 batches, each one or two stacked tensors, crossed in a few storages: reused, not made afresh
+    crossed = len(slots._received)
+    assert 2 <= crossed <= slots.workers * slots.per_worker < len(images)
+    assert not slots.busy.any()  # every slot given back once its batch was copied out
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((64, 64), float(i))
+
+
+def _hides_and_repeats(batch: list) -> tuple:
+    """A collate that shows one stacked tensor plainly, one twice and one inside an object the
+    slots do not look into: only the first may go through a slot."""
+    plain, twice, hidden = stack(batch), stack(batch), stack(batch)
+    return plain, (twice, [twice]), _Box(hidden)
+
+
+class _Box:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+def _loader(collate, slots: BatchSlots, workers: int = 2, **kw) -> DataLoader:
+    return DataLoader(_Numbers(), batch_size=4, num_workers=workers, collate_fn=SlotCollate(collate),
+                      worker_init_fn=WorkerInit(0, 0, slots), persistent_workers=True, prefetch_factor=2, **kw)
+
+
+def test_a_slot_the_collate_hides_or_repeats_is_retired_never_written_again():
+    slots = BatchSlots(workers=2, per_worker=6)
+    loader = _loader(_hides_and_repeats, slots)
+    kept = [list(loader) for _ in range(3)]  # three epochs, all kept
+    for epoch in kept:
+        for k, (plain, (twice, [again]), box) in enumerate(epoch):
+            want = torch.arange(4 * k, 4 * k + 4, dtype=torch.float32).view(4, 1, 1).expand(4, 64, 64)
+            assert torch.equal(plain, want) and torch.equal(twice, want) and torch.equal(box.t, want)
+            assert not plain.is_shared()  # through a slot: copied out
+            assert twice.is_shared() and box.t.is_shared()  # as torch sends a shared tensor
+    assert len(slots._received) <= 2 * 6 < 30
+
+
+def test_with_every_slot_busy_a_worker_stacks_into_a_fresh_segment():
+    slots = BatchSlots(workers=1, per_worker=1)  # fewer than the batches in flight (prefetch 2)
+    loader = _loader(lambda b: stack(b), slots, workers=1)
+    kept = [list(loader) for _ in range(2)]
+    for epoch in kept:
+        for k, batch in enumerate(epoch):
+            assert torch.equal(batch[:, 0, 0], torch.arange(4 * k, 4 * k + 4, dtype=torch.float32))
+    assert len(slots._received) == 1
+    assert any(not b.is_shared() for e in kept for b in e) and any(b.is_shared() for e in kept for b in e)
+
+
+def test_spawned_workers_use_the_slots_too(tmp_path):
+    samples = T._same_image_samples(tmp_path, 8)
+    params = TrainParams(image_size=32, batch_size=2, num_workers=1, device="cpu")
+    task = get_task("classify", params)
+    train_tf, _ = task.build_transforms(params)
+    ds = task.build_dataset(samples, train_tf, tmp_path)
+    ds.defer_normalization()
+    sampler = SeededSampler(len(ds), seed=3)
+    keys = list(sampler)
+    want = [task.collate([ds[key] for key in keys[i:i + 2]]) for i in range(0, 8, 2)]
+    sampler.set_epoch(3)  # the same order again
+    slots = BatchSlots(workers=1, per_worker=4, context="spawn")
+    loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=1, collate_fn=SlotCollate(task.collate),
+                        worker_init_fn=WorkerInit(0, 0, slots), multiprocessing_context="spawn")
+    got = list(loader)
+    assert all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(got, want, strict=True))
+    assert slots._received and not got[0][0].is_shared()
+
+
+def test_slots_off_with_the_rest_of_the_loader_memory_measures(monkeypatch):
+    assert batch_slots.slots_for(0, 2, pin=False) is None
+    slots = batch_slots.slots_for(3, 2, pin=False)
+    assert slots is not None and slots.workers == 3 and slots.per_worker == 6
+    monkeypatch.setenv(memory.OPT_OUT, "default")
+    assert batch_slots.slots_for(3, 2, pin=False) is None
+
+
+def test_an_epoch_left_half_way_leaves_the_next_epochs_whole():
+    slots = BatchSlots(workers=2, per_worker=6)
+    loader = _loader(lambda b: stack(b), slots)
+    for _ in range(3):
+        it = iter(loader)
+        next(it), next(it)  # left with batches in flight: the next iter() drains them
+        del it
+    for k, batch in enumerate(list(loader)):
+        assert torch.equal(batch[:, 0, 0], torch.arange(4 * k, 4 * k + 4, dtype=torch.float32))
+    assert not slots.busy.any()
+
+
+def test_a_slot_whose_storage_never_arrived_is_refused_not_guessed():
+    slots = BatchSlots(workers=1, per_worker=2)
+    storage = torch.UntypedStorage._new_shared(16)
+    got = slots.receive(0, 1, (123, 1), storage, torch.uint8, (16,), (1,), 0)
+    assert got.shape == (16,)
+    assert torch.equal(slots.receive(0, 1, (123, 1), None, torch.uint8, (16,), (1,), 0), got)
+    with pytest.raises(RuntimeError, match="slot 1 .* never received"):
+        slots.receive(0, 1, (123, 2), None, torch.uint8, (16,), (1,), 0)  # a newer storage than the one here
