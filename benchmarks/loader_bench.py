@@ -116,7 +116,8 @@ def raw_rate(paths: list[Path], repeat: int, decode=_pil_decode) -> float:
 @contextlib.contextmanager
 def _slots(on: bool):
     """off: the train stage's loaders without batch slots (each worker batch in a fresh
-    shared-memory segment, as before 2026-12-06's fourteenth session)."""
+    shared-memory segment and each small tensor in one of its own, as before 2026-12-06's
+    fourteenth session)."""
     from visionflow.stages import train
 
     own = train.slots_for
@@ -242,16 +243,17 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", default=["float32", "uint8"], choices=["float32", "uint8"],
                     help="float32: normalised by the loader (CPU training); uint8: normalised on the device "
                          "after the copy (CUDA training; the device's work is not timed here)")
-    ap.add_argument("--task", default="classify", choices=["classify", "segment"],
+    ap.add_argument("--task", default="classify", choices=["classify", "segment", "detect"],
                     help="classify: stretched to image_size x image_size; segment: letterboxed (longest "
-                         "side to image_size, padded), with its mask (one rectangle per photo)")
+                         "side to image_size, padded), with its mask (one rectangle per photo); detect: "
+                         "letterboxed, with its box and label tensors per photo")
     ap.add_argument("--decoders", nargs="+", default=["opencv"], choices=["opencv", "pillow"],
                     help="the loader's image decode: opencv (load_rgb's own path for RGB JPEGs) and/or pillow "
                          "(that path switched off: the loader before 2026-12-05)")
     ap.add_argument("--slots", nargs="+", default=["on"], choices=["on", "off"],
                     help="the workers' batch slots (visionflow.training.batch_slots): on (the loader's own) and/or "
-                         "off (a fresh shared-memory segment per batch: the loader before them); rows with "
-                         "workers only")
+                         "off (a fresh shared-memory segment per batch, and every small tensor in one of its own: "
+                         "the loader before them); rows with workers only")
     ap.add_argument("--photo-size", default="640x480",
                     help="the photos' size, WxH (a third of them turned to portrait): 640x480 (the issue's "
                          "640 px photos), or e.g. 1920x1080 or 4032x3024 (a phone's) to see train.decode at work")

@@ -74,6 +74,10 @@ def test_kept_batches_of_two_workers_are_those_of_none_and_the_slots_are_reused(
     crossed = len(slots._received)
     assert 2 <= crossed <= slots.workers * slots.per_worker < len(images)
     assert not slots.busy.any()  # every slot given back once its batch was copied out
+    # the small tensors (labels, a detector's boxes and labels) crossed by value, not each in a
+    # shared-memory segment of its own
+    small = [t for t in b if t.numel() * t.element_size() <= batch_slots.INLINE_BYTES]
+    assert small and not any(t.is_shared() for t in small)
 
 
 class _Numbers(torch.utils.data.Dataset):
@@ -81,7 +85,7 @@ class _Numbers(torch.utils.data.Dataset):
         return 40
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.full((64, 64), float(i))
+        return torch.full((128, 128), float(i))  # a batch of 4 is 256 KiB: above what crosses by value
 
 
 def _hides_and_repeats(batch: list) -> tuple:
@@ -107,7 +111,7 @@ def test_a_slot_the_collate_hides_or_repeats_is_retired_never_written_again():
     kept = [list(loader) for _ in range(3)]  # three epochs, all kept
     for epoch in kept:
         for k, (plain, (twice, [again]), box) in enumerate(epoch):
-            want = torch.arange(4 * k, 4 * k + 4, dtype=torch.float32).view(4, 1, 1).expand(4, 64, 64)
+            want = torch.arange(4 * k, 4 * k + 4, dtype=torch.float32).view(4, 1, 1).expand(4, 128, 128)
             assert torch.equal(plain, want) and torch.equal(twice, want) and torch.equal(box.t, want)
             assert not plain.is_shared()  # through a slot: copied out
             assert twice.is_shared() and box.t.is_shared()  # as torch sends a shared tensor
@@ -172,3 +176,15 @@ def test_a_slot_whose_storage_never_arrived_is_refused_not_guessed():
     assert torch.equal(slots.receive(0, 1, (123, 1), None, torch.uint8, (16,), (1,), 0), got)
     with pytest.raises(RuntimeError, match="slot 1 .* never received"):
         slots.receive(0, 1, (123, 2), None, torch.uint8, (16,), (1,), 0)  # a newer storage than the one here
+
+
+@pytest.mark.parametrize("t", [torch.tensor([[1.5, 2.0], [3.0, 4.0]]), torch.tensor([True, False]),
+                               torch.arange(6, dtype=torch.int64).view(2, 3).t(), torch.empty(0, 4),
+                               torch.tensor(7, dtype=torch.uint8)])
+def test_a_small_tensor_crosses_by_value_and_arrives_as_it_left(t):
+    import pickle
+
+    got = pickle.loads(pickle.dumps(batch_slots._Inline(t)))
+    assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t) and not got.is_shared()
+    assert not batch_slots._inline(torch.zeros(batch_slots.INLINE_BYTES + 1, dtype=torch.uint8))
+    assert not batch_slots._inline(torch.zeros(2, dtype=torch.bfloat16))  # numpy has no bfloat16
