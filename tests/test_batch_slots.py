@@ -188,3 +188,40 @@ def test_a_small_tensor_crosses_by_value_and_arrives_as_it_left(t):
     assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t) and not got.is_shared()
     assert not batch_slots._inline(torch.zeros(batch_slots.INLINE_BYTES + 1, dtype=torch.uint8))
     assert not batch_slots._inline(torch.zeros(2, dtype=torch.bfloat16))  # numpy has no bfloat16
+
+
+def test_shared_memory_is_measured_and_a_shortfall_says_what_to_do():
+    free, total = batch_slots.shm_space()  # this machine's /dev/shm
+    assert 0 < free <= total
+    assert batch_slots.shm_space("/no/such/folder") is None
+    need = batch_slots.in_flight(workers=4, prefetch_factor=2, batch_bytes=32 * 3 * 640 * 640, processes=2)
+    assert need == 2 * 4 * 3 * 32 * 3 * 640 * 640  # two local ranks, four workers, two prefetched + one received
+    assert batch_slots.shm_shortfall(need, (need, need)) is None
+    assert batch_slots.shm_shortfall(need, None) is None
+    said = batch_slots.shm_shortfall(need, (64 << 20, 64 << 20))  # Docker's default
+    assert "need about 900 MiB of shared memory, but /dev/shm has 64 MiB free of 64 MiB" in said, said
+    assert "--shm-size=2g" in said and "num_workers" in said and "batch_size" in said
+
+
+@pytest.mark.parametrize("space,warned", [((1 << 20, 64 << 20), True), ((1 << 40, 1 << 40), False)])
+def test_the_train_stage_warns_when_the_workers_batches_would_not_fit(tmp_path, monkeypatch, caplog, space, warned):
+    """Two workers, three batches in flight each, of 4 float images at 48 px (110 KiB): about
+    660 KiB for the train loader and as much for validation, against 1 MiB or 1 TiB free."""
+    import logging
+
+    import visionflow.stages.train as train_stage
+
+    monkeypatch.setattr(train_stage, "shm_space", lambda: space)
+    samples = T._same_image_samples(tmp_path, 16)
+    params = TrainParams(image_size=48, batch_size=4, num_workers=2, device="cpu")
+    task = get_task("classify", params)
+    train_tf, eval_tf = task.build_transforms(params)
+    with caplog.at_level(logging.WARNING, logger="visionflow.stages.train"):
+        build_loaders(task, params, Paths(tmp_path), task.build_dataset(samples, train_tf, tmp_path),
+                      task.build_dataset(samples, eval_tf, tmp_path), torch.device("cpu"), SINGLE)
+    said = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
+    if warned:
+        assert len(said) == 1 and "need about 1.3 MiB of shared memory, but /dev/shm has 1.0 MiB free" in said[0], said
+        assert "--shm-size=1g" in said[0]
+    else:
+        assert not said

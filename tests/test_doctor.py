@@ -61,6 +61,8 @@ def test_a_healthy_project_has_no_problems(tmp_path):
     assert lines["Prefect"].startswith("info no PREFECT_API_URL"), lines
     assert lines["DVC"].startswith("ok dvc.yaml"), lines
     assert lines["DVC remote"].startswith("info none (params.yaml remote.url"), lines
+    assert lines["shared memory"].startswith("ok /dev/shm has "), lines
+    assert "loader workers' batches need about" in lines["shared memory"], lines
     assert out.stdout.rstrip().endswith("no problems found")
 
 
@@ -69,7 +71,10 @@ def test_every_problem_is_one_line_saying_what_to_do(tmp_path):
     loopback ports, and dvc.yaml is stale. Exit 1, each problem named with what to do."""
     root = tmp_path / "proj"
     closed = [free_port() for _ in range(4)]
-    make_project(root, {"classify": {"register": {"tracking_uri": f"http://127.0.0.1:{closed[0]}"}},
+    # and a loader whose workers' batches in flight (2 workers x 3 batches of 256 float images at
+    # 2048 px: 77 TB) fit no machine's /dev/shm
+    make_project(root, {"classify": {"register": {"tracking_uri": f"http://127.0.0.1:{closed[0]}"},
+                                     "train": {"num_workers": 2, "batch_size": 256, "image_size": 2048}},
                         "remote": {"url": "s3://team/dvc", "endpoint_url": f"http://127.0.0.1:{closed[3]}"}},
                  name="sick")
     env = {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{closed[1]}/?serverSelectionTimeoutMS=300",
@@ -99,7 +104,10 @@ def test_every_problem_is_one_line_saying_what_to_do(tmp_path):
     assert remote.startswith(f"problem 'storage' = s3://team/dvc at http://127.0.0.1:{closed[3]}: the store did not "
                              "answer"), remote
     assert "fix remote.endpoint_url" in remote and "s3cr3t-never-shown" not in out.stdout + out.stderr
-    assert out.stdout.rstrip().endswith(f"{4 + len(dvc)} problem(s)"), out.stdout
+    shm = lines["shared memory"]
+    assert shm.startswith("problem classify: the loader workers' batches in flight need about "), shm
+    assert "of shared memory, but /dev/shm has " in shm and "--shm-size=" in shm and "num_workers" in shm, shm
+    assert out.stdout.rstrip().endswith(f"{5 + len(dvc)} problem(s)"), out.stdout
 
 
 def test_without_a_params_file_the_machine_is_still_checked(tmp_path):

@@ -8,7 +8,8 @@ about each problem (docs/troubleshooting.md has the longer story).
 Checks, in order: the install (torchvision's C++ operators load: a CPU-only torch breaks them;
 FiftyOne's mongod binary, unless FIFTYONE_DATABASE_URI names a MongoDB of your own), the device,
 FiftyOne's database (one connection attempt: it starts FiftyOne's own mongod as a stage would,
-or asks the MongoDB at FIFTYONE_DATABASE_URI), then, for the project of `--params`: each branch's
+or asks the MongoDB at FIFTYONE_DATABASE_URI), then, for the project of `--params`: /dev/shm
+against the loader workers' batches in flight (Docker's 64 MiB kills workers), each branch's
 MLflow store (a sqlite file; a server answering, and taking MLFLOW_TRACKING_USERNAME /
 _PASSWORD if it asks for a login; a database's port), the Prefect API
 (PREFECT_API_URL answers, and takes PREFECT_API_AUTH_STRING if it asks for a login; else the
@@ -80,6 +81,41 @@ def _device() -> Iterator[Check]:
     else:
         build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
         yield "info", "device", f"no CUDA GPU visible (torch is {build}): training runs on {cores} CPU cores"
+
+
+def _shared_memory(params) -> Iterator[Check]:
+    """/dev/shm against what each branch's loader workers would keep in flight at most: `auto`
+    taken as the most workers this machine gives, batches as the train stage hands them over
+    (uint8 on CUDA, float32 on the CPU), images image_size square. Docker gives 64 MiB unless
+    told otherwise, and a worker that runs out dies with a bus error."""
+    import torch
+
+    from visionflow.training.batch_slots import SHM, in_flight, shm_shortfall, shm_space
+    from visionflow.training.loader import local_world_size, max_workers, process_cores
+
+    space = shm_space()
+    if space is None:
+        yield "info", "shared memory", f"no {SHM} here: not checked"
+        return
+    cuda = torch.cuda.is_available()
+    need, branch = 0, None
+    for task in params.tasks:
+        train = params.branch(task).train
+        on_cuda = cuda and train.device != "cpu"
+        workers = max_workers(process_cores()) if train.num_workers == "auto" else int(train.num_workers)
+        batch = train.batch_size * 3 * train.image_size ** 2 * (1 if on_cuda else 4)
+        n = in_flight(workers, 4 if on_cuda else 2, batch, local_world_size())
+        if n > need:
+            need, branch = n, task
+    free, total = space
+    shortfall = shm_shortfall(need, space)
+    if shortfall:
+        yield "problem", "shared memory", f"{branch}: {shortfall}"
+    elif need:
+        yield "ok", "shared memory", (f"{SHM} has {free / 2**20:,.0f} MiB free of {total / 2**20:,.0f} MiB; the "
+                                      f"loader workers' batches need about {need / 2**20:,.0f} MiB at most ({branch})")
+    else:
+        yield "info", "shared memory", f"{SHM} has {free / 2**20:,.0f} MiB free; no branch uses loader workers"
 
 
 def _fiftyone() -> Iterator[Check]:
@@ -310,6 +346,7 @@ def checks(params_file: Optional[Path]) -> Iterator[Check]:
         yield "problem", "project", str(exc)
         return
     paths = Paths(params_file.parent)
+    yield from _shared_memory(params)
     yield from _mlflow(params, paths)
     yield from _prefect()
     yield from _dvc(params, paths)

@@ -22,10 +22,12 @@ from visionflow.core.config import TrainParams  # noqa: E402
 from visionflow.core.errors import DataError  # noqa: E402
 from visionflow.training.distributed import gather_digests, init_from_env, shutdown  # noqa: E402
 from visionflow.training.loader import (STARVED, AspectBatchSampler, DeviceBatches, SeededSampler,  # noqa: E402
-                                        WorkerInit, available_memory, loader_advice, orientation_batches,
-                                        orientations, process_cores, resolve_num_workers, set_main_threads)
+                                        WorkerInit, available_memory, loader_advice, local_world_size,
+                                        orientation_batches, orientations, process_cores, resolve_num_workers,
+                                        set_main_threads)
 from visionflow.training import memory  # noqa: E402
-from visionflow.training.batch_slots import SlotCollate, slots_for  # noqa: E402
+from visionflow.training.batch_slots import (SlotCollate, in_flight, shm_shortfall, shm_space,  # noqa: E402
+                                             slots_for, tensor_bytes)
 from visionflow.training.engine import (FitConfig, fit, select_device, seed_everything, use_channels_last,  # noqa: E402
                                          write_history_csv)
 from visionflow.core.files import write_dir, write_json  # noqa: E402
@@ -168,6 +170,8 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
     if normalize_on_device:  # validation too: the engine hands its batches over through DeviceBatches
         val_ds.defer_normalization()
 
+    prefetch = 4 if cuda else 2
+
     def options(workers: int) -> dict[str, Any]:
         # A generator of its own: the loader draws its workers' base seed from it, never from
         # torch's global generator (which the detectors' sampling uses), once per epoch with 0
@@ -175,7 +179,6 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
         common = {"num_workers": workers, "pin_memory": cuda, "generator": torch.Generator()}
         if not workers:
             return {**common, "collate_fn": task.collate}
-        prefetch = 4 if cuda else 2
         # the workers' batches reach this process through shared memory they reuse (batch_slots.py)
         slots = slots_for(workers, prefetch, pin=cuda)
         return {**common, "persistent_workers": True, "prefetch_factor": prefetch,
@@ -196,11 +199,20 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
         train_loader = DataLoader(train_ds, batch_size=params.batch_size, sampler=sampler, drop_last=drop_last,
                                   **options(train_workers))
         val_loader = DataLoader(val_ds, batch_size=params.batch_size, **options(val_workers))
+    if dist_info.is_main and (train_workers or val_workers):
+        # a batch of one example, times the batch size: what each worker hands over (one decode)
+        need = sum(in_flight(w, prefetch, params.batch_size * tensor_bytes(task.collate([ds[(0, 0)]])),
+                             local_world_size()) for w, ds in ((train_workers, train_ds), (val_workers, val_ds)) if w)
+        shortfall = shm_shortfall(need, shm_space())
+        if shortfall:
+            log.warning("loader: %s", shortfall)
     if dist_info.is_main:
-        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s%s%s%s",
+        slotted = isinstance(train_loader.collate_fn, SlotCollate) or isinstance(val_loader.collate_fn, SlotCollate)
+        log.info("loader: %d train / %d val workers, %d threads, cache %s, pin_memory %s, batches %s%s%s%s%s",
                  train_workers, val_workers, threads, params.cache, cuda,
                  "uint8 (normalised on the device)" if deferred is not None else "float32",
                  ", grouped by orientation" if grouped else "", ", allocator tuned" if tuned else "",
+                 ", workers' batches in reused shared memory" if slotted else "",
                  ", JPEGs decoded reduced where at least image_size" if getattr(train_ds, "fit", None) else "")
     return train_loader, val_loader, sampler
 

@@ -27,6 +27,7 @@ with the rest of memory.py's measures.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import uuid
@@ -279,3 +280,46 @@ def slots_for(workers: int, prefetch_factor: int, pin: bool) -> Optional[BatchSl
     return BatchSlots(workers, per_worker=2 * (prefetch_factor + 1), pin=pin)
 
 
+
+
+# --- how much shared memory the workers' batches need ---------------------------------------
+
+SHM = "/dev/shm"  # where torch's shared-memory segments (and so the slots) live on Linux
+
+
+def shm_space(path: str = SHM) -> Optional[tuple[int, int]]:
+    """(free, total) bytes of the shared-memory filesystem, or None where there is none."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def in_flight(workers: int, prefetch_factor: int, batch_bytes: int, processes: int = 1) -> int:
+    """Bytes of the workers' batches alive at once: each worker's prefetched batches and the one
+    being received, for every training process on the machine (torchrun's local ranks)."""
+    return processes * workers * (prefetch_factor + 1) * batch_bytes
+
+
+def shm_shortfall(need: int, space: Optional[tuple[int, int]]) -> Optional[str]:
+    """What to do when the batches in flight need more shared memory than is free; None when they
+    fit, or where there is no such filesystem to ask."""
+    if space is None or need <= space[0]:
+        return None
+    free, total = space
+    size = f"{max(1, math.ceil(1.5 * need / 2**30))}g"
+    return (f"the loader workers' batches in flight need about {_mib(need)} of shared memory, but {SHM} has "
+            f"{_mib(free)} free of {_mib(total)}, so the workers would die with a bus error. In Docker, start the "
+            f"container with --shm-size={size} (or --ipc=host); or lower num_workers or batch_size")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 10 << 20 else f"{n / 2**20:,.0f} MiB"
+
+
+def tensor_bytes(x: Any) -> int:
+    """Bytes of the tensors in a collated batch (plain tuples, lists and dicts looked into)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return sum(tensor_bytes(v) for v in _children(x))

@@ -148,8 +148,9 @@ def sample_seed(epoch_seed: int, rank: int, index: int) -> int:
 
 
 class WorkerInit:
-    """worker_init_fn: one torch thread per worker (the workers already divide the cores), and
-    the worker's global generators seeded from (seed, rank, worker id). Picklable."""
+    """worker_init_fn: one torch thread per worker (the workers already divide the cores), the
+    worker's global generators seeded from (seed, rank, worker id), and, with `slots`, the
+    loader's BatchSlots started for this worker (batch_slots.py). Picklable."""
 
     def __init__(self, seed: int, rank: int = 0, slots: Optional[BatchSlots] = None):
         self.seed, self.rank, self.slots = seed, rank, slots
