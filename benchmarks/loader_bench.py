@@ -36,6 +36,8 @@ can outrun the raw references, which always decode every pixel.
     .venv/bin/python benchmarks/loader_bench.py --n 1000 --workers 0 1 --image-size 224 --out /tmp/loader.json
     .venv/bin/python benchmarks/loader_bench.py --n 300 --image-size 640 --caches none --batches uint8 \
         --workers 0 1 --slots on off                                        # the workers' batch slots
+    .venv/bin/python benchmarks/loader_bench.py --n 300 --image-size 640 --caches none --batches float32 \
+        --workers 0 1 --in-place on off                                     # float images normalised in place
     .venv/bin/python benchmarks/loader_bench.py --photo-size 4032x3024 --n 96 --image-size 224 --workers 0 \
         --batches uint8 --decode reduced full                               # train.decode on phone photos
 """
@@ -127,6 +129,21 @@ def _slots(on: bool):
         yield
     finally:
         train.slots_for = own
+
+
+@contextlib.contextmanager
+def _in_place(on: bool):
+    """off: each image made in memory of its own and copied into the batch by `stack`, as before
+    2026-12-06's fourteenth session (visionflow.training.loader._BatchBuffer off)."""
+    from visionflow.training import loader
+
+    own = loader._take
+    if not on:
+        loader._take = lambda *a: None
+    try:
+        yield
+    finally:
+        loader._take = own
 
 
 @contextlib.contextmanager
@@ -254,6 +271,10 @@ def main() -> None:
                     help="the workers' batch slots (visionflow.training.batch_slots): on (the loader's own) and/or "
                          "off (a fresh shared-memory segment per batch, and every small tensor in one of its own: "
                          "the loader before them); rows with workers only")
+    ap.add_argument("--in-place", nargs="+", default=["on"], choices=["on", "off"],
+                    help="images written into their batch as they are made (visionflow.training.loader."
+                         "_BatchBuffer): on (the loader's own) and/or off (each image copied into the batch "
+                         "by the collate: the loader before it)")
     ap.add_argument("--photo-size", default="640x480",
                     help="the photos' size, WxH (a third of them turned to portrait): 640x480 (the issue's "
                          "640 px photos), or e.g. 1920x1080 or 4032x3024 (a phone's) to see train.decode at work")
@@ -288,12 +309,13 @@ def main() -> None:
     for size in args.image_size:
         for cache in args.caches:
             for batches in args.batches:
-                for w, decoder, decode, slots in ((w, d, m, sl) for w in args.workers for d in args.decoders
-                                                  for m in args.decode for sl in (args.slots if w else ["on"])):
+                for w, decoder, decode, slots, in_place in (
+                        (w, d, m, sl, ip) for w in args.workers for d in args.decoders for m in args.decode
+                        for sl in (args.slots if w else ["on"]) for ip in args.in_place):
                     # the references again, just before and after the row: this machine's speed
                     # drifts by up to 1.5x between minutes, so each ratio uses its own neighbours
                     before = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
-                    with _decoder(decoder), _slots(slots == "on"):
+                    with _decoder(decoder), _slots(slots == "on"), _in_place(in_place == "on"):
                         rate, main_ms = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
                                            batches, args.task, decode)
                     after = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
@@ -302,13 +324,15 @@ def main() -> None:
                     ratio, ratio_cv2 = rate / cores / raw, rate / cores / raw_cv2
                     rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
                                  "decoder": decoder, "decode": decode, "slots": slots if w else None,
+                                 "in_place": in_place,
                                  "raw_pil": round(raw, 1),
                                  "raw_cv2": round(raw_cv2, 1),
                                  "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
                                  "main_cpu_ms_per_image": round(main_ms, 3),
                                  "ratio_per_core": round(ratio, 3), "ratio_per_core_cv2": round(ratio_cv2, 3)})
                     print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w} "
-                          f"{decoder:7s} {decode:7s}{' slots ' + slots if w else ''}: "
+                          f"{decoder:7s} {decode:7s}{' slots ' + slots if w else ''}"
+                          f"{' in place ' + in_place if len(args.in_place) > 1 else ''}: "
                           f"{rate:8.1f} images/s, {rate / cores:8.1f} per core, loader/raw per core "
                           f"{ratio:5.2f} (PIL) {ratio_cv2:5.2f} (OpenCV); raw {raw:6.1f} / {raw_cv2:6.1f}"
                           + (f"; main process {main_ms:.2f} ms CPU an image" if w else ""))

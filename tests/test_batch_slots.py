@@ -27,7 +27,7 @@ from visionflow.training.distributed import SINGLE  # noqa: E402
 from visionflow.training.loader import SeededSampler, WorkerInit, stack  # noqa: E402
 
 
-def _epochs(task_name: str, samples, root: Path, workers: int, epochs: int = 3):
+def _epochs(task_name: str, samples, root: Path, workers: int, epochs: int = 3, on_device: bool = True):
     """Every batch of `epochs` epochs of the train stage's loader, all kept; and its slots."""
     params = TrainParams(image_size=48, batch_size=2, num_workers=workers, augment=AugmentParams(preset="medium"),
                          device="cpu")
@@ -36,7 +36,7 @@ def _epochs(task_name: str, samples, root: Path, workers: int, epochs: int = 3):
     train_ds = task.build_dataset(samples, train_tf, root)
     val_ds = task.build_dataset(samples[:2], eval_tf, root)
     loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"), SINGLE,
-                                       normalize_on_device=True)
+                                       normalize_on_device=on_device)
     kept = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -57,18 +57,21 @@ def _flat(kept) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("task_name", ["classify", "segment", "detect"])
-def test_kept_batches_of_two_workers_are_those_of_none_and_the_slots_are_reused(tmp_path, task_name):
+@pytest.mark.parametrize("task_name,on_device", [("classify", True), ("segment", True), ("detect", True),
+                                                 ("classify", False), ("segment", False)])
+def test_kept_batches_of_two_workers_are_those_of_none_and_the_slots_are_reused(tmp_path, task_name, on_device):
+    """uint8 batches (normalised on the device), and float32 ones (normalised in place)."""
     samples = T._same_image_samples(tmp_path, 16) if task_name == "classify" else T._shapes_samples(tmp_path, 16)
-    ref, _ = _epochs(task_name, samples, tmp_path, workers=0)
-    got, slots = _epochs(task_name, samples, tmp_path, workers=2)
+    ref, _ = _epochs(task_name, samples, tmp_path, workers=0, on_device=on_device)
+    got, slots = _epochs(task_name, samples, tmp_path, workers=2, on_device=on_device)
     a, b = _flat(ref), _flat(got)
     assert len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
     # the images came through the slots: copies in this process's own memory, as laid out
     assert slots is not None and slots._received
     images = [images for epoch in got for images, _ in epoch]
     assert not any(x.is_shared() for x in images)
-    if task_name == "classify":
+    assert all(x.dtype == (torch.uint8 if on_device else torch.float32) for x in images)
+    if task_name == "classify" and on_device:
         assert all(x.is_contiguous(memory_format=torch.channels_last) for x in images)
     # 24 batches, each one or two stacked tensors, crossed in a few storages: reused, not made afresh
     crossed = len(slots._received)
@@ -225,3 +228,25 @@ def test_the_train_stage_warns_when_the_workers_batches_would_not_fit(tmp_path, 
         assert "--shm-size=1g" in said[0]
     else:
         assert not said
+
+
+@pytest.mark.parametrize("task_name", ["classify", "segment", "detect"])
+def test_float_batches_are_normalised_in_place_and_equal_the_stacked_items(tmp_path, task_name):
+    """With normalisation on the CPU each image's LUT writes its row of the batch (_BatchBuffer):
+    the collated batch is that buffer, no copy, and bit for bit the items stacked."""
+    samples = T._same_image_samples(tmp_path, 8) if task_name == "classify" else T._shapes_samples(tmp_path, 8)
+    params = TrainParams(image_size=48, batch_size=4, augment=AugmentParams(preset="medium"), device="cpu")
+    task = get_task(task_name, params)
+    ds = task.build_dataset(samples, task.build_transforms(params)[0], tmp_path)
+    for start in (0, 4):
+        items = ds.__getitems__([(i, 7 + i) for i in range(start, start + 4)])
+        images = task.collate(items)[0]
+        assert images.dtype == torch.float32 and images.data_ptr() == items[0][0].data_ptr()  # in place
+        assert torch.equal(images, torch.stack([item[0] for item in items]))
+        singles = [ds[(i, 7 + i)][0] for i in range(start, start + 4)]  # one by one: no batch to write into
+        assert torch.equal(images, torch.stack(singles))
+    # a batch whose parts are not the buffer's rows in order is copied, not returned as the buffer
+    items = ds.__getitems__([(i, i) for i in range(4)])
+    swapped = [items[1], items[0], *items[2:]]
+    images = task.collate(swapped)[0]
+    assert images.data_ptr() != items[0][0].data_ptr() and torch.equal(images[0], items[1][0])
