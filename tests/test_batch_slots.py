@@ -250,3 +250,18 @@ def test_float_batches_are_normalised_in_place_and_equal_the_stacked_items(tmp_p
     swapped = [items[1], items[0], *items[2:]]
     images = task.collate(swapped)[0]
     assert images.data_ptr() != items[0][0].data_ptr() and torch.equal(images[0], items[1][0])
+
+
+def test_the_shared_memory_estimate_skips_an_empty_split(tmp_path, monkeypatch):
+    """An empty validation split (the GPU benchmark's smoke run has one) has no example to measure."""
+    import visionflow.stages.train as train_stage
+
+    monkeypatch.setattr(train_stage, "shm_space", lambda: (1 << 40, 1 << 40))
+    samples = T._same_image_samples(tmp_path, 16)
+    params = TrainParams(image_size=48, batch_size=4, num_workers=2, device="cpu")
+    task = get_task("classify", params)
+    train_tf, eval_tf = task.build_transforms(params)
+    train_loader, val_loader, _ = build_loaders(task, params, Paths(tmp_path),
+                                                task.build_dataset(samples, train_tf, tmp_path),
+                                                task.build_dataset([], eval_tf, tmp_path), torch.device("cpu"), SINGLE)
+    assert len(val_loader.dataset) == 0 and len(list(train_loader)) == 4

@@ -202,7 +202,8 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
     if dist_info.is_main and (train_workers or val_workers):
         # a batch of one example, times the batch size: what each worker hands over (one decode)
         need = sum(in_flight(w, prefetch, params.batch_size * tensor_bytes(task.collate([ds[(0, 0)]])),
-                             local_world_size()) for w, ds in ((train_workers, train_ds), (val_workers, val_ds)) if w)
+                             local_world_size())
+                   for w, ds in ((train_workers, train_ds), (val_workers, val_ds)) if w and len(ds))
         shortfall = shm_shortfall(need, shm_space())
         if shortfall:
             log.warning("loader: %s", shortfall)
