@@ -86,10 +86,11 @@ def _device() -> Iterator[Check]:
 def _shared_memory(params) -> Iterator[Check]:
     """/dev/shm against what each branch's loader workers would keep in flight at most: `auto`
     taken as the most workers this machine gives, batches as the train stage hands them over
-    (uint8 on CUDA, float32 on the CPU; segment's uint8 masks too), images image_size square.
+    (uint8 on CUDA, float32 on the CPU; and a task's targets per pixel: segment's masks), images image_size square.
     Docker gives 64 MiB unless told otherwise, and a worker that runs out dies with a bus error."""
     import torch
 
+    from visionflow.tasks import get_task
     from visionflow.training.batch_slots import SHM, in_flight, shm_shortfall, shm_space
     from visionflow.training.loader import local_world_size, max_workers, process_cores
 
@@ -104,7 +105,8 @@ def _shared_memory(params) -> Iterator[Check]:
         on_cuda = cuda and train.device != "cpu"
         workers = max_workers(process_cores()) if train.num_workers == "auto" else int(train.num_workers)
         pixels = train.image_size ** 2
-        batch = train.batch_size * (3 * pixels * (1 if on_cuda else 4) + (pixels if task == "segment" else 0))
+        targets = get_task(task).target_bytes_per_pixel * pixels
+        batch = train.batch_size * (3 * pixels * (1 if on_cuda else 4) + targets)
         n = in_flight(workers, 4 if on_cuda else 2, batch, local_world_size())
         if n > need:
             need, branch = n, task

@@ -136,6 +136,9 @@ class TaskBase:
     # train.decode: reduced applies (JPEGs decoded at 1/2-1/8 scale, augment.decode_fit): tasks
     # whose predictions carry no pixel coordinates (classify, multilabel)
     reduces_decode = False
+    # bytes a batch's targets take per image pixel as the loader hands them over (segment: its
+    # uint8 masks); doctor's shared-memory estimate adds them to the images'
+    target_bytes_per_pixel = 0
 
     def __init__(self, params: Optional[TrainParams] = None):
         self.params = params

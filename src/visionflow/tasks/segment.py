@@ -109,6 +109,7 @@ def mean_iou(cm: np.ndarray) -> np.ndarray:
 class SegmentTask(TaskBase):
     name = "segment"
     cam_kind = "region"  # visionflow.evaluation.explain: Grad-CAM for the predicted class region
+    target_bytes_per_pixel = 1  # the (S, S) uint8 mask (collate)
 
     def fits(self, data) -> Optional[str]:
         # objects without an outline would be painted background: only data outlined throughout
