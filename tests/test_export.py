@@ -232,6 +232,48 @@ def test_detector_torchscript_gives_pytorchs_boxes(detector, samples, tmp_path):
         assert torch.equal(g["labels"], e["labels"][keep][order] - 1)
 
 
+RACE = """
+import json, sys, threading, warnings
+warnings.simplefilter("ignore")
+from visionflow.deploy import export
+from pathlib import Path
+model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+results, start = {}, threading.Barrier(4)
+def one(i, barrier=None):
+    predictor = export.load_model_folder(model_dir)
+    if barrier:
+        barrier.wait()  # all four compile at once, as the branches' promote stages may
+    try:
+        export.write_export(predictor, model_dir, "torchscript", out / f"{i}.torchscript")
+        results[i] = "ok"
+    except Exception as exc:
+        results[i] = str(exc)[-300:]
+threads = [threading.Thread(target=one, args=(i, start)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+one("after")
+print(json.dumps(results))
+"""
+
+
+def test_exports_side_by_side_in_one_process_all_succeed(detector, tmp_path):
+    """Branches promoting side by side (`--task-runner threads`) export in one process at once.
+    TorchScript compilation is not thread-safe: without export's lock, two threads define the
+    same classes ("Can't redefine method: forward on class ...", 2 runs in 3 here) and a class
+    left half-defined fails every later export in the process. A fresh process, so that no class
+    is compiled yet."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", RACE, str(detector), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results == {"0": "ok", "1": "ok", "2": "ok", "3": "ok", "after": "ok"}, results
+    assert len(list(tmp_path.glob("*.torchscript"))) == 5
+
+
 def test_detector_to_onnx_exits_2_naming_torchscript(detector, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export-model", "--model", str(detector), "--format", "onnx",
                            "--out", str(tmp_path / "d.onnx"))

@@ -156,6 +156,17 @@ def test_the_run_has_a_markdown_summary_with_metrics_versions_and_aliases_after_
         assert f"{results[f'evaluate-{task}']['test_images']} images" in row, row
 
 
+@pytest.mark.slow
+def test_side_by_side_promotions_each_export_and_check_their_model(threaded_run):
+    """The two branches' promote stages may export in the same process at once (TorchScript's
+    compiler is not thread-safe; visionflow.deploy.export writes one export at a time): each
+    gate's export parity ran and passed, none failed on the other's compilation."""
+    root = threaded_run[0]
+    for task in BRANCHES:
+        export = json.loads(Paths(root, task).promotion.read_text())["export"]
+        assert export["status"] == "checked" and export["passed"], (task, export)
+
+
 # --- the CLI: a service that does not answer ------------------------------------------------
 
 def _closed_port() -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -46,6 +47,13 @@ SELF_CHECK_BATCHES = (1, 3)  # the dynamic batch axis is run at these sizes befo
 
 class ExportError(UserError):
     pass
+
+
+# torch.jit.script and torch.export are not thread-safe. Two branches promoting side by side in one
+# process (`visionflow run --task-runner threads`) would define the same TorchScript classes at once:
+# one fails with "Can't redefine method: forward on class ...", and a class left half-defined fails
+# every later export of that model in the process. One export writes at a time.
+_WRITE_LOCK = threading.Lock()
 
 
 # --- the graph: the task's model + the pre- and post-processing that travel inside the file ---
@@ -271,7 +279,8 @@ def write_export(predictor, model_dir: Path, fmt: str, out: Path,
     example = torch.from_numpy(_synthetic(2, size))  # 2, not 1: torch.export specialises a size-1 axis
     with atomic_path(out) as tmp:
         try:
-            _WRITERS[fmt](graph, example, tmp, task)
+            with _WRITE_LOCK:
+                _WRITERS[fmt](graph, example, tmp, task)
             exported = ExportedModel(tmp, task, fmt)  # loaded in memory: stays usable after the rename
             check = _self_check(graph, exported, task, size)
         except ExportError:
