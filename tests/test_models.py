@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 
 import pytest
@@ -121,3 +122,40 @@ def test_small_cnn_keeps_resolution_scales_width_and_takes_the_modes():
         build_classifier("small_cnn", 3, weights="IMAGENET1K_V1")
     with pytest.raises(UserError, match="resnet18 has no width multiplier"):
         build_classifier("resnet18", 3, width=0.5)
+
+
+BUILD_SIDE_BY_SIDE = """
+import json, threading
+from visionflow.core.config import AugmentParams, ModelParams, TrainParams
+from visionflow.tasks import get_task
+models = {"classify": {"arch": "resnet18"},
+          "detect": {"arch": "fasterrcnn", "backbone": "mobilenet_v2", "backbone_weights": None, "width": 0.25},
+          "segment": {"arch": "unet", "backbone": None, "backbone_weights": None, "width": 0.25}}
+results, start = {}, threading.Barrier(len(models))
+def build(task):
+    params = TrainParams(model=ModelParams(**models[task]), image_size=64, augment=AugmentParams(preset="none"))
+    start.wait()  # all three at once, as branches side by side in threads build their first models
+    try:
+        get_task(task).build_model(params, 3, pretrained=False)
+        results[task] = "ok"
+    except Exception as exc:
+        results[task] = f"{type(exc).__name__}: {exc}"
+threads = [threading.Thread(target=build, args=(task,)) for task in models]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(results))
+"""
+
+
+def test_three_tasks_build_their_first_models_side_by_side_in_threads():
+    """A fresh process (torchvision not yet imported) builds a classifier, a detector and a
+    segmenter in three threads at once. Without the builders' locked import, the classifier's
+    thread was handed a partially initialised torchvision.models (4 runs in 4 here)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", BUILD_SIDE_BY_SIDE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"classify": "ok", "detect": "ok", "segment": "ok"}

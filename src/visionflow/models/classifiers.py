@@ -17,6 +17,7 @@ from torch import nn
 
 from visionflow.core.errors import UserError
 from visionflow.core.files import file_digest
+from visionflow.models import load_torchvision
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def torch_cache_dir() -> Path:
 
 
 def _weights_enum(arch: str, name: str):
+    load_torchvision()
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)
@@ -100,6 +102,7 @@ def build_classifier(arch: str, num_classes: int, weights: Optional[str] = None,
                      width: float = 1.0) -> nn.Module:
     """`pretrained=False` builds the architecture only (weights ignored), to load trained weights into.
     `width` scales small_cnn's channels; torchvision's classifiers take none (1.0)."""
+    load_torchvision()
     import torchvision
 
     if arch == "small_cnn":

@@ -36,6 +36,7 @@ from torch import nn
 
 from visionflow.core.config import ARCHS, ModelParams
 from visionflow.core.errors import UserError
+from visionflow.models import load_torchvision
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def backbone_name(params: ModelParams) -> str:
 def build_detector(params: ModelParams, image_size: int, num_classes: int, pretrained: bool = True) -> nn.Module:
     """A torchvision detector for `num_classes` categories; label 0 is background, so category c
     is label c + 1. `pretrained=False` ignores both kinds of weights."""
+    load_torchvision()
     arch = params.arch
     if arch not in ARCHS["detect"]:
         raise UserError(f"train.model.arch: {arch!r} is not a detect architecture; choose one of {', '.join(ARCHS['detect'])}")

@@ -25,6 +25,7 @@ from torch import nn
 
 from visionflow.core.config import BACKBONES, ModelParams
 from visionflow.core.errors import UserError
+from visionflow.models import load_torchvision
 from visionflow.models.classifiers import _load_state_dict
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ _MOBILENET_CUTS = {"mobilenet_v2": (2, 4, 7, 14), "mobilenet_v3_large": (2, 4, 7
 def build_segmenter(params: ModelParams, num_classes: int, pretrained: bool = True) -> nn.Module:
     """`num_classes` = K categories; the model predicts K + 1 channels (0 = background).
     `pretrained=False` builds the architecture only (trained weights are loaded afterwards)."""
+    load_torchvision()
     arch = params.arch
     # stages: the backbone's five stride stages (for trainable_backbone_layers); backbone_source:
     # where its ImageNet weights came from (None: not loaded)
