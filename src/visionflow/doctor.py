@@ -86,7 +86,8 @@ def _device() -> Iterator[Check]:
 def _shared_memory(params) -> Iterator[Check]:
     """/dev/shm against what each branch's loader workers would keep in flight at most: `auto`
     taken as the most workers this machine gives, batches as the train stage hands them over
-    (uint8 on CUDA, float32 on the CPU; and a task's targets per pixel: segment's masks), images image_size square.
+    (uint8 on CUDA, float32 on the CPU; and a task's targets per pixel: segment's masks), images
+    image_size square.
     Docker gives 64 MiB unless told otherwise, and a worker that runs out dies with a bus error."""
     import torch
 

@@ -7,8 +7,8 @@ import threading
 _IMPORT_LOCK = threading.Lock()
 
 
-def load_torchvision() -> None:
-    """Import torchvision whole, once, under a lock. Each builder calls it first.
+def load_torchvision():
+    """torchvision, imported whole, once, under a lock. Each builder calls it first.
 
     A first import of torchvision from two threads at once is not safe: torchvision.models
     imports its subpackages, which import it back, and the second thread can be handed the
@@ -17,4 +17,5 @@ def load_torchvision() -> None:
     threads`) build their first models at once: evaluate stages after skipped trainings, or
     run.max_parallel_trainings above 1. After the first call, the import is a lookup."""
     with _IMPORT_LOCK:
-        import torchvision  # noqa: F401
+        import torchvision
+    return torchvision

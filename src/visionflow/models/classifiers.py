@@ -35,8 +35,7 @@ def torch_cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _weights_enum(arch: str, name: str):
-    load_torchvision()
+def _weights_enum(arch: str, name: str):  # called by the builders, after their load_torchvision
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)
@@ -102,9 +101,7 @@ def build_classifier(arch: str, num_classes: int, weights: Optional[str] = None,
                      width: float = 1.0) -> nn.Module:
     """`pretrained=False` builds the architecture only (weights ignored), to load trained weights into.
     `width` scales small_cnn's channels; torchvision's classifiers take none (1.0)."""
-    load_torchvision()
-    import torchvision
-
+    torchvision = load_torchvision()
     if arch == "small_cnn":
         model = SmallCNN(width=width)
     elif width != 1.0:
