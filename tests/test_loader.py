@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,47 @@ def test_dataset_access_leaves_the_main_process_generators_alone(tmp_path):
     torch.manual_seed(0)
     ds[(0, 123)]
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_seeded_augmentations_draw_each_step_independently(tmp_path):
+    """The `light` preset's flip (p=0.5) and brightness/contrast (p=0.5), seeded per sample as
+    training seeds them: all four combinations come up, each about a quarter of the time.
+    Albumentations' own Compose.set_random_seed seeded every step with the same seed, so both
+    steps drew the same number: flipped samples were always recoloured and the others never."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, :32] = np.linspace(20, 90, 32, dtype=np.uint8)[None, :, None]  # dark ramp left,
+    image[:, 32:] = 200  # bright right: a flip and a colour change are told apart
+    sha = _write(tmp_path / "a.png", image)
+    samples = [Sample(id="a", root=str(tmp_path), path="a.png", width=64, height=64, sha256=sha, labels=[0])]
+    params = _params(image_size=64, augment=AugmentParams(preset="light"))
+    task = get_task("classify", params)
+    ds = task.build_dataset(samples, task.build_transforms(params)[0], tmp_path)
+    assert ds.defer_normalization() is not None  # uint8 out: the pixels as augmented
+    record = ds.record(0)["image"]
+    combos = Counter()
+    for seed in range(200):
+        x = ds[(0, seed)][0].permute(1, 2, 0).numpy()
+        flipped = x[:, :32].mean() > x[:, 32:].mean()
+        recoloured = not np.array_equal(x, record[:, ::-1] if flipped else record)
+        combos[flipped, recoloured] += 1
+    assert set(combos) == {(False, False), (False, True), (True, False), (True, True)}, combos
+    assert min(combos.values()) >= 30, combos  # 50 each expected
+    assert ds[(0, 5)][0].equal(ds[(0, 5)][0])  # and still a function of the seed
+
+
+def test_a_one_step_pipeline_draws_what_it_drew_before(tmp_path):
+    """Seeding with one stream for all steps leaves a lone step's draws as Albumentations' own
+    seeding gave them, so one-step recipes (examples/fashion-mnist) train on the same pixels."""
+    samples = _shapes_samples(tmp_path, 1)
+    params = _params(image_size=48, augment=AugmentParams(transforms=[
+        {"name": "Affine", "rotate": (-30, 30), "scale": (0.8, 1.2), "p": 0.7}]))
+    task = get_task("classify", params)
+    tf = task.build_transforms(params)[0]
+    ds = task.build_dataset(samples, tf, tmp_path)
+    raw = ds.raw(0)["image"]
+    for seed in range(12):
+        tf.set_random_seed(seed)  # Albumentations' seeding, as the loader did it
+        assert np.array_equal(ds[(0, seed)][0].numpy(), tf(image=raw)["image"].transpose(2, 0, 1)), seed
 
 
 @pytest.mark.parametrize("task_name", ["detect", "segment"])
@@ -241,8 +283,8 @@ def test_record_then_rest_is_the_full_pipeline_bit_for_bit(preset, normalize, re
         prefix, rest = loader.split_transform(tf)
         assert prefix is not None
         for seed in range(4):
-            tf.set_random_seed(seed)
-            rest.set_random_seed(seed)
+            loader.seed_pipeline(tf, seed)
+            loader.seed_pipeline(rest, seed)
             full = tf(image=image, mask=mask, **boxes)
             record = prefix(image=image, mask=mask, **boxes)
             split = rest(**{k: record[k] for k in ("image", "mask", "bboxes", "labels", "instance_ids")})

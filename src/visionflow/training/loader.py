@@ -304,6 +304,19 @@ def kept_globals() -> Iterator[None]:
         cpu.set_state(th)
 
 
+def seed_pipeline(pipeline, seed: int) -> None:
+    """An Albumentations pipeline seeded for one sample, with one stream that all its steps draw
+    from in turn. Albumentations' own `Compose.set_random_seed(seed)` gives every step generators
+    of its own, each seeded with that same seed, so the steps' draws coincide: with the `light`
+    preset's two p=0.5 steps, either both applied or neither, never one (albumentations 2.0.8;
+    tests/test_loader.py). One shared pair is also seeded once per sample, not once per step.
+    The Compose keeps a generator of its own for its gate (drawn even at p=1), so the first step
+    draws what it drew before and one-step pipelines (examples/fashion-mnist) train as before."""
+    compose = pipeline.compose if isinstance(pipeline, _NormalizedBy) else pipeline
+    compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    compose.py_random = random.Random(seed)
+
+
 def seed_globals(seed: int) -> None:
     """python's, numpy's and torch's CPU global generators seeded for one sample (the CPU
     generator, not torch.manual_seed: that also queues a lazy CUDA seeding with a stack trace,
@@ -413,9 +426,6 @@ class _NormalizedBy:
         self.denominator = np.broadcast_to(np.asarray(normalize.denominator, np.float32).reshape(-1), (3,)).copy()
         luts = (np.arange(0, 256, dtype=np.float32)[None] - self.mean[:, None]) * self.denominator[:, None]
         self.luts = [np.ascontiguousarray(t, np.float32) for t in luts]  # (3, 256)
-
-    def set_random_seed(self, seed: int) -> None:
-        self.compose.set_random_seed(seed)
 
     def __call__(self, **data):
         import cv2
@@ -565,7 +575,7 @@ class LoaderDataset(Dataset, abc.ABC):
         record = self.record(i)
         if seed is not None:
             seed_globals(seed)
-            self._rest.set_random_seed(seed)
+            seed_pipeline(self._rest, seed)
         return self.item(i, record, self._rest)
 
     # --- the record (decoded, resized-to-fit image and its targets), cached ---
