@@ -243,10 +243,15 @@ def _train_project(root: Path, **train) -> tuple:
 
 
 def test_killed_training_with_two_workers_resumes_to_the_weights_of_a_straight_run(tmp_path):
-    """Straight: 0 workers, no cache, in process. Killed (SIGKILL after epoch 1) and resumed:
-    2 persistent workers and the disk cache, through the CLI. Same weights, bit for bit."""
-    _, params_a, paths_a = _train_project(tmp_path / "a", num_workers=0)
-    get_stage("train-classify", params_a).run(params_a, paths_a)
+    """Straight: 0 workers, no cache. Killed (SIGKILL after epoch 1) and resumed: 2 persistent
+    workers and the disk cache. Same weights, bit for bit. Both through the CLI, so both train
+    on the same number of threads: the test process's count is whatever earlier tests left
+    (test_promote sets one thread when it is collected), and a straight run on one thread
+    against a resumed run on two differed in conv1.weight (CI, 2026-12-07)."""
+    params_a_file, _, paths_a = _train_project(tmp_path / "a", num_workers=0)
+    straight = subprocess.run([sys.executable, "-m", "visionflow.cli", "stage", "train-classify", "--params",
+                               str(params_a_file)], cwd=paths_a.root, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
 
     params_file, _, paths_b = _train_project(tmp_path / "b", num_workers=2, cache="disk")
     cmd = [sys.executable, "-m", "visionflow.cli", "stage", "train-classify", "--params", str(params_file)]
