@@ -407,6 +407,9 @@ def test_chw_tensor_copies_only_what_it_must_and_stack_keeps_channels_last_value
     hwc = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
     view = chw_tensor(hwc)  # deferred uint8: a view, channels-last strides
     assert view.shape == (3, 5, 7) and view.data_ptr() == hwc.ctypes.data and view.stride() == (1, 21, 3)
+    hwc.flags.writeable = False  # a record no step changed: copied, with the same layout
+    kept = chw_tensor(hwc)
+    assert kept.data_ptr() != hwc.ctypes.data and kept.stride() == (1, 21, 3) and torch.equal(kept, view)
     planar = rng.random((3, 5, 7), dtype=np.float32)
     lut = chw_tensor(planar.transpose(1, 2, 0))  # the LUT's channel-first output: contiguous, no copy
     assert lut.is_contiguous() and lut.data_ptr() == planar.ctypes.data

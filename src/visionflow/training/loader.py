@@ -708,13 +708,15 @@ def chw_tensor(image: np.ndarray) -> torch.Tensor:
     """An (H, W, C) image as a (C, H, W) tensor, without a copy where its memory allows:
     - a channel-first buffer seen as (H, W, C) (the LUT normalisation's output): contiguous;
     - a contiguous uint8 (H, W, C) image (normalisation deferred to the device): a view with
-      channels-last strides, which `stack` batches as (B, H, W, C) memory;
+      channels-last strides, which `stack` batches as (B, H, W, C) memory; copied when it is
+      read-only (a decoded record that no step changed: a tensor must not alias it, and torch
+      warns about it);
     - anything else: a contiguous copy."""
     chw = image.transpose(2, 0, 1)
     if chw.flags.c_contiguous:
         return torch.from_numpy(chw)
     if image.dtype == np.uint8 and image.flags.c_contiguous:
-        return torch.from_numpy(image).permute(2, 0, 1)
+        return torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(chw))
 
 
