@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# about 30 s on 2 cores (more on a busy machine): ResNet-50, Faster R-CNN and DeepLabV3 builds, a torchrun start
+# about 110 s on 2 idle cores, twice that beside another test: ResNet-50, Faster R-CNN and DeepLabV3
+# builds and steps (bfloat16 autocast on a CPU is 10-20x slower than float32), a torchrun start
 pytestmark = pytest.mark.slow
 
 
