@@ -39,7 +39,16 @@ TRAIN = TrainParams(model=ModelParams(arch="unet", backbone=None, backbone_weigh
                     image_size=SIZE, epochs=40, batch_size=8, lr=0.01, warmup_epochs=0, dice_weight=1.0,
                     augment={"preset": "none"}, early_stopping=None)
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """This module's models train on one thread (as they always have: the figures its tests
+    check were made so); restored afterwards, so the xdist worker's later tests run as they
+    would alone (set at import, it changed them all: a cross-process bit-for-bit test failed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_data(root: Path) -> None:
