@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,39 @@ def test_seeded_augmentations_draw_each_step_independently(tmp_path):
     assert set(combos) == {(False, False), (False, True), (True, False), (True, True)}, combos
     assert min(combos.values()) >= 30, combos  # 50 each expected
     assert ds[(0, 5)][0].equal(ds[(0, 5)][0])  # and still a function of the seed
+
+
+def test_a_step_drawing_from_python_s_global_generator_is_not_tied_to_the_pipeline(tmp_path):
+    """A custom step that draws from python's global `random` (an A.Lambda here) draws
+    independently of the built-in steps: seed_globals once seeded the global generator with the
+    sample's seed, the same stream as the pipeline's random.Random(seed), so the Lambda's draw
+    < 0.5 came up exactly when the flip (p=0.5) applied."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, 16:] = 200  # bright right: a flip is told apart
+    sha = _write(tmp_path / "a.png", image)
+    samples = [Sample(id="a", root=str(tmp_path), path="a.png", width=32, height=32, sha256=sha, labels=[0])]
+    params = _params(image_size=32, augment=AugmentParams(preset="none"))
+    task = get_task("classify", params)
+    ds = task.build_dataset(samples, task.build_transforms(params)[0], tmp_path)
+    draws = []
+
+    def custom(img, **kwargs):
+        draws.append(random.random())
+        return img
+
+    ds.transform = A.Compose([A.HorizontalFlip(p=0.5), A.Lambda(image=custom)])
+    state = random.getstate()
+    combos = Counter()
+    for seed in range(200):
+        x = ds[(0, seed)][0]
+        combos[bool(x[0, :, :16].float().mean() > x[0, :, 16:].float().mean()), draws[-1] < 0.5] += 1
+    assert set(combos) == {(False, False), (False, True), (True, False), (True, True)}, combos
+    assert min(combos.values()) >= 30, combos  # 50 each expected
+    assert random.getstate() == state  # the main process's own generator is restored after each item
+    ds[(0, 7)]
+    first = draws[-1]
+    ds[(0, 7)]
+    assert draws[-1] == first  # still a function of the seed
 
 
 def test_a_one_step_pipeline_draws_what_it_drew_before(tmp_path):
