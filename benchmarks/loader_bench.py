@@ -21,7 +21,10 @@ off in this process and its workers), which is what the loader used before 2026-
 Printed: images/s of each, the images/s per core used (workers, or 1 for the main process
 with 0 workers) and the ratio loader/raw per core against each reference (issue 12's goal:
 >= 0.8). With workers, the main process's own CPU time per image (receiving the batches) is
-printed beside it: it is not counted in the cores used. The first epoch (worker start-up, the
+printed beside it: it is not counted in the cores used. Below each row, the same ratios per
+CPU-second: images per second of CPU time of all processes (the main process, all its threads,
+and the workers) against the raw decodes' images per second of CPU time, which counts OpenCV's
+resize threads with 0 workers and the main process's share with workers. The first epoch (worker start-up, the
 ram cache's fill) is not timed; the best of `--epochs` timed epochs is.
 Both raw references are measured again right before and after each loader row, and its ratios
 use their mean (this machine's speed drifts by up to 1.5x between minutes).
@@ -106,13 +109,34 @@ def _cv2_decode(p: Path) -> None:
 
 
 def raw_rate(paths: list[Path], repeat: int, decode=_pil_decode) -> float:
-    best = float("inf")
+    return raw_rates(paths, repeat, decode)[0]
+
+
+def raw_rates(paths: list[Path], repeat: int, decode=_pil_decode) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of the best of `repeat` passes: the CPU time is this
+    process's, all threads (a decode runs on one)."""
+    best, cpu = float("inf"), float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for p in paths:
             decode(p)
-        best = min(best, time.perf_counter() - t0)
-    return len(paths) / best
+        if time.perf_counter() - t0 < best:
+            best, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return len(paths) / best, len(paths) / cpu
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's live children: the loader's workers."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total
 
 
 @contextlib.contextmanager
@@ -177,7 +201,9 @@ def _samples(paths: list[Path], task_name: str) -> list:
 
 def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
                 batch: int, epochs: int, batches: str = "float32", task_name: str = "classify",
-                decode: str = "reduced") -> float:
+                decode: str = "reduced") -> tuple[float, float, float]:
+    """(images/s, the main process's CPU ms an image, the CPU ms an image of all processes: the
+    main process, all its threads, and the workers) of the fastest timed epoch."""
     import torch
 
     from visionflow.core.config import AugmentParams, TrainParams
@@ -195,15 +221,16 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
     val_ds = task.build_dataset(samples[:1], eval_tf, root)
     loader, _, sampler = build_loaders(task, params, Paths(root), train_ds, val_ds, torch.device("cpu"), SINGLE,
                                        normalize_on_device=batches == "uint8")
-    best, main_cpu = float("inf"), 0.0
+    best, main_cpu, all_cpu = float("inf"), 0.0, 0.0
     for epoch in range(epochs + 1):  # the first epoch starts the workers: not timed
         sampler.set_epoch(epoch)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, w0 = time.perf_counter(), time.process_time(), _children_cpu()
         n = sum(len(images) for images, _ in loader)
-        if epoch and time.perf_counter() - t0 < best:
-            best, main_cpu = time.perf_counter() - t0, time.process_time() - c0
+        wall, main, workers = time.perf_counter() - t0, time.process_time() - c0, _children_cpu() - w0
+        if epoch and wall < best:
+            best, main_cpu, all_cpu = wall, main, main + workers
     del loader
-    return n / best, main_cpu / n * 1e3
+    return n / best, main_cpu / n * 1e3, all_cpu / n * 1e3
 
 
 def breakdown(paths: list[Path], image_size: int, preset: str, batch: int, task_name: str = "classify",
@@ -314,12 +341,16 @@ def main() -> None:
                         for sl in (args.slots if w else ["on"]) for ip in args.in_place):
                     # the references again, just before and after the row: this machine's speed
                     # drifts by up to 1.5x between minutes, so each ratio uses its own neighbours
-                    before = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
+                    before = raw_rates(paths, 1), raw_rates(paths, 1, _cv2_decode)
                     with _decoder(decoder), _slots(slots == "on"), _in_place(in_place == "on"):
-                        rate, main_ms = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
+                        rate, main_ms, cpu_ms = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
                                            batches, args.task, decode)
-                    after = raw_rate(paths, 1), raw_rate(paths, 1, _cv2_decode)
-                    raw, raw_cv2 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+                    after = raw_rates(paths, 1), raw_rates(paths, 1, _cv2_decode)
+                    raw, raw_cv2 = (before[0][0] + after[0][0]) / 2, (before[1][0] + after[1][0]) / 2
+                    # per CPU-second: the cores the loader really used (OpenCV's resize threads with 0
+                    # workers, the main process receiving a worker's batches) against the decodes'
+                    raw_c, raw_cv2_c = (before[0][1] + after[0][1]) / 2, (before[1][1] + after[1][1]) / 2
+                    per_cpu = 1e3 / cpu_ms
                     cores = max(1, w)
                     ratio, ratio_cv2 = rate / cores / raw, rate / cores / raw_cv2
                     rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
@@ -329,13 +360,19 @@ def main() -> None:
                                  "raw_cv2": round(raw_cv2, 1),
                                  "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
                                  "main_cpu_ms_per_image": round(main_ms, 3),
+                                 "cpu_ms_per_image": round(cpu_ms, 3),
+                                 "ratio_per_cpu_s": round(per_cpu / raw_c, 3),
+                                 "ratio_per_cpu_s_cv2": round(per_cpu / raw_cv2_c, 3),
                                  "ratio_per_core": round(ratio, 3), "ratio_per_core_cv2": round(ratio_cv2, 3)})
                     print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w} "
                           f"{decoder:7s} {decode:7s}{' slots ' + slots if w else ''}"
                           f"{' in place ' + in_place if len(args.in_place) > 1 else ''}: "
                           f"{rate:8.1f} images/s, {rate / cores:8.1f} per core, loader/raw per core "
                           f"{ratio:5.2f} (PIL) {ratio_cv2:5.2f} (OpenCV); raw {raw:6.1f} / {raw_cv2:6.1f}"
-                          + (f"; main process {main_ms:.2f} ms CPU an image" if w else ""))
+                          + (f"; main process {main_ms:.2f} ms CPU an image" if w else "")
+                          + f"\n      per CPU-second (all processes, {cpu_ms:.2f} ms an image, "
+                            f"{cpu_ms * rate / 1e3:.2f} cores busy): loader/raw {per_cpu / raw_c:5.2f} (PIL) "
+                            f"{per_cpu / raw_cv2_c:5.2f} (OpenCV)")
     if args.out:
         args.out.write_text(json.dumps({"raw_images_per_s": round(first, 1), "raw_cv2_images_per_s": round(first_cv2, 1),
                                         "n": len(paths), "task": args.task, "photo_size": args.photo_size,
