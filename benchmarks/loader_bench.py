@@ -56,6 +56,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -201,12 +202,12 @@ def _samples(paths: list[Path], task_name: str) -> list:
 
 def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, cache: str, preset: str,
                 batch: int, epochs: int, batches: str = "float32", task_name: str = "classify",
-                decode: str = "reduced") -> tuple[float, float, float]:
+                decode: str = "reduced", arch: Optional[str] = None) -> tuple[float, float, float]:
     """(images/s, the main process's CPU ms an image, the CPU ms an image of all processes: the
     main process, all its threads, and the workers) of the fastest timed epoch."""
     import torch
 
-    from visionflow.core.config import AugmentParams, TrainParams
+    from visionflow.core.config import AugmentParams, ModelParams, TrainParams
     from visionflow.core.paths import Paths
     from visionflow.stages.train import build_loaders
     from visionflow.tasks import get_task
@@ -214,6 +215,7 @@ def loader_rate(paths: list[Path], root: Path, image_size: int, workers: int, ca
 
     samples = _samples(paths, task_name)
     params = TrainParams(image_size=image_size, batch_size=batch, num_workers=workers, cache=cache,
+                         **({"model": ModelParams(arch=arch)} if arch else {}),
                          augment=AugmentParams(preset=preset), device="cpu", decode=decode)
     task = get_task(task_name, params)
     train_tf, eval_tf = task.build_transforms(params)
@@ -290,7 +292,11 @@ def main() -> None:
     ap.add_argument("--task", default="classify", choices=["classify", "segment", "detect"],
                     help="classify: stretched to image_size x image_size; segment: letterboxed (longest "
                          "side to image_size, padded), with its mask (one rectangle per photo); detect: "
-                         "letterboxed, with its box and label tensors per photo")
+                         "letterboxed, with its box and label tensors per photo (and each box's instance "
+                         "mask for a mask architecture, --archs)")
+    ap.add_argument("--archs", nargs="+", default=[None],
+                    help="detect: the architectures whose targets the loader makes, e.g. fasterrcnn maskrcnn "
+                         "(Mask R-CNN's carry instance masks, the others' do not); default: params' default")
     ap.add_argument("--decoders", nargs="+", default=["opencv"], choices=["opencv", "pillow"],
                     help="the loader's image decode: opencv (load_rgb's own path for RGB JPEGs) and/or pillow "
                          "(that path switched off: the loader before 2026-12-05)")
@@ -336,15 +342,15 @@ def main() -> None:
     for size in args.image_size:
         for cache in args.caches:
             for batches in args.batches:
-                for w, decoder, decode, slots, in_place in (
-                        (w, d, m, sl, ip) for w in args.workers for d in args.decoders for m in args.decode
-                        for sl in (args.slots if w else ["on"]) for ip in args.in_place):
+                for w, decoder, decode, slots, in_place, arch in (
+                        (w, d, m, sl, ip, a) for w in args.workers for d in args.decoders for m in args.decode
+                        for sl in (args.slots if w else ["on"]) for ip in args.in_place for a in args.archs):
                     # the references again, just before and after the row: this machine's speed
                     # drifts by up to 1.5x between minutes, so each ratio uses its own neighbours
                     before = raw_rates(paths, 1), raw_rates(paths, 1, _cv2_decode)
                     with _decoder(decoder), _slots(slots == "on"), _in_place(in_place == "on"):
                         rate, main_ms, cpu_ms = loader_rate(paths, args.cache, size, w, cache, args.preset, args.batch, args.epochs,
-                                           batches, args.task, decode)
+                                           batches, args.task, decode, arch)
                     after = raw_rates(paths, 1), raw_rates(paths, 1, _cv2_decode)
                     raw, raw_cv2 = (before[0][0] + after[0][0]) / 2, (before[1][0] + after[1][0]) / 2
                     # per CPU-second: the cores the loader really used (OpenCV's resize threads with 0
@@ -355,7 +361,7 @@ def main() -> None:
                     ratio, ratio_cv2 = rate / cores / raw, rate / cores / raw_cv2
                     rows.append({"image_size": size, "cache": cache, "batches": batches, "workers": w,
                                  "decoder": decoder, "decode": decode, "slots": slots if w else None,
-                                 "in_place": in_place,
+                                 "in_place": in_place, "arch": arch,
                                  "raw_pil": round(raw, 1),
                                  "raw_cv2": round(raw_cv2, 1),
                                  "images_per_s": round(rate, 1), "per_core": round(rate / cores, 1),
@@ -366,7 +372,8 @@ def main() -> None:
                                  "ratio_per_core": round(ratio, 3), "ratio_per_core_cv2": round(ratio_cv2, 3)})
                     print(f"{args.task} loader {size:4d} px  cache {cache:4s}  {batches:7s}  workers {w} "
                           f"{decoder:7s} {decode:7s}{' slots ' + slots if w else ''}"
-                          f"{' in place ' + in_place if len(args.in_place) > 1 else ''}: "
+                          f"{' in place ' + in_place if len(args.in_place) > 1 else ''}"
+                          f"{' ' + arch if arch else ''}: "
                           f"{rate:8.1f} images/s, {rate / cores:8.1f} per core, loader/raw per core "
                           f"{ratio:5.2f} (PIL) {ratio_cv2:5.2f} (OpenCV); raw {raw:6.1f} / {raw_cv2:6.1f}"
                           + (f"; main process {main_ms:.2f} ms CPU an image" if w else "")

@@ -115,6 +115,36 @@ def test_dataset_targets_and_a_batch_with_an_empty_image_trains(samples):
     assert any(k.startswith("roi_heads.mask_head") for k in changed) and any(k.startswith("backbone") for k in changed)
 
 
+def test_box_only_architectures_get_no_masks_and_the_same_images_and_boxes(samples):
+    """A task made from a box-only architecture's params builds datasets without instance masks
+    (each was an (S, S) plane decompressed, augmented and batched every epoch for `loss` to
+    drop); a mask architecture's, and a task without params, with them. The masks change no draw:
+    images, boxes and labels are the same bit for bit, with geometric steps, for every seed."""
+    geometric = AugmentParams(transforms=[{"name": "HorizontalFlip", "p": 0.5},
+                                          {"name": "Affine", "scale": (0.8, 1.2), "rotate": (-30, 30), "p": 0.8},
+                                          {"name": "RandomBrightnessContrast", "p": 0.5}])
+    boxes_only, with_masks = params("fasterrcnn", geometric), params("maskrcnn", geometric)
+    assert not DetectTask(boxes_only).carries_masks and DetectTask(with_masks).carries_masks and task.carries_masks
+    transform = task.build_transforms(boxes_only)[0]
+    plain = DetectTask(boxes_only).build_dataset(samples, transform, samples[0].root)
+    masked = DetectTask(with_masks).build_dataset(samples, transform, samples[0].root)
+    assert "masks" not in plain.record(0) and masked.record(0)["masks"].shape == (2, S, S)
+    for seed in range(16):
+        for i in range(len(samples)):
+            (x, y), (x_m, y_m) = plain[(i, seed)], masked[(i, seed)]
+            assert set(y) == {"boxes", "labels"} and set(y_m) == {"boxes", "labels", "masks"}
+            assert torch.equal(x, x_m) and torch.equal(y["boxes"], y_m["boxes"]), (seed, i)
+            assert torch.equal(y["labels"], y_m["labels"]) and len(y_m["masks"]) == len(y["boxes"])
+
+    images, targets = DetectTask(boxes_only).collate([plain[(i, 3)] for i in range(len(samples))])
+    model = task.build_model(boxes_only, num_classes=2, pretrained=False)
+    losses = task.loss(model, images, targets)  # a box-only model trains on them
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    mask_model = task.build_model(with_masks, num_classes=2, pretrained=False)
+    with pytest.raises(RuntimeError, match="without instance masks"):
+        task.loss(mask_model, images, targets)
+
+
 def _mask_box(mask: torch.Tensor) -> list[float]:
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]

@@ -197,7 +197,9 @@ def test_a_one_step_pipeline_draws_what_it_drew_before(tmp_path):
 @pytest.mark.parametrize("task_name", ["detect", "segment"])
 def test_cache_ram_and_disk_give_the_batches_of_none(tmp_path, task_name):
     samples = _shapes_samples(tmp_path, 3)
-    params = TrainParams(image_size=64, augment=AugmentParams(preset="medium"), device="cpu")
+    # detect: Mask R-CNN's params, so the records carry instance masks through the caches too
+    model = ModelParams(arch="maskrcnn") if task_name == "detect" else ModelParams()
+    params = TrainParams(image_size=64, model=model, augment=AugmentParams(preset="medium"), device="cpu")
     task = get_task(task_name, params)
     train_tf, _ = task.build_transforms(params)
 

@@ -8,11 +8,13 @@ xyxy, labels (N,) int64 = category + 1, masks (N, S, S) uint8. Crowd instances a
 training targets. Predictions go back to each input's own pixels through the same geometry
 (training.augment.input_frame).
 
-Masks: the dataset always carries instance masks (polygons / RLE rasterised at the image's size,
-a box-only instance as its filled box), moved with the image and filtered with the boxes that
-survive augmentation. build_dataset has no params, so this keeps the dataset independent of the
-model and of the order the task's methods are called in; `loss` drops the masks for models
-without a mask head. They are rasterised once per sample and kept compressed (training.loader).
+Masks: for a mask architecture (Mask R-CNN) the dataset carries instance masks (polygons / RLE
+rasterised at the image's size, a box-only instance as its filled box), moved with the image and
+filtered with the boxes that survive augmentation; rasterised once per sample and kept
+compressed (training.loader). For the box-only architectures it carries none: each instance's
+mask was an (S, S) plane decompressed, augmented, batched and sent from the worker only for
+`loss` to drop it (with 8 boxes an image at 640 px, most of an item's time). A task made without
+params (get_task(name)) builds datasets with masks, which every architecture accepts.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from visionflow.training.augment import (Frame, batch_chw, build_eval_transform,
                                          resize_steps)
 from visionflow.training.loader import LoaderDataset, chw_tensor, stack
 from visionflow.core.config import TrainParams
-from visionflow.models.detectors import build_detector
+from visionflow.models.detectors import build_detector, is_mask_arch
 from visionflow.manifest.images import load_rgb
 from visionflow.manifest.masks import encode_rle, instance_mask
 from visionflow.manifest import Category, Instance, Sample
@@ -45,8 +47,12 @@ NO_BOXES = {"bboxes": np.zeros((0, 4), dtype=np.float32), "labels": [], "instanc
 
 
 class DetectionDataset(LoaderDataset):
-    """(image (3, S, S) float32 in [0, 1], target); instance masks are rasterised once per
-    sample (LoaderDataset's record), not every epoch."""
+    """(image (3, S, S) float32 in [0, 1], target); with `masks`, the target's instance masks,
+    rasterised once per sample (LoaderDataset's record), not every epoch."""
+
+    def __init__(self, samples, transform, project_root: Path, decode: str = "full", masks: bool = True):
+        self.masks = masks
+        super().__init__(samples, transform, project_root, decode)
 
     def raw(self, i: int, extras: bool = True) -> dict[str, Any]:
         s = self.samples[i]
@@ -54,7 +60,7 @@ class DetectionDataset(LoaderDataset):
         if not extras:
             return {"image": image}
         kept = [inst for inst in s.instances if not inst.iscrowd]  # crowd regions are no targets
-        return _transform_inputs(s.id, image, kept)
+        return _transform_inputs(s.id, image, kept, self.masks)
 
     def item(self, i: int, record: dict[str, Any], transform) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs: dict[str, Any] = {"image": record["image"],
@@ -64,30 +70,34 @@ class DetectionDataset(LoaderDataset):
         if "masks" in record:
             inputs["masks"] = record["masks"]
         out = transform(**inputs)
-        return chw_tensor(out["image"]), _target(out, "masks" in record)
+        return chw_tensor(out["image"]), _target(out, self.masks, "masks" in record)
 
 
-def _transform_inputs(sample_id: str, image: np.ndarray, instances: list[Instance]) -> dict[str, Any]:
+def _transform_inputs(sample_id: str, image: np.ndarray, instances: list[Instance],
+                      masks: bool = True) -> dict[str, Any]:
     h, w = image.shape[:2]
     inputs: dict[str, Any] = {"image": image, "labels": [k.category_id + 1 for k in instances],
                               "bboxes": np.asarray([k.bbox for k in instances], np.float32).reshape(-1, 4),
                               "instance_ids": list(range(len(instances)))}
-    if instances:  # Albumentations cannot stack an empty mask list
+    if masks and instances:  # Albumentations cannot stack an empty mask list
         inputs["masks"] = np.stack([instance_pixels(k, h, w, f"{sample_id} instance #{j}")
                                     for j, k in enumerate(instances)]).astype(np.uint8)  # (N, H, W)
     return inputs
 
 
-def _target(out: dict[str, Any], had_instances: bool) -> dict[str, torch.Tensor]:
-    """Albumentations output -> torchvision target; masks follow the boxes that survived
-    min_area / min_visibility through their instance ids. Labels come back as floats."""
+def _target(out: dict[str, Any], with_masks: bool, had_instances: bool) -> dict[str, torch.Tensor]:
+    """Albumentations output -> torchvision target; with_masks, the masks that follow the boxes
+    that survived min_area / min_visibility through their instance ids. Labels come back as
+    floats."""
     boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(out["labels"], dtype=np.float64).round().astype(np.int64)
-    ids = np.asarray(out["instance_ids"], dtype=np.float64).round().astype(np.int64)
-    masks = np.asarray(out["masks"])[ids] if had_instances else np.zeros((0, *out["image"].shape[:2]), np.uint8)
     ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # torchvision rejects empty boxes
-    return {"boxes": torch.from_numpy(boxes[ok]), "labels": torch.from_numpy(labels[ok]),
-            "masks": torch.from_numpy(np.ascontiguousarray(masks[ok], dtype=np.uint8))}
+    target = {"boxes": torch.from_numpy(boxes[ok]), "labels": torch.from_numpy(labels[ok])}
+    if with_masks:
+        ids = np.asarray(out["instance_ids"], dtype=np.float64).round().astype(np.int64)
+        masks = np.asarray(out["masks"])[ids] if had_instances else np.zeros((0, *out["image"].shape[:2]), np.uint8)
+        target["masks"] = torch.from_numpy(np.ascontiguousarray(masks[ok], dtype=np.uint8))
+    return target
 
 
 def instance_pixels(inst: Instance, height: int, width: int, where: str) -> np.ndarray:
@@ -388,7 +398,13 @@ class DetectTask(TaskBase):
                 build_eval_transform(params.image_size, normalize=False, boxes=True, resize=params.resize))
 
     def build_dataset(self, samples, transform, project_root) -> Dataset:
-        return DetectionDataset(samples, transform, Path(project_root))
+        return DetectionDataset(samples, transform, Path(project_root), masks=self.carries_masks)
+
+    @property
+    def carries_masks(self) -> bool:
+        """Whether the datasets carry instance masks: for a mask architecture, or when the task
+        has no params to tell (then every architecture accepts them)."""
+        return self.params is None or is_mask_arch(self.params.model.arch)
 
     def collate(self, batch: list) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """(B, 3, S, S) in [0, 1]; with resize: fit, (B, 3, H, W) of the batch's largest image, the
@@ -401,6 +417,10 @@ class DetectTask(TaskBase):
 
     def loss(self, model, images, targets) -> dict[str, torch.Tensor]:
         keys = ("boxes", "labels", "masks") if has_masks(model) else ("boxes", "labels")
+        if "masks" in keys and any("masks" not in t for t in targets):
+            raise RuntimeError("a model with a mask head got targets without instance masks: the dataset was "
+                               "built for a box-only architecture (build it with the task made from this "
+                               "model's params, or with DetectionDataset(..., masks=True))")
         targets = [{k: t[k].to(images.device) for k in keys} for t in targets]
         return model(list(images), targets)
 
