@@ -324,8 +324,9 @@ def seed_globals(seed: int) -> None:
     is the pipeline's random.Random(seed) (seed_pipeline), number for number, and a custom step
     drawing from the global `random` (an A.Lambda, a transform of one's own) applied exactly when
     the first built-in step did. MT19937 seeded with the key [seed, 1] instead of [seed] is
-    another stream, at no cost. numpy's (MT19937, against the pipeline's PCG64) and torch's
-    generators are other algorithms already."""
+    another stream, at no cost. numpy's and torch's global generators were never the pipeline's
+    streams: the pipeline's numpy generator is a PCG64, and both seed MT19937 by another routine
+    than python's (init_genrand against init_by_array)."""
     random.seed(seed + (1 << 32))
     np.random.seed(seed)
     torch.default_generator.manual_seed(seed)
