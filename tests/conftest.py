@@ -81,17 +81,38 @@ def state_dir() -> Path:
     return _STATE
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread inside the block, its thread count restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread_seeded():
     """torch on one thread with its global generator seeded (small models' tests: fast and the
     same every run); the thread count is restored after the test."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+    with _one_torch_thread():
+        torch.manual_seed(0)
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """torch on one thread for a whole module, its module fixtures included (use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread_module")`); restored after the module, so
+    the xdist worker's later tests run as they would alone. Setting it at import changed every
+    later test in the worker, and a cross-process bit-for-bit test failed."""
+    with _one_torch_thread():
+        yield
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

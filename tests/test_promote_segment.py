@@ -40,15 +40,9 @@ TRAIN = TrainParams(model=ModelParams(arch="unet", backbone=None, backbone_weigh
                     augment={"preset": "none"}, early_stopping=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """This module's models train on one thread (as they always have: the figures its tests
-    check were made so); restored afterwards, so the xdist worker's later tests run as they
-    would alone (set at import, it changed them all: a cross-process bit-for-bit test failed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# This module's models train on one thread, as they always have: the figures its tests check
+# were made so (restored after the module: conftest.one_thread_module).
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def make_data(root: Path) -> None:
