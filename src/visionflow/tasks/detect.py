@@ -70,7 +70,7 @@ class DetectionDataset(LoaderDataset):
         if "masks" in record:
             inputs["masks"] = record["masks"]
         out = transform(**inputs)
-        return chw_tensor(out["image"]), _target(out, self.masks, "masks" in record)
+        return chw_tensor(out["image"]), _target(out, self.masks)
 
 
 def _transform_inputs(sample_id: str, image: np.ndarray, instances: list[Instance],
@@ -85,17 +85,17 @@ def _transform_inputs(sample_id: str, image: np.ndarray, instances: list[Instanc
     return inputs
 
 
-def _target(out: dict[str, Any], with_masks: bool, had_instances: bool) -> dict[str, torch.Tensor]:
+def _target(out: dict[str, Any], with_masks: bool) -> dict[str, torch.Tensor]:
     """Albumentations output -> torchvision target; with_masks, the masks that follow the boxes
-    that survived min_area / min_visibility through their instance ids. Labels come back as
-    floats."""
+    that survived min_area / min_visibility through their instance ids (none went in for an image
+    without instances: Albumentations cannot stack an empty list). Labels come back as floats."""
     boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(out["labels"], dtype=np.float64).round().astype(np.int64)
     ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # torchvision rejects empty boxes
     target = {"boxes": torch.from_numpy(boxes[ok]), "labels": torch.from_numpy(labels[ok])}
     if with_masks:
         ids = np.asarray(out["instance_ids"], dtype=np.float64).round().astype(np.int64)
-        masks = np.asarray(out["masks"])[ids] if had_instances else np.zeros((0, *out["image"].shape[:2]), np.uint8)
+        masks = np.asarray(out["masks"])[ids] if "masks" in out else np.zeros((0, *out["image"].shape[:2]), np.uint8)
         target["masks"] = torch.from_numpy(np.ascontiguousarray(masks[ok], dtype=np.uint8))
     return target
 
