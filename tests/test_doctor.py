@@ -179,3 +179,37 @@ def test_a_remotes_credentialpath_is_read_as_dvc_reads_it(tmp_path, no_aws_crede
     why = _s3_bucket_problem("team", f"http://127.0.0.1:{free_port()}", {"credentialpath": str(creds)})
     assert why is not None and why.startswith("the store did not answer"), why
     assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == str(tmp_path / "none")
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn"])
+def test_the_shared_memory_estimate_counts_mask_r_cnn_s_mask_per_object(tmp_path, arch, monkeypatch):
+    """Mask R-CNN's targets carry a uint8 (S, S) mask per object through shared memory too:
+    counted at the manifest's mean objects an image (here 10), before ingest said not to be
+    counted; a box-only detector's targets add nothing. (/dev/shm taken as 8 GiB free.)"""
+    from visionflow.core.config import load_params
+    from visionflow.core.paths import Paths
+    from visionflow.doctor import _shared_memory
+    from visionflow.manifest import Instance, Sample, write_manifest
+    from visionflow.training import batch_slots
+
+    monkeypatch.setattr(batch_slots, "shm_space", lambda: (8 << 30, 8 << 30))
+    root = tmp_path / "proj"
+    # 2 workers x 3 batches in flight x 8 float32 images of 512 px, on the CPU
+    make_project(root, {"detect": {"train": {"model": {"arch": arch}, "num_workers": 2, "batch_size": 8,
+                                             "image_size": 512, "device": "cpu"}}}, tasks=("detect",))
+    params, paths = load_params(root / "params.yaml"), Paths(root)
+    images = 2 * 3 * 8 * 3 * 512 ** 2 * 4
+    masks = 2 * 3 * 8 * 10 * 512 ** 2 if arch == "maskrcnn" else 0
+
+    (line,) = list(_shared_memory(params, paths))
+    assert line[:2] == ("ok", "shared memory"), line
+    assert f"need about {images / 2 ** 20:,.0f} MiB at most (detect)" in line[2], line
+    assert ("instance masks are not counted until the ingest stage has written manifest.jsonl" in line[2]) == bool(masks)
+
+    paths.manifest.parent.mkdir(parents=True)
+    box = Instance(bbox=[0, 0, 4, 4], category_id=0)
+    write_manifest(paths.manifest, [Sample(id=f"s{i}", root=".", path=f"{i}.jpg", width=64, height=64, sha256="0" * 64,
+                                           instances=[box] * n) for i, n in enumerate((5, 15, 10))])
+    (line,) = list(_shared_memory(params, paths))
+    assert f"need about {(images + masks) / 2 ** 20:,.0f} MiB at most (detect)" in line[2], line
+    assert "not counted" not in line[2], line

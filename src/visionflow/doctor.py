@@ -83,11 +83,21 @@ def _device() -> Iterator[Check]:
         yield "info", "device", f"no CUDA GPU visible (torch is {build}): training runs on {cores} CPU cores"
 
 
-def _shared_memory(params) -> Iterator[Check]:
+def _instances_per_image(paths) -> Optional[float]:
+    """The mean number of objects an image of the ingested manifest holds; None before ingest."""
+    from visionflow.manifest import read_manifest
+
+    if not paths.manifest.is_file():
+        return None
+    samples = read_manifest(paths.manifest)
+    return sum(len(s.instances) for s in samples) / max(1, len(samples))
+
+
+def _shared_memory(params, paths) -> Iterator[Check]:
     """/dev/shm against what each branch's loader workers would keep in flight at most: `auto`
     taken as the most workers this machine gives, batches as the train stage hands them over
-    (uint8 on CUDA, float32 on the CPU; and a task's targets per pixel: segment's masks), images
-    image_size square.
+    (uint8 on CUDA, float32 on the CPU; and a task's targets: segment's masks, Mask R-CNN's
+    mask per object, counted at the manifest's mean objects an image), images image_size square.
     Docker gives 64 MiB unless told otherwise, and a worker that runs out dies with a bus error."""
     import torch
 
@@ -100,24 +110,34 @@ def _shared_memory(params) -> Iterator[Check]:
         yield "info", "shared memory", f"no {SHM} here: not checked"
         return
     cuda = torch.cuda.is_available()
-    need, branch = 0, None
+    need, branch, uncounted = 0, None, []
+    instances: Optional[float] = None
     for task in params.tasks:
         train = params.branch(task).train
         on_cuda = cuda and train.device != "cpu"
         workers = max_workers(process_cores()) if train.num_workers == "auto" else int(train.num_workers)
+        if not workers:
+            continue
         pixels = train.image_size ** 2
-        targets = get_task(task).target_bytes_per_pixel * pixels
-        batch = train.batch_size * (3 * pixels * (1 if on_cuda else 4) + targets)
-        n = in_flight(workers, 4 if on_cuda else 2, batch, local_world_size())
+        kind = get_task(task, train)
+        if kind.carries_masks and instances is None:
+            instances = _instances_per_image(paths)
+            if instances is None:
+                uncounted.append(task)
+        batch = train.batch_size * (3 * pixels * (1 if on_cuda else 4) + kind.target_bytes(pixels, instances or 0))
+        n = in_flight(workers, 4 if on_cuda else 2, int(batch), local_world_size())
         if n > need:
             need, branch = n, task
     free, total = space
     shortfall = shm_shortfall(need, space)
+    later = (f"; {', '.join(uncounted)}: the instance masks are not counted until the ingest stage has written "
+             f"{paths.manifest.name}" if uncounted else "")
     if shortfall:
-        yield "problem", "shared memory", f"{branch}: {shortfall}"
+        yield "problem", "shared memory", f"{branch}: {shortfall}{later}"
     elif need:
         yield "ok", "shared memory", (f"{SHM} has {free / 2**20:,.0f} MiB free of {total / 2**20:,.0f} MiB; the "
-                                      f"loader workers' batches need about {need / 2**20:,.0f} MiB at most ({branch})")
+                                      f"loader workers' batches need about {need / 2**20:,.0f} MiB at most "
+                                      f"({branch}){later}")
     else:
         yield "info", "shared memory", f"{SHM} has {free / 2**20:,.0f} MiB free; no branch uses loader workers"
 
@@ -350,7 +370,7 @@ def checks(params_file: Optional[Path]) -> Iterator[Check]:
         yield "problem", "project", str(exc)
         return
     paths = Paths(params_file.parent)
-    yield from _shared_memory(params)
+    yield from _shared_memory(params, paths)
     yield from _mlflow(params, paths)
     yield from _prefect()
     yield from _dvc(params, paths)

@@ -137,11 +137,19 @@ class TaskBase:
     # whose predictions carry no pixel coordinates (classify, multilabel)
     reduces_decode = False
     # bytes a batch's targets take per image pixel as the loader hands them over (segment: its
-    # uint8 masks); doctor's shared-memory estimate adds them to the images'
+    # uint8 masks); doctor's shared-memory estimate adds them to the images' (target_bytes)
     target_bytes_per_pixel = 0
+    # whether the targets hold a uint8 (S, S) mask per instance (detect with a mask architecture)
+    carries_masks = False
 
     def __init__(self, params: Optional[TrainParams] = None):
         self.params = params
+
+    def target_bytes(self, pixels: int, instances: float = 0.0) -> float:
+        """Bytes of one image's targets as the loader hands them over, for an image of `pixels`
+        pixels holding `instances` objects: the per-pixel targets, and a mask per instance where
+        the targets carry them (doctor's shared-memory estimate)."""
+        return (self.target_bytes_per_pixel + (instances if self.carries_masks else 0)) * pixels
 
     def decode_for(self, decode: str) -> str:
         """What a train.decode setting means for this task: itself where the task reduces, else full."""
