@@ -230,6 +230,26 @@ def test_the_train_stage_warns_when_the_workers_batches_would_not_fit(tmp_path, 
         assert not said
 
 
+def test_the_train_stage_counts_mask_r_cnn_s_masks_at_the_split_s_mean_objects_an_image(tmp_path):
+    """The shared-memory estimate's example: Mask R-CNN's targets hold a 48x48 uint8 mask per
+    object, counted at the split's mean (1 object in the first image, 4 in the 7 others: 3.625),
+    not at the first image's; a box-only detector's example is the same without any."""
+    from dataclasses import replace
+
+    from visionflow.core.config import ModelParams
+    from visionflow.stages.train import _example_bytes
+
+    samples = T._shapes_samples(tmp_path, 8)
+    samples = [replace(samples[0], instances=samples[0].instances[:1]),
+               *[replace(s, instances=s.instances * 2) for s in samples[1:]]]
+    sizes = {}
+    for arch in ("fasterrcnn", "maskrcnn"):
+        params = TrainParams(model=ModelParams(arch=arch), image_size=48, batch_size=4, device="cpu")
+        task = get_task("detect", params)
+        sizes[arch] = _example_bytes(task, task.build_dataset(samples, task.build_transforms(params)[1], tmp_path))
+    assert sizes["maskrcnn"] == sizes["fasterrcnn"] + round(3.625 * 48 * 48), sizes
+
+
 @pytest.mark.parametrize("task_name", ["classify", "segment", "detect"])
 def test_float_batches_are_normalised_in_place_and_equal_the_stacked_items(tmp_path, task_name):
     """With normalisation on the CPU each image's LUT writes its row of the batch (_BatchBuffer):

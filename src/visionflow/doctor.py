@@ -83,14 +83,11 @@ def _device() -> Iterator[Check]:
         yield "info", "device", f"no CUDA GPU visible (torch is {build}): training runs on {cores} CPU cores"
 
 
-def _instances_per_image(paths) -> Optional[float]:
-    """The mean number of objects an image of the ingested manifest holds; None before ingest."""
-    from visionflow.manifest import read_manifest
+def _objects_per_image(paths) -> Optional[float]:
+    """The ingested manifest's mean objects an image; None before ingest."""
+    from visionflow.manifest import objects_per_image, read_manifest
 
-    if not paths.manifest.is_file():
-        return None
-    samples = read_manifest(paths.manifest)
-    return sum(len(s.instances) for s in samples) / max(1, len(samples))
+    return objects_per_image(read_manifest(paths.manifest)) if paths.manifest.is_file() else None
 
 
 def _shared_memory(params, paths) -> Iterator[Check]:
@@ -121,7 +118,7 @@ def _shared_memory(params, paths) -> Iterator[Check]:
         pixels = train.image_size ** 2
         kind = get_task(task, train)
         if kind.carries_masks and instances is None:
-            instances = _instances_per_image(paths)
+            instances = _objects_per_image(paths)
             if instances is None:
                 uncounted.append(task)
         batch = train.batch_size * (3 * pixels * (1 if on_cuda else 4) + kind.target_bytes(pixels, instances or 0))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from visionflow.core.files import atomic_path, read_json, write_json
 
@@ -139,6 +139,12 @@ def image_label(sample: Sample) -> Optional[int]:
         if area > best_area:
             best, best_area = inst.category_id, area
     return best
+
+
+def objects_per_image(samples: Sequence[Sample]) -> float:
+    """The mean number of non-crowd instances an image holds (what a detector trains on: one
+    target, and with Mask R-CNN one mask, each); 0 for no samples."""
+    return sum(sum(not k.iscrowd for k in s.instances) for s in samples) / max(1, len(samples))
 
 
 # --- split assignment (data/processed/split.json) ---

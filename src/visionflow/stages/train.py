@@ -31,7 +31,7 @@ from visionflow.training.batch_slots import (SlotCollate, in_flight, shm_shortfa
 from visionflow.training.engine import (FitConfig, fit, select_device, seed_everything, use_channels_last,  # noqa: E402
                                          write_history_csv)
 from visionflow.core.files import write_dir, write_json  # noqa: E402
-from visionflow.manifest import read_categories, read_manifest, read_split  # noqa: E402
+from visionflow.manifest import objects_per_image, read_categories, read_manifest, read_split  # noqa: E402
 from visionflow.core.paths import Paths  # noqa: E402
 from visionflow.tasks import get_task  # noqa: E402
 from visionflow.deploy.predictor import AUGMENT_FILE, META_FILE, MODEL_FILE  # noqa: E402
@@ -147,6 +147,18 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     return {**summary, "resumed_from_epoch": result.resumed_from}
 
 
+def _example_bytes(task, ds) -> int:
+    """Bytes of one example as a worker hands it over: a batch of the first one (one decode), its
+    instance masks (Mask R-CNN: one (H, W) uint8 plane an object) counted at the split's mean
+    objects an image instead of its own."""
+    images, targets = task.collate([ds[(0, 0)]])
+    one = tensor_bytes(images) + tensor_bytes(targets)
+    if task.carries_masks:
+        first = sum(int(t["masks"].shape[0]) for t in targets if "masks" in t)
+        one += round((objects_per_image(ds.samples) - first) * images.shape[-2] * images.shape[-1])
+    return one
+
+
 def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, device: torch.device, dist_info,
                   normalize_on_device: Optional[bool] = None):
     """The train and val loaders (docs/training-loader.md): seeded sampler, workers sized to the
@@ -200,9 +212,7 @@ def build_loaders(task, params: TrainParams, paths: Paths, train_ds, val_ds, dev
                                   **options(train_workers))
         val_loader = DataLoader(val_ds, batch_size=params.batch_size, **options(val_workers))
     if dist_info.is_main and (train_workers or val_workers):
-        # a batch of one example, times the batch size: what each worker hands over (one decode)
-        need = sum(in_flight(w, prefetch, params.batch_size * tensor_bytes(task.collate([ds[(0, 0)]])),
-                             local_world_size())
+        need = sum(in_flight(w, prefetch, params.batch_size * _example_bytes(task, ds), local_world_size())
                    for w, ds in ((train_workers, train_ds), (val_workers, val_ds)) if w and len(ds))
         shortfall = shm_shortfall(need, shm_space())
         if shortfall:
