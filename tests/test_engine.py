@@ -156,3 +156,81 @@ def test_amp_always_trains_in_bf16_on_the_cpu(tmp_path, caplog):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     if expected is None:
         assert "no bf16 instructions" in caplog.text
+
+
+def _norm_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 1, bias=False),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(4), nn.Linear(4, 2))
+    net[0].bias.requires_grad_(False)  # frozen: in no group
+    return net
+
+
+def test_weight_decay_groups_follow_torchvision_s_reference_split():
+    from visionflow.training.engine import param_groups
+
+    net = _norm_net()
+    conv, bn, gn, conv2, _, _, ln, fc = net
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    # nothing set apart: the one group of before, in model.parameters() order
+    assert [(g["weight_decay"], g["params"]) for g in param_groups(net, FitConfig(epochs=1, lr=0.1, weight_decay=0.05))] \
+        == [(0.05, trainable)]
+    same = FitConfig(epochs=1, lr=0.1, weight_decay=0.05, norm_weight_decay=0.05, bias_weight_decay=0.05)
+    assert len(param_groups(net, same)) == 1
+
+    def ids(groups):
+        return {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}
+
+    norms = {id(p) for m in (bn, gn, ln) for p in m.parameters()}
+    got = ids(param_groups(net, FitConfig(epochs=1, lr=0.1, weight_decay=0.05, norm_weight_decay=0.0)))
+    assert got == {0.05: {id(conv.weight), id(conv2.weight), id(fc.weight), id(fc.bias)}, 0.0: norms}
+    got = ids(param_groups(net, FitConfig(epochs=1, lr=0.1, weight_decay=0.05, norm_weight_decay=0.0,
+                                          bias_weight_decay=0.01)))
+    assert got == {0.05: {id(conv.weight), id(conv2.weight), id(fc.weight)}, 0.0: norms, 0.01: {id(fc.bias)}}
+
+
+def test_norm_weight_decay_reaches_the_optimizer_and_changes_only_what_it_names(tmp_path):
+    """Trained with a strong decay: the checkpoint's optimizer has the norm layers in a group of
+    their own, and the runs differ from the default one; the default equals weight decay given
+    explicitly for both (one group, the same steps)."""
+    from visionflow.training.engine import LAST
+
+    def run(name, **cfg):
+        task = ClassifyTask()
+        train, val, gen = _loaders(task)
+        net = _norm_net()
+        config = FitConfig(epochs=2, lr=0.01, weight_decay=0.5, seed=3, fingerprint="fp", **cfg)
+        fit(task, net, train, val, config, tmp_path / name, torch.device("cpu"), gen.manual_seed)
+        groups = torch.load(tmp_path / name / LAST, weights_only=True)["optimizer"]["param_groups"]
+        return net, sorted((g["weight_decay"], len(g["params"])) for g in groups)
+
+    default, groups = run("default")
+    assert groups == [(0.5, 10)]
+    explicit, groups = run("explicit", norm_weight_decay=0.5, bias_weight_decay=0.5)
+    assert groups == [(0.5, 10)]
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+    exempt, groups = run("exempt", norm_weight_decay=0.0)
+    assert groups == [(0.0, 6), (0.5, 4)]  # BatchNorm, GroupNorm, LayerNorm: weight and bias each
+    assert not torch.equal(exempt[1].weight, default[1].weight)
+
+
+def test_params_yaml_s_norm_and_bias_weight_decay_reach_the_train_stage_s_optimizer(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from project import make_project
+
+    from visionflow.core.config import load_params
+    from visionflow.core.paths import Paths
+    from visionflow.stages import get_stage
+    from visionflow.training.engine import LAST
+
+    over = {"synth": {"n": 24}, "classify": {"train": {
+        "model": {"arch": "small_cnn"}, "epochs": 1, "batch_size": 8, "image_size": 32, "num_workers": 0,
+        "weight_decay": 0.05, "norm_weight_decay": 0.0, "bias_weight_decay": 0.01}}}
+    params = load_params(make_project(tmp_path, over))
+    paths = Paths(tmp_path, task="classify")
+    for name in ("synth", "ingest", "split", "train-classify"):
+        get_stage(name, params).run(params, paths)
+    groups = torch.load(paths.checkpoint_dir / LAST, weights_only=True)["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.01, 0.05], groups

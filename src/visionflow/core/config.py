@@ -191,6 +191,12 @@ class TrainParams(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    # Weight decay of the normalisation layers' weights and biases (BatchNorm, GroupNorm,
+    # LayerNorm, InstanceNorm, LocalResponseNorm), and of every other layer's bias: null takes
+    # weight_decay (as torchvision's reference recipes' --norm-weight-decay and
+    # --bias-weight-decay do); 0 exempts them, as timm does by default.
+    norm_weight_decay: Optional[float] = Field(None, ge=0)
+    bias_weight_decay: Optional[float] = Field(None, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     warmup_epochs: int = Field(0, ge=0)
     schedule: Literal["cosine", "step"] = "cosine"  # after warmup

@@ -93,7 +93,9 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
 
     es = params.early_stopping
     cfg = FitConfig(
-        epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay, warmup_epochs=params.warmup_epochs,
+        epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay,
+        norm_weight_decay=params.norm_weight_decay, bias_weight_decay=params.bias_weight_decay,
+        warmup_epochs=params.warmup_epochs,
         optimizer=params.optimizer, momentum=params.momentum, schedule=params.schedule,
         step_epochs=params.step_epochs, gamma=params.gamma, grad_clip=params.grad_clip,
         amp=params.amp, channels_last=params.channels_last, seed=params.seed, resume=params.resume,

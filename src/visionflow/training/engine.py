@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -58,6 +58,8 @@ class FitConfig:
     epochs: int
     lr: float
     weight_decay: float = 1e-4
+    norm_weight_decay: Optional[float] = None  # None: weight_decay (param_groups)
+    bias_weight_decay: Optional[float] = None
     warmup_epochs: int = 0
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9
@@ -88,7 +90,32 @@ class FitResult:
     best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
+               nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, cfg: FitConfig) -> list[dict[str, Any]]:
+    """The trainable parameters in optimizer groups by weight decay, as torchvision's reference
+    recipes split them (references/classification/utils.py set_weight_decay): the normalisation
+    layers' weights and biases take norm_weight_decay, the other layers' biases bias_weight_decay,
+    the rest weight_decay; a setting left None takes weight_decay. One group when nothing
+    differs (so the optimizer is exactly the single-group one of before these settings)."""
+    norm = cfg.weight_decay if cfg.norm_weight_decay is None else cfg.norm_weight_decay
+    bias = cfg.weight_decay if cfg.bias_weight_decay is None else cfg.bias_weight_decay
+    groups: dict[float, list[nn.Parameter]] = {cfg.weight_decay: []}
+    seen: set[int] = set()  # a parameter shared by two modules goes to one group
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            decay = norm if isinstance(module, NORM_LAYERS) else bias if name == "bias" else cfg.weight_decay
+            groups.setdefault(decay, []).append(p)
+    return [{"params": ps, "weight_decay": decay} for decay, ps in groups.items() if ps]
+
+
 def build_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
+    """`params`: tensors, or param_groups' groups (each with its own weight_decay)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -199,8 +226,7 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
     model.to(device)
     if use_channels_last(cfg.channels_last, device):
         model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(param_groups(model, cfg), cfg)
     scheduler = build_scheduler(optimizer, cfg.epochs, len(train_loader), cfg.warmup_epochs,
                                 cfg.schedule, cfg.step_epochs, cfg.gamma)
     amp_dtype = amp_dtype_for(cfg.amp, device)
