@@ -214,7 +214,7 @@ def test_norm_weight_decay_reaches_the_optimizer_and_changes_only_what_it_names(
     assert not torch.equal(exempt[1].weight, default[1].weight)
 
 
-def test_params_yaml_s_norm_and_bias_weight_decay_reach_the_train_stage_s_optimizer(tmp_path):
+def test_params_yaml_s_weight_decays_and_ema_reach_the_train_stage(tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -227,10 +227,64 @@ def test_params_yaml_s_norm_and_bias_weight_decay_reach_the_train_stage_s_optimi
 
     over = {"synth": {"n": 24}, "classify": {"train": {
         "model": {"arch": "small_cnn"}, "epochs": 1, "batch_size": 8, "image_size": 32, "num_workers": 0,
-        "weight_decay": 0.05, "norm_weight_decay": 0.0, "bias_weight_decay": 0.01}}}
+        "weight_decay": 0.05, "norm_weight_decay": 0.0, "bias_weight_decay": 0.01, "ema_decay": 0.9}}}
     params = load_params(make_project(tmp_path, over))
     paths = Paths(tmp_path, task="classify")
     for name in ("synth", "ingest", "split", "train-classify"):
         get_stage(name, params).run(params, paths)
-    groups = torch.load(paths.checkpoint_dir / LAST, weights_only=True)["optimizer"]["param_groups"]
-    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.01, 0.05], groups
+    last = torch.load(paths.checkpoint_dir / LAST, weights_only=True)
+    assert sorted(g["weight_decay"] for g in last["optimizer"]["param_groups"]) == [0.0, 0.01, 0.05]
+    # the weights' average is what the stage saved, not the last weights
+    saved = torch.load(paths.model_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in last["ema"].items())
+    assert not all(torch.equal(saved[k], v) for k, v in last["model"].items())
+
+
+def test_the_weights_moving_average_is_an_ema_of_parameters_and_buffers():
+    from visionflow.training.engine import WeightEMA
+
+    net = _norm_net()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    ema = WeightEMA(net, decay=0.75)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    steps = []
+    for i in range(3):
+        with torch.no_grad():
+            for v in net.state_dict().values():
+                v.add_(1.0 + i) if v.is_floating_point() else v.add_(5)
+        steps.append({k: v.clone() for k, v in net.state_dict().items()})
+        ema.update(net)
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():  # 0.75^3 of the start, then each step's weights
+            want = 0.75 ** 3 * start[k] + 0.25 * (0.75 ** 2 * steps[0][k] + 0.75 * steps[1][k] + steps[2][k])
+            torch.testing.assert_close(v, want, msg=k)
+        else:  # BatchNorm's num_batches_tracked: the model's own
+            assert torch.equal(v, steps[-1][k]), k
+    ema.update(net, copy_weights=True)  # during warmup: a copy
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in ema.module.state_dict().items())
+
+
+def test_with_ema_validation_scores_the_average_and_resume_is_exact(tmp_path):
+    """ema_decay: validation and the best state are the average's; a run stopped after epoch 2
+    resumes to the same average, weights and history as a straight run."""
+    from visionflow.training.engine import LAST
+
+    straight, res_a = _run(tmp_path / "a", ema_decay=0.8)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", stop_after=2, ema_decay=0.8)
+    resumed, res_b = _run(tmp_path / "b", ema_decay=0.8)
+    assert res_b.resumed_from == 2
+    assert [r["val_loss"] for r in res_a.history] == [r["val_loss"] for r in res_b.history]
+    for k, v in res_a.best_state.items():
+        assert torch.equal(v, res_b.best_state[k]), k
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    last = torch.load(tmp_path / "a" / LAST, weights_only=True)
+    # the last epoch's average is in the checkpoint; it differs from the last weights
+    assert any(not torch.equal(v, straight.state_dict()[k]) for k, v in last["ema"].items())
+    assert res_a.best_epoch == 4  # no early-stopping metric: the lowest train loss, the last epoch's
+    assert all(torch.equal(res_a.best_state[k], v) for k, v in last["ema"].items())  # the best state is that average
+    # and it is what validation scored: the plain run's losses are other numbers
+    _, plain = _run(tmp_path / "c")
+    assert [r["val_loss"] for r in plain.history] != [r["val_loss"] for r in res_a.history]
+    assert [r["train_loss"] for r in plain.history] == [r["train_loss"] for r in res_a.history]

@@ -120,8 +120,8 @@ def test_a_crashed_feature_cache_run_resumes_to_the_weights_of_a_straight_run(tm
     _, straight = _project(tmp_path / "a", "mobilenet_v2", feature_cache=True, epochs=3)
     save = engine._save_checkpoint
 
-    def save_then_crash(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state):
-        save(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+    def save_then_crash(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state, ema=None):
+        save(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state, ema)
         if state["epoch"] == 1:
             raise KeyboardInterrupt("killed after epoch 1")
 

@@ -1,5 +1,6 @@
 """Exact resume for every task through the real train stage: N epochs straight equal N/2
-epochs, a crash, a resume and N/2 more (same per-epoch losses and metrics, same weights).
+epochs, a crash, a resume and N/2 more (same per-epoch losses and metrics, same weights;
+detect and segment with the weights' moving average).
 
 The crash is raised right after the epoch-1 checkpoint is written, in process, so the test
 is deterministic; tests/test_resume_kill.py covers a real SIGKILL of the stage."""
@@ -25,8 +26,14 @@ class Crash(Exception):
     pass
 
 
+# the dense tasks also keep a moving average of their weights (train.ema_decay), which the
+# checkpoint carries and the resumed run must continue exactly
+EMA = {"classify": None, "detect": 0.9, "segment": 0.9}
+
+
 def _project(root: Path, task: str):
-    over = {"synth": {"n": 32}, task: {"train": {"epochs": EPOCHS, "augment": {"preset": "medium"}}}}
+    over = {"synth": {"n": 32}, task: {"train": {"epochs": EPOCHS, "augment": {"preset": "medium"},
+                                                 "ema_decay": EMA[task]}}}
     params_file = make_project(root, over, name=f"resume-{task}", tasks=(task,))
     params, paths = load_params(params_file), Paths(root)
     for name in ("synth", "ingest", "split"):
@@ -47,8 +54,8 @@ def test_half_crash_resume_half_equals_straight(tmp_path, monkeypatch, task):
     params_b, paths_b = _project(tmp_path / "b", task)
     save = engine._save_checkpoint
 
-    def save_then_crash(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state):
-        save(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+    def save_then_crash(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state, ema=None):
+        save(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state, ema)
         if state["epoch"] == EPOCHS // 2:
             raise Crash
 
@@ -65,3 +72,5 @@ def test_half_crash_resume_half_equals_straight(tmp_path, monkeypatch, task):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    last = torch.load(paths_b.checkpoint_dir / engine.LAST, weights_only=True)
+    assert ("ema" in last) == (EMA[task] is not None)

@@ -197,6 +197,11 @@ class TrainParams(Section):
     # --bias-weight-decay do); 0 exempts them, as timm does by default.
     norm_weight_decay: Optional[float] = Field(None, ge=0)
     bias_weight_decay: Optional[float] = Field(None, ge=0)
+    # An exponential moving average of the weights, updated after every optimizer step with
+    # this decay (0.999 averages over about the last 1,000 steps; torchvision's reference recipes'
+    # --model-ema): validation scores the average, early stopping follows it, and the stage saves
+    # it. It copies the weights during warmup_epochs. null: off
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     warmup_epochs: int = Field(0, ge=0)
     schedule: Literal["cosine", "step"] = "cosine"  # after warmup

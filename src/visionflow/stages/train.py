@@ -95,6 +95,7 @@ def train(params: TrainParams, paths: Paths) -> dict[str, Any]:
     cfg = FitConfig(
         epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay,
         norm_weight_decay=params.norm_weight_decay, bias_weight_decay=params.bias_weight_decay,
+        ema_decay=params.ema_decay,
         warmup_epochs=params.warmup_epochs,
         optimizer=params.optimizer, momentum=params.momentum, schedule=params.schedule,
         step_epochs=params.step_epochs, gamma=params.gamma, grad_clip=params.grad_clip,

@@ -1,8 +1,9 @@
 """One training engine for every task (see visionflow.tasks.base for the contract).
 
 Device selection, AMP and channels_last (CUDA; on the CPU too with `always`), AdamW or SGD, warmup then cosine or step LR
-(per step), gradient clipping, per-epoch atomic checkpoints, exact resume, early stopping,
-progress bars, and DDP under torchrun (see visionflow.training.distributed). Each epoch's row
+(per step), gradient clipping, an exponential moving average of the weights (`ema_decay`: then the
+average is what validation scores and the stage saves), per-epoch atomic checkpoints, exact
+resume, early stopping, progress bars, and DDP under torchrun (see visionflow.training.distributed). Each epoch's row
 also says whether the data kept up: `data_wait`, the share of the training pass spent waiting
 for the next batch, and `images_per_s` (docs/training-loader.md, "Is the loader keeping up?").
 
@@ -10,10 +11,11 @@ Exact resume: every epoch reseeds torch, numpy, python and, through `reseed`, th
 shuffling and per-sample augmentation seeds from (seed, epoch) (visionflow.training.loader: the
 same with any number of workers), so epoch e does the same work whether the run started at
 epoch 0 or resumed at e; the checkpoint holds model, optimizer, scheduler, AMP
-scaler, early-stopping state and history.
+scaler, the weights' moving average, early-stopping state and history.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
@@ -60,6 +62,7 @@ class FitConfig:
     weight_decay: float = 1e-4
     norm_weight_decay: Optional[float] = None  # None: weight_decay (param_groups)
     bias_weight_decay: Optional[float] = None
+    ema_decay: Optional[float] = None  # WeightEMA after every optimizer step; None: off
     warmup_epochs: int = 0
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9
@@ -121,6 +124,33 @@ def build_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class WeightEMA:
+    """An exponential moving average of a model's weights, updated after every optimizer step:
+    avg = decay * avg + (1 - decay) * weights, for the parameters and the floating-point buffers
+    (BatchNorm's running statistics); integer buffers (num_batches_tracked) are copied. As in
+    torchvision's reference recipes (--model-ema), it copies the weights instead while the LR
+    warms up, so the average starts from the warmed-up model. `module` is a frozen copy of the
+    model (same memory format), which validation scores and the train stage saves."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, copy_weights: bool = False) -> None:
+        avg, now = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in avg.items() if v.is_floating_point()]
+        if copy_weights:
+            torch._foreach_copy_([avg[k] for k in floats], [now[k] for k in floats])
+        else:
+            torch._foreach_lerp_([avg[k] for k in floats], [now[k].detach() for k in floats], 1.0 - self.decay)
+        for k, v in avg.items():
+            if not v.is_floating_point():
+                v.copy_(now[k])
+
+
 def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: int,
                     schedule: str = "cosine", step_epochs: int = 5, gamma: float = 0.1):
     total = max(1, epochs * steps_per_epoch)
@@ -164,7 +194,9 @@ def use_channels_last(setting: Union[bool, str], device: torch.device) -> bool:
 
 
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, amp_dtype, grad_clip, epoch,
-                    channels_last: Union[bool, str] = True) -> dict[str, float]:
+                    channels_last: Union[bool, str] = True,
+                    after_step: Optional[Callable[[], None]] = None) -> dict[str, float]:
+    """One pass over `loader`; `after_step` runs after every optimizer step (the weights' EMA)."""
     model.train()
     for m in model.modules():  # a frozen feature-extract backbone stays in inference mode
         if getattr(m, "visionflow_frozen_inference", False):
@@ -197,6 +229,8 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, device, a
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         b = images.shape[0]
         n += b
         for k, v in losses.items():
@@ -227,6 +261,8 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
     if use_channels_last(cfg.channels_last, device):
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(param_groups(model, cfg), cfg)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    scored = ema.module if ema is not None else model  # what validation scores and the stage saves
     scheduler = build_scheduler(optimizer, cfg.epochs, len(train_loader), cfg.warmup_epochs,
                                 cfg.schedule, cfg.step_epochs, cfg.gamma)
     amp_dtype = amp_dtype_for(cfg.amp, device)
@@ -234,7 +270,7 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
-    resumed_from = _maybe_resume(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+    resumed_from = _maybe_resume(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state, ema)
     require_same_on_ranks(resumed_from, "the epoch to resume from",
                           f"every node must see the same checkpoint folder {ckpt_dir} (shared storage)", dist_info)
     best_state = _load_best(ckpt_dir) if resumed_from else {}
@@ -250,14 +286,16 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         seed_everything(cfg.seed * 1000 + epoch)
         reseed(cfg.seed * 1000 + epoch)
         row = {"epoch": epoch}
+        warming = epoch <= cfg.warmup_epochs
         losses = train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip,
-                                 epoch, cfg.channels_last)
+                                 epoch, cfg.channels_last,
+                                 (lambda: ema.update(model, copy_weights=warming)) if ema is not None else None)
         row.update(mean_over_ranks(losses, dist_info))  # the epoch's loss over every rank's shard
         row["images_per_s"] = round(row["images_per_s"] * dist_info.world_size, 2)  # all ranks together
         sync_buffers(model, dist_info)  # validate and checkpoint the weights every rank holds
         if dist_info.is_main and val_loader is not None and len(val_loader.dataset):
             val_batches = DeviceBatches(val_loader, device, use_channels_last(cfg.channels_last, device))
-            row.update(task.val_metrics(model, val_batches, device))
+            row.update(task.val_metrics(scored, val_batches, device))
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.perf_counter() - t0, 3)
         row = broadcast(row, dist_info)  # rank 0's metrics decide for everyone
@@ -267,7 +305,7 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         mode = cfg.early_mode if metric == cfg.early_metric else "min"
         if _improved(row[metric], state["best"], mode, cfg.min_delta):
             state.update(best=row[metric], best_epoch=epoch, bad_epochs=0)
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()}
             if dist_info.is_main:
                 write_with(ckpt_dir / BEST, lambda p: torch.save(best_state, p))
         else:
@@ -275,7 +313,7 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
             state["stopped"] = bool(cfg.early_metric) and state["bad_epochs"] >= cfg.patience
         state["epoch"] = epoch
         if dist_info.is_main:
-            _save_checkpoint(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state)
+            _save_checkpoint(ckpt_dir, cfg, model, optimizer, scheduler, scaler, state, ema)
             # the epoch's line first, then the decision it led to
             log.info("epoch %d/%d %s", epoch, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
             if state["stopped"]:
@@ -288,10 +326,11 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
     best_row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
     return FitResult(state["history"], state["best_epoch"], best_row, state["stopped"], resumed_from,
                      str(device), dist_info.world_size,
-                     best_state or {k: v.cpu() for k, v in model.state_dict().items()})
+                     best_state or {k: v.cpu() for k, v in scored.state_dict().items()})
 
 
-def _save_checkpoint(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler, scaler, state: dict) -> None:
+def _save_checkpoint(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler, scaler, state: dict,
+                     ema: Optional[WeightEMA] = None) -> None:
     ckpt = {
         "fingerprint": cfg.fingerprint,
         "model": model.state_dict(),
@@ -300,10 +339,13 @@ def _save_checkpoint(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler
         "scaler": scaler.state_dict(),
         "state": state,
     }
+    if ema is not None:
+        ckpt["ema"] = ema.module.state_dict()
     write_with(ckpt_dir / LAST, lambda p: torch.save(ckpt, p))
 
 
-def _maybe_resume(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler, scaler, state: dict) -> int:
+def _maybe_resume(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler, scaler, state: dict,
+                  ema: Optional[WeightEMA] = None) -> int:
     path = ckpt_dir / LAST
     if not (cfg.resume and path.exists()):
         return 0
@@ -319,6 +361,8 @@ def _maybe_resume(ckpt_dir: Path, cfg: FitConfig, model, optimizer, scheduler, s
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        ema.module.load_state_dict(ckpt["ema"])
     state.update(done)
     log.info("resumed from %s after epoch %d", path, done["epoch"])
     return int(done["epoch"])
