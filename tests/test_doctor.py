@@ -54,6 +54,13 @@ def test_a_healthy_project_has_no_problems(tmp_path):
     assert lines["install"].startswith("ok python 3."), lines
     assert "torchvision" in lines["install"] and "C++ operators load" in lines["install"]
     assert lines["device"].startswith("info "), lines
+    import torch
+
+    from visionflow.training.engine import cpu_bf16_supported
+
+    if not torch.cuda.is_available():  # whether `amp: always` will train in bf16 here
+        assert ("`amp: always` trains in bf16" if cpu_bf16_supported() else "`amp: always` trains in fp32") \
+            in lines["device"], lines
     assert lines["FiftyOne database"].startswith(f"ok the MongoDB at FIFTYONE_DATABASE_URI ({os.environ['FIFTYONE_DATABASE_URI']}"), lines
     assert lines["MLflow (classify, detect)"] == (f"info sqlite:///{root.resolve() / 'mlflow.db'}: no store yet; the "
                                                   "register stage creates it"), lines

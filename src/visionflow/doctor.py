@@ -79,8 +79,13 @@ def _device() -> Iterator[Check]:
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         yield "info", "device", f"{len(names)} CUDA GPU(s): {', '.join(names)}; {cores} CPU cores for the loader"
     else:
+        from visionflow.training.engine import cpu_bf16_supported
+
         build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-        yield "info", "device", f"no CUDA GPU visible (torch is {build}): training runs on {cores} CPU cores"
+        bf16 = ("bf16 instructions: `amp: always` trains in bf16" if cpu_bf16_supported() else
+                "no bf16 instructions (AVX512-BF16 or AMX): `amp: always` trains in fp32")
+        yield "info", "device", (f"no CUDA GPU visible (torch is {build}): training runs on {cores} CPU cores; "
+                                 f"{bf16}")
 
 
 def _objects_per_image(paths) -> Optional[float]:
