@@ -253,14 +253,14 @@ def test_the_weights_moving_average_is_an_ema_of_parameters_and_buffers():
             for v in net.state_dict().values():
                 v.add_(1.0 + i) if v.is_floating_point() else v.add_(5)
         steps.append({k: v.clone() for k, v in net.state_dict().items()})
-        ema.update(net)
+        ema.update()
     for k, v in ema.module.state_dict().items():
         if v.is_floating_point():  # 0.75^3 of the start, then each step's weights
             want = 0.75 ** 3 * start[k] + 0.25 * (0.75 ** 2 * steps[0][k] + 0.75 * steps[1][k] + steps[2][k])
             torch.testing.assert_close(v, want, msg=k)
         else:  # BatchNorm's num_batches_tracked: the model's own
             assert torch.equal(v, steps[-1][k]), k
-    ema.update(net, copy_weights=True)  # during warmup: a copy
+    ema.update(copy_weights=True)  # during warmup: a copy
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in ema.module.state_dict().items())
 
 

@@ -137,18 +137,21 @@ class WeightEMA:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        # (average, model) tensor pairs, gathered once, not every step: the optimizer, resume
+        # and DDP change both models' tensors in place (fit moves the model before making this)
+        pairs = [*zip(self.module.parameters(), model.parameters()), *zip(self.module.buffers(), model.buffers())]
+        self._floats = ([a for a, _ in pairs if a.is_floating_point()], [b for a, b in pairs if a.is_floating_point()])
+        self._others = [(a, b) for a, b in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: nn.Module, copy_weights: bool = False) -> None:
-        avg, now = self.module.state_dict(), model.state_dict()
-        floats = [k for k, v in avg.items() if v.is_floating_point()]
+    def update(self, copy_weights: bool = False) -> None:
+        avg, now = self._floats
         if copy_weights:
-            torch._foreach_copy_([avg[k] for k in floats], [now[k] for k in floats])
+            torch._foreach_copy_(avg, now)
         else:
-            torch._foreach_lerp_([avg[k] for k in floats], [now[k].detach() for k in floats], 1.0 - self.decay)
-        for k, v in avg.items():
-            if not v.is_floating_point():
-                v.copy_(now[k])
+            torch._foreach_lerp_(avg, now, 1.0 - self.decay)
+        for a, b in self._others:
+            a.copy_(b)
 
 
 def build_scheduler(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: int,
@@ -289,7 +292,7 @@ def fit(task, model: nn.Module, train_loader: DataLoader, val_loader: Optional[D
         warming = epoch <= cfg.warmup_epochs
         losses = train_one_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, amp_dtype, cfg.grad_clip,
                                  epoch, cfg.channels_last,
-                                 (lambda: ema.update(model, copy_weights=warming)) if ema is not None else None)
+                                 (lambda: ema.update(copy_weights=warming)) if ema is not None else None)
         row.update(mean_over_ranks(losses, dist_info))  # the epoch's loss over every rank's shard
         row["images_per_s"] = round(row["images_per_s"] * dist_info.world_size, 2)  # all ranks together
         sync_buffers(model, dist_info)  # validate and checkpoint the weights every rank holds
