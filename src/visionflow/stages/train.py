@@ -156,9 +156,10 @@ def _example_bytes(task, ds) -> int:
     objects an image instead of its own."""
     images, targets = task.collate([ds[(0, 0)]])
     one = tensor_bytes(images) + tensor_bytes(targets)
-    if task.carries_masks:
+    if task.carries_masks:  # the first example's masks swapped for the split's mean count (task.target_bytes)
         first = sum(int(t["masks"].shape[0]) for t in targets if "masks" in t)
-        one += round((objects_per_image(ds.samples) - first) * images.shape[-2] * images.shape[-1])
+        pixels = images.shape[-2] * images.shape[-1]
+        one += round(task.target_bytes(pixels, objects_per_image(ds.samples)) - task.target_bytes(pixels, first))
     return one
 
 
