@@ -132,6 +132,20 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(_STATE, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Modules with a `slow` test first, the rest after, each module's tests in their own order.
+
+    `make test` spreads whole modules over two pytest-xdist workers (`--dist loadfile`), handing
+    a worker the next module in line when it finishes one. xdist's own order (modules with the
+    most tests first; pyproject's `--no-loadscope-reorder` turns it off) left the end-to-end
+    modules of one or two tests that take 2-6 minutes each (`dvc repro`, the team services) for
+    last, so one worker could still be in one of them long after the other had finished
+    everything else. Started first, they overlap each other, and the hundreds of quick modules
+    fill in at the end, where they balance the two workers."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: the rest keeps its order
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI (CI=true, as .ci/run runs) a skipped test is a failure: .ci/run installs what every
