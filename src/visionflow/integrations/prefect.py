@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -22,6 +23,30 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # fresh machine failed with a traceback. A warm start takes 11 s. A user's own setting is kept.
 STARTUP_TIMEOUT_VAR, STARTUP_TIMEOUT_S = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180
 os.environ.setdefault(STARTUP_TIMEOUT_VAR, str(STARTUP_TIMEOUT_S))
+
+
+
+def _no_inherited_service_drains() -> None:
+    """In a forked child, forget the parent's Prefect queue services' exit-time drains.
+
+    Prefect's log and event services (APILogWorker, EventsWorker) register a drain with
+    threading's exit hooks when they start. A process forked afterwards (a DataLoader worker of
+    a train stage run by the flow) inherits that hook but not the service's threads, and
+    Prefect's own after-fork reset (3.8) leaves the service with no event to wait on: the drain
+    then fails an assertion as the worker exits, every worker ends with exit code 1, and a
+    loader iterated on the main thread reports "DataLoader worker exited unexpectedly". The
+    child has nothing of the parent's to drain, so the hooks are dropped; a service the child
+    starts itself registers its own."""
+    services = sys.modules.get("prefect._internal.concurrency.services")
+    base = getattr(services, "_QueueServiceBase", None)
+    hooks = getattr(threading, "_threading_atexits", None)
+    if base is None or not isinstance(hooks, list):
+        return
+    hooks[:] = [h for h in hooks if not isinstance(getattr(getattr(h, "func", h), "__self__", None), base)]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_inherited_service_drains)
 
 FLOW_FILE = "flows/pipeline.py"
 FLOW_NAME = "pipeline"
