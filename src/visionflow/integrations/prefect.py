@@ -25,7 +25,6 @@ STARTUP_TIMEOUT_VAR, STARTUP_TIMEOUT_S = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEO
 os.environ.setdefault(STARTUP_TIMEOUT_VAR, str(STARTUP_TIMEOUT_S))
 
 
-
 def _no_inherited_service_drains() -> None:
     """In a forked child, forget the parent's Prefect queue services' exit-time drains.
 
