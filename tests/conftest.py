@@ -142,8 +142,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     last, so one worker could still be in one of them long after the other had finished
     everything else. Started first, they overlap each other, and the hundreds of quick modules
     fill in at the end, where they balance the two workers."""
-    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: the rest keeps its order
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the rest keeps its order
 
 
 @pytest.hookimpl(hookwrapper=True)
