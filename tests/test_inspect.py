@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -156,7 +157,9 @@ def test_the_evaluation_reloads_no_sample_one_by_one(built, tmp_path, monkeypatc
     original = FoSample.reload
     monkeypatch.setattr(FoSample, "reload", lambda self, *a, **k: (reloads.append(self.id), original(self, *a, **k))[1])
     params, paths, preds, _ = built
-    summary = inspect(params.model_copy(update={"dataset_name": "visionflow-test-no-reload"}), paths)
+    shutil.copytree(paths.root, tmp_path / "copy")  # the shared fixture's summary file stays as it is
+    renamed = params.model_copy(update={"dataset_name": "visionflow-test-no-reload"})
+    summary = inspect(renamed, Paths(tmp_path / "copy"))
     try:
         ds = fo.load_dataset("visionflow-test-no-reload")
         assert summary["accuracy"] == pytest.approx(4 / 6) and len(ds.exists("eval")) == len(preds)
