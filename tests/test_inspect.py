@@ -155,7 +155,12 @@ def test_the_evaluation_reloads_no_sample_one_by_one(built, tmp_path, monkeypatc
 
     reloads = []
     original = FoSample.reload
-    monkeypatch.setattr(FoSample, "reload", lambda self, *a, **k: (reloads.append(self.id), original(self, *a, **k))[1])
+
+    def counted_reload(self, *args, **kwargs):
+        reloads.append(self.id)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FoSample, "reload", counted_reload)
     params, paths, preds, _ = built
     shutil.copytree(paths.root, tmp_path / "copy")  # the shared fixture's summary file stays as it is
     renamed = params.model_copy(update={"dataset_name": "visionflow-test-no-reload"})
