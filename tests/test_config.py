@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visionflow.core.config import ConfigError, Params, TrainParams, has_key, leaf_keys, load_params
+from visionflow.core.config import (TASK_OPTIONS, TASKS, ConfigError, Params, TrainParams, has_key, leaf_keys,
+                                    load_params, tasks_with, tasks_with_resize)
 from visionflow.core.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,62 @@ def test_bad_values_are_rejected(tmp_path):
     data["multilabel"]["train"]["label_smoothing"] = 0.1
     with pytest.raises(ConfigError, match=r"multilabel.train.label_smoothing: label smoothing is for classify"):
         load_params(_write(tmp_path, data))
+
+
+# Each TaskOptions flag, and the train settings that ask for it (with what else they need, so
+# that only the branch's check can refuse them).
+OPTION_SETTINGS = {
+    "feature_cache": {"feature_cache": True, "model": {"mode": "feature_extract"},
+                      "augment": {"preset": "none", "transforms": None}},
+    "reduced_decode": {"decode": "reduced"},
+    "dice": {"dice_weight": 0.5},
+    "label_smoothing": {"label_smoothing": 0.1},
+}
+
+
+def _deep_update(d: dict, over: dict) -> dict:
+    for k, v in over.items():
+        d[k] = _deep_update(d.get(k) or {}, v) if isinstance(v, dict) else v
+    return d
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_branch_takes_what_its_task_options_allow_and_refuses_the_rest(tmp_path, task):
+    """config.TASK_OPTIONS is the one place that says what a task's params may set: every flag it
+    allows loads, every flag it does not is refused naming the branch, the key and the tasks that
+    take it; and train.resize likewise."""
+    options = TASK_OPTIONS[task]
+    for option, settings in OPTION_SETTINGS.items():
+        data = yaml.safe_load((REPO / "params.yaml").read_text())
+        _deep_update(data[task]["train"], settings)
+        key = next(iter(settings))
+        if getattr(options, option):
+            assert getattr(load_params(_write(tmp_path, data)).branch(task).train, key) == settings[key]
+        else:
+            with pytest.raises(ConfigError, match=rf"{task}\.train\.{key}: .* is for {tasks_with(option)}\b"):
+                load_params(_write(tmp_path, data))
+    for mode in ("letterbox", "stretch", "fit"):
+        data = yaml.safe_load((REPO / "params.yaml").read_text())
+        data[task]["train"]["resize"] = mode
+        if mode == "fit" and mode not in options.resize:
+            with pytest.raises(ConfigError, match=rf"{task}\.train\.resize: fit .* is for {tasks_with_resize('fit')} only"):
+                load_params(_write(tmp_path, data))
+        else:  # a task that always stretches does not read letterbox or stretch, and refuses neither
+            assert load_params(_write(tmp_path, data)).branch(task).train.resize == mode
+
+
+def test_the_task_registry_params_and_task_options_name_the_same_tasks():
+    """A task is an entry in TASK_OPTIONS, a branch field of Params and a module in
+    visionflow.tasks; its class reads its own entry (reduces_decode)."""
+    from visionflow.tasks import _TASKS, get_task
+
+    assert TASKS == tuple(_TASKS) == tuple(f for f in Params.model_fields if f in TASK_OPTIONS)
+    assert set(TASK_OPTIONS) <= set(Params.model_fields)
+    for task in TASKS:
+        implementation = get_task(task)
+        assert implementation.name == task
+        assert implementation.reduces_decode == TASK_OPTIONS[task].reduced_decode
+        assert implementation.decode_for("reduced") == ("reduced" if TASK_OPTIONS[task].reduced_decode else "full")
 
 
 def test_branches(tmp_path):

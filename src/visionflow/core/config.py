@@ -7,6 +7,7 @@ from __future__ import annotations
 import types
 import typing
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -110,21 +111,59 @@ class SplitParams(Section):
         return self
 
 
-# Architectures per task (torchvision builder names, plus our own `unet`). Names only: the
-# builders live in visionflow.models.classifiers / visionflow.tasks, imported when a stage runs.
-TASKS = ("classify", "detect", "segment", "multilabel")
-ARCHS: dict[str, tuple[str, ...]] = {
-    # small_cnn: our own VGG-style network for small images (28-64 px; models/classifiers.py)
-    "classify": ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
-                 "mobilenet_v3_large", "vgg11", "vgg16", "efficientnet_b0", "small_cnn"),
+# What each task branch's params may set, known without importing the task's module (which
+# imports torch): config validates every branch against its task's entry, and the task modules
+# read theirs (TaskBase.reduces_decode). A new task is one entry here, one Params field and one
+# module in visionflow.tasks (tests/test_config.py checks that the three agree).
+@dataclass(frozen=True)
+class TaskOptions:
+    # train.model.arch: torchvision builder names, plus our own `unet` and `small_cnn`. Names
+    # only: the builders live in visionflow.models / visionflow.tasks, imported when a stage runs.
+    archs: tuple[str, ...]
+    # train.resize modes the task honours; () for a task that always stretches to
+    # image_size x image_size (its train.resize is not read)
+    resize: tuple[str, ...] = ()
+    feature_cache: bool = False  # train.feature_cache (model.mode feature_extract)
+    reduced_decode: bool = False  # train.decode: reduced (its predictions carry no pixel coordinates)
+    dice: bool = False  # train.dice_weight (a Dice loss beside the cross-entropy)
+    label_smoothing: bool = False  # train.label_smoothing (single-label cross-entropy)
+
+
+# small_cnn: our own VGG-style network for small images (28-64 px; models/classifiers.py)
+_CLASSIFIERS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                "vgg11", "vgg16", "efficientnet_b0", "small_cnn")
+TASK_OPTIONS: dict[str, TaskOptions] = {
+    "classify": TaskOptions(archs=_CLASSIFIERS, feature_cache=True, reduced_decode=True, label_smoothing=True),
     # maskrcnn_* also predict instance masks (evaluated as bbox and segm).
-    "detect": ("fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn",
-               "retinanet_resnet50_fpn_v2", "retinanet", "fcos_resnet50_fpn", "fcos",
-               "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn_v2", "maskrcnn"),
-    "segment": ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
-                "lraspp_mobilenet_v3_large", "unet"),
+    "detect": TaskOptions(archs=("fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn",
+                                 "retinanet_resnet50_fpn_v2", "retinanet", "fcos_resnet50_fpn", "fcos",
+                                 "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn_v2", "maskrcnn"),
+                          resize=("letterbox", "stretch", "fit")),
+    "segment": TaskOptions(archs=("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
+                                  "lraspp_mobilenet_v3_large", "unet"),
+                           resize=("letterbox", "stretch"), dice=True),
+    # the same classifiers, with a sigmoid per class
+    "multilabel": TaskOptions(archs=_CLASSIFIERS, feature_cache=True, reduced_decode=True),
 }
-ARCHS["multilabel"] = ARCHS["classify"]  # the same classifiers, with a sigmoid per class
+TASKS = tuple(TASK_OPTIONS)
+ARCHS: dict[str, tuple[str, ...]] = {task: options.archs for task, options in TASK_OPTIONS.items()}
+
+
+def tasks_with(option: str) -> str:
+    """The tasks whose TaskOptions allow `option`, in words ("classify and multilabel")."""
+    names = [task for task, options in TASK_OPTIONS.items() if getattr(options, option)]
+    return _and(names)
+
+
+def tasks_with_resize(mode: str) -> str:
+    """The tasks that honour train.resize `mode`, in words."""
+    return _and([task for task, options in TASK_OPTIONS.items() if mode in options.resize])
+
+
+def _and(names: list[str]) -> str:
+    return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
 
 
@@ -387,33 +426,35 @@ class Params(Section):
         if not tasks:
             raise ValueError(f"params.yaml needs at least one task branch: {', '.join(TASKS)}")
         for task in tasks:
-            arch = self.branch(task).train.model.arch
-            if arch not in ARCHS[task]:
+            options, train = TASK_OPTIONS[task], self.branch(task).train
+            arch = train.model.arch
+            if arch not in options.archs:
                 raise ValueError(f"{task}.train.model.arch: {arch!r} is not a {task} architecture; "
-                                 f"choose one of {', '.join(ARCHS[task])}")
-            if task not in ("classify", "multilabel") and self.branch(task).train.feature_cache:
-                raise ValueError(f"{task}.train.feature_cache: the feature cache is for classify and multilabel "
+                                 f"choose one of {', '.join(options.archs)}")
+            if train.feature_cache and not options.feature_cache:
+                raise ValueError(f"{task}.train.feature_cache: the feature cache is for {tasks_with('feature_cache')} "
                                  "(model.mode feature_extract); set it to false")
-            if task != "detect" and self.branch(task).train.resize == "fit":
-                raise ValueError(f"{task}.train.resize: fit (batches of mixed sizes) is for detect only; "
-                                 f"use letterbox{' or stretch' if task == 'segment' else ''}")
-            if self.branch(task).train.aspect_grouping and self.branch(task).train.resize != "fit":
+            if train.resize == "fit" and "fit" not in options.resize:
+                other = [mode for mode in options.resize if mode != "fit"]
+                raise ValueError(f"{task}.train.resize: fit (batches of mixed sizes) is for {tasks_with_resize('fit')} "
+                                 "only; " + (f"use {' or '.join(other)}" if other else
+                                            f"{task} always stretches to image_size x image_size: remove it"))
+            if train.aspect_grouping and train.resize != "fit":
                 raise ValueError(f"{task}.train.aspect_grouping: grouping batches by orientation is for resize: fit "
-                                 f"(with {self.branch(task).train.resize} every image has the same shape); "
+                                 f"(with {train.resize} every image has the same shape); "
                                  "remove it or set resize: fit")
-            if self.branch(task).train.resize == "fit" and arch.startswith("ssdlite"):
+            if train.resize == "fit" and arch.startswith("ssdlite"):
                 raise ValueError(f"{task}.train.resize: fit gains nothing with {arch}, which stretches every "
                                  "input to image_size x image_size inside the model; use letterbox")
-            train = self.branch(task).train
-            if task in ("detect", "segment") and train.decode == "reduced" and "decode" in train.model_fields_set:
-                raise ValueError(f"{task}.train.decode: reduced is for classify and multilabel (no pixel "
+            if train.decode == "reduced" and not options.reduced_decode and "decode" in train.model_fields_set:
+                raise ValueError(f"{task}.train.decode: reduced is for {tasks_with('reduced_decode')} (no pixel "
                                  f"coordinates in their predictions); {task} decodes every image in full: "
                                  "set decode: full or remove it")
-            if task != "segment" and self.branch(task).train.dice_weight:
-                raise ValueError(f"{task}.train.dice_weight: the Dice loss is for segment only; set it to 0")
-            if task != "classify" and self.branch(task).train.label_smoothing:
-                raise ValueError(f"{task}.train.label_smoothing: label smoothing is for classify's single-label "
-                                 "cross-entropy only; set it to 0")
+            if train.dice_weight and not options.dice:
+                raise ValueError(f"{task}.train.dice_weight: the Dice loss is for {tasks_with('dice')} only; set it to 0")
+            if train.label_smoothing and not options.label_smoothing:
+                raise ValueError(f"{task}.train.label_smoothing: label smoothing is for {tasks_with('label_smoothing')}'s "
+                                 "single-label cross-entropy only; set it to 0")
         for what, name_of in (("register.model_name", lambda t: model_name(t, self.branch(t).register)),
                               ("inspect.dataset_name", lambda t: dataset_name(t, self.branch(t).inspect))):
             names = [name_of(t) for t in tasks]

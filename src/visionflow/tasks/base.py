@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionflow.core.config import TrainParams
+from visionflow.core.config import TASK_OPTIONS, TrainParams
 from visionflow.manifest import Category, Instance, Sample
 
 IGNORE_INDEX = 255  # segment targets: pixels that count for neither loss nor metrics
@@ -133,9 +133,7 @@ class TaskBase:
     """What every task is built with (visionflow.tasks.get_task): the TrainParams it trains with,
     where its loss has settings (segment: dice_weight); None when it only predicts."""
 
-    # train.decode: reduced applies (JPEGs decoded at 1/2-1/8 scale, augment.decode_fit): tasks
-    # whose predictions carry no pixel coordinates (classify, multilabel)
-    reduces_decode = False
+    name: str  # the task's key in visionflow.tasks and in config.TASK_OPTIONS (each task class sets it)
     # bytes a batch's targets take per image pixel as the loader hands them over (segment: its
     # uint8 masks); doctor's shared-memory estimate adds them to the images' (target_bytes)
     target_bytes_per_pixel = 0
@@ -150,6 +148,12 @@ class TaskBase:
         pixels holding `instances` objects: the per-pixel targets, and a mask per instance where
         the targets carry them (doctor's shared-memory estimate)."""
         return (self.target_bytes_per_pixel + (instances if self.carries_masks else 0)) * pixels
+
+    @property
+    def reduces_decode(self) -> bool:
+        """train.decode: reduced applies (JPEGs decoded at 1/2-1/8 scale, augment.decode_fit): the
+        task's TaskOptions say so (its predictions carry no pixel coordinates: classify, multilabel)."""
+        return TASK_OPTIONS[self.name].reduced_decode
 
     def decode_for(self, decode: str) -> str:
         """What a train.decode setting means for this task: itself where the task reduces, else full."""

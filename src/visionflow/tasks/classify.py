@@ -72,7 +72,6 @@ class ClassifyMetric:
 
 class ClassifyTask(TaskBase):
     name = "classify"
-    reduces_decode = True
 
     def fits(self, data) -> Optional[str]:
         # one image-level class per image, on most images (others fall back to their largest object)
