@@ -111,6 +111,26 @@ def test_the_task_registry_params_and_task_options_name_the_same_tasks():
         assert implementation.decode_for("reduced") == ("reduced" if TASK_OPTIONS[task].reduced_decode else "full")
 
 
+def test_a_refusal_reads_as_our_words_under_the_key_it_is_about(tmp_path):
+    """A check on the whole file (a branch's options) names its keys itself: no empty location,
+    and no pydantic "Value error, " before the words; a section's check keeps its section."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["detect"]["train"]["label_smoothing"] = 0.1
+    data["classify"]["train"]["feature_cache"] = True  # TrainParams' own check: needs feature_extract
+    with pytest.raises(ConfigError) as info:
+        load_params(_write(tmp_path, data))
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith("params.yaml: invalid parameters:")
+    assert lines[1] == ("  classify.train: train.feature_cache: true needs train.model.mode: feature_extract "
+                        "(got full: the backbone trains, so its features change every step); set feature_cache: false")
+    assert "Value error" not in str(info.value) and not any(line.startswith("  : ") for line in lines)
+    del data["classify"]["train"]["feature_cache"]
+    with pytest.raises(ConfigError) as info:
+        load_params(_write(tmp_path, data))
+    assert str(info.value).splitlines()[1] == ("  detect.train.label_smoothing: label smoothing is for classify's "
+                                                "single-label cross-entropy only; set it to 0")
+
+
 def test_branches(tmp_path):
     params = load_params(REPO / "params.yaml")
     assert params.tasks == ("classify", "detect", "segment", "multilabel")

@@ -498,7 +498,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
             msg = "unknown key (remove it or check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {loc}: {msg}")
+            if err["type"] == "value_error":  # our validators' words, without pydantic's "Value error, "
+                msg = msg.removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")  # a whole-file check names its keys itself
         raise ConfigError("\n".join(lines)) from None
 
 
