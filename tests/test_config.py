@@ -99,7 +99,7 @@ def test_a_branch_takes_what_its_task_options_allow_and_refuses_the_rest(tmp_pat
 
 def test_the_task_registry_params_and_task_options_name_the_same_tasks():
     """A task is an entry in TASK_OPTIONS, a branch field of Params and a module in
-    visionflow.tasks; its class reads its own entry (reduces_decode)."""
+    visionflow.tasks; its class reads its own entry (reduces_decode, input_resize)."""
     from visionflow.tasks import _TASKS, get_task
 
     assert TASKS == tuple(_TASKS) == tuple(f for f in Params.model_fields if f in TASK_OPTIONS)
@@ -109,6 +109,10 @@ def test_the_task_registry_params_and_task_options_name_the_same_tasks():
         assert implementation.name == task
         assert implementation.reduces_decode == TASK_OPTIONS[task].reduced_decode
         assert implementation.decode_for("reduced") == ("reduced" if TASK_OPTIONS[task].reduced_decode else "full")
+        for mode in ("letterbox", "stretch", "fit"):  # what a model folder trained with `mode` is fed
+            expected = mode if mode in TASK_OPTIONS[task].resize else "stretch"
+            assert implementation.input_resize({"params": {"resize": mode}}) == expected, (task, mode)
+        assert implementation.input_resize({"params": {}}) == "stretch"  # trained before train.resize existed
 
 
 def test_a_refusal_reads_as_our_words_under_the_key_it_is_about(tmp_path):

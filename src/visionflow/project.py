@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from visionflow.core.config import TASKS, ConfigError, Params
+from visionflow.core.config import TASK_OPTIONS, TASKS, ConfigError, Params
 from visionflow.core.errors import UserError
 from visionflow.core.paths import Paths
 from visionflow.formats.detect import Detected, detect_source
@@ -121,8 +121,6 @@ def _rewrite(template: dict, detected: Detected, name: str, root: Path, fitting:
 
 
 def _honours_letterbox(task: str) -> bool:
-    """Whether the task feeds its model letterboxed images when train.resize asks it to (the
-    task contract's input_resize; classifiers always stretch)."""
-    from visionflow.tasks import get_task
-
-    return get_task(task).input_resize({"params": {"resize": "letterbox"}}) == "letterbox"
+    """Whether the task feeds its model letterboxed images when train.resize asks it to (its
+    TaskOptions; classifiers always stretch)."""
+    return "letterbox" in TASK_OPTIONS[task].resize

@@ -112,9 +112,10 @@ class SplitParams(Section):
 
 
 # What each task branch's params may set, known without importing the task's module (which
-# imports torch): config validates every branch against its task's entry, and the task modules
-# read theirs (TaskBase.reduces_decode). A new task is one entry here, one Params field and one
-# module in visionflow.tasks (tests/test_config.py checks that the three agree).
+# imports torch): config validates every branch against its task's entry, `visionflow init`
+# reads it, and so do the task modules (TaskBase.reduces_decode, input_resize). A new task is
+# one entry here, one Params field and one module in visionflow.tasks (tests/test_config.py
+# checks that the three agree).
 @dataclass(frozen=True)
 class TaskOptions:
     # train.model.arch: torchvision builder names, plus our own `unet` and `small_cnn`. Names

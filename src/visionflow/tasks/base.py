@@ -223,9 +223,11 @@ class TaskBase:
     parity_counts_mismatches = False  # detect: images whose exported detection count differs
 
     def input_resize(self, meta: dict[str, Any]) -> str:
-        """How images become the model's S x S input (training.augment.resize_steps): stretch,
-        except for tasks that honour train.resize (detect, segment: `resize_of`)."""
-        return "stretch"
+        """How images become the model's S x S input (training.augment.resize_steps): the model
+        folder's train.resize (`resize_of`) where the task honours it (TaskOptions.resize: detect,
+        segment), else stretch."""
+        resize = resize_of(meta)
+        return resize if resize in TASK_OPTIONS[self.name].resize else "stretch"
 
     def input_normalization(self, meta: dict[str, Any]) -> dict[str, Any]:
         mean, std = mean_std(meta)

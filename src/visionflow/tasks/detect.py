@@ -39,7 +39,7 @@ from visionflow.models.detectors import build_detector, is_mask_arch
 from visionflow.manifest.images import load_rgb
 from visionflow.manifest.masks import encode_rle, instance_mask
 from visionflow.manifest import Category, Instance, Sample
-from visionflow.tasks.base import TaskBase, TestScore, merge_instances, nanmean_rows, resize_of, same_box
+from visionflow.tasks.base import TaskBase, TestScore, merge_instances, nanmean_rows, same_box
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +283,6 @@ class DetectTask(TaskBase):
             for k in ("boxes", "scores"):
                 diff = max(diff, float(np.abs(a[k][oa].astype(np.float64) - b[k][ob]).max(initial=0.0)))
         return diff, mismatched
-
-    def input_resize(self, meta: dict[str, Any]) -> str:
-        return resize_of(meta)
 
     def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int,
                              resize: str = "stretch") -> list[dict[str, Any]]:

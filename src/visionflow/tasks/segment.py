@@ -31,7 +31,7 @@ from visionflow.manifest.masks import encode_rle, semantic_mask
 from visionflow.manifest import Category, Instance, Sample
 from visionflow.models.segmenters import build_segmenter
 from visionflow.tasks.base import (IGNORE_INDEX, Normalize, TaskBase, TestScore, eval_batch, mean_std, merge_instances,
-                                   nanmean_rows, resize_of, same_outline)
+                                   nanmean_rows, same_outline)
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,6 @@ class SegmentTask(TaskBase):
         """Compared on per-pixel softmax probabilities of the logits."""
         a, b = (torch.from_numpy(x["logits"]).double().softmax(dim=1) for x in (ref, got))
         return (float((a - b).abs().max()) if a.numel() else 0.0), 0
-
-    def input_resize(self, meta: dict[str, Any]) -> str:
-        return resize_of(meta)
 
     def exported_predictions(self, outputs: dict[str, Any], sizes, image_size: int,
                              resize: str = "stretch") -> list[dict[str, Any]]:
