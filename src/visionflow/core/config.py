@@ -152,16 +152,16 @@ ARCHS: dict[str, tuple[str, ...]] = {task: options.archs for task, options in TA
 
 def tasks_with(option: str) -> str:
     """The tasks whose TaskOptions allow `option`, in words ("classify and multilabel")."""
-    names = [task for task, options in TASK_OPTIONS.items() if getattr(options, option)]
-    return _and(names)
+    return _tasks_where(lambda options: getattr(options, option))
 
 
 def tasks_with_resize(mode: str) -> str:
     """The tasks that honour train.resize `mode`, in words."""
-    return _and([task for task, options in TASK_OPTIONS.items() if mode in options.resize])
+    return _tasks_where(lambda options: mode in options.resize)
 
 
-def _and(names: list[str]) -> str:
+def _tasks_where(allows: typing.Callable[[TaskOptions], bool]) -> str:
+    names = [task for task, options in TASK_OPTIONS.items() if allows(options)]
     return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
