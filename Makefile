@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export FIFTYONE_DO_NOT_TRACK := true
 
-.PHONY: venv demo test weights clean-outputs ui-mlflow ui-fiftyone bench fashion-mnist labelstudio
+.PHONY: venv demo test weights clean-outputs ui-mlflow ui-fiftyone bench bench-ratios fashion-mnist labelstudio
 
 $(STAMP): pyproject.toml
 	@start=$$(date +%s); \
@@ -59,6 +59,11 @@ test: $(STAMP) $(LS_STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_bench.py --n 10000 --repeat 2
 	$(BIN)/python benchmarks/coco_eval_bench.py --repeat 2
+
+# Issue 12's five ratios (loader, train step, inference runtime, feature cache, contention), one
+# table against their goals (about 9 minutes on 2 cores; run it on a quiet machine).
+bench-ratios: $(STAMP)
+	$(BIN)/python benchmarks/ratios.py
 
 ui-mlflow: $(STAMP)
 	$(BIN)/visionflow ui mlflow

@@ -20,8 +20,9 @@ sides, so the ratio compares the loops doing the same work.
 Tasks (`--tasks`): classify (resnet18), segment (lraspp_mobilenet_v3_large) and detect
 (fasterrcnn_mobilenet_v3_large_fpn; both sides get visionflow's area-scaled proposal counts, so
 the model is the same). Each side runs `--rounds` rounds of `--steps` steps, alternating with the
-other, after `--warmup` untimed steps; the median images/s of each side and their ratio are
-printed. Precision: fp32 on the CPU; with CUDA, both sides use the same autocast dtype.
+other, after `--warmup` untimed steps. Printed: the median images/s of each side, and the ratio
+as the median of the rounds' own ratios (each round's two sides ran back to back, so a slow
+minute of this shared machine hits both), with their range. Precision: fp32 on the CPU; with CUDA, both sides use the same autocast dtype.
 
     .venv/bin/python benchmarks/train_step_bench.py                 # ~3 min on 2 cores
     .venv/bin/python benchmarks/train_step_bench.py --tasks classify --size 224 --batch 64
@@ -30,6 +31,7 @@ Run it on an otherwise quiet machine.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -93,13 +95,21 @@ def reference_loss(task: str, model, images, targets) -> torch.Tensor:
     return sum(model(list(images), targets).values())
 
 
-def time_ours(task, model, data, device, amp_dtype, steps_per_epoch, grad_clip: float) -> float:
+def our_optimizer(model, device, amp_dtype, steps_per_epoch: int, grad_clip: float) -> tuple:
+    """The engine's optimizer, scheduler and GradScaler, made once and kept across rounds as the
+    reference keeps its optimizer: a fresh AdamW each round would allocate and zero its state
+    (two tensors the size of the weights) in every round's first step, on visionflow's side only."""
     cfg = FitConfig(epochs=1, lr=1e-3, grad_clip=grad_clip)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = build_scheduler(opt, 1000, steps_per_epoch, 0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return opt, sched, scaler
+
+
+def time_ours(task, model, data, device, amp_dtype, optimizer: tuple, grad_clip: float) -> float:
+    opt, sched, scaler = optimizer
     t0 = time.perf_counter()
-    train_one_epoch(task, model, data, opt, sched, scaler, device, amp_dtype, cfg.grad_clip, 1)
+    train_one_epoch(task, model, data, opt, sched, scaler, device, amp_dtype, grad_clip, 1)
     sync(device)
     return time.perf_counter() - t0
 
@@ -139,20 +149,23 @@ def bench(task: str, size: int, batch: int, steps: int, rounds: int, warmup: int
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=1e-4)
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
     data = batches(task, steps, batch, size)
-    time_ours(vf_task, ours, data[:warmup], device, amp_dtype, steps, grad_clip)
+    our_opt = our_optimizer(ours, device, amp_dtype, steps, grad_clip)
+    time_ours(vf_task, ours, data[:warmup], device, amp_dtype, our_opt, grad_clip)
     time_reference(task, ref, data[:warmup], device, amp_dtype, ref_opt, grad_clip)
     rates: dict[str, list[float]] = {"visionflow": [], "reference": []}
     for r in range(rounds):
         order = ("visionflow", "reference") if r % 2 == 0 else ("reference", "visionflow")
         for side in order:
             if side == "visionflow":
-                seconds = time_ours(vf_task, ours, data, device, amp_dtype, steps, grad_clip)
+                seconds = time_ours(vf_task, ours, data, device, amp_dtype, our_opt, grad_clip)
             else:
                 seconds = time_reference(task, ref, data, device, amp_dtype, ref_opt, grad_clip)
             rates[side].append(steps * batch / seconds)
     ours_rate, ref_rate = (statistics.median(rates[k]) for k in ("visionflow", "reference"))
+    per_round = [a / b for a, b in zip(rates["visionflow"], rates["reference"])]
     return {"task": task, "arch": ARCH[task], "size": size, "batch": batch, "params": (n_ours, n_ref),
-            "visionflow": ours_rate, "reference": ref_rate, "ratio": ours_rate / ref_rate}
+            "visionflow": ours_rate, "reference": ref_rate, "ratio": statistics.median(per_round),
+            "ratio_range": (min(per_round), max(per_round))}
 
 
 def main() -> None:
@@ -165,17 +178,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm on both sides (0: off)")
+    ap.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.rounds} alternating rounds of {args.steps} steps, batch {args.batch}, {args.size} px, "
           f"grad clip {args.grad_clip or 'off'} on both sides")
-    print(f"{'task':9} {'arch':36} {'params (ours/ref)':>21} {'visionflow img/s':>17} {'reference img/s':>16} {'ratio':>6}")
+    print(f"{'task':9} {'arch':36} {'params (ours/ref)':>21} {'visionflow img/s':>17} {'reference img/s':>16} "
+          f"{'ratio':>6}  rounds' range")
+    rows = []
     for task in args.tasks.split(","):
         r = bench(task, args.size, args.batch, args.steps, args.rounds, args.warmup, device, args.grad_clip)
+        rows.append(r)
         print(f"{r['task']:9} {r['arch']:36} {r['params'][0]:>10,}/{r['params'][1]:<10,} "
-              f"{r['visionflow']:>17.1f} {r['reference']:>16.1f} {r['ratio']:>6.2f}", flush=True)
+              f"{r['visionflow']:>17.1f} {r['reference']:>16.1f} {r['ratio']:>6.2f}  "
+              f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
+                                        "grad_clip": args.grad_clip, "steps": args.steps, "rounds": args.rounds,
+                                        "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
