@@ -92,7 +92,8 @@ def _feature_cache(r: dict) -> list[dict]:
 
 
 def _contention(r: dict) -> list[dict]:
-    return [{"case": f"{setting}, {r['competitors']} x {r['competitor']}, {r['n']} images at {r['size']} px",
+    label = {"after": "as shipped", "before": "before the fix"}
+    return [{"case": f"{label[setting]}, {r['competitors']} x {r['competitor']}, {r['n']} images at {r['size']} px",
              "measured": r[setting]["ratio"], "also": f"{r[setting]['contended_s']} / {r[setting]['idle_s']} s an epoch",
              "goal": 2.5, "higher": False}
             for setting in ("after", "before") if setting in r]
