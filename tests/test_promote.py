@@ -21,7 +21,7 @@ from PIL import Image
 from visionflow import cli
 from visionflow.integrations import mlflow as tracking
 import mlflow_readback as readback  # noqa: E402  (tests/)
-from visionflow.core.config import BranchParams, RegisterParams, TrainParams
+from visionflow.core.config import RegisterParams, TrainParams
 from visionflow.core.errors import UserError
 from visionflow.evaluation.coco import evaluate_coco, match_table
 from visionflow.evaluation.segmentation import ConfusionAccumulator
@@ -300,7 +300,7 @@ def test_user_errors(registry, tmp_path):
 # --- the command line ---------------------------------------------------------------------------
 
 @pytest.fixture
-def cli_params(registry, monkeypatch) -> Path:
+def cli_params(registry) -> Path:
     """params.yaml in the project whose classify branch registers into the shared store."""
     from project import make_project as write_params
 
@@ -308,10 +308,7 @@ def cli_params(registry, monkeypatch) -> Path:
     params_file = write_params(paths.root)
     raw = yaml.safe_load(params_file.read_text())
     raw["classify"]["register"].update(tracking_uri=reg.tracking_uri, model_name=reg.model_name)
-    if "promote" in BranchParams.model_fields:
-        raw["classify"]["promote"] = NO_EXPORT
-    else:  # TODO(lead): drop once config.py has the section; until then the CLI uses PromoteParams()
-        monkeypatch.setattr(promote_module, "PromoteParams", lambda: PromoteParams(**NO_EXPORT))
+    raw["classify"]["promote"] = NO_EXPORT
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     return params_file
 
