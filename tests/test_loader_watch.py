@@ -92,6 +92,10 @@ def test_advice_names_what_is_off_and_what_fits():
     assert len(tips) == 1 and tips[0].startswith("every loader option is on already")
     # one core: no workers to add (the main process trains)
     assert not any(t.startswith("num_workers") for t in loader_advice(0, 1, "ram", 0, GIB, False))
+    # a small dataset's cache in MiB, not "0.00 GiB"
+    tips = loader_advice(workers=1, cores=2, cache="none", cache_bytes=4.6 * 2**20, available=22 * GIB,
+                         decode_reducible=False)
+    assert tips == ["cache: ram (each image decoded once: about 4.6 MiB of the 22.00 GiB available)"]
 
 
 class _Records:

@@ -119,10 +119,10 @@ def loader_advice(workers: int, cores: int, cache: str, cache_bytes: int, availa
                     f"{most} for a dataset of {MIN_BATCHES_FOR_WORKERS} batches or more)")
     if cache == "none":
         if cache_bytes <= RAM_SHARE * available:
-            tips.append(f"cache: ram (each image decoded once: about {_gib(cache_bytes)} of the "
-                        f"{_gib(available)} available)")
+            tips.append(f"cache: ram (each image decoded once: about {_size(cache_bytes)} of the "
+                        f"{_size(available)} available)")
         else:
-            tips.append(f"cache: disk (ram would need about {_gib(cache_bytes)}, {_gib(available)} is available)")
+            tips.append(f"cache: disk (ram would need about {_size(cache_bytes)}, {_size(available)} is available)")
     if decode_reducible:
         tips.append("decode: reduced (JPEGs decoded at 1/2, 1/4 or 1/8 scale wherever that still covers image_size)")
     if not tips:
@@ -650,8 +650,8 @@ class LoaderDataset(Dataset, abc.ABC):
             need = self.estimate_bytes()
             free = (available or available_memory)()
             if need > RAM_SHARE * free:
-                raise UserError(f"{what}: ram needs about {_gib(need)} for {len(self)} decoded images, "
-                                f"but {_gib(free)} of memory is available; use cache: disk or none, "
+                raise UserError(f"{what}: ram needs about {_size(need)} for {len(self)} decoded images, "
+                                f"but {_size(free)} of memory is available; use cache: disk or none, "
                                 f"or a smaller image_size")
             self._fill(threads)
         elif mode == "disk":
@@ -688,8 +688,14 @@ def fitted_size(prefix: Optional[A.Compose], height: int, width: int) -> tuple[i
     return height, width
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _size(n: float) -> str:
+    """A size in words: GiB from 1 GiB up (as before), else MiB or KiB, so a small dataset's cache
+    does not read "0.00 GiB"."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{max(n, 0) / 2**10:.0f} KiB"
 
 
 def available_memory() -> int:
