@@ -22,7 +22,9 @@ Tasks (`--tasks`): classify (resnet18), segment (lraspp_mobilenet_v3_large) and 
 the model is the same). Each side runs `--rounds` rounds of `--steps` steps, alternating with the
 other, after `--warmup` untimed steps. Printed: the median images/s of each side, and the ratio
 as the median of the rounds' own ratios (each round's two sides ran back to back, so a slow
-minute of this shared machine hits both), with their range. Precision: fp32 on the CPU; with CUDA, both sides use the same autocast dtype.
+minute of this shared machine hits both), with their range. Precision: fp32 on the CPU; with
+CUDA, both sides use the same autocast dtype. Both sides make their optimizer once and keep it
+across the rounds.
 
     .venv/bin/python benchmarks/train_step_bench.py                 # ~3 min on 2 cores
     .venv/bin/python benchmarks/train_step_bench.py --tasks classify --size 224 --batch 64
