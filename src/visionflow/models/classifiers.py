@@ -72,7 +72,7 @@ class SmallCNN(nn.Module):
     pool leave a 28 px image 7 px wide before the first block, and ResNet-18 at 32 px costs about
     37 M multiply-adds an image. Here the image keeps its resolution through the first stage:
     conv-BN-ReLU x2 at 32 channels, 2x2 max pool, x2 at 64, pool, one conv at 128, global average
-    pool, dropout, linear (about 0.14 M parameters, 30 M multiply-adds at 28 px; `width` scales
+    pool, dropout, linear (about 0.14 M parameters, 22 M multiply-adds at 28 px; `width` scales
     the channels). Laid out as torchvision's classifiers are (`features`, `classifier` with
     dropout before the Linear head), so finetune, feature_extract, the feature cache, Grad-CAM
     and export treat it like them. No ImageNet weights exist for it: weights is null or a file."""
