@@ -137,7 +137,10 @@ def run_one(number: int, quick: bool, work: Path) -> dict[str, Any]:
                              "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     if proc.returncode == 0 and out.is_file():
         entry["result"] = json.loads(out.read_text())
-        entry["rows"] = SUMMARIES[number](entry["result"])
+        try:
+            entry["rows"] = SUMMARIES[number](entry["result"])
+        except (KeyError, TypeError) as exc:  # the script's JSON changed shape: say so, keep the others' rows
+            entry["error"] = f"{script} wrote JSON without {exc} (update ratios.py's summary of it)"
     else:
         entry["error"] = f"{script} exited with status {proc.returncode}" + ("" if out.is_file() else ", no JSON")
     return entry
