@@ -309,12 +309,13 @@ def shm_shortfall(need: int, space: Optional[tuple[int, int]]) -> Optional[str]:
         return None
     free, total = space
     size = f"{max(1, math.ceil(1.5 * need / 2**30))}g"
-    return (f"the loader workers' batches in flight need about {_mib(need)} of shared memory, but {SHM} has "
-            f"{_mib(free)} free of {_mib(total)}, so the workers would die with a bus error. In Docker, start the "
+    return (f"the loader workers' batches in flight need about {in_mib(need)} of shared memory, but {SHM} has "
+            f"{in_mib(free)} free of {in_mib(total)}, so the workers would die with a bus error. In Docker, start the "
             f"container with --shm-size={size} (or --ipc=host); or lower num_workers or batch_size")
 
 
-def _mib(n: float) -> str:
+def in_mib(n: float) -> str:
+    """A size in MiB, to a tenth below 10 MiB (also the loader's sizes between 1 MiB and 1 GiB)."""
     return f"{n / 2**20:,.1f} MiB" if n < 10 << 20 else f"{n / 2**20:,.0f} MiB"
 
 

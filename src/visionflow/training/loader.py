@@ -47,7 +47,7 @@ from visionflow.core.errors import UserError
 from visionflow.manifest import Sample
 from visionflow.manifest.images import load_rgb
 from visionflow.training.augment import decode_fit
-from visionflow.training.batch_slots import BatchSlots, shared_buffer
+from visionflow.training.batch_slots import BatchSlots, in_mib, shared_buffer
 from visionflow.training import memory
 
 log = logging.getLogger(__name__)
@@ -689,12 +689,12 @@ def fitted_size(prefix: Optional[A.Compose], height: int, width: int) -> tuple[i
 
 
 def _size(n: float) -> str:
-    """A size in words: GiB from 1 GiB up (as before), else MiB or KiB, so a small dataset's cache
-    does not read "0.00 GiB"."""
+    """A size in words: GiB from 1 GiB up (as before), else MiB as the shared-memory messages
+    write them (batch_slots.in_mib), or KiB, so a small dataset's cache does not read "0.00 GiB"."""
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
+        return in_mib(n)
     return f"{max(n, 0) / 2**10:.0f} KiB"
 
 
