@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+from visionflow.stages.register import git_commit  # noqa: E402  (what register records on each run)
 
 # (name, script, full-size arguments, --quick arguments)
 BENCHMARKS: dict[int, tuple[str, str, list[str], list[str]]] = {
@@ -117,14 +119,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run_one(number: int, quick: bool, work: Path) -> dict[str, Any]:
     name, script, full, small = BENCHMARKS[number]
     out = work / f"{number}-{Path(script).stem}.json"
@@ -175,14 +169,15 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="also write every benchmark's JSON and the table as one JSON file")
     args = ap.parse_args()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    print(f"{_cpu_name()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, commit {_git_commit()}{', --quick' if args.quick else ''}", flush=True)
+    commit, cpu = git_commit(HERE.parent), _cpu_name()
+    print(f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, commit {commit[:12]}"
+          f"{', --quick' if args.quick else ''}", flush=True)
     with tempfile.TemporaryDirectory(prefix="visionflow-ratios-") as tmp:
         entries = {n: run_one(n, args.quick, Path(tmp)) for n in args.only}
     print_table(entries, args.quick)
     if args.out:
         args.out.write_text(json.dumps({
-            "commit": _git_commit(), "quick": args.quick, "cpu": _cpu_name(), "cpus": os.cpu_count(),
+            "commit": commit, "quick": args.quick, "cpu": cpu, "cpus": os.cpu_count(),
             "started": started,
             "benchmarks": {str(n): {**e, "rows": [{**r, "verdict": verdict(r)} for r in e.get("rows", [])]}
                            for n, e in entries.items()}}, indent=2) + "\n")
